@@ -1,0 +1,91 @@
+//! Errors of the store, written so an operator can act on them: each one names
+//! the store (its directory) and, for a bad record, the column family and key.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong opening or using a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB refused an operation (open, read, write, flush).
+    #[error("store {store}: RocksDB {op} failed: {source}")]
+    Rocks {
+        store: PathBuf,
+        op: &'static str,
+        #[source]
+        source: rocksdb::Error,
+    },
+
+    /// A file system operation on the store's directories failed.
+    #[error("store {store}: {op} {path} failed: {source}")]
+    Io {
+        store: PathBuf,
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A record was written by a newer (or unknown) version of this software.
+    #[error(
+        "store {store}: record {cf}/{key} has format version {found}, this binary reads version {expected}; \
+         run the version that wrote it, or restore the data dir from a backup"
+    )]
+    UnknownFormat {
+        store: PathBuf,
+        cf: &'static str,
+        key: String,
+        found: u8,
+        expected: u8,
+    },
+
+    /// A record could not be decoded: the data dir is damaged.
+    #[error("store {store}: record {cf}/{key} is corrupt: {reason}")]
+    Corrupt {
+        store: PathBuf,
+        cf: &'static str,
+        key: String,
+        reason: String,
+    },
+
+    /// The log is missing an entry between two present ones.
+    #[error("store {store}: the log has a hole: entry {expected} is missing (next present entry is {found})")]
+    LogHole { store: PathBuf, expected: u64, found: u64 },
+
+    /// A snapshot file is damaged or does not match what was announced.
+    #[error("store {store}: snapshot {path} is invalid: {reason}")]
+    BadSnapshot {
+        store: PathBuf,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn rocks(store: &std::path::Path, op: &'static str, source: rocksdb::Error) -> Self {
+        StoreError::Rocks {
+            store: store.to_path_buf(),
+            op,
+            source,
+        }
+    }
+
+    pub(crate) fn io(store: &std::path::Path, op: &'static str, path: &std::path::Path, source: io::Error) -> Self {
+        StoreError::Io {
+            store: store.to_path_buf(),
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl StoreError {
+    /// Wraps this error for openraft, keeping the whole message as the source.
+    pub(crate) fn into_raft<NID: openraft::NodeId>(
+        self,
+        kind: impl FnOnce(anyerror::AnyError) -> openraft::StorageIOError<NID>,
+    ) -> openraft::StorageError<NID> {
+        kind(anyerror::AnyError::new(&self)).into()
+    }
+}

@@ -1,0 +1,408 @@
+//! The Raft log and its metadata on RocksDB.
+//!
+//! Two column families in one database under `<data dir>/log`:
+//! - `log`: entry index (big-endian) -> entry;
+//! - `meta`: `vote`, `committed`, `last_purged` and the store's `format`.
+//!
+//! Durability: a vote is written with a synced WAL before `save_vote` returns.
+//! An append is written to RocksDB at once (so it is readable when `append`
+//! returns, as openraft requires) but is acknowledged only after a WAL sync.
+//! The syncs are done by one thread that takes every acknowledgement waiting
+//! at that moment and covers them with a single `fsync`: appends that arrive
+//! while a sync is in flight share the next one (group commit). Truncation and
+//! purge are synced too; they are rare and must not come back after a crash.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{LogId, LogState, RaftLogId, RaftLogReader, StorageError, StorageIOError, Vote};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+
+use crate::codec::{self, log_key};
+use crate::error::StoreError;
+use crate::StoreTypes;
+
+pub(crate) const CF_LOG: &str = "log";
+pub(crate) const CF_META: &str = "meta";
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+const KEY_FORMAT: &[u8] = b"format";
+
+/// Something to run once the appends written before it are durable.
+type OnDurable = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// Counters for benchmarks and metrics.
+#[derive(Debug, Default)]
+pub struct LogStats {
+    /// Entries appended.
+    pub entries: AtomicU64,
+    /// Append calls (each one a RocksDB write).
+    pub appends: AtomicU64,
+    /// WAL syncs done by the group-commit thread.
+    pub syncs: AtomicU64,
+}
+
+struct LogDb {
+    db: Arc<DB>,
+    path: PathBuf,
+    /// Appends waiting for the next sync; `None` once shutting down.
+    sync_tx: Option<mpsc::Sender<OnDurable>>,
+    syncer: Option<JoinHandle<()>>,
+    stats: Arc<LogStats>,
+}
+
+impl Drop for LogDb {
+    fn drop(&mut self) {
+        // Closing the channel ends the sync thread after it has served every
+        // waiting append; joining it releases its handle on the database so a
+        // restart in the same process can open the directory again.
+        self.sync_tx.take();
+        if let Some(handle) = self.syncer.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// openraft's log storage (and log reader) on RocksDB. Cheap to clone: clones
+/// share one database.
+pub struct LogStore<C> {
+    inner: Arc<LogDb>,
+    _types: std::marker::PhantomData<C>,
+}
+
+impl<C> Clone for LogStore<C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            _types: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<C: StoreTypes> LogStore<C> {
+    /// Opens (or creates) the log under `dir`, checks every record and that
+    /// the log has no holes.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_paranoid_checks(true);
+        let cfs = [CF_LOG, CF_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| StoreError::rocks(dir, "open", e))?;
+        let db = Arc::new(db);
+
+        let (tx, rx) = mpsc::channel::<OnDurable>();
+        let stats = Arc::new(LogStats::default());
+        let syncer = {
+            let db = db.clone();
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name("raft-log-sync".into())
+                .spawn(move || sync_loop(&db, &rx, &stats))
+                .map_err(|e| StoreError::io(dir, "start sync thread for", dir, e))?
+        };
+        let store = Self {
+            inner: Arc::new(LogDb {
+                db,
+                path: dir.to_path_buf(),
+                sync_tx: Some(tx),
+                syncer: Some(syncer),
+                stats,
+            }),
+            _types: std::marker::PhantomData,
+        };
+        store.check_format()?;
+        store.verify()?;
+        Ok(store)
+    }
+
+    /// Append and sync counters.
+    pub fn stats(&self) -> Arc<LogStats> {
+        self.inner.stats.clone()
+    }
+
+    /// Writes `entries` (readable at once) and calls `on_durable` after the
+    /// WAL sync that covers them. This is `append` without openraft's callback
+    /// type, for tools and benchmarks that drive the store directly.
+    pub fn append_with<I>(
+        &self,
+        entries: I,
+        on_durable: impl FnOnce(io::Result<()>) + Send + 'static,
+    ) -> Result<(), StoreError>
+    where
+        I: IntoIterator<Item = C::Entry>,
+    {
+        let cf = self.cf(CF_LOG);
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        for entry in entries {
+            batch.put_cf(cf, log_key(entry.get_log_id().index), codec::encode(&entry));
+            n += 1;
+        }
+        let db = &self.inner.db;
+        db.write_opt(batch, &WriteOptions::default())
+            .map_err(|e| StoreError::rocks(&self.inner.path, "append", e))?;
+        self.inner.stats.entries.fetch_add(n, Ordering::Relaxed);
+        self.inner.stats.appends.fetch_add(1, Ordering::Relaxed);
+        match self.inner.sync_tx.as_ref() {
+            Some(tx) if tx.send(Box::new(on_durable)).is_ok() => {}
+            // Only possible while the store is being dropped.
+            _ => {
+                return Err(StoreError::io(
+                    &self.inner.path,
+                    "sync",
+                    &self.inner.path,
+                    io::Error::other("log store is closing"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // Both families are created at open; their absence would be a bug here.
+        self.inner.db.cf_handle(name).expect("column family created at open")
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        let raw = self
+            .inner
+            .db
+            .get_pinned_cf(self.cf(CF_META), key)
+            .map_err(|e| StoreError::rocks(&self.inner.path, "read", e))?;
+        raw.map(|v| codec::decode(&self.inner.path, CF_META, key, &v))
+            .transpose()
+    }
+
+    fn put_meta_synced<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META), key, codec::encode(value));
+        self.write_synced(batch)
+    }
+
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.inner
+            .db
+            .write_opt(batch, &opts)
+            .map_err(|e| StoreError::rocks(&self.inner.path, "write", e))
+    }
+
+    /// A new store records its format; an existing one must carry ours.
+    fn check_format(&self) -> Result<(), StoreError> {
+        match self.get_meta::<u32>(KEY_FORMAT)? {
+            Some(_) => Ok(()), // the version byte was already checked by decode
+            None => self.put_meta_synced(KEY_FORMAT, &u32::from(codec::FORMAT_VERSION)),
+        }
+    }
+
+    /// Reads every record once: metadata and entries decode, entries are
+    /// contiguous and lie after the purged point.
+    fn verify(&self) -> Result<(), StoreError> {
+        let _vote: Option<Vote<C::NodeId>> = self.get_meta(KEY_VOTE)?;
+        let _committed: Option<LogId<C::NodeId>> = self.get_meta(KEY_COMMITTED)?;
+        let purged: Option<LogId<C::NodeId>> = self.get_meta(KEY_LAST_PURGED)?;
+        let path = &self.inner.path;
+        let mut expected: Option<u64> = None;
+        for item in self.inner.db.iterator_cf(self.cf(CF_LOG), IteratorMode::Start) {
+            let (key, value) = item.map_err(|e| StoreError::rocks(path, "scan log", e))?;
+            let index = codec::log_index(path, &key)?;
+            let entry: C::Entry = codec::decode(path, CF_LOG, &key, &value)?;
+            if entry.get_log_id().index != index {
+                return Err(StoreError::Corrupt {
+                    store: path.clone(),
+                    cf: CF_LOG,
+                    key: codec::show_key(&key),
+                    reason: format!("holds the entry of index {}", entry.get_log_id().index),
+                });
+            }
+            if let Some(p) = &purged {
+                if index <= p.index {
+                    return Err(StoreError::Corrupt {
+                        store: path.clone(),
+                        cf: CF_LOG,
+                        key: codec::show_key(&key),
+                        reason: format!("entry survives the purge up to {}", p.index),
+                    });
+                }
+            }
+            match expected {
+                Some(e) if e != index => {
+                    return Err(StoreError::LogHole {
+                        store: path.clone(),
+                        expected: e,
+                        found: index,
+                    })
+                }
+                _ => expected = Some(index + 1),
+            }
+        }
+        Ok(())
+    }
+
+    fn last_entry_id(&self) -> Result<Option<LogId<C::NodeId>>, StoreError> {
+        let path = &self.inner.path;
+        let mut it = self.inner.db.iterator_cf(self.cf(CF_LOG), IteratorMode::End);
+        match it.next() {
+            None => Ok(None),
+            Some(item) => {
+                let (key, value) = item.map_err(|e| StoreError::rocks(path, "read log", e))?;
+                let entry: C::Entry = codec::decode(path, CF_LOG, &key, &value)?;
+                Ok(Some(entry.get_log_id().clone()))
+            }
+        }
+    }
+
+    /// Entries with index in `range`, in order.
+    pub fn read_entries<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<C::Entry>, StoreError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let path = &self.inner.path;
+        let key = log_key(start);
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .db
+            .iterator_cf(self.cf(CF_LOG), IteratorMode::From(&key, Direction::Forward))
+        {
+            let (key, value) = item.map_err(|e| StoreError::rocks(path, "read log", e))?;
+            let index = codec::log_index(path, &key)?;
+            if !range.contains(&index) {
+                break;
+            }
+            out.push(codec::decode(path, CF_LOG, &key, &value)?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes entries from `index` on, synced.
+    pub fn truncate_from(&self, index: u64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_LOG), log_key(index), log_key(u64::MAX));
+        batch.delete_cf(self.cf(CF_LOG), log_key(u64::MAX));
+        self.write_synced(batch)
+    }
+
+    /// Records `log_id` as purged and deletes entries up to it, in one synced batch.
+    pub fn purge_upto(&self, log_id: &LogId<C::NodeId>) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META), KEY_LAST_PURGED, codec::encode(log_id));
+        batch.delete_range_cf(self.cf(CF_LOG), log_key(0), log_key(log_id.index.saturating_add(1)));
+        self.write_synced(batch)
+    }
+
+    /// The last purged and last present log ids.
+    pub fn log_state(&self) -> Result<LogState<C>, StoreError> {
+        let last_purged_log_id: Option<LogId<C::NodeId>> = self.get_meta(KEY_LAST_PURGED)?;
+        let last_log_id = self.last_entry_id()?.or_else(|| last_purged_log_id.clone());
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    /// Saves the vote with a synced write.
+    pub fn write_vote(&self, vote: &Vote<C::NodeId>) -> Result<(), StoreError> {
+        self.put_meta_synced(KEY_VOTE, vote)
+    }
+
+    /// The last committed log id openraft saved (a hint; may trail the real one).
+    pub fn committed(&self) -> Result<Option<LogId<C::NodeId>>, StoreError> {
+        self.get_meta(KEY_COMMITTED)
+    }
+
+    /// The saved vote.
+    pub fn vote(&self) -> Result<Option<Vote<C::NodeId>>, StoreError> {
+        self.get_meta(KEY_VOTE)
+    }
+}
+
+/// The group-commit loop: wait for one pending append, take all others that
+/// are pending too, sync the WAL once, acknowledge them all.
+fn sync_loop(db: &DB, rx: &mpsc::Receiver<OnDurable>, stats: &LogStats) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(rx.try_iter());
+        let result = db.flush_wal(true);
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        for on_durable in waiting {
+            on_durable(result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string())));
+        }
+    }
+}
+
+impl<C: StoreTypes> RaftLogReader<C> for LogStore<C> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<C::Entry>, StorageError<C::NodeId>> {
+        self.read_entries(range)
+            .map_err(|e| e.into_raft(StorageIOError::read_logs))
+    }
+}
+
+impl<C: StoreTypes> RaftLogStorage<C> for LogStore<C> {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, StorageError<C::NodeId>> {
+        self.log_state().map_err(|e| e.into_raft(StorageIOError::read_logs))
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
+        self.write_vote(vote)
+            .map_err(|e| e.into_raft(StorageIOError::write_vote))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<C::NodeId>>, StorageError<C::NodeId>> {
+        self.vote().map_err(|e| e.into_raft(StorageIOError::read_vote))
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<C::NodeId>>) -> Result<(), StorageError<C::NodeId>> {
+        // Not synced: openraft treats the committed index as a hint that saves
+        // re-applying; the next append's sync makes it durable anyway.
+        let cf = self.cf(CF_META);
+        let result = match committed {
+            Some(c) => self.inner.db.put_cf(cf, KEY_COMMITTED, codec::encode(&c)),
+            None => self.inner.db.delete_cf(cf, KEY_COMMITTED),
+        };
+        result.map_err(|e| StoreError::rocks(&self.inner.path, "save committed", e).into_raft(StorageIOError::write))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
+        self.committed().map_err(|e| e.into_raft(StorageIOError::read))
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), StorageError<C::NodeId>>
+    where
+        I: IntoIterator<Item = C::Entry> + Send,
+        I::IntoIter: Send,
+    {
+        self.append_with(entries, move |result| callback.log_io_completed(result))
+            .map_err(|e| e.into_raft(StorageIOError::write_logs))
+    }
+
+    async fn truncate(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
+        self.truncate_from(log_id.index)
+            .map_err(|e| e.into_raft(StorageIOError::write_logs))
+    }
+
+    async fn purge(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
+        self.purge_upto(&log_id)
+            .map_err(|e| e.into_raft(StorageIOError::write_logs))
+    }
+}

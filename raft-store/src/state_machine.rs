@@ -1,0 +1,611 @@
+//! The state machine side: the application's trait, and openraft's
+//! `RaftStateMachine` on RocksDB around it.
+//!
+//! The application keeps whatever in-memory form it likes and tells the store,
+//! for each command it applies, which records to write. The store writes those
+//! records, the last applied log id and the membership in one RocksDB batch
+//! per `apply` call, so the records on disk always match the applied id.
+//!
+//! Layout under `<data dir>`:
+//! - `state/CURRENT` names the live generation; `state/<n>` is a RocksDB with
+//!   the families `state` (application records) and `state_meta` (applied id,
+//!   membership, format). A snapshot is installed by building generation n+1
+//!   in `state/tmp-<n+1>`, syncing it, renaming it and then switching
+//!   `CURRENT` (written to a temporary file, synced, renamed): a crash at any
+//!   point leaves either the old or the new state, never a mix.
+//! - `snapshots/<id>.snap`: the latest snapshot file; older ones are removed.
+//!
+//! Writes to the state are not synced one by one: after a crash the log
+//! replays whatever the state lost. Before a snapshot is taken (after which
+//! the log may be purged) the state's WAL is synced.
+
+use std::fs;
+use std::io::{BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, LogId, RaftSnapshotBuilder, RaftTypeConfig, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership,
+};
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
+
+use crate::codec;
+use crate::error::StoreError;
+use crate::snapshot::{self, Meta, SnapshotReader, SnapshotWriter};
+use crate::StoreTypes;
+
+pub(crate) const CF_STATE: &str = "state";
+const CF_STATE_META: &str = "state_meta";
+const KEY_APPLIED: &[u8] = b"last_applied";
+const KEY_MEMBERSHIP: &[u8] = b"membership";
+const KEY_FORMAT: &[u8] = b"format";
+/// Records per RocksDB batch while installing a snapshot.
+const INSTALL_BATCH: usize = 4096;
+
+/// The application's deterministic state machine.
+///
+/// `apply` must depend only on the current state, the log id and the command:
+/// no clock, no randomness, no I/O. Every replica applies the same log and so
+/// must reach the same state and give the same answers.
+pub trait StateMachine<C: RaftTypeConfig>: Send + Sync + Sized + 'static {
+    /// Applies one committed command, records what changed in `writes`, and
+    /// returns the answer for the client that proposed it.
+    fn apply(&mut self, log_id: &LogId<C::NodeId>, command: &C::D, writes: &mut Writes) -> C::R;
+
+    /// Builds the state from its stored records, given in key order. Called at
+    /// start-up and after a snapshot is installed.
+    fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Self, RestoreError>;
+}
+
+/// A record the application could not read back.
+#[derive(Debug)]
+pub struct RestoreError {
+    /// The record's key.
+    pub key: Vec<u8>,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// The record changes one command makes, written with the applied id.
+#[derive(Debug, Default)]
+pub struct Writes {
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Writes {
+    /// An empty set of changes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `key` to `value`.
+    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: &[u8]) {
+        self.ops.push((key.into(), Some(codec::wrap_raw(value))));
+    }
+
+    /// Removes `key`.
+    pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
+        self.ops.push((key.into(), None));
+    }
+
+    /// The changes in order: a value, or `None` for a deletion.
+    pub fn ops(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+        self.ops
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_deref().map(|v| &v[1..])))
+    }
+}
+
+struct Shared<C: RaftTypeConfig, A> {
+    /// The data dir, named in errors.
+    root: PathBuf,
+    state_dir: PathBuf,
+    snap_dir: PathBuf,
+    db: RwLock<Arc<DB>>,
+    generation: Mutex<u64>,
+    app: Arc<RwLock<A>>,
+    current: Mutex<Option<Meta<C>>>,
+    /// Makes snapshot ids and temporary names unique within this process.
+    seq: AtomicU64,
+    /// Files handed to openraft to receive snapshots; removed after an install.
+    receiving: Mutex<Vec<PathBuf>>,
+}
+
+/// openraft's state machine storage around the application `A`. Cheap to
+/// clone; clones share everything.
+pub struct StateMachineStore<C: RaftTypeConfig, A> {
+    shared: Arc<Shared<C, A>>,
+}
+
+impl<C: RaftTypeConfig, A> Clone for StateMachineStore<C, A> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+fn open_state_db(store: &Path, dir: &Path) -> Result<DB, StoreError> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_paranoid_checks(true);
+    let cfs = [CF_STATE, CF_STATE_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| StoreError::rocks(store, "open state", e))
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).expect("column family created at open")
+}
+
+fn meta_get<T: serde::de::DeserializeOwned>(store: &Path, db: &DB, key: &[u8]) -> Result<Option<T>, StoreError> {
+    let raw = db
+        .get_pinned_cf(cf(db, CF_STATE_META), key)
+        .map_err(|e| StoreError::rocks(store, "read state", e))?;
+    raw.map(|v| codec::decode(store, CF_STATE_META, key, &v)).transpose()
+}
+
+type Applied<C> = (
+    Option<LogId<<C as RaftTypeConfig>::NodeId>>,
+    StoredMembership<<C as RaftTypeConfig>::NodeId, <C as RaftTypeConfig>::Node>,
+);
+
+fn read_applied<C: RaftTypeConfig>(store: &Path, db: &DB) -> Result<Applied<C>, StoreError> {
+    let applied = meta_get(store, db, KEY_APPLIED)?.flatten();
+    let membership = meta_get(store, db, KEY_MEMBERSHIP)?.unwrap_or_default();
+    Ok((applied, membership))
+}
+
+/// Builds the application from every record of `db`. A store error met while
+/// scanning ends the scan and is returned in place of the application's.
+fn restore_app<C: RaftTypeConfig, A: StateMachine<C>>(store: &Path, db: &DB) -> Result<A, StoreError> {
+    let mut failure: Option<StoreError> = None;
+    let mut records = db.iterator_cf(cf(db, CF_STATE), IteratorMode::Start).map_while(|item| {
+        let result = item
+            .map_err(|e| StoreError::rocks(store, "scan state", e))
+            .and_then(|(k, v)| Ok((k.to_vec(), codec::unwrap_raw(store, CF_STATE, &k, &v)?.to_vec())));
+        match result {
+            Ok(kv) => Some(kv),
+            Err(e) => {
+                failure = Some(e);
+                None
+            }
+        }
+    });
+    let app = A::restore(&mut records);
+    drop(records);
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    app.map_err(|e| StoreError::Corrupt {
+        store: store.to_path_buf(),
+        cf: CF_STATE,
+        key: codec::show_key(&e.key),
+        reason: e.reason,
+    })
+}
+
+fn io_err(store: &Path, op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let (store, path) = (store.to_path_buf(), path.to_path_buf());
+    move |e| StoreError::io(&store, op, &path, e)
+}
+
+/// Writes `state/CURRENT` atomically.
+fn write_current(store: &Path, state_dir: &Path, generation: u64) -> Result<(), StoreError> {
+    let tmp = state_dir.join("CURRENT.tmp");
+    let current = state_dir.join("CURRENT");
+    fs::write(&tmp, format!("{generation}\n")).map_err(io_err(store, "write", &tmp))?;
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(store, "sync", &tmp))?;
+    fs::rename(&tmp, &current).map_err(io_err(store, "rename", &tmp))?;
+    snapshot::sync_dir(store, state_dir)
+}
+
+fn remove_path(store: &Path, path: &Path) -> Result<(), StoreError> {
+    let result = if path.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    };
+    match result {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::io(store, "remove", path, e)),
+        _ => Ok(()),
+    }
+}
+
+impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
+    /// Opens (or creates) the state under `root`, cleans up what an
+    /// interrupted snapshot install left, and restores the application.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let state_dir = root.join("state");
+        let snap_dir = root.join("snapshots");
+        for d in [&state_dir, &snap_dir] {
+            fs::create_dir_all(d).map_err(io_err(root, "create", d))?;
+        }
+        let current_file = state_dir.join("CURRENT");
+        let generation = match fs::read_to_string(&current_file) {
+            Ok(text) => text.trim().parse::<u64>().map_err(|_| StoreError::Corrupt {
+                store: root.to_path_buf(),
+                cf: "state",
+                key: "CURRENT".into(),
+                reason: format!("{text:?} is not a generation number"),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                open_state_db(root, &state_dir.join("1"))?;
+                write_current(root, &state_dir, 1)?;
+                1
+            }
+            Err(e) => return Err(StoreError::io(root, "read", &current_file, e)),
+        };
+        // Anything but CURRENT and the live generation is left over from an
+        // install that did not finish or an old generation not yet removed.
+        for entry in fs::read_dir(&state_dir).map_err(io_err(root, "list", &state_dir))? {
+            let entry = entry.map_err(io_err(root, "list", &state_dir))?;
+            let name = entry.file_name();
+            if name != "CURRENT" && name.to_string_lossy() != generation.to_string() {
+                remove_path(root, &entry.path())?;
+            }
+        }
+        let db = open_state_db(root, &state_dir.join(generation.to_string()))?;
+        match meta_get::<u32>(root, &db, KEY_FORMAT)? {
+            Some(_) => {}
+            None => db
+                .put_cf(
+                    cf(&db, CF_STATE_META),
+                    KEY_FORMAT,
+                    codec::encode(&u32::from(codec::FORMAT_VERSION)),
+                )
+                .map_err(|e| StoreError::rocks(root, "write state", e))?,
+        }
+        let (applied, _) = read_applied::<C>(root, &db)?;
+        let app = restore_app::<C, A>(root, &db)?;
+        let current = Self::pick_snapshot(root, &snap_dir, applied)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                root: root.to_path_buf(),
+                state_dir,
+                snap_dir,
+                db: RwLock::new(Arc::new(db)),
+                generation: Mutex::new(generation),
+                app: Arc::new(RwLock::new(app)),
+                current: Mutex::new(current),
+                seq: AtomicU64::new(0),
+                receiving: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Keeps the newest snapshot not ahead of the applied state; removes the
+    /// rest (partial files and snapshots whose install never switched over).
+    fn pick_snapshot(
+        root: &Path,
+        snap_dir: &Path,
+        applied: Option<LogId<C::NodeId>>,
+    ) -> Result<Option<Meta<C>>, StoreError> {
+        let mut best: Option<(Meta<C>, PathBuf)> = None;
+        for entry in fs::read_dir(snap_dir).map_err(io_err(root, "list", snap_dir))? {
+            let path = entry.map_err(io_err(root, "list", snap_dir))?.path();
+            let usable = path.extension().is_some_and(|e| e == "snap");
+            let meta = if usable {
+                snapshot::read_meta::<C>(root, &path).ok()
+            } else {
+                None
+            };
+            match meta {
+                Some(m) if m.last_log_id <= applied => {
+                    if best.as_ref().is_none_or(|(b, _)| m.last_log_id > b.last_log_id) {
+                        if let Some((_, old)) = best.replace((m, path)) {
+                            remove_path(root, &old)?;
+                        }
+                    } else {
+                        remove_path(root, &path)?;
+                    }
+                }
+                _ => remove_path(root, &path)?,
+            }
+        }
+        Ok(best.map(|(m, _)| m))
+    }
+
+    /// The application state, for reads. Writers are only the store itself.
+    pub fn app(&self) -> Arc<RwLock<A>> {
+        self.shared.app.clone()
+    }
+
+    fn db(&self) -> Arc<DB> {
+        self.shared.db.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn snap_path(&self, meta: &Meta<C>) -> PathBuf {
+        self.shared.snap_dir.join(snapshot::file_name(&meta.snapshot_id))
+    }
+
+    /// Applies entries and writes their changes with the applied id in one batch.
+    pub fn apply_entries(&self, entries: impl IntoIterator<Item = C::Entry>) -> Result<Vec<C::R>, StoreError> {
+        let db = self.db();
+        let root = &self.shared.root;
+        let mut batch = WriteBatch::default();
+        let mut replies = Vec::new();
+        let mut last = None;
+        let mut membership = None;
+        {
+            let mut app = self.shared.app.write().unwrap_or_else(|e| e.into_inner());
+            let state = cf(&db, CF_STATE);
+            for entry in entries {
+                let log_id = entry.log_id;
+                match &entry.payload {
+                    EntryPayload::Blank => replies.push(C::R::default()),
+                    EntryPayload::Normal(command) => {
+                        let mut writes = Writes::new();
+                        replies.push(app.apply(&log_id, command, &mut writes));
+                        for (key, value) in writes.ops {
+                            match value {
+                                Some(v) => batch.put_cf(state, key, v),
+                                None => batch.delete_cf(state, key),
+                            }
+                        }
+                    }
+                    EntryPayload::Membership(m) => {
+                        membership = Some(StoredMembership::new(Some(log_id.clone()), m.clone()));
+                        replies.push(C::R::default());
+                    }
+                }
+                last = Some(log_id);
+            }
+        }
+        let Some(last) = last else { return Ok(replies) };
+        let meta = cf(&db, CF_STATE_META);
+        batch.put_cf(meta, KEY_APPLIED, codec::encode(&Some(last)));
+        if let Some(m) = membership {
+            batch.put_cf(meta, KEY_MEMBERSHIP, codec::encode(&m));
+        }
+        db.write(batch).map_err(|e| StoreError::rocks(root, "apply", e))?;
+        Ok(replies)
+    }
+
+    /// Writes a snapshot of the current state to a file (blocking).
+    fn build_snapshot_file(&self) -> Result<Meta<C>, StoreError> {
+        let db = self.db();
+        let root = &self.shared.root;
+        // The log may be purged up to this snapshot: what it covers must be on disk.
+        db.flush_wal(true)
+            .map_err(|e| StoreError::rocks(root, "sync state", e))?;
+        let view = db.snapshot();
+        let read_meta = |key: &[u8]| -> Result<Option<Vec<u8>>, StoreError> {
+            view.get_cf(cf(&db, CF_STATE_META), key)
+                .map_err(|e| StoreError::rocks(root, "read state", e))
+        };
+        let applied: Option<LogId<C::NodeId>> = match read_meta(KEY_APPLIED)? {
+            Some(v) => codec::decode(root, CF_STATE_META, KEY_APPLIED, &v)?,
+            None => None,
+        };
+        let membership = match read_meta(KEY_MEMBERSHIP)? {
+            Some(v) => codec::decode(root, CF_STATE_META, KEY_MEMBERSHIP, &v)?,
+            None => StoredMembership::default(),
+        };
+        let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let index = applied.as_ref().map(|l| l.index).unwrap_or(0);
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id: format!("{index}-{stamp}-{seq}"),
+        };
+        let tmp = self.shared.snap_dir.join(format!("building-{seq}.tmp"));
+        let file = fs::File::create(&tmp).map_err(io_err(root, "create", &tmp))?;
+        let mut w = SnapshotWriter::create::<C>(file, &meta).map_err(io_err(root, "write", &tmp))?;
+        for item in view.iterator_cf(cf(&db, CF_STATE), IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| StoreError::rocks(root, "scan state", e))?;
+            w.record(&k, &v).map_err(io_err(root, "write", &tmp))?;
+        }
+        w.finish().map_err(io_err(root, "write", &tmp))?;
+        self.publish_snapshot(&tmp, &meta)?;
+        Ok(meta)
+    }
+
+    /// Renames a finished snapshot file into place, makes it current and
+    /// removes the older ones.
+    fn publish_snapshot(&self, tmp: &Path, meta: &Meta<C>) -> Result<(), StoreError> {
+        let root = &self.shared.root;
+        let path = self.snap_path(meta);
+        fs::rename(tmp, &path).map_err(io_err(root, "rename", tmp))?;
+        snapshot::sync_dir(root, &self.shared.snap_dir)?;
+        let mut current = self.shared.current.lock().unwrap_or_else(|e| e.into_inner());
+        let newer = current.as_ref().is_none_or(|c| c.last_log_id <= meta.last_log_id);
+        if !newer {
+            // A concurrent install already moved past this snapshot.
+            return remove_path(root, &path);
+        }
+        if let Some(old) = current.replace(meta.clone()) {
+            if old.snapshot_id != meta.snapshot_id {
+                remove_path(root, &self.snap_path(&old))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs the snapshot read from `input` as the new state (blocking).
+    fn install_snapshot_file(&self, meta: &Meta<C>, mut input: fs::File) -> Result<(), StoreError> {
+        let root = &self.shared.root;
+        let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
+        let incoming = self.shared.snap_dir.join(format!("incoming-{seq}"));
+        input
+            .seek(SeekFrom::Start(0))
+            .map_err(io_err(root, "seek", &incoming))?;
+        let (mut reader, header) =
+            SnapshotReader::open::<C>(BufReader::with_capacity(1 << 20, input), root, &incoming)?;
+        if header.snapshot_id != meta.snapshot_id || header.last_log_id != meta.last_log_id {
+            return Err(StoreError::BadSnapshot {
+                store: root.clone(),
+                path: incoming,
+                reason: format!(
+                    "holds snapshot {} up to {:?}, but {} up to {:?} was announced",
+                    header.snapshot_id, header.last_log_id, meta.snapshot_id, meta.last_log_id
+                ),
+            });
+        }
+
+        // One pass: copy into our own snapshot file and into a new state generation.
+        let tmp_snap = self.shared.snap_dir.join(format!("installing-{seq}.tmp"));
+        let file = fs::File::create(&tmp_snap).map_err(io_err(root, "create", &tmp_snap))?;
+        let mut copy = SnapshotWriter::create::<C>(file, meta).map_err(io_err(root, "write", &tmp_snap))?;
+        let next_gen = *self.shared.generation.lock().unwrap_or_else(|e| e.into_inner()) + 1;
+        let tmp_gen = self.shared.state_dir.join(format!("tmp-{next_gen}"));
+        remove_path(root, &tmp_gen)?;
+        {
+            let db = open_state_db(root, &tmp_gen)?;
+            let state = cf(&db, CF_STATE);
+            let mut batch = WriteBatch::default();
+            while let Some((k, v)) = reader.next_record()? {
+                copy.record(&k, &v).map_err(io_err(root, "write", &tmp_snap))?;
+                batch.put_cf(state, k, v);
+                if batch.len() >= INSTALL_BATCH {
+                    db.write(std::mem::take(&mut batch))
+                        .map_err(|e| StoreError::rocks(root, "install", e))?;
+                }
+            }
+            let m = cf(&db, CF_STATE_META);
+            batch.put_cf(m, KEY_APPLIED, codec::encode(&meta.last_log_id));
+            batch.put_cf(m, KEY_MEMBERSHIP, codec::encode(&meta.last_membership));
+            batch.put_cf(m, KEY_FORMAT, codec::encode(&u32::from(codec::FORMAT_VERSION)));
+            db.write(batch).map_err(|e| StoreError::rocks(root, "install", e))?;
+            // Flushing writes the records into synced table files.
+            db.flush_cfs_opt(&[state, m], &rocksdb::FlushOptions::default())
+                .map_err(|e| StoreError::rocks(root, "flush", e))?;
+            db.flush_wal(true).map_err(|e| StoreError::rocks(root, "flush", e))?;
+        }
+        copy.finish().map_err(io_err(root, "write", &tmp_snap))?;
+
+        let new_dir = self.shared.state_dir.join(next_gen.to_string());
+        fs::rename(&tmp_gen, &new_dir).map_err(io_err(root, "rename", &tmp_gen))?;
+        snapshot::sync_dir(root, &self.shared.state_dir)?;
+        // The switch: from here on a restart opens the new generation.
+        write_current(root, &self.shared.state_dir, next_gen)?;
+
+        let db = open_state_db(root, &new_dir)?;
+        {
+            let mut app = self.shared.app.write().unwrap_or_else(|e| e.into_inner());
+            *app = restore_app::<C, A>(root, &db)?;
+            *self.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(db);
+        }
+        let old_gen = std::mem::replace(
+            &mut *self.shared.generation.lock().unwrap_or_else(|e| e.into_inner()),
+            next_gen,
+        );
+        remove_path(root, &self.shared.state_dir.join(old_gen.to_string()))?;
+        self.publish_snapshot(&tmp_snap, meta)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(StoreError::io(
+            Path::new("?"),
+            "run blocking task",
+            Path::new("?"),
+            std::io::Error::other(e),
+        ))
+    })
+}
+
+impl<C: StoreTypes, A: StateMachine<C>> RaftSnapshotBuilder<C> for StateMachineStore<C, A> {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<C>, StorageError<C::NodeId>> {
+        let this = self.clone();
+        let meta = blocking(move || this.build_snapshot_file())
+            .await
+            .map_err(|e| e.into_raft(|a| StorageIOError::write_snapshot(None, a)))?;
+        let path = self.snap_path(&meta);
+        let file = tokio::fs::File::open(&path).await.map_err(|e| {
+            StoreError::io(&self.shared.root, "open", &path, e).into_raft(|a| StorageIOError::read_snapshot(None, a))
+        })?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
+    }
+}
+
+impl<C: StoreTypes, A: StateMachine<C>> RaftStateMachine<C> for StateMachineStore<C, A> {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<Applied<C>, StorageError<C::NodeId>> {
+        read_applied::<C>(&self.shared.root, &self.db()).map_err(|e| e.into_raft(StorageIOError::read_state_machine))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<C::R>, StorageError<C::NodeId>>
+    where
+        I: IntoIterator<Item = C::Entry> + Send,
+        I::IntoIter: Send,
+    {
+        self.apply_entries(entries)
+            .map_err(|e| e.into_raft(StorageIOError::write_state_machine))
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<C::SnapshotData>, StorageError<C::NodeId>> {
+        let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.shared.snap_dir.join(format!("receiving-{seq}.part"));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| {
+                StoreError::io(&self.shared.root, "create", &path, e)
+                    .into_raft(|a| StorageIOError::write_snapshot(None, a))
+            })?;
+        self.shared
+            .receiving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path);
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta<C>,
+        snapshot: Box<C::SnapshotData>,
+    ) -> Result<(), StorageError<C::NodeId>> {
+        let file = snapshot.into_std().await;
+        let this = self.clone();
+        let m = meta.clone();
+        let signature = meta.signature();
+        blocking(move || this.install_snapshot_file(&m, file))
+            .await
+            .map_err(|e| e.into_raft(|a| StorageIOError::write_snapshot(Some(signature), a)))?;
+        // The received data now lives in our own snapshot file.
+        let received = std::mem::take(&mut *self.shared.receiving.lock().unwrap_or_else(|e| e.into_inner()));
+        for path in received {
+            remove_path(&self.shared.root, &path).map_err(|e| e.into_raft(StorageIOError::write))?;
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<C>>, StorageError<C::NodeId>> {
+        let meta = self.shared.current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(meta) = meta else { return Ok(None) };
+        let path = self.snap_path(&meta);
+        let file = tokio::fs::File::open(&path).await.map_err(|e| {
+            StoreError::io(&self.shared.root, "open", &path, e).into_raft(|a| StorageIOError::read_snapshot(None, a))
+        })?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        }))
+    }
+}

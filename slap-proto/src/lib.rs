@@ -1,0 +1,12 @@
+//! Wire types shared by the Master, the gateway, the node agent and the
+//! chaos suite, so that none of them needs another's internals (and the agent
+//! and gateway never compile RocksDB).
+//!
+//! - [`cluster`]: the gRPC services between replicas (Raft) and of the
+//!   cluster (membership, status, forwarded writes and reads).
+
+/// gRPC: Raft transport and cluster operations (`proto/cluster.proto`).
+pub mod cluster {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("slapos.cluster.v1");
+}
