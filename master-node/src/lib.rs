@@ -1,0 +1,3 @@
+//! The replicated SlapOS Master.
+
+pub mod state;

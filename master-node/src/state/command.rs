@@ -1,0 +1,164 @@
+//! What can be written to the Master (commands) and what a write answers
+//! (replies). Commands are what the log carries: the leader wraps each one in
+//! a [`Proposal`] with the time and the client's request id, so that `apply`
+//! needs neither a clock nor any randomness.
+
+use serde::{Deserialize, Serialize};
+
+use super::model::*;
+
+/// Identifies one write of one client, so a retry is recognized.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestId {
+    /// A client chooses its id once (e.g. a random UUID) and numbers its writes.
+    pub client: String,
+    /// Grows by one per write of that client; a retry reuses it.
+    pub seq: u64,
+}
+
+/// A command as it enters the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub request_id: Option<RequestId>,
+    /// The leader's wall clock when it proposed, in microseconds since 1970.
+    pub time_us: u64,
+    pub command: Command,
+}
+
+/// A partition as `node format` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionSpec {
+    pub id: PartitionId,
+    pub addresses: Vec<Address>,
+    pub tap: Option<String>,
+    pub user: Option<String>,
+    pub capabilities: Vec<String>,
+}
+
+/// Everything that changes the Master's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// `loadComputerConfigurationFromXML` / capacity report: create or update a
+    /// computer and its partitions. Busy partitions missing from the list are
+    /// kept (never destroyed by a format); free ones are removed.
+    SetComputer {
+        id: ComputerId,
+        address: String,
+        netmask: String,
+        capacity: Params,
+        categories: Params,
+        partitions: Vec<PartitionSpec>,
+    },
+    /// `supplySupply`: install (available) or remove (destroyed) a release.
+    Supply {
+        computer: ComputerId,
+        url: SoftwareUrl,
+        state: SupplyState,
+    },
+    /// `requestComputerPartition`.
+    Request(RequestSpec),
+    /// `setComputerPartitionConnectionXml`.
+    SetConnection {
+        computer: ComputerId,
+        partition: PartitionId,
+        /// Publishing for a shared instance hosted on that partition.
+        shared_reference: Option<InstanceId>,
+        connection: Params,
+    },
+    /// `startedComputerPartition`, `stoppedComputerPartition`, `softwareInstanceError`.
+    ReportInstance {
+        computer: ComputerId,
+        partition: PartitionId,
+        shared_reference: Option<InstanceId>,
+        report: InstanceReport,
+    },
+    /// `buildingSoftwareRelease`, `availableSoftwareRelease`, `softwareReleaseError`,
+    /// `destroyedSoftwareRelease`.
+    ReportSoftware {
+        computer: ComputerId,
+        url: SoftwareUrl,
+        report: SoftwareReport,
+    },
+    /// `softwareInstanceBang`: redeploy the whole tree.
+    Bang {
+        computer: ComputerId,
+        partition: PartitionId,
+        message: String,
+    },
+    /// `destroyedComputerPartition`: the node wiped the partition.
+    DestroyedPartition {
+        computer: ComputerId,
+        partition: PartitionId,
+    },
+    /// Written once by `master-node init`, right after the first membership.
+    InitCluster { id: String, token_sha256: String },
+    /// Reserves the next replica id for a joining replica.
+    ReserveReplicaId { addr: String },
+    /// `updateComputerPartitionRelatedInstanceList`: the children the
+    /// partition's instance still requests; the others are destroyed.
+    SetRelatedInstances {
+        computer: ComputerId,
+        partition: PartitionId,
+        titles: Vec<String>,
+    },
+}
+
+/// `requestComputerPartition`'s arguments, in domain terms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestSpec {
+    pub requester: RequestOrigin,
+    pub title: String,
+    pub software_release: SoftwareUrl,
+    pub software_type: String,
+    pub parameters: Params,
+    pub sla: Params,
+    pub shared: bool,
+    /// `None` keeps the current state (a new instance starts `started`).
+    pub state: Option<RequestedState>,
+}
+
+/// Who sends a request, as the caller identifies itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestOrigin {
+    User(String),
+    Partition {
+        computer: ComputerId,
+        partition: PartitionId,
+    },
+}
+
+/// The answer to a write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Done,
+    /// The requested instance as it stands after the request.
+    Instance(Box<Instance>),
+    /// The write was refused; nothing changed.
+    Refused(Refusal),
+    /// Something was noted, with a message for the caller (e.g. a root not
+    /// freed yet because children remain).
+    Note(String),
+    /// A replica id reserved for a joiner.
+    ReplicaId(u64),
+}
+
+impl Default for Reply {
+    /// The answer to log entries that carry no command (blank, membership).
+    fn default() -> Self {
+        Reply::Done
+    }
+}
+
+/// Why a write was refused; each maps to one SLAP status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    /// Names something that does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Malformed or contradictory input (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// A retry of a write older than this client's last one (409).
+    #[error("request {seq} of client {client} is older than its last write {last}; its answer is gone")]
+    StaleRequest { client: String, seq: u64, last: u64 },
+}

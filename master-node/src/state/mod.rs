@@ -1,0 +1,898 @@
+//! The Master's state machine: SlapOS semantics, pure and deterministic.
+//!
+//! Every replica applies the same log through [`Master::apply`] and must end
+//! in the same state with the same answers, so `apply` reads nothing but the
+//! state, the log index and the [`Proposal`]: the time comes stamped by the
+//! leader, identifiers and tie-breaks derive from the log index, and there is
+//! no I/O. What changed is collected as [`Dirty`] keys that the storage layer
+//! turns into records (see [`persist`]).
+//!
+//! The rules follow the SLAP reference (sections 3.1 to 3.7):
+//! - a request is identified by (scope, title): a user's roots, or the tree of
+//!   the requesting partition; an identical re-request changes nothing and
+//!   bumps nothing; a re-request replaces the parameters;
+//! - placement honours the SLA (see [`allocation`]); an instance that cannot
+//!   be placed yet stays pending (SLAP 408) and is retried whenever capacity
+//!   or software appears;
+//! - destroying an instance destroys its descendants; a partition is freed
+//!   only once the instances it requested are gone;
+//! - timestamps (what makes a node redeploy a partition) move on any change
+//!   of parameters, release, type, state or hosted shared instances, on a
+//!   child's or a shared instance's publication (bumping the requester), and
+//!   on bang (the whole tree); never on a partition's own publication;
+//! - each write carries a request id; a retry returns the recorded answer.
+
+pub mod allocation;
+pub mod command;
+pub mod model;
+pub mod persist;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+pub use command::*;
+pub use model::*;
+
+/// How long a client's last answer is kept for retries (leader time).
+pub const SESSION_TTL_US: u64 = 3600 * 1_000_000;
+
+/// A stored entity touched by a command.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Dirty {
+    Computer(ComputerId),
+    Partition(ComputerId, PartitionId),
+    Installation(ComputerId, SoftwareUrl),
+    Instance(InstanceId),
+    Session(String),
+    Meta,
+    Cluster,
+}
+
+/// The whole state of the Master.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Master {
+    pub computers: BTreeMap<ComputerId, Computer>,
+    pub partitions: BTreeMap<(ComputerId, PartitionId), Partition>,
+    pub installations: BTreeMap<(ComputerId, SoftwareUrl), SoftwareInstallation>,
+    pub instances: BTreeMap<InstanceId, Instance>,
+    pub sessions: BTreeMap<String, Session>,
+    /// Set by the first command of a cluster.
+    pub cluster: Option<ClusterMeta>,
+    /// Last timestamp handed out; timestamps only grow.
+    pub clock: u64,
+    /// Index of the last applied command.
+    pub last_index: u64,
+    // Indexes derived from the entities above, rebuilt at restore.
+    titles: BTreeMap<(Scope, String), InstanceId>,
+    children: BTreeMap<InstanceId, BTreeSet<InstanceId>>,
+    hosted: BTreeMap<InstanceId, BTreeSet<InstanceId>>,
+    /// Instances waiting for a place, by creation index.
+    pending: BTreeSet<(u64, InstanceId)>,
+    dirty: BTreeSet<Dirty>,
+}
+
+fn refused_not_found(what: String) -> Reply {
+    Reply::Refused(Refusal::NotFound(what))
+}
+
+fn invalid(what: impl Into<String>) -> Reply {
+    Reply::Refused(Refusal::Invalid(what.into()))
+}
+
+/// The creation index encoded in an instance id (`SOFTINST-42` -> 42).
+fn creation_index(id: &str) -> u64 {
+    id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+impl Master {
+    /// An empty Master.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one committed proposal at `index`.
+    pub fn apply(&mut self, index: u64, proposal: &Proposal) -> Reply {
+        self.last_index = index;
+        self.dirty.insert(Dirty::Meta);
+        let now = proposal.time_us;
+        if let Some(rid) = &proposal.request_id {
+            if let Some(s) = self.sessions.get(&rid.client) {
+                if rid.seq == s.seq {
+                    return s.reply.clone();
+                }
+                if rid.seq < s.seq {
+                    return Reply::Refused(Refusal::StaleRequest {
+                        client: rid.client.clone(),
+                        seq: rid.seq,
+                        last: s.seq,
+                    });
+                }
+            }
+        }
+        let reply = self.execute(index, now, &proposal.command);
+        if let Some(rid) = &proposal.request_id {
+            self.sessions.insert(
+                rid.client.clone(),
+                Session {
+                    seq: rid.seq,
+                    reply: reply.clone(),
+                    at: now,
+                },
+            );
+            self.dirty.insert(Dirty::Session(rid.client.clone()));
+        }
+        if index.is_multiple_of(1024) {
+            self.expire_sessions(now);
+        }
+        reply
+    }
+
+    /// Takes the set of entities changed since the last call.
+    pub fn take_dirty(&mut self) -> BTreeSet<Dirty> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    fn expire_sessions(&mut self, now: u64) {
+        let old: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.at.saturating_add(SESSION_TTL_US) < now)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for client in old {
+            self.sessions.remove(&client);
+            self.dirty.insert(Dirty::Session(client));
+        }
+    }
+
+    fn execute(&mut self, index: u64, now: u64, command: &Command) -> Reply {
+        match command {
+            Command::SetComputer {
+                id,
+                address,
+                netmask,
+                capacity,
+                categories,
+                partitions,
+            } => self.set_computer(index, now, id, address, netmask, capacity, categories, partitions),
+            Command::Supply { computer, url, state } => self.supply(index, now, computer, url, *state),
+            Command::Request(spec) => self.request(index, now, spec),
+            Command::SetConnection {
+                computer,
+                partition,
+                shared_reference,
+                connection,
+            } => self.set_connection(index, now, computer, partition, shared_reference.as_deref(), connection),
+            Command::ReportInstance {
+                computer,
+                partition,
+                shared_reference,
+                report,
+            } => self.report_instance(index, computer, partition, shared_reference.as_deref(), report),
+            Command::ReportSoftware { computer, url, report } => self.report_software(index, computer, url, report),
+            Command::Bang {
+                computer, partition, ..
+            } => self.bang(index, now, computer, partition),
+            Command::DestroyedPartition { computer, partition } => {
+                self.destroyed_partition(index, now, computer, partition)
+            }
+            Command::SetRelatedInstances {
+                computer,
+                partition,
+                titles,
+            } => self.set_related(index, now, computer, partition, titles),
+            Command::InitCluster { id, token_sha256 } => self.init_cluster(id, token_sha256),
+            Command::ReserveReplicaId { .. } => self.reserve_replica_id(),
+        }
+    }
+
+    // ----- cluster -----------------------------------------------------
+
+    fn init_cluster(&mut self, id: &str, token_sha256: &str) -> Reply {
+        if let Some(c) = &self.cluster {
+            return invalid(format!("this state already belongs to cluster {}", c.id));
+        }
+        self.cluster = Some(ClusterMeta {
+            id: id.to_string(),
+            token_sha256: token_sha256.to_string(),
+            // The founding replica is 1.
+            next_replica_id: 2,
+        });
+        self.dirty.insert(Dirty::Cluster);
+        Reply::Done
+    }
+
+    fn reserve_replica_id(&mut self) -> Reply {
+        let Some(c) = self.cluster.as_mut() else {
+            return invalid("the cluster is not initialized");
+        };
+        let id = c.next_replica_id;
+        c.next_replica_id += 1;
+        self.dirty.insert(Dirty::Cluster);
+        Reply::ReplicaId(id)
+    }
+
+    // ----- reads -------------------------------------------------------
+
+    /// The instance known by `title` in `scope`.
+    pub fn instance_by_title(&self, scope: &Scope, title: &str) -> Option<&Instance> {
+        self.titles
+            .get(&(scope.clone(), title.to_string()))
+            .and_then(|id| self.instances.get(id))
+    }
+
+    /// The (non-shared) instance on a partition.
+    pub fn instance_on(&self, computer: &str, partition: &str) -> Option<&Instance> {
+        self.partitions
+            .get(&(computer.to_string(), partition.to_string()))
+            .and_then(|p| p.instance.as_ref())
+            .and_then(|id| self.instances.get(id))
+    }
+
+    /// Shared instances hosted by `host`, in id order.
+    pub fn hosted_by(&self, host: &str) -> impl Iterator<Item = &Instance> {
+        self.hosted
+            .get(host)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.instances.get(id))
+    }
+
+    /// Instances requested by `requester`.
+    pub fn children_of(&self, requester: &str) -> impl Iterator<Item = &Instance> {
+        self.children
+            .get(requester)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.instances.get(id))
+    }
+
+    /// Partitions of a computer in the order the node reported them.
+    pub fn partitions_of(&self, computer: &str) -> Vec<&Partition> {
+        let Some(c) = self.computers.get(computer) else {
+            return vec![];
+        };
+        c.partitions
+            .iter()
+            .filter_map(|p| self.partitions.get(&(computer.to_string(), p.clone())))
+            .collect()
+    }
+
+    /// Software installations of a computer.
+    pub fn installations_of<'a>(&'a self, computer: &'a str) -> impl Iterator<Item = &'a SoftwareInstallation> + 'a {
+        self.installations
+            .range((computer.to_string(), String::new())..)
+            .take_while(move |((c, _), _)| c == computer)
+            .map(|(_, s)| s)
+    }
+
+    /// Instances not placed yet.
+    pub fn pending(&self) -> impl Iterator<Item = &Instance> {
+        self.pending.iter().filter_map(|(_, id)| self.instances.get(id))
+    }
+
+    // ----- helpers -----------------------------------------------------
+
+    /// A new timestamp: after every earlier one, and at least the leader's time.
+    fn tick(&mut self, now: u64) -> u64 {
+        self.clock = self.clock.saturating_add(1).max(now);
+        self.clock
+    }
+
+    fn touch_computer(&mut self, index: u64, computer: &str) {
+        if let Some(c) = self.computers.get_mut(computer) {
+            c.revision = index;
+            self.dirty.insert(Dirty::Computer(computer.to_string()));
+        }
+    }
+
+    /// Makes the node redeploy `id` (and tells its computer's document).
+    fn bump(&mut self, index: u64, now: u64, id: &str) {
+        let ts = self.tick(now);
+        let Some(inst) = self.instances.get_mut(id) else { return };
+        inst.timestamp = ts;
+        self.dirty.insert(Dirty::Instance(id.to_string()));
+        let (partition, host) = (inst.partition.clone(), inst.host.clone());
+        let place = match (partition, host) {
+            (Some((c, _)), _) => Some(c),
+            (None, Some(host)) => self
+                .instances
+                .get(&host)
+                .and_then(|h| h.partition.as_ref())
+                .map(|(c, _)| c.clone()),
+            _ => None,
+        };
+        if let Some(c) = place {
+            self.touch_computer(index, &c);
+        }
+    }
+
+    fn instance_mut(&mut self, id: &str) -> &mut Instance {
+        self.dirty.insert(Dirty::Instance(id.to_string()));
+        self.instances.get_mut(id).expect("instance ids in indexes exist")
+    }
+
+    /// Checks a partition exists and returns the (non-shared) instance on it.
+    fn partition_instance(&self, computer: &str, partition: &str) -> Result<InstanceId, Reply> {
+        let p = self
+            .partitions
+            .get(&(computer.to_string(), partition.to_string()))
+            .ok_or_else(|| refused_not_found(format!("computer {computer} has no partition {partition}")))?;
+        p.instance
+            .clone()
+            .ok_or_else(|| refused_not_found(format!("partition {partition} of {computer} holds no instance")))
+    }
+
+    // ----- computers and software ---------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    fn set_computer(
+        &mut self,
+        index: u64,
+        now: u64,
+        id: &str,
+        address: &str,
+        netmask: &str,
+        capacity: &Params,
+        categories: &Params,
+        specs: &[PartitionSpec],
+    ) -> Reply {
+        if id.trim().is_empty() {
+            return invalid("a computer needs a non-empty reference");
+        }
+        let mut seen = BTreeSet::new();
+        for spec in specs {
+            if spec.id.trim().is_empty() {
+                return invalid(format!("computer {id}: a partition has an empty reference"));
+            }
+            if !seen.insert(spec.id.as_str()) {
+                return invalid(format!("computer {id}: partition {} is listed twice", spec.id));
+            }
+        }
+        let old_list = self.computers.get(id).map(|c| c.partitions.clone()).unwrap_or_default();
+        let mut list: Vec<PartitionId> = specs.iter().map(|s| s.id.clone()).collect();
+        for old in old_list {
+            if seen.contains(old.as_str()) {
+                continue;
+            }
+            let key = (id.to_string(), old.clone());
+            match self.partitions.get(&key).map(|p| p.state) {
+                // A busy partition is never dropped by a format: its instance
+                // must be destroyed through the Master first.
+                Some(SlapState::Busy) => list.push(old),
+                _ => {
+                    self.partitions.remove(&key);
+                    self.dirty.insert(Dirty::Partition(key.0, key.1));
+                }
+            }
+        }
+        for spec in specs {
+            let key = (id.to_string(), spec.id.clone());
+            let entry = self.partitions.entry(key.clone()).or_insert_with(|| Partition {
+                computer: id.to_string(),
+                id: spec.id.clone(),
+                state: SlapState::Free,
+                addresses: vec![],
+                tap: None,
+                user: None,
+                capabilities: vec![],
+                instance: None,
+            });
+            entry.addresses = spec.addresses.clone();
+            entry.tap = spec.tap.clone();
+            entry.user = spec.user.clone();
+            entry.capabilities = spec.capabilities.clone();
+            self.dirty.insert(Dirty::Partition(key.0, key.1));
+        }
+        self.computers.insert(
+            id.to_string(),
+            Computer {
+                id: id.to_string(),
+                address: address.to_string(),
+                netmask: netmask.to_string(),
+                capacity: capacity.clone(),
+                categories: categories.clone(),
+                partitions: list,
+                revision: index,
+            },
+        );
+        self.dirty.insert(Dirty::Computer(id.to_string()));
+        self.place_pending(index, now);
+        Reply::Done
+    }
+
+    fn supply(&mut self, index: u64, now: u64, computer: &str, url: &str, state: SupplyState) -> Reply {
+        if url.trim().is_empty() {
+            return invalid("a software release URL must not be empty");
+        }
+        if !self.computers.contains_key(computer) {
+            return refused_not_found(format!("computer {computer} does not exist"));
+        }
+        let key = (computer.to_string(), url.to_string());
+        let changed = self.installations.get(&key).is_none_or(|s| s.requested != state);
+        if changed {
+            let entry = self
+                .installations
+                .entry(key.clone())
+                .or_insert_with(|| SoftwareInstallation {
+                    computer: computer.to_string(),
+                    url: url.to_string(),
+                    requested: state,
+                    reported: None,
+                });
+            entry.requested = state;
+            self.dirty.insert(Dirty::Installation(key.0, key.1));
+            self.touch_computer(index, computer);
+            if state == SupplyState::Available {
+                self.place_pending(index, now);
+            }
+        }
+        Reply::Done
+    }
+
+    fn report_software(&mut self, index: u64, computer: &str, url: &str, report: &SoftwareReport) -> Reply {
+        let key = (computer.to_string(), url.to_string());
+        let Some(inst) = self.installations.get_mut(&key) else {
+            return refused_not_found(format!("{url} is not supplied to computer {computer}"));
+        };
+        if *report == SoftwareReport::Destroyed {
+            if inst.requested != SupplyState::Destroyed {
+                return invalid(format!("{url} on {computer} is not requested destroyed"));
+            }
+            self.installations.remove(&key);
+        } else if inst.reported.as_ref() != Some(report) {
+            inst.reported = Some(report.clone());
+        } else {
+            return Reply::Done;
+        }
+        self.dirty.insert(Dirty::Installation(key.0, key.1));
+        self.touch_computer(index, computer);
+        Reply::Done
+    }
+
+    // ----- requests ----------------------------------------------------
+
+    fn request(&mut self, index: u64, now: u64, spec: &RequestSpec) -> Reply {
+        if spec.title.trim().is_empty() {
+            return invalid("an instance needs a non-empty title (partition_reference)");
+        }
+        if spec.software_release.trim().is_empty() {
+            return invalid("a request needs a software release URL");
+        }
+        let (scope, requester, root_of_requester, owner) = match &spec.requester {
+            RequestOrigin::User(user) => {
+                if user.is_empty() {
+                    return invalid("a user request needs a user name");
+                }
+                (
+                    Scope::User(user.clone()),
+                    Requester::User(user.clone()),
+                    None,
+                    user.clone(),
+                )
+            }
+            RequestOrigin::Partition { computer, partition } => {
+                let parent = match self.partition_instance(computer, partition) {
+                    Ok(id) => self.instances[&id].clone(),
+                    Err(reply) => return reply,
+                };
+                (
+                    Scope::Tree(parent.root.clone()),
+                    Requester::Instance(parent.id.clone()),
+                    Some(parent.root.clone()),
+                    parent.owner.clone(),
+                )
+            }
+        };
+        // While the root is not started, children follow its state.
+        let root_state = root_of_requester
+            .as_ref()
+            .and_then(|r| self.instances.get(r))
+            .map(|r| r.requested_state);
+        let effective = |wanted: RequestedState| match root_state {
+            Some(rs) if rs != RequestedState::Started && wanted < rs => rs,
+            _ => wanted,
+        };
+        match self.titles.get(&(scope.clone(), spec.title.clone())).cloned() {
+            Some(id) => self.rerequest(index, now, &id, spec, spec.state.map(effective)),
+            None => {
+                if spec.state == Some(RequestedState::Destroyed) {
+                    return refused_not_found(format!("no instance titled {:?} to destroy", spec.title));
+                }
+                let state = effective(spec.state.unwrap_or(RequestedState::Started));
+                let id = format!("{}-{index}", if spec.shared { "SLAVEINST" } else { "SOFTINST" });
+                let root = root_of_requester.unwrap_or_else(|| id.clone());
+                let timestamp = self.tick(now);
+                let instance = Instance {
+                    id: id.clone(),
+                    title: spec.title.clone(),
+                    scope: scope.clone(),
+                    requester: requester.clone(),
+                    root,
+                    owner,
+                    software_release: spec.software_release.clone(),
+                    software_type: spec.software_type.clone(),
+                    parameters: spec.parameters.clone(),
+                    sla: spec.sla.clone(),
+                    shared: spec.shared,
+                    requested_state: state,
+                    connection: Params::new(),
+                    reported: None,
+                    partition: None,
+                    host: None,
+                    pending_reason: None,
+                    timestamp,
+                    created_at: now,
+                };
+                self.index_instance(&instance);
+                self.instances.insert(id.clone(), instance);
+                self.dirty.insert(Dirty::Instance(id.clone()));
+                self.try_place(index, now, &id);
+                Reply::Instance(Box::new(self.instances[&id].clone()))
+            }
+        }
+    }
+
+    fn index_instance(&mut self, inst: &Instance) {
+        self.titles
+            .insert((inst.scope.clone(), inst.title.clone()), inst.id.clone());
+        if let Requester::Instance(parent) = &inst.requester {
+            self.children.entry(parent.clone()).or_default().insert(inst.id.clone());
+        }
+        if let Some(host) = &inst.host {
+            self.hosted.entry(host.clone()).or_default().insert(inst.id.clone());
+        }
+        if !inst.is_placed() {
+            self.pending.insert((creation_index(&inst.id), inst.id.clone()));
+        }
+    }
+
+    fn rerequest(
+        &mut self,
+        index: u64,
+        now: u64,
+        id: &str,
+        spec: &RequestSpec,
+        state: Option<RequestedState>,
+    ) -> Reply {
+        let current = &self.instances[id];
+        if current.shared != spec.shared {
+            let kind = if current.shared { "a shared" } else { "a non-shared" };
+            return invalid(format!("{:?} is {kind} instance; request it the same way", spec.title));
+        }
+        let changed = current.software_release != spec.software_release
+            || current.software_type != spec.software_type
+            || current.parameters != spec.parameters
+            || state.is_some_and(|s| s != current.requested_state);
+        let sla_changed = current.sla != spec.sla;
+        if changed || sla_changed {
+            let inst = self.instance_mut(id);
+            inst.software_release = spec.software_release.clone();
+            inst.software_type = spec.software_type.clone();
+            inst.parameters = spec.parameters.clone();
+            inst.sla = spec.sla.clone();
+            if let Some(s) = state {
+                inst.requested_state = s;
+            }
+        }
+        if changed {
+            self.bump(index, now, id);
+            self.bump_host_of(index, now, id);
+            if state == Some(RequestedState::Destroyed) {
+                self.destroy_descendants(index, now, id);
+                self.release_if_unplaced(index, id);
+            }
+        }
+        if !self.instances.get(id).is_some_and(Instance::is_placed) {
+            if let Some(_inst) = self.instances.get(id) {
+                self.try_place(index, now, id);
+            }
+        }
+        match self.instances.get(id) {
+            Some(inst) => Reply::Instance(Box::new(inst.clone())),
+            // Destroyed before it was ever placed: gone at once.
+            None => Reply::Done,
+        }
+    }
+
+    /// A shared instance's change is a change of its host's list.
+    fn bump_host_of(&mut self, index: u64, now: u64, id: &str) {
+        if let Some(host) = self.instances.get(id).and_then(|i| i.host.clone()) {
+            self.bump(index, now, &host);
+        }
+    }
+
+    /// Places a pending instance if it can be placed now; records why not otherwise.
+    fn try_place(&mut self, index: u64, now: u64, id: &str) {
+        let Some(inst) = self.instances.get(id) else { return };
+        if inst.is_placed() || inst.requested_state == RequestedState::Destroyed {
+            return;
+        }
+        let placement = Filter::parse(&inst.sla, inst.shared).and_then(|f| {
+            if inst.shared {
+                self.choose_host(&f, &inst.software_release, &inst.software_type)
+                    .map(Place::Host)
+            } else {
+                self.choose_partition(&f, &inst.software_release, &inst.root, index)
+                    .map(Place::Partition)
+            }
+        });
+        let key = (creation_index(id), id.to_string());
+        match placement {
+            Err(reason) => {
+                let inst = self.instance_mut(id);
+                inst.pending_reason = Some(reason);
+                self.pending.insert(key);
+            }
+            Ok(place) => {
+                self.pending.remove(&key);
+                let inst = self.instance_mut(id);
+                inst.pending_reason = None;
+                match place {
+                    Place::Partition((c, p)) => {
+                        inst.partition = Some((c.clone(), p.clone()));
+                        let part = self
+                            .partitions
+                            .get_mut(&(c.clone(), p.clone()))
+                            .expect("chosen partition exists");
+                        part.state = SlapState::Busy;
+                        part.instance = Some(id.to_string());
+                        self.dirty.insert(Dirty::Partition(c.clone(), p));
+                        self.bump(index, now, id);
+                    }
+                    Place::Host(host) => {
+                        inst.host = Some(host.clone());
+                        self.hosted.entry(host.clone()).or_default().insert(id.to_string());
+                        self.bump(index, now, id);
+                        self.bump(index, now, &host);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Retries every pending instance, oldest first.
+    fn place_pending(&mut self, index: u64, now: u64) {
+        let waiting: Vec<InstanceId> = self.pending.iter().map(|(_, id)| id.clone()).collect();
+        for id in waiting {
+            self.try_place(index, now, &id);
+        }
+    }
+
+    // ----- destruction -------------------------------------------------
+
+    /// Marks every descendant of `id` destroyed (and removes those never placed).
+    fn destroy_descendants(&mut self, index: u64, now: u64, id: &str) {
+        let mut stack: Vec<InstanceId> = self.children.get(id).into_iter().flatten().cloned().collect();
+        while let Some(child) = stack.pop() {
+            stack.extend(self.children.get(&child).into_iter().flatten().cloned());
+            if self
+                .instances
+                .get(&child)
+                .is_some_and(|c| c.requested_state != RequestedState::Destroyed)
+            {
+                self.instance_mut(&child).requested_state = RequestedState::Destroyed;
+                self.bump(index, now, &child);
+                self.bump_host_of(index, now, &child);
+            }
+            self.release_if_unplaced(index, &child);
+        }
+    }
+
+    /// A destroyed instance that holds no partition (never placed, or
+    /// shared) has nothing for a node to wipe: it goes at once.
+    fn release_if_unplaced(&mut self, index: u64, id: &str) {
+        let Some(inst) = self.instances.get(id) else { return };
+        if inst.requested_state != RequestedState::Destroyed || inst.partition.is_some() {
+            return;
+        }
+        if self.children.get(id).is_some_and(|c| !c.is_empty()) {
+            return;
+        }
+        self.remove_instance(index, id);
+    }
+
+    /// Forgets an instance entirely, freeing its partition and detaching what
+    /// it hosted (those shared instances wait for a new host).
+    fn remove_instance(&mut self, index: u64, id: &str) {
+        let Some(inst) = self.instances.remove(id) else { return };
+        self.dirty.insert(Dirty::Instance(id.to_string()));
+        self.titles.remove(&(inst.scope.clone(), inst.title.clone()));
+        self.pending.remove(&(creation_index(id), id.to_string()));
+        if let Requester::Instance(parent) = &inst.requester {
+            if let Some(set) = self.children.get_mut(parent) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.children.remove(parent);
+                }
+            }
+        }
+        if let Some(host) = &inst.host {
+            if let Some(set) = self.hosted.get_mut(host) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.hosted.remove(host);
+                }
+            }
+            if let Some(h) = self.instances.get(host).and_then(|h| h.partition.clone()) {
+                self.touch_computer(index, &h.0);
+            }
+        }
+        if let Some((c, p)) = &inst.partition {
+            if let Some(part) = self.partitions.get_mut(&(c.clone(), p.clone())) {
+                part.state = SlapState::Free;
+                part.instance = None;
+                self.dirty.insert(Dirty::Partition(c.clone(), p.clone()));
+            }
+            self.touch_computer(index, c);
+        }
+        for guest in self.hosted.remove(id).unwrap_or_default() {
+            if let Some(g) = self.instances.get_mut(&guest) {
+                g.host = None;
+                g.pending_reason = Some(format!("its host {id} was destroyed"));
+                self.dirty.insert(Dirty::Instance(guest.clone()));
+                self.pending.insert((creation_index(&guest), guest.clone()));
+            }
+        }
+        // A destroyed parent that was waiting only for this child may go now.
+        if let Requester::Instance(parent) = &inst.requester {
+            self.release_if_unplaced(index, parent);
+        }
+    }
+
+    fn destroyed_partition(&mut self, index: u64, now: u64, computer: &str, partition: &str) -> Reply {
+        let key = (computer.to_string(), partition.to_string());
+        let Some(part) = self.partitions.get(&key) else {
+            return refused_not_found(format!("computer {computer} has no partition {partition}"));
+        };
+        let Some(id) = part.instance.clone() else {
+            // Already free: a node repeating itself after a lost answer.
+            return Reply::Done;
+        };
+        let inst = &self.instances[&id];
+        if inst.requested_state != RequestedState::Destroyed {
+            return Reply::Note(format!(
+                "instance {id} on {partition} is not requested destroyed; nothing freed"
+            ));
+        }
+        let live: Vec<String> = self.children_of(&id).map(|c| c.title.clone()).collect();
+        if !live.is_empty() {
+            self.destroy_descendants(index, now, &id);
+            return Reply::Note(format!(
+                "Not destroying yet because this partition has child partitions: {}",
+                live.join(", ")
+            ));
+        }
+        self.remove_instance(index, &id);
+        // The freed partition and any detached shared instances may place waiting ones.
+        self.place_pending(index, now);
+        // A parent waiting for this child to go may now be freed by its node.
+        Reply::Done
+    }
+
+    fn set_related(&mut self, index: u64, now: u64, computer: &str, partition: &str, titles: &[String]) -> Reply {
+        let id = match self.partition_instance(computer, partition) {
+            Ok(id) => id,
+            Err(reply) => return reply,
+        };
+        let keep: BTreeSet<&str> = titles.iter().map(String::as_str).collect();
+        let unlinked: Vec<InstanceId> = self
+            .children_of(&id)
+            .filter(|c| !keep.contains(c.title.as_str()) && c.requested_state != RequestedState::Destroyed)
+            .map(|c| c.id.clone())
+            .collect();
+        for child in unlinked {
+            self.instance_mut(&child).requested_state = RequestedState::Destroyed;
+            self.bump(index, now, &child);
+            self.bump_host_of(index, now, &child);
+            self.destroy_descendants(index, now, &child);
+            self.release_if_unplaced(index, &child);
+        }
+        Reply::Done
+    }
+
+    // ----- what nodes report -------------------------------------------
+
+    fn set_connection(
+        &mut self,
+        index: u64,
+        now: u64,
+        computer: &str,
+        partition: &str,
+        shared_reference: Option<&str>,
+        connection: &Params,
+    ) -> Reply {
+        let host = match self.partition_instance(computer, partition) {
+            Ok(id) => id,
+            Err(reply) => return reply,
+        };
+        let target = match shared_reference {
+            None => host.clone(),
+            Some(reference) => match self.instances.get(reference) {
+                Some(s) if s.host.as_deref() == Some(host.as_str()) => reference.to_string(),
+                Some(_) => return invalid(format!("shared instance {reference} is not hosted on {partition}")),
+                None => return refused_not_found(format!("shared instance {reference} does not exist")),
+            },
+        };
+        if self.instances[&target].connection == *connection {
+            return Reply::Done;
+        }
+        self.instance_mut(&target).connection = connection.clone();
+        // The requester reads these: make it redeploy. The publisher itself is
+        // not bumped, or it would redeploy forever.
+        if let Requester::Instance(parent) = self.instances[&target].requester.clone() {
+            self.bump(index, now, &parent);
+        }
+        Reply::Done
+    }
+
+    fn report_instance(
+        &mut self,
+        index: u64,
+        computer: &str,
+        partition: &str,
+        shared_reference: Option<&str>,
+        report: &InstanceReport,
+    ) -> Reply {
+        let host = match self.partition_instance(computer, partition) {
+            Ok(id) => id,
+            Err(reply) => return reply,
+        };
+        let target = match shared_reference {
+            None => host,
+            Some(r)
+                if self
+                    .instances
+                    .get(r)
+                    .is_some_and(|s| s.host.as_deref() == Some(host.as_str())) =>
+            {
+                r.to_string()
+            }
+            Some(r) => return refused_not_found(format!("shared instance {r} is not hosted on {partition}")),
+        };
+        if self.instances[&target].reported.as_ref() != Some(report) {
+            self.instance_mut(&target).reported = Some(report.clone());
+            self.touch_computer(index, computer);
+        }
+        Reply::Done
+    }
+
+    fn bang(&mut self, index: u64, now: u64, computer: &str, partition: &str) -> Reply {
+        let id = match self.partition_instance(computer, partition) {
+            Ok(id) => id,
+            Err(reply) => return reply,
+        };
+        let root = self.instances[&id].root.clone();
+        let tree: Vec<InstanceId> = self
+            .instances
+            .values()
+            .filter(|i| i.root == root)
+            .map(|i| i.id.clone())
+            .collect();
+        for member in tree {
+            self.bump(index, now, &member);
+        }
+        Reply::Done
+    }
+
+    /// Rebuilds the derived indexes from the entities (after restore).
+    pub(crate) fn reindex(&mut self) {
+        self.titles.clear();
+        self.children.clear();
+        self.hosted.clear();
+        self.pending.clear();
+        let all: Vec<Instance> = self.instances.values().cloned().collect();
+        for inst in &all {
+            self.index_instance(inst);
+        }
+    }
+}
+
+enum Place {
+    Partition((ComputerId, PartitionId)),
+    Host(InstanceId),
+}
+
+use allocation::Filter;
+
+#[cfg(test)]
+mod tests;

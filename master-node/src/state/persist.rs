@@ -1,0 +1,122 @@
+//! How the Master's state is stored: one record per entity, so a command
+//! writes only what it changed.
+//!
+//! Keys are a one-letter kind, `/`, then the entity's identity with NUL
+//! between parts: `c/COMP-1`, `p/COMP-1\0slappart0`, `s/COMP-1\0URL`,
+//! `i/SOFTINST-7`, `x/<client>`, `m` for the counters and `k` for the
+//! cluster's facts. Values are postcard.
+
+use serde::{Deserialize, Serialize};
+
+use super::model::*;
+use super::{Dirty, Master};
+
+#[derive(Serialize, Deserialize)]
+struct MetaRecord {
+    clock: u64,
+    last_index: u64,
+}
+
+fn join(kind: &str, parts: &[&str]) -> Vec<u8> {
+    let mut key = kind.as_bytes().to_vec();
+    key.push(b'/');
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            key.push(0);
+        }
+        key.extend_from_slice(p.as_bytes());
+    }
+    key
+}
+
+/// The record key of an entity.
+pub fn key(d: &Dirty) -> Vec<u8> {
+    match d {
+        Dirty::Computer(c) => join("c", &[c]),
+        Dirty::Partition(c, p) => join("p", &[c, p]),
+        Dirty::Installation(c, u) => join("s", &[c, u]),
+        Dirty::Instance(i) => join("i", &[i]),
+        Dirty::Session(s) => join("x", &[s]),
+        Dirty::Meta => b"m".to_vec(),
+        Dirty::Cluster => b"k".to_vec(),
+    }
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("postcard encodes the Master's entities")
+}
+
+/// The record of an entity as it stands now, or `None` if it is gone.
+pub fn value(m: &Master, d: &Dirty) -> Option<Vec<u8>> {
+    match d {
+        Dirty::Computer(c) => m.computers.get(c).map(enc),
+        Dirty::Partition(c, p) => m.partitions.get(&(c.clone(), p.clone())).map(enc),
+        Dirty::Installation(c, u) => m.installations.get(&(c.clone(), u.clone())).map(enc),
+        Dirty::Instance(i) => m.instances.get(i).map(enc),
+        Dirty::Session(s) => m.sessions.get(s).map(enc),
+        Dirty::Meta => Some(enc(&MetaRecord {
+            clock: m.clock,
+            last_index: m.last_index,
+        })),
+        Dirty::Cluster => m.cluster.as_ref().map(enc),
+    }
+}
+
+/// Every record of the state, in no particular order (tests and hashing).
+pub fn all_records(m: &Master) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut keys: Vec<Dirty> = vec![Dirty::Meta, Dirty::Cluster];
+    keys.extend(m.computers.keys().cloned().map(Dirty::Computer));
+    keys.extend(m.partitions.keys().map(|(c, p)| Dirty::Partition(c.clone(), p.clone())));
+    keys.extend(
+        m.installations
+            .keys()
+            .map(|(c, u)| Dirty::Installation(c.clone(), u.clone())),
+    );
+    keys.extend(m.instances.keys().cloned().map(Dirty::Instance));
+    keys.extend(m.sessions.keys().cloned().map(Dirty::Session));
+    keys.iter().filter_map(|d| Some((key(d), value(m, d)?))).collect()
+}
+
+fn dec<T: for<'de> Deserialize<'de>>(key: &[u8], value: &[u8]) -> Result<T, (Vec<u8>, String)> {
+    postcard::from_bytes(value).map_err(|e| (key.to_vec(), format!("cannot decode: {e}")))
+}
+
+/// Rebuilds the Master from its records. An unreadable record is returned
+/// with its key and the reason.
+pub fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Master, (Vec<u8>, String)> {
+    let mut m = Master::new();
+    for (k, v) in records {
+        match k.first().copied() {
+            Some(b'm') if k.len() == 1 => {
+                let meta: MetaRecord = dec(&k, &v)?;
+                m.clock = meta.clock;
+                m.last_index = meta.last_index;
+            }
+            Some(b'k') if k.len() == 1 => m.cluster = Some(dec(&k, &v)?),
+            Some(b'c') => {
+                let c: Computer = dec(&k, &v)?;
+                m.computers.insert(c.id.clone(), c);
+            }
+            Some(b'p') => {
+                let p: Partition = dec(&k, &v)?;
+                m.partitions.insert((p.computer.clone(), p.id.clone()), p);
+            }
+            Some(b's') => {
+                let s: SoftwareInstallation = dec(&k, &v)?;
+                m.installations.insert((s.computer.clone(), s.url.clone()), s);
+            }
+            Some(b'i') => {
+                let i: Instance = dec(&k, &v)?;
+                m.instances.insert(i.id.clone(), i);
+            }
+            Some(b'x') => {
+                let s: Session = dec(&k, &v)?;
+                let client = String::from_utf8_lossy(&k[2..]).into_owned();
+                m.sessions.insert(client, s);
+            }
+            _ => return Err((k, "unknown record kind".into())),
+        }
+    }
+    m.reindex();
+    Ok(m)
+}

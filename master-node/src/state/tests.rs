@@ -1,0 +1,636 @@
+//! Tests of the SlapOS rules, and a property test of random command
+//! sequences against a simple model, with invariants after every step.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+struct World {
+    m: Master,
+    index: u64,
+    time: u64,
+}
+
+fn params(pairs: &[(&str, &str)]) -> Params {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+const SR: &str = "https://example.org/software/http.cfg";
+
+impl World {
+    fn new() -> Self {
+        Self {
+            m: Master::new(),
+            index: 0,
+            time: 1_000_000,
+        }
+    }
+
+    fn run(&mut self, command: Command) -> Reply {
+        self.index += 1;
+        self.time += 10;
+        let reply = self.m.apply(
+            self.index,
+            &Proposal {
+                request_id: None,
+                time_us: self.time,
+                command,
+            },
+        );
+        check_invariants(&self.m);
+        reply
+    }
+
+    fn computer(&mut self, id: &str, partitions: usize, categories: &[(&str, &str)]) {
+        let specs = (0..partitions)
+            .map(|i| PartitionSpec {
+                id: format!("slappart{i}"),
+                addresses: vec![Address {
+                    interface: format!("slaptap{i}"),
+                    addr: format!("10.0.0.{i}"),
+                    netmask: "255.255.255.255".into(),
+                }],
+                tap: Some(format!("slaptap{i}")),
+                user: Some(format!("slapuser{i}")),
+                capabilities: vec![],
+            })
+            .collect();
+        let r = self.run(Command::SetComputer {
+            id: id.into(),
+            address: "10.0.0.1".into(),
+            netmask: "255.255.255.0".into(),
+            capacity: Params::new(),
+            categories: params(categories),
+            partitions: specs,
+        });
+        assert_eq!(r, Reply::Done);
+        let r = self.run(Command::Supply {
+            computer: id.into(),
+            url: SR.into(),
+            state: SupplyState::Available,
+        });
+        assert_eq!(r, Reply::Done);
+    }
+
+    fn request(&mut self, user: &str, title: &str, p: &[(&str, &str)], sla: &[(&str, &str)]) -> Reply {
+        self.run(Command::Request(RequestSpec {
+            requester: RequestOrigin::User(user.into()),
+            title: title.into(),
+            software_release: SR.into(),
+            software_type: "default".into(),
+            parameters: params(p),
+            sla: params(sla),
+            shared: false,
+            state: None,
+        }))
+    }
+
+    fn child(&mut self, parent: &Instance, title: &str, shared: bool) -> Reply {
+        let (c, p) = parent.partition.clone().unwrap();
+        self.run(Command::Request(RequestSpec {
+            requester: RequestOrigin::Partition {
+                computer: c,
+                partition: p,
+            },
+            title: title.into(),
+            software_release: SR.into(),
+            software_type: "default".into(),
+            parameters: Params::new(),
+            sla: Params::new(),
+            shared,
+            state: None,
+        }))
+    }
+
+    fn destroy(&mut self, user: &str, title: &str) -> Reply {
+        self.run(Command::Request(RequestSpec {
+            requester: RequestOrigin::User(user.into()),
+            title: title.into(),
+            software_release: SR.into(),
+            software_type: "default".into(),
+            parameters: Params::new(),
+            sla: Params::new(),
+            shared: false,
+            state: Some(RequestedState::Destroyed),
+        }))
+    }
+}
+
+fn instance(r: Reply) -> Instance {
+    match r {
+        Reply::Instance(i) => *i,
+        other => panic!("expected an instance, got {other:?}"),
+    }
+}
+
+/// What must hold after every command.
+fn check_invariants(m: &Master) {
+    for ((c, p), part) in &m.partitions {
+        match (part.state, &part.instance) {
+            (SlapState::Busy, Some(id)) => {
+                let inst = m
+                    .instances
+                    .get(id)
+                    .unwrap_or_else(|| panic!("{c}/{p} holds missing instance {id}"));
+                assert_eq!(
+                    inst.partition.as_ref(),
+                    Some(&(c.clone(), p.clone())),
+                    "{id} disagrees with {c}/{p}"
+                );
+            }
+            (SlapState::Free, None) => {}
+            other => panic!("partition {c}/{p} is inconsistent: {other:?}"),
+        }
+    }
+    let mut placed = BTreeMap::new();
+    for inst in m.instances.values() {
+        if let Some(place) = &inst.partition {
+            assert!(!inst.shared, "shared instance {} holds a partition", inst.id);
+            let part = &m.partitions[place];
+            assert_eq!(part.instance.as_deref(), Some(inst.id.as_str()));
+            assert!(
+                placed.insert(place.clone(), inst.id.clone()).is_none(),
+                "two instances on {place:?}"
+            );
+        }
+        if let Some(host) = &inst.host {
+            assert!(m.instances.contains_key(host), "{} hosted by missing {host}", inst.id);
+        }
+        assert!(inst.timestamp <= m.clock);
+    }
+}
+
+#[test]
+fn request_places_and_rerequest_is_idempotent() {
+    let mut w = World::new();
+    w.computer("COMP-1", 3, &[]);
+    let a = instance(w.request("alice", "blog", &[("x", "1")], &[]));
+    assert!(a.partition.is_some());
+    let again = instance(w.request("alice", "blog", &[("x", "1")], &[]));
+    assert_eq!(again.timestamp, a.timestamp, "identical re-request bumps nothing");
+    assert_eq!(again.partition, a.partition);
+    let changed = instance(w.request("alice", "blog", &[("y", "2")], &[]));
+    assert!(changed.timestamp > a.timestamp);
+    assert_eq!(
+        changed.parameters,
+        params(&[("y", "2")]),
+        "a re-request replaces the parameters"
+    );
+    // Another user's "blog" is another instance.
+    let b = instance(w.request("bob", "blog", &[], &[]));
+    assert_ne!(b.id, a.id);
+    assert_ne!(b.partition, a.partition);
+}
+
+#[test]
+fn allocation_spreads_across_computers() {
+    let mut w = World::new();
+    for c in ["COMP-1", "COMP-2", "COMP-3"] {
+        w.computer(c, 4, &[]);
+    }
+    let mut per_computer = BTreeMap::new();
+    for i in 0..6 {
+        let inst = instance(w.request("alice", &format!("i{i}"), &[], &[]));
+        *per_computer.entry(inst.partition.unwrap().0).or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_computer.values().copied().collect::<Vec<_>>(),
+        vec![2, 2, 2],
+        "{per_computer:?}"
+    );
+}
+
+#[test]
+fn sla_keys_are_honoured() {
+    let mut w = World::new();
+    w.computer("COMP-EU", 2, &[("region", "eu")]);
+    w.computer("COMP-US", 2, &[("region", "us")]);
+    let eu = instance(w.request("alice", "a", &[], &[("region", "eu")]));
+    assert_eq!(eu.partition.unwrap().0, "COMP-EU");
+    let pinned = instance(w.request("alice", "b", &[], &[("computer_guid", "COMP-US")]));
+    assert_eq!(pinned.partition.unwrap().0, "COMP-US");
+    let nowhere = instance(w.request("alice", "c", &[], &[("region", "mars")]));
+    assert!(nowhere.partition.is_none() && nowhere.pending_reason.is_some());
+    let unknown = instance(w.request("alice", "d", &[], &[("colour", "blue")]));
+    assert!(unknown.pending_reason.unwrap().contains("colour"));
+}
+
+#[test]
+fn unique_by_network_puts_tree_members_on_different_networks() {
+    let mut w = World::new();
+    w.computer("COMP-A", 3, &[("network_guid", "NET-A")]);
+    w.computer("COMP-B", 3, &[("network_guid", "NET-B")]);
+    let root = instance(w.request("alice", "root", &[], &[("mode", "unique_by_network")]));
+    let (c, p) = root.partition.clone().unwrap();
+    let child = instance(w.run(Command::Request(RequestSpec {
+        requester: RequestOrigin::Partition {
+            computer: c.clone(),
+            partition: p,
+        },
+        title: "replica".into(),
+        software_release: SR.into(),
+        software_type: "default".into(),
+        parameters: Params::new(),
+        sla: params(&[("mode", "unique_by_network")]),
+        shared: false,
+        state: None,
+    })));
+    assert_ne!(child.partition.unwrap().0, c);
+}
+
+#[test]
+fn pending_instance_is_placed_when_capacity_appears() {
+    let mut w = World::new();
+    w.computer("COMP-1", 1, &[]);
+    instance(w.request("alice", "a", &[], &[]));
+    let waiting = instance(w.request("alice", "b", &[], &[]));
+    assert!(waiting.partition.is_none());
+    w.computer("COMP-2", 1, &[]);
+    let placed = w.m.instance_by_title(&Scope::User("alice".into()), "b").unwrap();
+    assert_eq!(placed.partition.as_ref().unwrap().0, "COMP-2");
+}
+
+#[test]
+fn publication_bumps_requester_not_self() {
+    let mut w = World::new();
+    w.computer("COMP-1", 4, &[]);
+    let root = instance(w.request("alice", "root", &[], &[]));
+    let child = instance(w.child(&root, "db", false));
+    let root_ts = w.m.instances[&root.id].timestamp;
+    let (c, p) = child.partition.clone().unwrap();
+    w.run(Command::SetConnection {
+        computer: c.clone(),
+        partition: p.clone(),
+        shared_reference: None,
+        connection: params(&[("url", "http://db")]),
+    });
+    assert_eq!(
+        w.m.instances[&child.id].timestamp, child.timestamp,
+        "own publication does not bump"
+    );
+    assert!(w.m.instances[&root.id].timestamp > root_ts, "the requester is bumped");
+    // Publishing the same thing again changes nothing.
+    let root_ts = w.m.instances[&root.id].timestamp;
+    w.run(Command::SetConnection {
+        computer: c,
+        partition: p,
+        shared_reference: None,
+        connection: params(&[("url", "http://db")]),
+    });
+    assert_eq!(w.m.instances[&root.id].timestamp, root_ts);
+}
+
+#[test]
+fn shared_instance_attaches_to_host_and_bumps_it() {
+    let mut w = World::new();
+    w.computer("COMP-1", 4, &[]);
+    let host = instance(w.request("alice", "frontend", &[], &[]));
+    let user = instance(w.request("bob", "site", &[], &[]));
+    let shared = instance(w.child(&user, "route", true));
+    assert_eq!(shared.host.as_deref(), Some(host.id.as_str()));
+    assert!(
+        w.m.instances[&host.id].timestamp > host.timestamp,
+        "host's list changed"
+    );
+    assert_eq!(w.m.hosted_by(&host.id).count(), 1);
+    // The host publishes for the shared instance: its requester is bumped.
+    let user_ts = w.m.instances[&user.id].timestamp;
+    let (c, p) = host.partition.clone().unwrap();
+    w.run(Command::SetConnection {
+        computer: c,
+        partition: p,
+        shared_reference: Some(shared.id.clone()),
+        connection: params(&[("url", "https://route")]),
+    });
+    assert!(w.m.instances[&user.id].timestamp > user_ts);
+    assert_eq!(
+        w.m.instances[&shared.id].connection,
+        params(&[("url", "https://route")])
+    );
+}
+
+#[test]
+fn destruction_frees_children_before_root() {
+    let mut w = World::new();
+    w.computer("COMP-1", 4, &[]);
+    let root = instance(w.request("alice", "root", &[], &[]));
+    let child = instance(w.child(&root, "db", false));
+    w.destroy("alice", "root");
+    assert_eq!(
+        w.m.instances[&child.id].requested_state,
+        RequestedState::Destroyed,
+        "descendants follow"
+    );
+    let (rc, rp) = root.partition.clone().unwrap();
+    let r = w.run(Command::DestroyedPartition {
+        computer: rc.clone(),
+        partition: rp.clone(),
+    });
+    assert!(matches!(r, Reply::Note(ref n) if n.contains("child")), "{r:?}");
+    assert!(w.m.instances.contains_key(&root.id), "root kept while a child remains");
+    let (cc, cp) = child.partition.clone().unwrap();
+    assert_eq!(
+        w.run(Command::DestroyedPartition {
+            computer: cc,
+            partition: cp
+        }),
+        Reply::Done
+    );
+    assert_eq!(
+        w.run(Command::DestroyedPartition {
+            computer: rc,
+            partition: rp
+        }),
+        Reply::Done
+    );
+    assert!(w.m.instances.is_empty());
+    assert!(w.m.partitions.values().all(|p| p.state == SlapState::Free));
+}
+
+#[test]
+fn bang_bumps_the_whole_tree() {
+    let mut w = World::new();
+    w.computer("COMP-1", 4, &[]);
+    let root = instance(w.request("alice", "root", &[], &[]));
+    let child = instance(w.child(&root, "db", false));
+    let before: Vec<u64> = [&root.id, &child.id]
+        .iter()
+        .map(|i| w.m.instances[*i].timestamp)
+        .collect();
+    let (c, p) = child.partition.clone().unwrap();
+    w.run(Command::Bang {
+        computer: c,
+        partition: p,
+        message: "restart".into(),
+    });
+    let after: Vec<u64> = [&root.id, &child.id]
+        .iter()
+        .map(|i| w.m.instances[*i].timestamp)
+        .collect();
+    assert!(after[0] > before[0] && after[1] > before[1]);
+}
+
+#[test]
+fn related_instance_list_destroys_unlinked_children() {
+    let mut w = World::new();
+    w.computer("COMP-1", 4, &[]);
+    let root = instance(w.request("alice", "root", &[], &[]));
+    let keep = instance(w.child(&root, "keep", false));
+    let drop_ = instance(w.child(&root, "drop", false));
+    let (c, p) = root.partition.clone().unwrap();
+    w.run(Command::SetRelatedInstances {
+        computer: c,
+        partition: p,
+        titles: vec!["keep".into()],
+    });
+    assert_eq!(w.m.instances[&keep.id].requested_state, RequestedState::Started);
+    assert_eq!(w.m.instances[&drop_.id].requested_state, RequestedState::Destroyed);
+}
+
+#[test]
+fn retried_write_returns_the_recorded_answer_and_allocates_once() {
+    let mut w = World::new();
+    w.computer("COMP-1", 4, &[]);
+    let proposal = Proposal {
+        request_id: Some(RequestId {
+            client: "gw-1".into(),
+            seq: 7,
+        }),
+        time_us: 5_000_000,
+        command: Command::Request(RequestSpec {
+            requester: RequestOrigin::User("alice".into()),
+            title: "once".into(),
+            software_release: SR.into(),
+            software_type: "default".into(),
+            parameters: Params::new(),
+            sla: Params::new(),
+            shared: false,
+            state: None,
+        }),
+    };
+    let first = w.m.apply(100, &proposal);
+    let busy = w.m.partitions.values().filter(|p| p.state == SlapState::Busy).count();
+    let retry = w.m.apply(101, &proposal);
+    assert_eq!(first, retry);
+    assert_eq!(
+        w.m.partitions.values().filter(|p| p.state == SlapState::Busy).count(),
+        busy
+    );
+    let older = Proposal {
+        request_id: Some(RequestId {
+            client: "gw-1".into(),
+            seq: 6,
+        }),
+        ..proposal
+    };
+    assert!(matches!(
+        w.m.apply(102, &older),
+        Reply::Refused(Refusal::StaleRequest { .. })
+    ));
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let mut w = World::new();
+    w.computer("COMP-1", 2, &[]);
+    let before = w.m.clone();
+    for cmd in [
+        Command::Supply {
+            computer: "NOPE".into(),
+            url: SR.into(),
+            state: SupplyState::Available,
+        },
+        Command::Bang {
+            computer: "COMP-1".into(),
+            partition: "slappart0".into(),
+            message: String::new(),
+        },
+        Command::SetComputer {
+            id: String::new(),
+            address: String::new(),
+            netmask: String::new(),
+            capacity: Params::new(),
+            categories: Params::new(),
+            partitions: vec![],
+        },
+    ] {
+        let r = w.run(cmd);
+        assert!(matches!(r, Reply::Refused(_)), "{r:?}");
+        let mut after = w.m.clone();
+        after.last_index = before.last_index;
+        after.dirty.clear();
+        let mut b = before.clone();
+        b.dirty.clear();
+        assert_eq!(after, b);
+    }
+}
+
+#[test]
+fn records_round_trip() {
+    let mut w = World::new();
+    w.computer("COMP-1", 4, &[("region", "eu")]);
+    let root = instance(w.request("alice", "root", &[("k", "<&\"é>")], &[]));
+    w.child(&root, "db", false);
+    w.child(&root, "route", true);
+    let records = persist::all_records(&w.m);
+    let back = persist::restore(&mut records.into_iter()).unwrap();
+    let mut expected = w.m.clone();
+    expected.dirty.clear();
+    assert_eq!(back, expected);
+}
+
+// ----- property test ------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Request {
+        user: u8,
+        title: u8,
+        param: u8,
+        state: Option<u8>,
+    },
+    Child {
+        parent: u8,
+        title: u8,
+        shared: bool,
+    },
+    Publish {
+        instance: u8,
+        value: u8,
+    },
+    NodeDestroyed {
+        instance: u8,
+    },
+    Format {
+        computer: u8,
+        partitions: u8,
+    },
+    Bang {
+        instance: u8,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..2u8, 0..4u8, 0..3u8, proptest::option::of(0..3u8))
+            .prop_map(|(user, title, param, state)| Op::Request { user, title, param, state }),
+        2 => (any::<u8>(), 0..3u8, any::<bool>()).prop_map(|(parent, title, shared)| Op::Child { parent, title, shared }),
+        1 => (any::<u8>(), 0..3u8).prop_map(|(instance, value)| Op::Publish { instance, value }),
+        2 => any::<u8>().prop_map(|instance| Op::NodeDestroyed { instance }),
+        1 => (0..3u8, 0..5u8).prop_map(|(computer, partitions)| Op::Format { computer, partitions }),
+        1 => any::<u8>().prop_map(|instance| Op::Bang { instance }),
+    ]
+}
+
+fn nth_placed(m: &Master, n: u8) -> Option<Instance> {
+    let placed: Vec<&Instance> = m.instances.values().filter(|i| i.partition.is_some()).collect();
+    if placed.is_empty() {
+        None
+    } else {
+        Some(placed[n as usize % placed.len()].clone())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_commands_keep_invariants(ops in prop::collection::vec(op(), 1..60)) {
+        let mut w = World::new();
+        w.computer("COMP-0", 3, &[]);
+        // The model: what each root request last asked for.
+        let mut model: BTreeMap<(u8, u8), (String, RequestedState)> = BTreeMap::new();
+        let mut last_ts: BTreeMap<InstanceId, u64> = BTreeMap::new();
+        for op in ops {
+            match op {
+                Op::Request { user, title, param, state } => {
+                    let state = state.map(|s| [RequestedState::Started, RequestedState::Stopped, RequestedState::Destroyed][s as usize]);
+                    let p = param.to_string();
+                    let before = w.m.instance_by_title(&Scope::User(format!("u{user}")), &format!("t{title}")).cloned();
+                    let reply = w.run(Command::Request(RequestSpec {
+                        requester: RequestOrigin::User(format!("u{user}")),
+                        title: format!("t{title}"),
+                        software_release: SR.into(),
+                        software_type: "default".into(),
+                        parameters: params(&[("p", &p)]),
+                        sla: Params::new(),
+                        shared: false,
+                        state,
+                    }));
+                    match (&before, state) {
+                        (None, Some(RequestedState::Destroyed)) => prop_assert!(matches!(reply, Reply::Refused(Refusal::NotFound(_)))),
+                        _ => {
+                            let expected_state = state.or(before.as_ref().map(|b| b.requested_state)).unwrap_or(RequestedState::Started);
+                            if let Reply::Instance(i) = &reply {
+                                prop_assert_eq!(&i.parameters, &params(&[("p", &p)]));
+                                prop_assert_eq!(i.requested_state, expected_state);
+                                // Identical re-request: no bump.
+                                if let Some(b) = &before {
+                                    if b.parameters == i.parameters && b.requested_state == i.requested_state && b.is_placed() == i.is_placed() {
+                                        prop_assert_eq!(b.timestamp, i.timestamp);
+                                    }
+                                }
+                            }
+                            model.insert((user, title), (p, expected_state));
+                        }
+                    }
+                }
+                Op::Child { parent, title, shared } => {
+                    if let Some(parent) = nth_placed(&w.m, parent) {
+                        w.child(&parent, &format!("c{title}"), shared);
+                    }
+                }
+                Op::Publish { instance, value } => {
+                    if let Some(i) = nth_placed(&w.m, instance) {
+                        let (c, p) = i.partition.clone().unwrap();
+                        let ts = i.timestamp;
+                        w.run(Command::SetConnection { computer: c, partition: p, shared_reference: None, connection: params(&[("v", &value.to_string())]) });
+                        prop_assert_eq!(w.m.instances[&i.id].timestamp, ts, "own publication never bumps");
+                    }
+                }
+                Op::NodeDestroyed { instance } => {
+                    if let Some(i) = nth_placed(&w.m, instance) {
+                        let (c, p) = i.partition.clone().unwrap();
+                        let had_children = w.m.children_of(&i.id).count() > 0;
+                        w.run(Command::DestroyedPartition { computer: c, partition: p });
+                        if i.requested_state == RequestedState::Destroyed && !had_children {
+                            prop_assert!(!w.m.instances.contains_key(&i.id));
+                        } else {
+                            prop_assert!(w.m.instances.contains_key(&i.id));
+                        }
+                    }
+                }
+                Op::Format { computer, partitions } => {
+                    w.computer(&format!("COMP-{computer}"), partitions as usize, &[]);
+                }
+                Op::Bang { instance } => {
+                    if let Some(i) = nth_placed(&w.m, instance) {
+                        let (c, p) = i.partition.clone().unwrap();
+                        w.run(Command::Bang { computer: c, partition: p, message: String::new() });
+                    }
+                }
+            }
+            // Timestamps never go back.
+            for inst in w.m.instances.values() {
+                if let Some(old) = last_ts.insert(inst.id.clone(), inst.timestamp) {
+                    prop_assert!(inst.timestamp >= old, "timestamp of {} went back", inst.id);
+                }
+            }
+            // Every root the model still knows (not destroyed) exists with its last parameters.
+            for ((user, title), (p, state)) in &model {
+                if *state != RequestedState::Destroyed {
+                    let inst = w.m.instance_by_title(&Scope::User(format!("u{user}")), &format!("t{title}"));
+                    prop_assert!(inst.is_some(), "u{user}/t{title} lost");
+                    prop_assert_eq!(inst.unwrap().parameters.get("p"), Some(p));
+                }
+            }
+            // Persisted records restore to the same state.
+            let records = persist::all_records(&w.m);
+            let mut back = persist::restore(&mut records.into_iter()).unwrap();
+            back.dirty = w.m.dirty.clone();
+            prop_assert_eq!(&back, &w.m);
+        }
+    }
+}
