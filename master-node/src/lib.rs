@@ -1,3 +1,16 @@
 //! The replicated SlapOS Master.
+//!
+//! A replica is a deterministic SlapOS state machine ([`state`]) replicated
+//! with openraft ([`raft`]) over RocksDB (the `raft-store` crate). Replicas
+//! form a cluster with `master-node init` and `join` ([`identity`] keeps a
+//! data dir's membership), serve each other and operators over gRPC
+//! ([`replica`], [`cluster_service`]), and forward to the leader whatever
+//! needs it. [`client`] is the client side used by the CLI and tests.
 
+pub mod api;
+pub mod client;
+pub mod cluster_service;
+pub mod identity;
+pub mod raft;
+pub mod replica;
 pub mod state;

@@ -1,1 +1,450 @@
-fn main() {}
+//! `master-node`: one replica of the replicated SlapOS Master.
+//!
+//! ```text
+//! master-node init   --data-dir D --listen ADDR [--advertise ADDR]     create a cluster
+//! master-node join   --peer ADDR --token T --data-dir D --listen ADDR   join one
+//! master-node run    --data-dir D                                       restart a replica
+//! master-node leave  --data-dir D | --id N --peer ADDR --token T        remove a replica
+//! master-node status --peer ADDR [--json]                               members, leader, lag
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use master_node::client::Client;
+use master_node::identity::{Identity, JoinToken};
+use master_node::raft::{ReplicaNode, Timing};
+use master_node::replica::Running;
+use master_node::state::{Command, Reply};
+use slap_proto::cluster::{JoinRequest, LeaveRequest, PromoteRequest};
+
+#[derive(Parser)]
+#[command(
+    name = "master-node",
+    version,
+    about = "A replica of the replicated SlapOS Master",
+    long_about = "A replica of the replicated SlapOS Master. Replicas keep one state through Raft \
+                  (openraft) over RocksDB. One replica alone is a complete Master; more replicas \
+                  (3 or 5, in different regions) keep it available when some fail."
+)]
+struct Cli {
+    /// Log as JSON lines instead of readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new cluster with this replica as its first member, print the
+    /// join token, and serve.
+    Init(InitArgs),
+    /// Join an existing cluster through any of its replicas, and serve.
+    Join(JoinArgs),
+    /// Restart an existing replica from its data dir.
+    Run(RunArgs),
+    /// Remove a replica from its cluster.
+    Leave(LeaveArgs),
+    /// Show members, roles, leader, term, commit and applied indexes and lag.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Where this replica keeps its data (created; must be empty).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// host:port to serve Raft and the cluster API on.
+    #[arg(long)]
+    listen: String,
+    /// host:port the other replicas use to reach this one (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    #[command(flatten)]
+    timing: Timing,
+}
+
+#[derive(Args)]
+struct JoinArgs {
+    /// Any replica of the cluster (leader or follower), host:port.
+    #[arg(long)]
+    peer: String,
+    /// The join token printed by `master-node init`.
+    #[arg(long, env = "MASTER_JOIN_TOKEN")]
+    token: String,
+    /// Where this replica keeps its data (created; must be empty).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// host:port to serve Raft and the cluster API on.
+    #[arg(long)]
+    listen: String,
+    /// host:port the other replicas use to reach this one (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    #[command(flatten)]
+    timing: Timing,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The replica's data dir, as created by init or join.
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    timing: Timing,
+}
+
+#[derive(Args)]
+struct LeaveArgs {
+    /// Remove the replica of this data dir (asks it through its own address).
+    #[arg(long, conflicts_with = "id")]
+    data_dir: Option<PathBuf>,
+    /// Remove replica N (with --peer and --token).
+    #[arg(long, requires_all = ["peer", "token"])]
+    id: Option<u64>,
+    /// Any replica of the cluster, host:port.
+    #[arg(long)]
+    peer: Option<String>,
+    /// The cluster's join token.
+    #[arg(long, env = "MASTER_JOIN_TOKEN")]
+    token: Option<String>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Any replica of the cluster, host:port.
+    #[arg(long)]
+    peer: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A failure with the sentence to print.
+struct Fail(String);
+
+impl<E: std::fmt::Display> From<E> for Fail {
+    fn from(e: E) -> Self {
+        Fail(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("master-node: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(msg)) => {
+            eprintln!("master-node: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cmd: Cmd) -> Result<(), Fail> {
+    match cmd {
+        Cmd::Init(a) => init(a).await,
+        Cmd::Join(a) => join(a).await,
+        Cmd::Run(a) => restart(a).await,
+        Cmd::Leave(a) => leave(a).await,
+        Cmd::Status(a) => status(a).await,
+    }
+}
+
+/// Refuses a data dir that already holds something.
+fn check_empty(data_dir: &Path) -> Result<(), Fail> {
+    if let Some(id) = Identity::load(data_dir)? {
+        return Err(Fail(format!(
+            "{} already holds replica {} of cluster {}; restart it with `master-node run --data-dir {}`",
+            data_dir.display(),
+            id.node_id,
+            id.cluster_id,
+            data_dir.display()
+        )));
+    }
+    if data_dir.read_dir().is_ok_and(|mut d| d.next().is_some()) {
+        return Err(Fail(format!(
+            "{} is not empty; give an empty or new directory",
+            data_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+async fn init(a: InitArgs) -> Result<(), Fail> {
+    check_empty(&a.data_dir)?;
+    let token = JoinToken::generate();
+    let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.clone());
+    let identity = Identity {
+        format: 1,
+        cluster_id: token.cluster_id.clone(),
+        node_id: 1,
+        listen: a.listen.clone(),
+        advertise: advertise.clone(),
+        left: false,
+    };
+    let running = Running::start(&a.data_dir, &identity, &a.timing, true).await?;
+    let raft = &running.replica.raft;
+    raft.initialize(
+        [(
+            1u64,
+            ReplicaNode {
+                addr: advertise.clone(),
+            },
+        )]
+        .into_iter()
+        .collect::<std::collections::BTreeMap<_, _>>(),
+    )
+    .await
+    .map_err(|e| Fail(format!("cannot initialize the cluster: {e}")))?;
+    let (reply, _) = running
+        .replica
+        .write(master_node::api::ClientWrite {
+            request_id: None,
+            command: Command::InitCluster {
+                id: token.cluster_id.clone(),
+                token_sha256: token.secret_sha256(),
+            },
+        })
+        .await
+        .map_err(|e| Fail(format!("cannot record the cluster: {}", e.message())))?;
+    if reply != Reply::Done {
+        return Err(Fail(format!("cannot record the cluster: {reply:?}")));
+    }
+    identity.save(&a.data_dir)?;
+    token.save(&a.data_dir)?;
+    tracing::info!(cluster = %token.cluster_id, listen = %a.listen, "cluster created; replica 1 is its first member");
+    println!("{token}");
+    eprintln!(
+        "master-node: cluster {} created. Join more replicas with:\n  master-node join --peer {advertise} --token {token} --data-dir DIR --listen ADDR\n(the token is also in {})",
+        token.cluster_id,
+        a.data_dir.join("join-token").display()
+    );
+    serve(running).await
+}
+
+async fn join(a: JoinArgs) -> Result<(), Fail> {
+    let token = JoinToken::parse(&a.token)?;
+    if let Some(id) = Identity::load(&a.data_dir)? {
+        return Err(Fail(if id.cluster_id == token.cluster_id {
+            format!(
+                "{} already holds replica {} of this cluster; restart it with `master-node run`",
+                a.data_dir.display(),
+                id.node_id
+            )
+        } else {
+            format!(
+                "{} belongs to cluster {}, not {}; give an empty data dir",
+                a.data_dir.display(),
+                id.cluster_id,
+                token.cluster_id
+            )
+        }));
+    }
+    check_empty(&a.data_dir)?;
+    let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.clone());
+    let client = Client::new(std::slice::from_ref(&a.peer))?;
+    let reply = client
+        .call(|mut c| {
+            let req = JoinRequest {
+                token: a.token.clone(),
+                addr: advertise.clone(),
+            };
+            async move { c.join(req).await }
+        })
+        .await?
+        .into_inner();
+    if reply.cluster_id != token.cluster_id {
+        return Err(Fail(format!(
+            "{} answered for cluster {}, but the token is for cluster {}",
+            a.peer, reply.cluster_id, token.cluster_id
+        )));
+    }
+    let identity = Identity {
+        format: 1,
+        cluster_id: reply.cluster_id.clone(),
+        node_id: reply.node_id,
+        listen: a.listen.clone(),
+        advertise: advertise.clone(),
+        left: false,
+    };
+    let running = Running::start(&a.data_dir, &identity, &a.timing, true).await?;
+    identity.save(&a.data_dir)?;
+    token.save(&a.data_dir)?;
+    tracing::info!(replica = reply.node_id, "reserved replica id; catching up as a learner");
+    let members = client
+        .call(|mut c| {
+            let req = PromoteRequest {
+                token: a.token.clone(),
+                node_id: reply.node_id,
+                addr: advertise.clone(),
+            };
+            async move { c.promote(req).await }
+        })
+        .await;
+    match members {
+        Ok(m) => {
+            let ids: Vec<u64> = m.into_inner().members.iter().map(|m| m.id).collect();
+            tracing::info!(replica = reply.node_id, members = ?ids, "joined as a voter");
+            println!("joined cluster {} as replica {}", reply.cluster_id, reply.node_id);
+        }
+        Err(e) => {
+            running.shutdown().await;
+            return Err(Fail(format!(
+                "replica {} could not be promoted: {e}. Remove the reserved id with `master-node leave --id {} ...` if it was added, then join again with an empty data dir",
+                reply.node_id, reply.node_id
+            )));
+        }
+    }
+    serve(running).await
+}
+
+async fn restart(a: RunArgs) -> Result<(), Fail> {
+    let identity = Identity::load(&a.data_dir)?.ok_or_else(|| {
+        Fail(format!(
+            "{} holds no replica; create one with `master-node init` or `master-node join`",
+            a.data_dir.display()
+        ))
+    })?;
+    if identity.left {
+        return Err(Fail(format!(
+            "replica {} left cluster {}; it cannot run again. Join with an empty data dir to add a new replica",
+            identity.node_id, identity.cluster_id
+        )));
+    }
+    let running = Running::start(&a.data_dir, &identity, &a.timing, false).await?;
+    serve(running).await
+}
+
+/// Serves until SIGINT/SIGTERM or until the replica stops by itself.
+async fn serve(running: Running) -> Result<(), Fail> {
+    let mut stopped = running.stopped.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        r = stopped.wait_for(|s| s.is_some()) => {
+            let reason = r.ok().and_then(|s| s.clone()).unwrap_or_default();
+            if reason.contains("removed") { Ok(()) } else { Err(Fail(reason)) }
+        }
+    };
+    tracing::info!("stopping");
+    running.shutdown().await;
+    outcome
+}
+
+async fn leave(a: LeaveArgs) -> Result<(), Fail> {
+    let (id, peer, token) = match (&a.data_dir, a.id) {
+        (Some(dir), _) => {
+            let identity = Identity::load(dir)?.ok_or_else(|| Fail(format!("{} holds no replica", dir.display())))?;
+            let token = match &a.token {
+                Some(t) => t.clone(),
+                None => JoinToken::load(dir)?.to_string(),
+            };
+            (identity.node_id, a.peer.clone().unwrap_or(identity.advertise), token)
+        }
+        (None, Some(id)) => (
+            id,
+            a.peer.clone().unwrap_or_default(),
+            a.token.clone().unwrap_or_default(),
+        ),
+        (None, None) => {
+            return Err(Fail(
+                "say which replica leaves: --data-dir D, or --id N --peer ADDR --token T".into(),
+            ))
+        }
+    };
+    let client = Client::new(&[peer])?;
+    let reply = client
+        .call(|mut c| {
+            let req = LeaveRequest {
+                token: token.clone(),
+                node_id: id,
+            };
+            async move { c.leave(req).await }
+        })
+        .await?
+        .into_inner();
+    let rest: Vec<String> = reply.members.iter().map(|m| format!("{} ({})", m.id, m.role)).collect();
+    println!("replica {id} removed; members now: {}", rest.join(", "));
+    Ok(())
+}
+
+async fn status(a: StatusArgs) -> Result<(), Fail> {
+    let mut st = Client::status_of(&a.peer).await?;
+    // Lag is only known to the leader: ask it when the peer is not the leader.
+    if !st.leader_view && !st.leader_addr.is_empty() && st.leader_addr != a.peer {
+        if let Ok(leader) = Client::status_of(&st.leader_addr).await {
+            st.members = leader.members;
+            st.leader_view = leader.leader_view;
+        }
+    }
+    if a.json {
+        let members: Vec<serde_json::Value> = st
+            .members
+            .iter()
+            .map(
+                |m| serde_json::json!({"id": m.id, "addr": m.addr, "role": m.role, "matched": m.matched, "lag": m.lag}),
+            )
+            .collect();
+        let doc = serde_json::json!({
+            "cluster_id": st.cluster_id, "replica": st.node_id, "state": st.state, "term": st.term,
+            "leader_id": st.leader_id, "leader_addr": st.leader_addr, "last_log_index": st.last_log_index,
+            "committed": st.committed, "applied": st.applied, "members": members,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!(
+        "cluster {}  (asked replica {} at {})",
+        st.cluster_id, st.node_id, a.peer
+    );
+    println!(
+        "replica {}: {}, term {}, last log {}, committed {}, applied {}",
+        st.node_id, st.state, st.term, st.last_log_index, st.committed, st.applied
+    );
+    match st.leader_id {
+        Some(l) => println!("leader: replica {l} at {}", st.leader_addr),
+        None => println!("leader: none known (election in progress, or no quorum)"),
+    }
+    println!(
+        "{:>4}  {:<24} {:<8} {:>10} {:>8}",
+        "id", "address", "role", "matched", "lag"
+    );
+    for m in &st.members {
+        let fmt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:>4}  {:<24} {:<8} {:>10} {:>8}",
+            m.id,
+            m.addr,
+            m.role,
+            fmt(m.matched),
+            fmt(m.lag)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! What travels in the cluster API's `Write` and `Read` calls (postcard):
+//! a write before the leader stamps it, and the linearizable queries.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::state::{persist, Command, Instance, Master, RequestId, Scope};
+
+/// A write as a client sends it; the leader adds the time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientWrite {
+    pub request_id: Option<RequestId>,
+    pub command: Command,
+}
+
+/// A read that must reflect every write acknowledged before it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Query {
+    /// An instance by its scope and title.
+    Instance { scope: Scope, title: String },
+    /// A digest of the whole state, to compare replicas.
+    StateDigest,
+}
+
+/// The answer to a [`Query`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Answer {
+    Instance(Option<Box<Instance>>),
+    StateDigest {
+        last_index: u64,
+        sha256: String,
+        instances: usize,
+    },
+}
+
+/// Answers `query` from `state`.
+pub fn answer(state: &Master, query: &Query) -> Answer {
+    match query {
+        Query::Instance { scope, title } => {
+            Answer::Instance(state.instance_by_title(scope, title).cloned().map(Box::new))
+        }
+        Query::StateDigest => Answer::StateDigest {
+            last_index: state.last_index,
+            sha256: digest(state),
+            instances: state.instances.len(),
+        },
+    }
+}
+
+/// sha256 over every record of the state, in key order: equal on replicas
+/// that applied the same log.
+pub fn digest(state: &Master) -> String {
+    let mut records = persist::all_records(state);
+    records.sort();
+    let mut h = Sha256::new();
+    for (k, v) in records {
+        h.update((k.len() as u64).to_le_bytes());
+        h.update(&k);
+        h.update((v.len() as u64).to_le_bytes());
+        h.update(&v);
+    }
+    hex::encode(h.finalize())
+}

@@ -1,0 +1,121 @@
+//! Raft for the Master: openraft's types for our state machine, the glue
+//! between [`Master`] and raft-store, the timeouts, and the gRPC transport
+//! between replicas ([`network`] is the client side, [`service`] the server).
+
+pub mod network;
+pub mod service;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::{LogId, TokioRuntime};
+use raft_store::{LogStore, RestoreError, StateMachineStore, StoreError, Writes};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{persist, Master, Proposal, Reply};
+
+openraft::declare_raft_types!(
+    /// openraft types of the Master.
+    pub MasterTypes:
+        D = Proposal,
+        R = Reply,
+        NodeId = u64,
+        Node = ReplicaNode,
+        Entry = openraft::Entry<MasterTypes>,
+        SnapshotData = tokio::fs::File,
+        AsyncRuntime = TokioRuntime,
+);
+
+/// What the cluster knows of a replica: where it serves Raft and the
+/// cluster API (one gRPC address).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReplicaNode {
+    pub addr: String,
+}
+
+/// The Raft handle of a replica.
+pub type Raft = openraft::Raft<MasterTypes>;
+/// The state-machine storage of a replica.
+pub type StateStore = StateMachineStore<MasterTypes, Master>;
+
+impl raft_store::StateMachine<MasterTypes> for Master {
+    fn apply(&mut self, log_id: &LogId<u64>, proposal: &Proposal, writes: &mut Writes) -> Reply {
+        let reply = Master::apply(self, log_id.index, proposal);
+        for dirty in self.take_dirty() {
+            match persist::value(self, &dirty) {
+                Some(v) => writes.put(persist::key(&dirty), &v),
+                None => writes.delete(persist::key(&dirty)),
+            }
+        }
+        reply
+    }
+
+    fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Self, RestoreError> {
+        persist::restore(records).map_err(|(key, reason)| RestoreError { key, reason })
+    }
+}
+
+/// Raft timing. The defaults suit a loaded 2-core machine with fsync: a
+/// heartbeat every 150 ms, and an election after 600 to 900 ms of silence,
+/// which keeps failover under a second while riding out a few late heartbeats.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Timing {
+    /// Leader heartbeat interval, in milliseconds.
+    #[arg(long, env = "MASTER_HEARTBEAT_MS", default_value_t = 150)]
+    pub heartbeat_ms: u64,
+    /// Smallest election timeout, in milliseconds.
+    #[arg(long, env = "MASTER_ELECTION_MIN_MS", default_value_t = 600)]
+    pub election_min_ms: u64,
+    /// Largest election timeout, in milliseconds.
+    #[arg(long, env = "MASTER_ELECTION_MAX_MS", default_value_t = 900)]
+    pub election_max_ms: u64,
+    /// Take a snapshot (and allow purging the log) every this many entries.
+    #[arg(long, default_value_t = 20_000)]
+    pub snapshot_every: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 150,
+            election_min_ms: 600,
+            election_max_ms: 900,
+            snapshot_every: 20_000,
+        }
+    }
+}
+
+impl Timing {
+    /// openraft's configuration for these timings, validated.
+    pub fn raft_config(&self, cluster_id: &str) -> Result<Arc<openraft::Config>, String> {
+        if self.heartbeat_ms == 0 || self.election_min_ms <= self.heartbeat_ms * 2 {
+            return Err(format!(
+                "the election timeout ({} ms) must be more than twice the heartbeat ({} ms)",
+                self.election_min_ms, self.heartbeat_ms
+            ));
+        }
+        if self.election_max_ms <= self.election_min_ms {
+            return Err("--election-max-ms must be larger than --election-min-ms".into());
+        }
+        let config = openraft::Config {
+            cluster_name: cluster_id.to_string(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_min_ms,
+            election_timeout_max: self.election_max_ms,
+            // openraft's 200 ms default is too short for a snapshot chunk
+            // written with fsync on a busy disk.
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: 1_000,
+            max_payload_entries: 512,
+            snapshot_max_chunk_size: 1 << 20,
+            ..Default::default()
+        };
+        config.validate().map(Arc::new).map_err(|e| e.to_string())
+    }
+}
+
+/// Opens a replica's storage in `data_dir`.
+pub fn open_store(data_dir: &Path) -> Result<(LogStore<MasterTypes>, StateStore), StoreError> {
+    raft_store::open(data_dir)
+}

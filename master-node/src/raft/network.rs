@@ -1,0 +1,139 @@
+//! Raft's client side: openraft's `RaftNetwork` over gRPC.
+//!
+//! Each peer gets a lazily connected tonic channel. A peer that cannot be
+//! reached is reported as `Unreachable`, so openraft backs off instead of
+//! hammering it; any other transport failure is a `Network` error and is
+//! retried at the next heartbeat.
+
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use slap_proto::cluster::raft_client::RaftClient;
+use slap_proto::cluster::RaftPayload;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{MasterTypes, ReplicaNode};
+
+/// Makes a [`PeerClient`] per peer.
+#[derive(Clone, Default)]
+pub struct Network;
+
+impl RaftNetworkFactory<MasterTypes> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &ReplicaNode) -> PeerClient {
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            client: None,
+        }
+    }
+}
+
+/// The connection to one peer.
+pub struct PeerClient {
+    target: u64,
+    addr: String,
+    client: Option<RaftClient<Channel>>,
+}
+
+/// A gRPC channel to `addr` (host:port), connected on first use.
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .connect_lazy())
+}
+
+type RpcResult<T, E> = Result<T, RPCError<u64, ReplicaNode, RaftError<u64, E>>>;
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("postcard encodes openraft messages")
+}
+
+impl PeerClient {
+    fn client(&mut self) -> Result<RaftClient<Channel>, Unreachable> {
+        if self.client.is_none() {
+            let ch = channel(&self.addr).map_err(|e| Unreachable::new(&e))?;
+            self.client = Some(RaftClient::new(ch).max_decoding_message_size(64 << 20));
+        }
+        Ok(self.client.clone().expect("set above"))
+    }
+
+    async fn call<Resp, E>(&mut self, method: Method, data: Vec<u8>, option: &RPCOption) -> RpcResult<Resp, E>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let mut client = self.client().map_err(RPCError::Unreachable)?;
+        let req = tonic::Request::new(RaftPayload { data });
+        let fut = async {
+            match method {
+                Method::Append => client.append_entries(req).await,
+                Method::Vote => client.vote(req).await,
+                Method::Snapshot => client.install_snapshot(req).await,
+            }
+        };
+        let reply = match tokio::time::timeout(option.hard_ttl(), fut).await {
+            Err(_) => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer from {} in time", self.addr),
+                );
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+            Ok(Err(status)) => {
+                // A refused or reset connection: let openraft back off.
+                if status.code() == tonic::Code::Unavailable {
+                    self.client = None;
+                    return Err(RPCError::Unreachable(Unreachable::new(&status)));
+                }
+                return Err(RPCError::Network(NetworkError::new(&status)));
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let result: Result<Resp, RaftError<u64, E>> =
+            postcard::from_bytes(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+enum Method {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl RaftNetwork<MasterTypes> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<MasterTypes>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<u64>, openraft::error::Infallible> {
+        self.call(Method::Append, encode(&rpc), &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<MasterTypes>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<u64>, InstallSnapshotError> {
+        self.call(Method::Snapshot, encode(&rpc), &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<u64>, openraft::error::Infallible> {
+        self.call(Method::Vote, encode(&rpc), &option).await
+    }
+}

@@ -1,0 +1,559 @@
+//! A running replica: its Raft, its state, its gRPC server, and the cluster
+//! operations that need the leader (join, promote, leave, writes, reads).
+//!
+//! Any replica accepts any call. What needs the leader is forwarded to it;
+//! while there is no leader (an election), a call waits for one up to a bound
+//! instead of failing, so a client sees a slow answer, not an error, across a
+//! leader change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use slap_proto::cluster::cluster_client::ClusterClient;
+use slap_proto::cluster::{Member, StatusReply};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::Status;
+use tracing::{error, info, warn};
+
+use crate::api::{self, Answer, ClientWrite, Query};
+use crate::identity::{Identity, JoinToken};
+use crate::raft::network::{channel, Network};
+use crate::raft::{open_store, MasterTypes, Raft, ReplicaNode, Timing};
+use crate::state::{Command, Master, Proposal, Reply};
+
+/// How long a call waits for a leader before giving up.
+pub const LEADER_WAIT: Duration = Duration::from_secs(15);
+
+/// Why a replica could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] raft_store::StoreError),
+    #[error("invalid Raft timing: {0}")]
+    Timing(String),
+    #[error("cannot listen on {addr}: {source} (is another replica or program using it?)")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{0} has a replica identity but no Raft log: the data was wiped or lost. \
+         A replica must never come back with an empty log (it could undo committed writes). \
+         Replace it: `master-node leave --id N --peer ANY --token T`, then join again with an empty data dir"
+    )]
+    WipedLog(PathBuf),
+    #[error("openraft refused to start: {0}")]
+    Raft(String),
+}
+
+/// A replica and everything it shares between its services.
+pub struct Replica {
+    pub id: u64,
+    pub cluster_id: String,
+    pub data_dir: PathBuf,
+    pub raft: Raft,
+    pub state: Arc<RwLock<Master>>,
+    log: raft_store::LogStore<MasterTypes>,
+    peers: Mutex<HashMap<String, ClusterClient<Channel>>>,
+    /// Membership changes are made one at a time.
+    membership: tokio::sync::Mutex<()>,
+}
+
+/// A started replica: its shared core and a way to stop it.
+pub struct Running {
+    pub replica: Arc<Replica>,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Fires with a reason when the replica stops by itself (fatal error,
+    /// removed from the cluster).
+    pub stopped: watch::Receiver<Option<String>>,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn write_error<E: std::fmt::Display>(e: E) -> Status {
+    Status::unavailable(format!("write not committed: {e}"))
+}
+
+impl Running {
+    /// Opens the store, starts Raft and serves gRPC on `identity.listen`.
+    /// `fresh` is true when the replica is being created (init, join); a
+    /// replica restarted with `run` must find its log.
+    pub async fn start(
+        data_dir: &Path,
+        identity: &Identity,
+        timing: &Timing,
+        fresh: bool,
+    ) -> Result<Running, StartError> {
+        if identity.left {
+            return Err(StartError::Raft(format!(
+                "replica {} left cluster {}; use an empty data dir to join again",
+                identity.node_id, identity.cluster_id
+            )));
+        }
+        if !fresh && !data_dir.join("log").exists() {
+            return Err(StartError::WipedLog(data_dir.to_path_buf()));
+        }
+        let config = timing.raft_config(&identity.cluster_id).map_err(StartError::Timing)?;
+        let (log, sm) = open_store(data_dir)?;
+        let state = sm.app();
+        let raft = Raft::new(identity.node_id, config, Network, log.clone(), sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let listener = tokio::net::TcpListener::bind(&identity.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: identity.listen.clone(),
+                source,
+            })?;
+        let replica = Arc::new(Replica {
+            id: identity.node_id,
+            cluster_id: identity.cluster_id.clone(),
+            data_dir: data_dir.to_path_buf(),
+            raft: raft.clone(),
+            state,
+            log,
+            peers: Mutex::new(HashMap::new()),
+            membership: tokio::sync::Mutex::new(()),
+        });
+        let (stop, mut stop_rx) = watch::channel(false);
+        let server = tonic::transport::Server::builder()
+            .add_service(
+                slap_proto::cluster::raft_server::RaftServer::new(crate::raft::service::RaftService::new(raft.clone()))
+                    .max_decoding_message_size(64 << 20),
+            )
+            .add_service(slap_proto::cluster::cluster_server::ClusterServer::new(
+                crate::cluster_service::ClusterService::new(replica.clone()),
+            ))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            });
+        let server = tokio::spawn(server);
+        let (stopped_tx, stopped) = watch::channel(None);
+        tokio::spawn(watch_metrics(replica.clone(), stopped_tx));
+        info!(
+            replica = identity.node_id,
+            cluster = %identity.cluster_id,
+            listen = %identity.listen,
+            "replica started"
+        );
+        Ok(Running {
+            replica,
+            stop,
+            server,
+            stopped,
+        })
+    }
+
+    /// Stops serving and shuts Raft down.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        if let Err(e) = self.replica.raft.shutdown().await {
+            warn!("raft shutdown: {e}");
+        }
+    }
+}
+
+/// Logs leadership changes; notices a fatal Raft error or this replica's
+/// removal from the cluster and reports it through `stopped`.
+///
+/// A removed replica may never receive the configuration that leaves it out
+/// (the leader stops replicating to it once that configuration commits), so
+/// besides watching its own membership it asks its peers every few seconds:
+/// when a leader of its own cluster lists it no longer, it has been removed.
+async fn watch_metrics(replica: Arc<Replica>, stopped: watch::Sender<Option<String>>) {
+    let mut rx = replica.raft.metrics();
+    let mut last_leader = None;
+    let mut was_member = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut ticked = false;
+    loop {
+        let m = rx.borrow_and_update().clone();
+        if let Err(fatal) = &m.running_state {
+            let reason = format!("Raft stopped: {fatal}");
+            error!(replica = replica.id, "{reason}");
+            let _ = stopped.send(Some(reason));
+            return;
+        }
+        if m.current_leader != last_leader {
+            info!(replica = replica.id, term = m.current_term, leader = ?m.current_leader, "leader changed");
+            last_leader = m.current_leader;
+        }
+        let membership = m.membership_config.membership();
+        let member = membership.get_node(&replica.id).is_some();
+        was_member |= member;
+        let removed = if was_member && !member && m.membership_config.log_id().is_some() {
+            true
+        } else if was_member && m.state != ServerState::Leader && std::mem::take(&mut ticked) {
+            let peers: Vec<String> = membership
+                .nodes()
+                .filter(|(id, _)| **id != replica.id)
+                .map(|(_, n)| n.addr.clone())
+                .collect();
+            removed_by_leader(&replica, &peers).await
+        } else {
+            false
+        };
+        if removed {
+            let reason = format!("replica {} was removed from cluster {}", replica.id, replica.cluster_id);
+            info!("{reason}");
+            if let Ok(Some(mut identity)) = Identity::load(&replica.data_dir) {
+                identity.left = true;
+                if let Err(e) = identity.save(&replica.data_dir) {
+                    warn!("cannot record the removal in the identity file: {e}");
+                }
+            }
+            let _ = stopped.send(Some(reason));
+            return;
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            _ = tick.tick() => ticked = true,
+        }
+    }
+}
+
+/// Asks the peers whether a leader of this cluster has dropped `replica`.
+async fn removed_by_leader(replica: &Replica, peers: &[String]) -> bool {
+    for addr in peers {
+        if let Ok(Ok(status)) =
+            tokio::time::timeout(Duration::from_secs(1), crate::client::Client::status_of(addr)).await
+        {
+            if status.cluster_id == replica.cluster_id && status.state == "Leader" {
+                return !status.members.iter().any(|m| m.id == replica.id);
+            }
+        }
+    }
+    false
+}
+
+impl Replica {
+    fn peer(&self, addr: &str) -> Result<ClusterClient<Channel>, Status> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = channel(addr).map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
+        let client = ClusterClient::new(ch);
+        peers.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// The leader right now: `Ok(None)` if it is this replica, `Ok(Some(addr))`
+    /// for another one, after waiting (up to [`LEADER_WAIT`]) while there is none.
+    pub async fn leader(&self) -> Result<Option<String>, Status> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut rx = self.raft.metrics();
+        loop {
+            {
+                let m = rx.borrow_and_update();
+                if let Some(leader) = m.current_leader {
+                    if leader == self.id && m.state == ServerState::Leader {
+                        return Ok(None);
+                    }
+                    if leader != self.id {
+                        if let Some(node) = m.membership_config.membership().get_node(&leader) {
+                            return Ok(Some(node.addr.clone()));
+                        }
+                    }
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
+                return Err(Status::unavailable(format!(
+                    "no leader elected within {} s (is a majority of the replicas up and connected?)",
+                    LEADER_WAIT.as_secs()
+                )));
+            }
+        }
+    }
+
+    /// The peer client of the current leader, or `None` if this is the leader.
+    pub async fn leader_client(&self) -> Result<Option<ClusterClient<Channel>>, Status> {
+        match self.leader().await? {
+            None => Ok(None),
+            Some(addr) => self.peer(&addr).map(Some),
+        }
+    }
+
+    /// Proposes a write on this replica, which must be the leader. Returns
+    /// the reply and its log index, or `Err(None)` when leadership was lost
+    /// before the write entered the log (safe to send to the new leader).
+    pub async fn propose(&self, write: ClientWrite) -> Result<(Reply, u64), Option<Status>> {
+        let proposal = Proposal {
+            request_id: write.request_id,
+            time_us: now_us(),
+            command: write.command,
+        };
+        match self.raft.client_write(proposal).await {
+            Ok(r) => Ok((r.data, r.log_id.index)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(None),
+            Err(e) => Err(Some(write_error(e))),
+        }
+    }
+
+    /// A write from any replica: proposed here if leader, else forwarded.
+    pub async fn write(&self, write: ClientWrite) -> Result<(Reply, u64), Status> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            match self.leader_client().await? {
+                None => match self.propose(write.clone()).await {
+                    Ok(done) => return Ok(done),
+                    Err(Some(status)) => return Err(status),
+                    Err(None) => {}
+                },
+                Some(mut leader) => {
+                    let bytes = postcard::to_allocvec(&write).expect("writes encode");
+                    let reply = leader
+                        .write(slap_proto::cluster::WriteRequest { proposal: bytes })
+                        .await?
+                        .into_inner();
+                    let decoded: Reply = postcard::from_bytes(&reply.reply)
+                        .map_err(|e| Status::internal(format!("undecodable reply from the leader: {e}")))?;
+                    return Ok((decoded, reply.log_index));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Status::unavailable("leadership kept moving; write not proposed"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A linearizable read: the leader confirms it still leads (a quorum
+    /// answers), waits until it has applied everything committed, then reads.
+    pub async fn read(&self, query: &Query) -> Result<Answer, Status> {
+        match self.leader_client().await? {
+            None => {
+                self.raft
+                    .ensure_linearizable()
+                    .await
+                    .map_err(|e| Status::unavailable(format!("cannot confirm leadership for a read: {e}")))?;
+                let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+                Ok(api::answer(&state, query))
+            }
+            Some(mut leader) => {
+                let bytes = postcard::to_allocvec(query).expect("queries encode");
+                let reply = leader
+                    .read(slap_proto::cluster::ReadRequest {
+                        query: bytes,
+                        local: false,
+                    })
+                    .await?
+                    .into_inner();
+                postcard::from_bytes(&reply.answer).map_err(|e| Status::internal(format!("undecodable answer: {e}")))
+            }
+        }
+    }
+
+    /// A read of this replica's own state, whatever the leader knows.
+    pub fn read_local(&self, query: &Query) -> Answer {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        api::answer(&state, query)
+    }
+
+    /// Checks a join token against the cluster's.
+    pub fn check_token(&self, token: &str) -> Result<(), Status> {
+        let token = JoinToken::parse(token).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let Some(cluster) = &state.cluster else {
+            return Err(Status::unavailable(
+                "this replica has not applied the cluster's creation yet; try again",
+            ));
+        };
+        if token.cluster_id != cluster.id {
+            return Err(Status::permission_denied(format!(
+                "the token is for cluster {}, this is cluster {}",
+                token.cluster_id, cluster.id
+            )));
+        }
+        if token.secret_sha256() != cluster.token_sha256 {
+            return Err(Status::permission_denied(format!(
+                "the join token is not valid for cluster {}",
+                cluster.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Members with their addresses and roles.
+    pub fn members(&self) -> Vec<Member> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let replication: BTreeMap<u64, Option<u64>> = m
+            .replication
+            .as_ref()
+            .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
+            .unwrap_or_default();
+        let last = m.last_log_index.unwrap_or(0);
+        membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = if m.state == ServerState::Leader {
+                    replication.get(id).copied().flatten()
+                } else {
+                    None
+                };
+                Member {
+                    id: *id,
+                    addr: node.addr.clone(),
+                    role: if voters.contains(id) { "voter" } else { "learner" }.into(),
+                    matched,
+                    lag: matched.map(|x| last.saturating_sub(x)).or(
+                        if *id == self.id && m.state == ServerState::Leader {
+                            Some(0)
+                        } else {
+                            None
+                        },
+                    ),
+                }
+            })
+            .collect()
+    }
+
+    /// This replica's own view of the cluster.
+    pub fn local_status(&self) -> StatusReply {
+        let m = self.raft.metrics().borrow().clone();
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()))
+            .unwrap_or_default();
+        let committed = self
+            .log_committed()
+            .unwrap_or_else(|| m.last_applied.map(|l| l.index).unwrap_or(0));
+        StatusReply {
+            cluster_id: self.cluster_id.clone(),
+            node_id: self.id,
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            leader_id: m.current_leader,
+            leader_addr,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            committed,
+            applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            members: self.members(),
+            leader_view: m.state == ServerState::Leader,
+        }
+    }
+
+    fn log_committed(&self) -> Option<u64> {
+        self.log.committed().ok().flatten().map(|c| c.index)
+    }
+
+    // ----- membership (leader only) --------------------------------------
+
+    /// Reserves a replica id for a joiner at `addr`.
+    pub async fn reserve(&self, addr: &str) -> Result<u64, Status> {
+        let _one_at_a_time = self.membership.lock().await;
+        if let Some(member) = self.members().into_iter().find(|m| m.addr == addr) {
+            return Err(Status::already_exists(format!(
+                "address {addr} is already used by replica {}; if that replica is gone, remove it first \
+                 (`master-node leave --id {} --peer ... --token ...`)",
+                member.id, member.id
+            )));
+        }
+        let (reply, _) = self
+            .propose(ClientWrite {
+                request_id: None,
+                command: Command::ReserveReplicaId { addr: addr.to_string() },
+            })
+            .await
+            .map_err(|e| e.unwrap_or_else(|| Status::unavailable("leadership lost; retry the join")))?;
+        match reply {
+            Reply::ReplicaId(id) => Ok(id),
+            other => Err(Status::failed_precondition(format!(
+                "cannot reserve a replica id: {other:?}"
+            ))),
+        }
+    }
+
+    /// Adds a reserved replica as a learner, waits for it to catch up, then
+    /// makes it a voter.
+    pub async fn promote(&self, id: u64, addr: &str) -> Result<Vec<Member>, Status> {
+        let _one_at_a_time = self.membership.lock().await;
+        let next = self
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .cluster
+            .as_ref()
+            .map(|c| c.next_replica_id);
+        if next.is_none_or(|n| id >= n) || id == 0 {
+            return Err(Status::not_found(format!(
+                "replica id {id} was never reserved by a join"
+            )));
+        }
+        let members = self.members();
+        if let Some(other) = members.iter().find(|m| m.addr == addr && m.id != id) {
+            return Err(Status::already_exists(format!(
+                "address {addr} is already used by replica {}",
+                other.id
+            )));
+        }
+        if members.iter().any(|m| m.id == id && m.role == "voter") {
+            return Ok(members);
+        }
+        info!(replica = id, %addr, "adding learner");
+        let add = self.raft.add_learner(id, ReplicaNode { addr: addr.to_string() }, true);
+        match tokio::time::timeout(Duration::from_secs(120), add).await {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "replica {id} did not catch up within 120 s"
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(Status::unavailable(format!(
+                    "cannot add replica {id} as a learner: {e}"
+                )))
+            }
+            Ok(Ok(_)) => {}
+        }
+        info!(replica = id, "learner caught up; promoting to voter");
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot make replica {id} a voter: {e}")))?;
+        Ok(self.members())
+    }
+
+    /// Removes a replica (voter or learner) from the cluster.
+    pub async fn remove(&self, id: u64) -> Result<Vec<Member>, Status> {
+        let _one_at_a_time = self.membership.lock().await;
+        let members = self.members();
+        let Some(member) = members.iter().find(|m| m.id == id) else {
+            return Err(Status::not_found(format!(
+                "replica {id} is not a member of cluster {}",
+                self.cluster_id
+            )));
+        };
+        let change = if member.role == "voter" {
+            if members.iter().filter(|m| m.role == "voter").count() == 1 {
+                return Err(Status::failed_precondition(format!(
+                    "replica {id} is the last voter; a cluster cannot remove its last voter"
+                )));
+            }
+            ChangeMembers::RemoveVoters([id].into())
+        } else {
+            ChangeMembers::RemoveNodes([id].into())
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot remove replica {id}: {e}")))?;
+        info!(replica = id, "removed from the cluster");
+        Ok(self.members())
+    }
+}

@@ -1,0 +1,492 @@
+//! Multi-process tests with the real `master-node` binary: formation,
+//! writes through followers, leader failover, catch-up, membership changes,
+//! a full restart, and refused joins.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use master_node::api::{Answer, Query};
+use master_node::client::Client;
+use master_node::state::{self, Params, Reply, RequestOrigin, RequestSpec, Scope};
+
+const BIN: &str = env!("CARGO_BIN_EXE_master-node");
+
+/// A directory for one test's replicas and their logs; kept after the test
+/// when CLUSTER_TEST_KEEP is set, for reading the logs.
+fn test_dir() -> tempfile::TempDir {
+    let mut dir = tempfile::tempdir().unwrap();
+    if std::env::var_os("CLUSTER_TEST_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("replica data and logs in {}", dir.path().display());
+    }
+    dir
+}
+
+fn free_port() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// One replica process.
+struct Replica {
+    dir: PathBuf,
+    addr: String,
+    child: Option<Child>,
+}
+
+impl Replica {
+    fn log(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("log"))
+            .unwrap()
+    }
+
+    fn spawn(&mut self, args: &[&str]) {
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(self.log())
+            .spawn()
+            .expect("spawn master-node");
+        self.child = Some(child);
+    }
+
+    fn init(base: &Path, name: &str) -> (Replica, String) {
+        let mut r = Replica {
+            dir: base.join(name),
+            addr: free_port(),
+            child: None,
+        };
+        let child = Command::new(BIN)
+            .args(["init", "--data-dir", r.dir.to_str().unwrap(), "--listen", &r.addr])
+            .stdout(Stdio::piped())
+            .stderr(r.log())
+            .spawn()
+            .unwrap();
+        r.child = Some(child);
+        let stdout = r.child.as_mut().unwrap().stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        assert!(line.starts_with("SLAPJOIN1."), "init printed {line:?}");
+        (r, line.trim().to_string())
+    }
+
+    fn join(base: &Path, name: &str, peer: &str, token: &str) -> Replica {
+        let mut r = Replica {
+            dir: base.join(name),
+            addr: free_port(),
+            child: None,
+        };
+        let (dir, addr) = (r.dir.to_str().unwrap().to_string(), r.addr.clone());
+        r.spawn(&[
+            "join",
+            "--peer",
+            peer,
+            "--token",
+            token,
+            "--data-dir",
+            &dir,
+            "--listen",
+            &addr,
+        ]);
+        r
+    }
+
+    fn restart(&mut self) {
+        let dir = self.dir.to_str().unwrap().to_string();
+        self.spawn(&["run", "--data-dir", &dir]);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a master-node command to completion.
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().expect("run master-node")
+}
+
+async fn wait_until<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn status(addr: &str) -> Option<slap_proto::cluster::StatusReply> {
+    Client::status_of(addr).await.ok()
+}
+
+async fn voters(addr: &str) -> Vec<u64> {
+    status(addr)
+        .await
+        .map(|s| s.members.iter().filter(|m| m.role == "voter").map(|m| m.id).collect())
+        .unwrap_or_default()
+}
+
+async fn leader_id(addrs: &[&str]) -> Option<u64> {
+    for a in addrs {
+        if let Some(s) = status(a).await {
+            if s.state == "Leader" {
+                return Some(s.node_id);
+            }
+        }
+    }
+    None
+}
+
+fn request(title: &str, value: &str) -> state::Command {
+    state::Command::Request(RequestSpec {
+        requester: RequestOrigin::User("alice".into()),
+        title: title.into(),
+        software_release: "https://example.org/http.cfg".into(),
+        software_type: "default".into(),
+        parameters: [("value".to_string(), value.to_string())].into_iter().collect(),
+        sla: Params::new(),
+        shared: false,
+        state: None,
+    })
+}
+
+async fn read_value(client: &Client, title: &str) -> Option<String> {
+    match client
+        .read(&Query::Instance {
+            scope: Scope::User("alice".into()),
+            title: title.into(),
+        })
+        .await
+        .unwrap()
+    {
+        Answer::Instance(Some(i)) => i.parameters.get("value").cloned(),
+        _ => None,
+    }
+}
+
+async fn local_digest(addr: &str) -> Option<(u64, String)> {
+    match Client::read_local(addr, &Query::StateDigest).await.ok()? {
+        Answer::StateDigest { last_index, sha256, .. } => Some((last_index, sha256)),
+        _ => None,
+    }
+}
+
+/// Waits until every replica holds the same state as the others.
+async fn converged(addrs: &[&str]) {
+    wait_until("replicas to converge", Duration::from_secs(30), || async {
+        let mut seen = BTreeMap::new();
+        for a in addrs {
+            match local_digest(a).await {
+                Some((_, d)) => *seen.entry(d).or_insert(0) += 1,
+                None => return false,
+            }
+        }
+        seen.len() == 1
+    })
+    .await;
+}
+
+async fn supply_computer(client: &Client) {
+    let (r, _) = client
+        .write(state::Command::SetComputer {
+            id: "COMP-1".into(),
+            address: "10.0.0.1".into(),
+            netmask: "255.255.255.0".into(),
+            capacity: Params::new(),
+            categories: Params::new(),
+            partitions: (0..20)
+                .map(|i| state::PartitionSpec {
+                    id: format!("slappart{i}"),
+                    addresses: vec![],
+                    tap: None,
+                    user: None,
+                    capabilities: vec![],
+                })
+                .collect(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Reply::Done);
+    let (r, _) = client
+        .write(state::Command::Supply {
+            computer: "COMP-1".into(),
+            url: "https://example.org/http.cfg".into(),
+            state: state::SupplyState::Available,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Reply::Done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
+    let base = test_dir();
+    let (mut r1, token) = Replica::init(base.path(), "r1");
+    let a1 = r1.addr.clone();
+    wait_until("r1 to lead", Duration::from_secs(20), || async {
+        leader_id(&[&a1]).await == Some(1)
+    })
+    .await;
+
+    // Join two more through different peers (the leader, then a follower).
+    let mut r2 = Replica::join(base.path(), "r2", &r1.addr, &token);
+    let a2 = r2.addr.clone();
+    wait_until("r2 to be a voter", Duration::from_secs(30), || async {
+        voters(&a1).await == vec![1, 2]
+    })
+    .await;
+    let mut r3 = Replica::join(base.path(), "r3", &r2.addr, &token);
+    let a3 = r3.addr.clone();
+    wait_until("r3 to be a voter", Duration::from_secs(30), || async {
+        voters(&a1).await == vec![1, 2, 3]
+    })
+    .await;
+
+    // Write through a follower.
+    let follower = Client::new(std::slice::from_ref(&a2)).unwrap();
+    supply_computer(&follower).await;
+    let (reply, _) = follower.write(request("before-failover", "v1")).await.unwrap();
+    assert!(
+        matches!(reply, Reply::Instance(ref i) if i.partition.is_some()),
+        "{reply:?}"
+    );
+
+    // SIGKILL the leader: another is elected and the write is still there.
+    let old_leader = leader_id(&[&a1, &a2, &a3]).await.expect("a leader");
+    let (killed, survivors): (&mut Replica, Vec<String>) = match old_leader {
+        1 => (&mut r1, vec![a2.clone(), a3.clone()]),
+        2 => (&mut r2, vec![a1.clone(), a3.clone()]),
+        _ => (&mut r3, vec![a1.clone(), a2.clone()]),
+    };
+    killed.kill();
+    let s: Vec<&str> = survivors.iter().map(String::as_str).collect();
+    wait_until("a new leader", Duration::from_secs(20), || async {
+        leader_id(&s).await.is_some_and(|l| l != old_leader)
+    })
+    .await;
+    let client = Client::new(&survivors).unwrap();
+    assert_eq!(read_value(&client, "before-failover").await.as_deref(), Some("v1"));
+    let (reply, _) = client.write(request("after-failover", "v2")).await.unwrap();
+    assert!(matches!(reply, Reply::Instance(_)));
+
+    // The old leader restarts and catches up.
+    killed.restart();
+    converged(&[&a1, &a2, &a3]).await;
+
+    // Grow to five, then remove two; the removed ones stop by themselves.
+    let mut r4 = Replica::join(base.path(), "r4", &a3, &token);
+    let mut r5 = Replica::join(base.path(), "r5", &a1, &token);
+    let a4 = r4.addr.clone();
+    let a5 = r5.addr.clone();
+    wait_until("five voters", Duration::from_secs(60), || async {
+        voters(&a1).await.len() == 5
+    })
+    .await;
+    assert_eq!(voters(&a4).await, vec![1, 2, 3, 4, 5]);
+    let out = cli(&["leave", "--id", "4", "--peer", &a5, "--token", &token]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["leave", "--data-dir", r2.dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until("three voters", Duration::from_secs(30), || async {
+        voters(&a1).await == vec![1, 3, 5]
+    })
+    .await;
+    for removed in [&mut r4, &mut r2] {
+        let exit = removed
+            .wait_exit(Duration::from_secs(20))
+            .expect("a removed replica stops by itself");
+        assert!(exit.success(), "a removed replica exits cleanly: {exit:?}");
+        let again = cli(&["run", "--data-dir", removed.dir.to_str().unwrap()]);
+        assert!(!again.status.success(), "a removed replica cannot run again");
+        assert!(String::from_utf8_lossy(&again.stderr).contains("left cluster"));
+    }
+    // The remaining three still commit writes; removed replicas take no part.
+    let client = Client::new(&[a1.clone(), a3.clone(), a5.clone()]).unwrap();
+    client.write(request("after-shrink", "v3")).await.unwrap();
+
+    // Restart every replica at once: all state is kept.
+    let before = local_digest(&a1).await.unwrap();
+    for r in [&mut r1, &mut r3, &mut r5] {
+        r.kill();
+    }
+    for r in [&mut r1, &mut r3, &mut r5] {
+        r.restart();
+    }
+    wait_until("a leader after full restart", Duration::from_secs(30), || async {
+        leader_id(&[&a1, &a3, &a5]).await.is_some()
+    })
+    .await;
+    let client = Client::new(&[a1.clone(), a3.clone(), a5.clone()]).unwrap();
+    for (title, value) in [
+        ("before-failover", "v1"),
+        ("after-failover", "v2"),
+        ("after-shrink", "v3"),
+    ] {
+        assert_eq!(read_value(&client, title).await.as_deref(), Some(value), "{title} lost");
+    }
+    converged(&[&a1, &a3, &a5]).await;
+    let after = local_digest(&a1).await.unwrap();
+    assert!(after.0 >= before.0);
+    drop(r2);
+    drop(r4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_joins_are_refused_and_change_nothing() {
+    let base = test_dir();
+    let (r1, token) = Replica::init(base.path(), "r1");
+    let a1 = r1.addr.clone();
+    wait_until("r1 to lead", Duration::from_secs(20), || async {
+        leader_id(&[&a1]).await == Some(1)
+    })
+    .await;
+    let d = |name: &str| base.path().join(name).to_str().unwrap().to_string();
+
+    // A wrong secret for the right cluster.
+    let cluster = token.split('.').nth(1).unwrap();
+    let forged = format!("SLAPJOIN1.{cluster}.{}", "0".repeat(48));
+    let out = cli(&[
+        "join",
+        "--peer",
+        &a1,
+        "--token",
+        &forged,
+        "--data-dir",
+        &d("x1"),
+        "--listen",
+        &free_port(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not valid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An address already used by a member.
+    let out = cli(&[
+        "join",
+        "--peer",
+        &a1,
+        "--token",
+        &token,
+        "--data-dir",
+        &d("x2"),
+        "--listen",
+        &a1,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already used by replica 1"));
+
+    // A data dir of another cluster.
+    let other = Command::new(BIN)
+        .args(["init", "--data-dir", &d("other"), "--listen", &free_port()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let other_dir = base.path().join("other");
+    wait_until("the other cluster's identity", Duration::from_secs(20), || {
+        let p = other_dir.join("replica.json");
+        async move { p.exists() }
+    })
+    .await;
+    let mut other = Replica {
+        dir: other_dir,
+        addr: String::new(),
+        child: Some(other),
+    };
+    other.kill();
+    let out = cli(&[
+        "join",
+        "--peer",
+        &a1,
+        "--token",
+        &token,
+        "--data-dir",
+        &d("other"),
+        "--listen",
+        &free_port(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to cluster"));
+
+    // A malformed token.
+    let out = cli(&[
+        "join",
+        "--peer",
+        &a1,
+        "--token",
+        "hello",
+        "--data-dir",
+        &d("x3"),
+        "--listen",
+        &free_port(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("malformed"));
+
+    // Nothing changed: still one voter, and no replica id was reserved by
+    // the refused joins (the next one handed out is 2).
+    assert_eq!(voters(&a1).await, vec![1]);
+    let mut r2 = Replica::join(base.path(), "r2", &a1, &token);
+    wait_until("r2 to join", Duration::from_secs(30), || async {
+        voters(&a1).await == vec![1, 2]
+    })
+    .await;
+    r2.kill();
+    drop(r1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_with_wiped_log_is_refused() {
+    let base = test_dir();
+    let (mut r1, _token) = Replica::init(base.path(), "r1");
+    let a1 = r1.addr.clone();
+    wait_until("r1 to lead", Duration::from_secs(20), || async {
+        leader_id(&[&a1]).await == Some(1)
+    })
+    .await;
+    r1.kill();
+    for sub in ["log", "state", "snapshots"] {
+        std::fs::remove_dir_all(r1.dir.join(sub)).unwrap();
+    }
+    let out = cli(&["run", "--data-dir", r1.dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no Raft log") && err.contains("leave"), "{err}");
+}
