@@ -84,6 +84,36 @@ impl Cluster for ClusterService {
         }))
     }
 
+    async fn write_batch(&self, req: Request<WriteBatchRequest>) -> Result<Response<WriteBatchReply>, Status> {
+        let writes = req
+            .into_inner()
+            .proposals
+            .iter()
+            .map(|p| postcard::from_bytes::<ClientWrite>(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::invalid_argument(format!("undecodable write in a batch: {e}")))?;
+        // Proposed concurrently, so the proposer gathers them into one entry.
+        let results = futures::future::join_all(writes.into_iter().map(|w| self.replica.write(w))).await;
+        let outcomes = results
+            .into_iter()
+            .map(|r| match r {
+                Ok((reply, log_index)) => WriteOutcome {
+                    reply: postcard::to_allocvec(&reply).expect("replies encode"),
+                    log_index,
+                    code: 0,
+                    error: String::new(),
+                },
+                Err(status) => WriteOutcome {
+                    reply: Vec::new(),
+                    log_index: 0,
+                    code: status.code() as i32,
+                    error: status.message().to_string(),
+                },
+            })
+            .collect();
+        Ok(Response::new(WriteBatchReply { outcomes }))
+    }
+
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
         let req = req.into_inner();
         let query = postcard::from_bytes(&req.query)

@@ -15,7 +15,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use slap_proto::cluster::cluster_client::ClusterClient;
 use slap_proto::cluster::{Member, StatusReply};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tonic::transport::Channel;
 use tonic::Status;
 use tracing::{error, info, warn};
@@ -24,7 +24,7 @@ use crate::api::{self, Answer, ClientWrite, Query};
 use crate::identity::{Identity, JoinToken};
 use crate::raft::network::{channel, Network};
 use crate::raft::{open_store, MasterTypes, Raft, ReplicaNode, Timing};
-use crate::state::{Command, Master, Proposal, Reply};
+use crate::state::{Command, Master, Proposal, ProposalBatch, Reply};
 
 /// How long a call waits for a leader before giving up.
 pub const LEADER_WAIT: Duration = Duration::from_secs(15);
@@ -63,6 +63,129 @@ pub struct Replica {
     peers: Mutex<HashMap<String, ClusterClient<Channel>>>,
     /// Membership changes are made one at a time.
     membership: tokio::sync::Mutex<()>,
+    /// Writes waiting to be gathered into the next log entry.
+    proposer: tokio::sync::mpsc::Sender<Pending>,
+    /// Writes waiting to be forwarded, together, to the leader.
+    forwarder: tokio::sync::mpsc::Sender<Forward>,
+}
+
+/// A write waiting for the forwarder.
+pub struct Forward {
+    write: ClientWrite,
+    done: oneshot::Sender<Result<(Reply, u64), Status>>,
+}
+
+/// Sends writes to the leader in batches, at most [`BATCHES_IN_FLIGHT`] at a
+/// time: a follower that forwarded each write in its own call spent more CPU
+/// on gRPC than the leader spent applying them.
+async fn run_forwarder(replica: std::sync::Weak<Replica>, mut queue: tokio::sync::mpsc::Receiver<Forward>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let Some(replica) = replica.upgrade() else { return };
+        tokio::spawn(async move {
+            let outcome = replica
+                .forward_batch(batch.iter().map(|f| f.write.clone()).collect())
+                .await;
+            drop(slot);
+            match outcome {
+                Ok(results) => {
+                    for (result, f) in results.into_iter().zip(batch) {
+                        let _ = f.done.send(result);
+                    }
+                }
+                Err(status) => {
+                    for f in batch {
+                        let _ = f.done.send(Err(status.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// What proposing a write gives: the reply and its log index, or `Err(None)`
+/// when this replica was not (or no longer) the leader.
+pub type ProposeResult = Result<(Reply, u64), Option<Status>>;
+
+/// A write waiting for the proposer.
+pub struct Pending {
+    write: ClientWrite,
+    done: oneshot::Sender<ProposeResult>,
+}
+
+/// Most proposals in one log entry.
+const MAX_BATCH: usize = 512;
+/// Log entries proposed and not yet applied, at most.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Gathers concurrent writes into log entries.
+///
+/// openraft 0.9's leader syncs each log entry to disk before it takes the
+/// next, so one entry per write caps the leader at one write per fsync. The
+/// proposer instead puts every write that arrived while the previous entries
+/// were being committed into one entry: a lone client still gets its write
+/// proposed at once, and under load one fsync serves many writes.
+async fn run_proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Pending>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        // Writes that arrived while waiting for a slot join this entry.
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let time_us = now_us();
+            let (proposals, waiters): (Vec<Proposal>, Vec<oneshot::Sender<ProposeResult>>) = batch
+                .into_iter()
+                .map(|p| {
+                    let proposal = Proposal {
+                        request_id: p.write.request_id,
+                        time_us,
+                        command: p.write.command,
+                    };
+                    (proposal, p.done)
+                })
+                .unzip();
+            let result = raft.client_write(ProposalBatch(proposals)).await;
+            drop(slot);
+            match result {
+                Ok(r) => {
+                    let index = r.log_id.index;
+                    for (reply, waiter) in r.data.into_iter().zip(waiters) {
+                        let _ = waiter.send(Ok((reply, index)));
+                    }
+                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    for waiter in waiters {
+                        let _ = waiter.send(Err(None));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for waiter in waiters {
+                        let _ = waiter.send(Err(Some(write_error(&message))));
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// A started replica: its shared core and a way to stop it.
@@ -73,6 +196,14 @@ pub struct Running {
     /// Fires with a reason when the replica stops by itself (fatal error,
     /// removed from the cluster).
     pub stopped: watch::Receiver<Option<String>>,
+}
+
+/// Accepted connections with Nagle's algorithm off: Raft and its callers
+/// exchange small messages, which Nagle plus delayed ACKs hold back ~40 ms.
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30)))
 }
 
 fn now_us() -> u64 {
@@ -117,6 +248,9 @@ impl Running {
                 addr: identity.listen.clone(),
                 source,
             })?;
+        let (proposer, queue) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(run_proposer(raft.clone(), queue));
+        let (forwarder, forward_queue) = tokio::sync::mpsc::channel(4096);
         let replica = Arc::new(Replica {
             id: identity.node_id,
             cluster_id: identity.cluster_id.clone(),
@@ -126,7 +260,10 @@ impl Running {
             log,
             peers: Mutex::new(HashMap::new()),
             membership: tokio::sync::Mutex::new(()),
+            proposer,
+            forwarder,
         });
+        tokio::spawn(run_forwarder(Arc::downgrade(&replica), forward_queue));
         let (stop, mut stop_rx) = watch::channel(false);
         let server = tonic::transport::Server::builder()
             .add_service(
@@ -136,12 +273,13 @@ impl Running {
             .add_service(slap_proto::cluster::cluster_server::ClusterServer::new(
                 crate::cluster_service::ClusterService::new(replica.clone()),
             ))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(incoming(listener), async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
             });
         let server = tokio::spawn(server);
         let (stopped_tx, stopped) = watch::channel(None);
         tokio::spawn(watch_metrics(replica.clone(), stopped_tx));
+        tokio::spawn(log_store_rates(replica.log.stats()));
         info!(
             replica = identity.node_id,
             cluster = %identity.cluster_id,
@@ -225,6 +363,31 @@ async fn watch_metrics(replica: Arc<Replica>, stopped: watch::Sender<Option<Stri
     }
 }
 
+/// Logs (at debug level) how many entries, append calls and WAL syncs the
+/// log store does per second: how well writes are batched.
+async fn log_store_rates(stats: Arc<raft_store::LogStats>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut last = (0, 0, 0);
+    loop {
+        tick.tick().await;
+        let now = (
+            stats.entries.load(Relaxed),
+            stats.appends.load(Relaxed),
+            stats.syncs.load(Relaxed),
+        );
+        if now != last {
+            tracing::debug!(
+                entries_per_s = (now.0 - last.0) / 5,
+                appends_per_s = (now.1 - last.1) / 5,
+                syncs_per_s = (now.2 - last.2) / 5,
+                "log store"
+            );
+        }
+        last = now;
+    }
+}
+
 /// Asks the peers whether a leader of this cluster has dropped `replica`.
 async fn removed_by_leader(replica: &Replica, peers: &[String]) -> bool {
     for addr in peers {
@@ -291,45 +454,79 @@ impl Replica {
     /// Proposes a write on this replica, which must be the leader. Returns
     /// the reply and its log index, or `Err(None)` when leadership was lost
     /// before the write entered the log (safe to send to the new leader).
-    pub async fn propose(&self, write: ClientWrite) -> Result<(Reply, u64), Option<Status>> {
-        let proposal = Proposal {
-            request_id: write.request_id,
-            time_us: now_us(),
-            command: write.command,
-        };
-        match self.raft.client_write(proposal).await {
-            Ok(r) => Ok((r.data, r.log_id.index)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(None),
-            Err(e) => Err(Some(write_error(e))),
-        }
+    pub async fn propose(&self, write: ClientWrite) -> ProposeResult {
+        let (done, answer) = oneshot::channel();
+        let closing = || Some(Status::unavailable("this replica is shutting down"));
+        self.proposer
+            .send(Pending { write, done })
+            .await
+            .map_err(|_| closing())?;
+        answer.await.unwrap_or_else(|_| Err(closing()))
     }
 
-    /// A write from any replica: proposed here if leader, else forwarded.
+    /// A write from any replica: proposed here if leader, else forwarded
+    /// (gathered with other writes) to the leader.
     pub async fn write(&self, write: ClientWrite) -> Result<(Reply, u64), Status> {
         let deadline = Instant::now() + LEADER_WAIT;
         loop {
-            match self.leader_client().await? {
-                None => match self.propose(write.clone()).await {
+            if self.leader().await?.is_none() {
+                match self.propose(write.clone()).await {
                     Ok(done) => return Ok(done),
                     Err(Some(status)) => return Err(status),
                     Err(None) => {}
-                },
-                Some(mut leader) => {
-                    let bytes = postcard::to_allocvec(&write).expect("writes encode");
-                    let reply = leader
-                        .write(slap_proto::cluster::WriteRequest { proposal: bytes })
-                        .await?
-                        .into_inner();
-                    let decoded: Reply = postcard::from_bytes(&reply.reply)
-                        .map_err(|e| Status::internal(format!("undecodable reply from the leader: {e}")))?;
-                    return Ok((decoded, reply.log_index));
                 }
+            } else {
+                let (done, answer) = oneshot::channel();
+                let closing = || Status::unavailable("this replica is shutting down");
+                self.forwarder
+                    .send(Forward { write, done })
+                    .await
+                    .map_err(|_| closing())?;
+                return answer.await.unwrap_or_else(|_| Err(closing()));
             }
             if Instant::now() > deadline {
                 return Err(Status::unavailable("leadership kept moving; write not proposed"));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Sends a batch of writes to the leader (or proposes them here if this
+    /// replica has become the leader meanwhile); one result per write.
+    async fn forward_batch(&self, writes: Vec<ClientWrite>) -> Result<Vec<Result<(Reply, u64), Status>>, Status> {
+        let Some(mut leader) = self.leader_client().await? else {
+            let local = writes.into_iter().map(|w| async move {
+                self.propose(w)
+                    .await
+                    .map_err(|e| e.unwrap_or_else(|| Status::unavailable("leadership moved during the write; retry")))
+            });
+            return Ok(futures::future::join_all(local).await);
+        };
+        let proposals = writes
+            .iter()
+            .map(|w| postcard::to_allocvec(w).expect("writes encode"))
+            .collect();
+        let reply = leader
+            .write_batch(slap_proto::cluster::WriteBatchRequest { proposals })
+            .await?
+            .into_inner();
+        if reply.outcomes.len() != writes.len() {
+            return Err(Status::internal(
+                "the leader answered a batch with the wrong number of outcomes",
+            ));
+        }
+        Ok(reply
+            .outcomes
+            .into_iter()
+            .map(|o| {
+                if o.code != 0 {
+                    return Err(Status::new(tonic::Code::from(o.code), o.error));
+                }
+                let reply = postcard::from_bytes(&o.reply)
+                    .map_err(|e| Status::internal(format!("undecodable reply from the leader: {e}")))?;
+                Ok((reply, o.log_index))
+            })
+            .collect())
     }
 
     /// A linearizable read: the leader confirms it still leads (a quorum

@@ -12,13 +12,13 @@ use openraft::{LogId, TokioRuntime};
 use raft_store::{LogStore, RestoreError, StateMachineStore, StoreError, Writes};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{persist, Master, Proposal, Reply};
+use crate::state::{persist, Master, ProposalBatch, Reply};
 
 openraft::declare_raft_types!(
     /// openraft types of the Master.
     pub MasterTypes:
-        D = Proposal,
-        R = Reply,
+        D = ProposalBatch,
+        R = Vec<Reply>,
         NodeId = u64,
         Node = ReplicaNode,
         Entry = openraft::Entry<MasterTypes>,
@@ -39,15 +39,15 @@ pub type Raft = openraft::Raft<MasterTypes>;
 pub type StateStore = StateMachineStore<MasterTypes, Master>;
 
 impl raft_store::StateMachine<MasterTypes> for Master {
-    fn apply(&mut self, log_id: &LogId<u64>, proposal: &Proposal, writes: &mut Writes) -> Reply {
-        let reply = Master::apply(self, log_id.index, proposal);
+    fn apply(&mut self, log_id: &LogId<u64>, batch: &ProposalBatch, writes: &mut Writes) -> Vec<Reply> {
+        let replies = batch.0.iter().map(|p| Master::apply(self, log_id.index, p)).collect();
         for dirty in self.take_dirty() {
             match persist::value(self, &dirty) {
                 Some(v) => writes.put(persist::key(&dirty), &v),
                 None => writes.delete(persist::key(&dirty)),
             }
         }
-        reply
+        replies
     }
 
     fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Self, RestoreError> {
@@ -55,19 +55,26 @@ impl raft_store::StateMachine<MasterTypes> for Master {
     }
 }
 
-/// Raft timing. The defaults suit a loaded 2-core machine with fsync: a
-/// heartbeat every 150 ms, and an election after 600 to 900 ms of silence,
-/// which keeps failover under a second while riding out a few late heartbeats.
+/// Raft timing.
+///
+/// openraft (0.9) gives a leader a lease as long as the largest election
+/// timeout: a follower calls an election only after `election-max-ms` plus
+/// its own random timeout in [`election-min-ms`, `election-max-ms`) without
+/// hearing from the leader. The defaults (heartbeat 100 ms, 250 to 400 ms)
+/// declare a leader dead after 650 to 800 ms of silence, more than six missed
+/// heartbeats, which rides out a loaded 2-core machine with fsync and keeps
+/// failover under a second.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Timing {
     /// Leader heartbeat interval, in milliseconds.
-    #[arg(long, env = "MASTER_HEARTBEAT_MS", default_value_t = 150)]
+    #[arg(long, env = "MASTER_HEARTBEAT_MS", default_value_t = 100)]
     pub heartbeat_ms: u64,
-    /// Smallest election timeout, in milliseconds.
-    #[arg(long, env = "MASTER_ELECTION_MIN_MS", default_value_t = 600)]
+    /// Smallest election timeout, in milliseconds (a leader is declared dead
+    /// after max + a random value in [min, max) without a heartbeat).
+    #[arg(long, env = "MASTER_ELECTION_MIN_MS", default_value_t = 250)]
     pub election_min_ms: u64,
-    /// Largest election timeout, in milliseconds.
-    #[arg(long, env = "MASTER_ELECTION_MAX_MS", default_value_t = 900)]
+    /// Largest election timeout, in milliseconds; also the leader's lease.
+    #[arg(long, env = "MASTER_ELECTION_MAX_MS", default_value_t = 400)]
     pub election_max_ms: u64,
     /// Take a snapshot (and allow purging the log) every this many entries.
     #[arg(long, default_value_t = 20_000)]
@@ -77,9 +84,9 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Self {
-            heartbeat_ms: 150,
-            election_min_ms: 600,
-            election_max_ms: 900,
+            heartbeat_ms: 100,
+            election_min_ms: 250,
+            election_max_ms: 400,
             snapshot_every: 20_000,
         }
     }

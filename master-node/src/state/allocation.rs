@@ -123,7 +123,7 @@ impl Master {
         filter: &Filter,
         release: &str,
         root: &str,
-        log_index: u64,
+        seq: u64,
     ) -> Result<(ComputerId, PartitionId), String> {
         let used_networks: BTreeSet<String> = if filter.unique_by_network {
             self.instances
@@ -176,7 +176,7 @@ impl Master {
                 format!("no computer has {release} supplied")
             });
         }
-        let (_, computer, partition) = best[(log_index % best.len() as u64) as usize];
+        let (_, computer, partition) = best[(seq % best.len() as u64) as usize];
         Ok((computer.id.clone(), partition.id.clone()))
     }
 

@@ -2,8 +2,9 @@
 //!
 //! Every replica applies the same log through [`Master::apply`] and must end
 //! in the same state with the same answers, so `apply` reads nothing but the
-//! state, the log index and the [`Proposal`]: the time comes stamped by the
-//! leader, identifiers and tie-breaks derive from the log index, and there is
+//! state, its sequence number and the [`Proposal`]: the time comes stamped by
+//! the leader, identifiers and tie-breaks derive from the sequence number of
+//! the proposal (several proposals may share one log entry), and there is
 //! no I/O. What changed is collected as [`Dirty`] keys that the storage layer
 //! turns into records (see [`persist`]).
 //!
@@ -39,6 +40,8 @@ pub const SESSION_TTL_US: u64 = 3600 * 1_000_000;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Dirty {
     Computer(ComputerId),
+    /// Only the revision of a computer's document changed.
+    Revision(ComputerId),
     Partition(ComputerId, PartitionId),
     Installation(ComputerId, SoftwareUrl),
     Instance(InstanceId),
@@ -59,13 +62,15 @@ pub struct Master {
     pub cluster: Option<ClusterMeta>,
     /// Last timestamp handed out; timestamps only grow.
     pub clock: u64,
-    /// Index of the last applied command.
+    /// Log index of the last applied proposal.
     pub last_index: u64,
+    /// Proposals applied so far; numbers each one (ids, tie-breaks, revisions).
+    pub applied: u64,
     // Indexes derived from the entities above, rebuilt at restore.
     titles: BTreeMap<(Scope, String), InstanceId>,
     children: BTreeMap<InstanceId, BTreeSet<InstanceId>>,
     hosted: BTreeMap<InstanceId, BTreeSet<InstanceId>>,
-    /// Instances waiting for a place, by creation index.
+    /// Instances waiting for a place, by creation sequence number.
     pending: BTreeSet<(u64, InstanceId)>,
     dirty: BTreeSet<Dirty>,
 }
@@ -78,7 +83,7 @@ fn invalid(what: impl Into<String>) -> Reply {
     Reply::Refused(Refusal::Invalid(what.into()))
 }
 
-/// The creation index encoded in an instance id (`SOFTINST-42` -> 42).
+/// The creation sequence number in an instance id (`SOFTINST-42` -> 42).
 fn creation_index(id: &str) -> u64 {
     id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0)
 }
@@ -89,9 +94,13 @@ impl Master {
         Self::default()
     }
 
-    /// Applies one committed proposal at `index`.
+    /// Applies one committed proposal carried by the log entry at `index`.
     pub fn apply(&mut self, index: u64, proposal: &Proposal) -> Reply {
         self.last_index = index;
+        // Several proposals can share a log entry: identifiers and tie-breaks
+        // use this per-proposal sequence number instead of the log index.
+        self.applied += 1;
+        let seq = self.applied;
         self.dirty.insert(Dirty::Meta);
         let now = proposal.time_us;
         if let Some(rid) = &proposal.request_id {
@@ -108,7 +117,7 @@ impl Master {
                 }
             }
         }
-        let reply = self.execute(index, now, &proposal.command);
+        let reply = self.execute(seq, now, &proposal.command);
         if let Some(rid) = &proposal.request_id {
             self.sessions.insert(
                 rid.client.clone(),
@@ -120,7 +129,7 @@ impl Master {
             );
             self.dirty.insert(Dirty::Session(rid.client.clone()));
         }
-        if index.is_multiple_of(1024) {
+        if seq.is_multiple_of(1024) {
             self.expire_sessions(now);
         }
         reply
@@ -144,7 +153,7 @@ impl Master {
         }
     }
 
-    fn execute(&mut self, index: u64, now: u64, command: &Command) -> Reply {
+    fn execute(&mut self, seq: u64, now: u64, command: &Command) -> Reply {
         match command {
             Command::SetComputer {
                 id,
@@ -153,33 +162,33 @@ impl Master {
                 capacity,
                 categories,
                 partitions,
-            } => self.set_computer(index, now, id, address, netmask, capacity, categories, partitions),
-            Command::Supply { computer, url, state } => self.supply(index, now, computer, url, *state),
-            Command::Request(spec) => self.request(index, now, spec),
+            } => self.set_computer(seq, now, id, address, netmask, capacity, categories, partitions),
+            Command::Supply { computer, url, state } => self.supply(seq, now, computer, url, *state),
+            Command::Request(spec) => self.request(seq, now, spec),
             Command::SetConnection {
                 computer,
                 partition,
                 shared_reference,
                 connection,
-            } => self.set_connection(index, now, computer, partition, shared_reference.as_deref(), connection),
+            } => self.set_connection(seq, now, computer, partition, shared_reference.as_deref(), connection),
             Command::ReportInstance {
                 computer,
                 partition,
                 shared_reference,
                 report,
-            } => self.report_instance(index, computer, partition, shared_reference.as_deref(), report),
-            Command::ReportSoftware { computer, url, report } => self.report_software(index, computer, url, report),
+            } => self.report_instance(seq, computer, partition, shared_reference.as_deref(), report),
+            Command::ReportSoftware { computer, url, report } => self.report_software(seq, computer, url, report),
             Command::Bang {
                 computer, partition, ..
-            } => self.bang(index, now, computer, partition),
+            } => self.bang(seq, now, computer, partition),
             Command::DestroyedPartition { computer, partition } => {
-                self.destroyed_partition(index, now, computer, partition)
+                self.destroyed_partition(seq, now, computer, partition)
             }
             Command::SetRelatedInstances {
                 computer,
                 partition,
                 titles,
-            } => self.set_related(index, now, computer, partition, titles),
+            } => self.set_related(seq, now, computer, partition, titles),
             Command::InitCluster { id, token_sha256 } => self.init_cluster(id, token_sha256),
             Command::ReserveReplicaId { .. } => self.reserve_replica_id(),
         }
@@ -278,15 +287,15 @@ impl Master {
         self.clock
     }
 
-    fn touch_computer(&mut self, index: u64, computer: &str) {
+    fn touch_computer(&mut self, seq: u64, computer: &str) {
         if let Some(c) = self.computers.get_mut(computer) {
-            c.revision = index;
-            self.dirty.insert(Dirty::Computer(computer.to_string()));
+            c.revision = seq;
+            self.dirty.insert(Dirty::Revision(computer.to_string()));
         }
     }
 
     /// Makes the node redeploy `id` (and tells its computer's document).
-    fn bump(&mut self, index: u64, now: u64, id: &str) {
+    fn bump(&mut self, seq: u64, now: u64, id: &str) {
         let ts = self.tick(now);
         let Some(inst) = self.instances.get_mut(id) else { return };
         inst.timestamp = ts;
@@ -302,7 +311,7 @@ impl Master {
             _ => None,
         };
         if let Some(c) = place {
-            self.touch_computer(index, &c);
+            self.touch_computer(seq, &c);
         }
     }
 
@@ -327,7 +336,7 @@ impl Master {
     #[allow(clippy::too_many_arguments)]
     fn set_computer(
         &mut self,
-        index: u64,
+        seq: u64,
         now: u64,
         id: &str,
         address: &str,
@@ -392,15 +401,15 @@ impl Master {
                 capacity: capacity.clone(),
                 categories: categories.clone(),
                 partitions: list,
-                revision: index,
+                revision: seq,
             },
         );
         self.dirty.insert(Dirty::Computer(id.to_string()));
-        self.place_pending(index, now);
+        self.place_pending(seq, now);
         Reply::Done
     }
 
-    fn supply(&mut self, index: u64, now: u64, computer: &str, url: &str, state: SupplyState) -> Reply {
+    fn supply(&mut self, seq: u64, now: u64, computer: &str, url: &str, state: SupplyState) -> Reply {
         if url.trim().is_empty() {
             return invalid("a software release URL must not be empty");
         }
@@ -421,15 +430,15 @@ impl Master {
                 });
             entry.requested = state;
             self.dirty.insert(Dirty::Installation(key.0, key.1));
-            self.touch_computer(index, computer);
+            self.touch_computer(seq, computer);
             if state == SupplyState::Available {
-                self.place_pending(index, now);
+                self.place_pending(seq, now);
             }
         }
         Reply::Done
     }
 
-    fn report_software(&mut self, index: u64, computer: &str, url: &str, report: &SoftwareReport) -> Reply {
+    fn report_software(&mut self, seq: u64, computer: &str, url: &str, report: &SoftwareReport) -> Reply {
         let key = (computer.to_string(), url.to_string());
         let Some(inst) = self.installations.get_mut(&key) else {
             return refused_not_found(format!("{url} is not supplied to computer {computer}"));
@@ -445,13 +454,13 @@ impl Master {
             return Reply::Done;
         }
         self.dirty.insert(Dirty::Installation(key.0, key.1));
-        self.touch_computer(index, computer);
+        self.touch_computer(seq, computer);
         Reply::Done
     }
 
     // ----- requests ----------------------------------------------------
 
-    fn request(&mut self, index: u64, now: u64, spec: &RequestSpec) -> Reply {
+    fn request(&mut self, seq: u64, now: u64, spec: &RequestSpec) -> Reply {
         if spec.title.trim().is_empty() {
             return invalid("an instance needs a non-empty title (partition_reference)");
         }
@@ -493,13 +502,13 @@ impl Master {
             _ => wanted,
         };
         match self.titles.get(&(scope.clone(), spec.title.clone())).cloned() {
-            Some(id) => self.rerequest(index, now, &id, spec, spec.state.map(effective)),
+            Some(id) => self.rerequest(seq, now, &id, spec, spec.state.map(effective)),
             None => {
                 if spec.state == Some(RequestedState::Destroyed) {
                     return refused_not_found(format!("no instance titled {:?} to destroy", spec.title));
                 }
                 let state = effective(spec.state.unwrap_or(RequestedState::Started));
-                let id = format!("{}-{index}", if spec.shared { "SLAVEINST" } else { "SOFTINST" });
+                let id = format!("{}-{seq}", if spec.shared { "SLAVEINST" } else { "SOFTINST" });
                 let root = root_of_requester.unwrap_or_else(|| id.clone());
                 let timestamp = self.tick(now);
                 let instance = Instance {
@@ -526,7 +535,7 @@ impl Master {
                 self.index_instance(&instance);
                 self.instances.insert(id.clone(), instance);
                 self.dirty.insert(Dirty::Instance(id.clone()));
-                self.try_place(index, now, &id);
+                self.try_place(seq, now, &id);
                 Reply::Instance(Box::new(self.instances[&id].clone()))
             }
         }
@@ -546,14 +555,7 @@ impl Master {
         }
     }
 
-    fn rerequest(
-        &mut self,
-        index: u64,
-        now: u64,
-        id: &str,
-        spec: &RequestSpec,
-        state: Option<RequestedState>,
-    ) -> Reply {
+    fn rerequest(&mut self, seq: u64, now: u64, id: &str, spec: &RequestSpec, state: Option<RequestedState>) -> Reply {
         let current = &self.instances[id];
         if current.shared != spec.shared {
             let kind = if current.shared { "a shared" } else { "a non-shared" };
@@ -575,16 +577,16 @@ impl Master {
             }
         }
         if changed {
-            self.bump(index, now, id);
-            self.bump_host_of(index, now, id);
+            self.bump(seq, now, id);
+            self.bump_host_of(seq, now, id);
             if state == Some(RequestedState::Destroyed) {
-                self.destroy_descendants(index, now, id);
-                self.release_if_unplaced(index, id);
+                self.destroy_descendants(seq, now, id);
+                self.release_if_unplaced(seq, id);
             }
         }
         if !self.instances.get(id).is_some_and(Instance::is_placed) {
             if let Some(_inst) = self.instances.get(id) {
-                self.try_place(index, now, id);
+                self.try_place(seq, now, id);
             }
         }
         match self.instances.get(id) {
@@ -595,14 +597,14 @@ impl Master {
     }
 
     /// A shared instance's change is a change of its host's list.
-    fn bump_host_of(&mut self, index: u64, now: u64, id: &str) {
+    fn bump_host_of(&mut self, seq: u64, now: u64, id: &str) {
         if let Some(host) = self.instances.get(id).and_then(|i| i.host.clone()) {
-            self.bump(index, now, &host);
+            self.bump(seq, now, &host);
         }
     }
 
     /// Places a pending instance if it can be placed now; records why not otherwise.
-    fn try_place(&mut self, index: u64, now: u64, id: &str) {
+    fn try_place(&mut self, seq: u64, now: u64, id: &str) {
         let Some(inst) = self.instances.get(id) else { return };
         if inst.is_placed() || inst.requested_state == RequestedState::Destroyed {
             return;
@@ -612,7 +614,7 @@ impl Master {
                 self.choose_host(&f, &inst.software_release, &inst.software_type)
                     .map(Place::Host)
             } else {
-                self.choose_partition(&f, &inst.software_release, &inst.root, index)
+                self.choose_partition(&f, &inst.software_release, &inst.root, seq)
                     .map(Place::Partition)
             }
         });
@@ -637,13 +639,13 @@ impl Master {
                         part.state = SlapState::Busy;
                         part.instance = Some(id.to_string());
                         self.dirty.insert(Dirty::Partition(c.clone(), p));
-                        self.bump(index, now, id);
+                        self.bump(seq, now, id);
                     }
                     Place::Host(host) => {
                         inst.host = Some(host.clone());
                         self.hosted.entry(host.clone()).or_default().insert(id.to_string());
-                        self.bump(index, now, id);
-                        self.bump(index, now, &host);
+                        self.bump(seq, now, id);
+                        self.bump(seq, now, &host);
                     }
                 }
             }
@@ -651,17 +653,17 @@ impl Master {
     }
 
     /// Retries every pending instance, oldest first.
-    fn place_pending(&mut self, index: u64, now: u64) {
+    fn place_pending(&mut self, seq: u64, now: u64) {
         let waiting: Vec<InstanceId> = self.pending.iter().map(|(_, id)| id.clone()).collect();
         for id in waiting {
-            self.try_place(index, now, &id);
+            self.try_place(seq, now, &id);
         }
     }
 
     // ----- destruction -------------------------------------------------
 
     /// Marks every descendant of `id` destroyed (and removes those never placed).
-    fn destroy_descendants(&mut self, index: u64, now: u64, id: &str) {
+    fn destroy_descendants(&mut self, seq: u64, now: u64, id: &str) {
         let mut stack: Vec<InstanceId> = self.children.get(id).into_iter().flatten().cloned().collect();
         while let Some(child) = stack.pop() {
             stack.extend(self.children.get(&child).into_iter().flatten().cloned());
@@ -671,16 +673,16 @@ impl Master {
                 .is_some_and(|c| c.requested_state != RequestedState::Destroyed)
             {
                 self.instance_mut(&child).requested_state = RequestedState::Destroyed;
-                self.bump(index, now, &child);
-                self.bump_host_of(index, now, &child);
+                self.bump(seq, now, &child);
+                self.bump_host_of(seq, now, &child);
             }
-            self.release_if_unplaced(index, &child);
+            self.release_if_unplaced(seq, &child);
         }
     }
 
     /// A destroyed instance that holds no partition (never placed, or
     /// shared) has nothing for a node to wipe: it goes at once.
-    fn release_if_unplaced(&mut self, index: u64, id: &str) {
+    fn release_if_unplaced(&mut self, seq: u64, id: &str) {
         let Some(inst) = self.instances.get(id) else { return };
         if inst.requested_state != RequestedState::Destroyed || inst.partition.is_some() {
             return;
@@ -688,12 +690,12 @@ impl Master {
         if self.children.get(id).is_some_and(|c| !c.is_empty()) {
             return;
         }
-        self.remove_instance(index, id);
+        self.remove_instance(seq, id);
     }
 
     /// Forgets an instance entirely, freeing its partition and detaching what
     /// it hosted (those shared instances wait for a new host).
-    fn remove_instance(&mut self, index: u64, id: &str) {
+    fn remove_instance(&mut self, seq: u64, id: &str) {
         let Some(inst) = self.instances.remove(id) else { return };
         self.dirty.insert(Dirty::Instance(id.to_string()));
         self.titles.remove(&(inst.scope.clone(), inst.title.clone()));
@@ -714,7 +716,7 @@ impl Master {
                 }
             }
             if let Some(h) = self.instances.get(host).and_then(|h| h.partition.clone()) {
-                self.touch_computer(index, &h.0);
+                self.touch_computer(seq, &h.0);
             }
         }
         if let Some((c, p)) = &inst.partition {
@@ -723,7 +725,7 @@ impl Master {
                 part.instance = None;
                 self.dirty.insert(Dirty::Partition(c.clone(), p.clone()));
             }
-            self.touch_computer(index, c);
+            self.touch_computer(seq, c);
         }
         for guest in self.hosted.remove(id).unwrap_or_default() {
             if let Some(g) = self.instances.get_mut(&guest) {
@@ -735,11 +737,11 @@ impl Master {
         }
         // A destroyed parent that was waiting only for this child may go now.
         if let Requester::Instance(parent) = &inst.requester {
-            self.release_if_unplaced(index, parent);
+            self.release_if_unplaced(seq, parent);
         }
     }
 
-    fn destroyed_partition(&mut self, index: u64, now: u64, computer: &str, partition: &str) -> Reply {
+    fn destroyed_partition(&mut self, seq: u64, now: u64, computer: &str, partition: &str) -> Reply {
         let key = (computer.to_string(), partition.to_string());
         let Some(part) = self.partitions.get(&key) else {
             return refused_not_found(format!("computer {computer} has no partition {partition}"));
@@ -756,20 +758,20 @@ impl Master {
         }
         let live: Vec<String> = self.children_of(&id).map(|c| c.title.clone()).collect();
         if !live.is_empty() {
-            self.destroy_descendants(index, now, &id);
+            self.destroy_descendants(seq, now, &id);
             return Reply::Note(format!(
                 "Not destroying yet because this partition has child partitions: {}",
                 live.join(", ")
             ));
         }
-        self.remove_instance(index, &id);
+        self.remove_instance(seq, &id);
         // The freed partition and any detached shared instances may place waiting ones.
-        self.place_pending(index, now);
+        self.place_pending(seq, now);
         // A parent waiting for this child to go may now be freed by its node.
         Reply::Done
     }
 
-    fn set_related(&mut self, index: u64, now: u64, computer: &str, partition: &str, titles: &[String]) -> Reply {
+    fn set_related(&mut self, seq: u64, now: u64, computer: &str, partition: &str, titles: &[String]) -> Reply {
         let id = match self.partition_instance(computer, partition) {
             Ok(id) => id,
             Err(reply) => return reply,
@@ -782,10 +784,10 @@ impl Master {
             .collect();
         for child in unlinked {
             self.instance_mut(&child).requested_state = RequestedState::Destroyed;
-            self.bump(index, now, &child);
-            self.bump_host_of(index, now, &child);
-            self.destroy_descendants(index, now, &child);
-            self.release_if_unplaced(index, &child);
+            self.bump(seq, now, &child);
+            self.bump_host_of(seq, now, &child);
+            self.destroy_descendants(seq, now, &child);
+            self.release_if_unplaced(seq, &child);
         }
         Reply::Done
     }
@@ -794,7 +796,7 @@ impl Master {
 
     fn set_connection(
         &mut self,
-        index: u64,
+        seq: u64,
         now: u64,
         computer: &str,
         partition: &str,
@@ -820,14 +822,14 @@ impl Master {
         // The requester reads these: make it redeploy. The publisher itself is
         // not bumped, or it would redeploy forever.
         if let Requester::Instance(parent) = self.instances[&target].requester.clone() {
-            self.bump(index, now, &parent);
+            self.bump(seq, now, &parent);
         }
         Reply::Done
     }
 
     fn report_instance(
         &mut self,
-        index: u64,
+        seq: u64,
         computer: &str,
         partition: &str,
         shared_reference: Option<&str>,
@@ -851,12 +853,12 @@ impl Master {
         };
         if self.instances[&target].reported.as_ref() != Some(report) {
             self.instance_mut(&target).reported = Some(report.clone());
-            self.touch_computer(index, computer);
+            self.touch_computer(seq, computer);
         }
         Reply::Done
     }
 
-    fn bang(&mut self, index: u64, now: u64, computer: &str, partition: &str) -> Reply {
+    fn bang(&mut self, seq: u64, now: u64, computer: &str, partition: &str) -> Reply {
         let id = match self.partition_instance(computer, partition) {
             Ok(id) => id,
             Err(reply) => return reply,
@@ -869,7 +871,7 @@ impl Master {
             .map(|i| i.id.clone())
             .collect();
         for member in tree {
-            self.bump(index, now, &member);
+            self.bump(seq, now, &member);
         }
         Reply::Done
     }

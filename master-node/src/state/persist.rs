@@ -2,7 +2,7 @@
 //! writes only what it changed.
 //!
 //! Keys are a one-letter kind, `/`, then the entity's identity with NUL
-//! between parts: `c/COMP-1`, `p/COMP-1\0slappart0`, `s/COMP-1\0URL`,
+//! between parts: `c/COMP-1` (and `r/COMP-1`, its revision), `p/COMP-1\0slappart0`, `s/COMP-1\0URL`,
 //! `i/SOFTINST-7`, `x/<client>`, `m` for the counters and `k` for the
 //! cluster's facts. Values are postcard.
 
@@ -15,6 +15,7 @@ use super::{Dirty, Master};
 struct MetaRecord {
     clock: u64,
     last_index: u64,
+    applied: u64,
 }
 
 fn join(kind: &str, parts: &[&str]) -> Vec<u8> {
@@ -33,6 +34,7 @@ fn join(kind: &str, parts: &[&str]) -> Vec<u8> {
 pub fn key(d: &Dirty) -> Vec<u8> {
     match d {
         Dirty::Computer(c) => join("c", &[c]),
+        Dirty::Revision(c) => join("r", &[c]),
         Dirty::Partition(c, p) => join("p", &[c, p]),
         Dirty::Installation(c, u) => join("s", &[c, u]),
         Dirty::Instance(i) => join("i", &[i]),
@@ -49,7 +51,15 @@ fn enc<T: Serialize>(v: &T) -> Vec<u8> {
 /// The record of an entity as it stands now, or `None` if it is gone.
 pub fn value(m: &Master, d: &Dirty) -> Option<Vec<u8>> {
     match d {
-        Dirty::Computer(c) => m.computers.get(c).map(enc),
+        // A computer's revision changes on most writes; it is stored apart so
+        // those writes do not rewrite the computer with its partition list.
+        Dirty::Computer(c) => m.computers.get(c).map(|c| {
+            enc(&Computer {
+                revision: 0,
+                ..c.clone()
+            })
+        }),
+        Dirty::Revision(c) => m.computers.get(c).map(|c| enc(&c.revision)),
         Dirty::Partition(c, p) => m.partitions.get(&(c.clone(), p.clone())).map(enc),
         Dirty::Installation(c, u) => m.installations.get(&(c.clone(), u.clone())).map(enc),
         Dirty::Instance(i) => m.instances.get(i).map(enc),
@@ -57,6 +67,7 @@ pub fn value(m: &Master, d: &Dirty) -> Option<Vec<u8>> {
         Dirty::Meta => Some(enc(&MetaRecord {
             clock: m.clock,
             last_index: m.last_index,
+            applied: m.applied,
         })),
         Dirty::Cluster => m.cluster.as_ref().map(enc),
     }
@@ -66,6 +77,7 @@ pub fn value(m: &Master, d: &Dirty) -> Option<Vec<u8>> {
 pub fn all_records(m: &Master) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut keys: Vec<Dirty> = vec![Dirty::Meta, Dirty::Cluster];
     keys.extend(m.computers.keys().cloned().map(Dirty::Computer));
+    keys.extend(m.computers.keys().cloned().map(Dirty::Revision));
     keys.extend(m.partitions.keys().map(|(c, p)| Dirty::Partition(c.clone(), p.clone())));
     keys.extend(
         m.installations
@@ -85,17 +97,32 @@ fn dec<T: for<'de> Deserialize<'de>>(key: &[u8], value: &[u8]) -> Result<T, (Vec
 /// with its key and the reason.
 pub fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Master, (Vec<u8>, String)> {
     let mut m = Master::new();
+    // Revisions met before their computer (records are not always in key order).
+    let mut revisions = std::collections::BTreeMap::new();
     for (k, v) in records {
         match k.first().copied() {
             Some(b'm') if k.len() == 1 => {
                 let meta: MetaRecord = dec(&k, &v)?;
                 m.clock = meta.clock;
                 m.last_index = meta.last_index;
+                m.applied = meta.applied;
             }
             Some(b'k') if k.len() == 1 => m.cluster = Some(dec(&k, &v)?),
             Some(b'c') => {
-                let c: Computer = dec(&k, &v)?;
+                let mut c: Computer = dec(&k, &v)?;
+                c.revision = revisions.remove(&c.id).unwrap_or(0);
                 m.computers.insert(c.id.clone(), c);
+            }
+            Some(b'r') => {
+                // Keys sort `c/...` before `r/...`: the computer is already there.
+                let revision: u64 = dec(&k, &v)?;
+                let id = String::from_utf8_lossy(&k[2..]).into_owned();
+                match m.computers.get_mut(&id) {
+                    Some(c) => c.revision = revision,
+                    None => {
+                        revisions.insert(id, revision);
+                    }
+                }
             }
             Some(b'p') => {
                 let p: Partition = dec(&k, &v)?;

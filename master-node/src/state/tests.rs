@@ -458,8 +458,11 @@ fn refusals_change_nothing() {
     ] {
         let r = w.run(cmd);
         assert!(matches!(r, Reply::Refused(_)), "{r:?}");
+        // The log position and the count of applied proposals move on any
+        // write, refused or not; everything else must stay as it was.
         let mut after = w.m.clone();
         after.last_index = before.last_index;
+        after.applied = before.applied;
         after.dirty.clear();
         let mut b = before.clone();
         b.dirty.clear();
