@@ -364,10 +364,13 @@ fn sync_loop(db: &DB, rx: &mpsc::Receiver<OnDurable>, stats: &LogStats) {
         waiting.extend(rx.try_iter());
         let result = db.flush_wal(true);
         stats.syncs.fetch_add(1, Ordering::Relaxed);
+        // Looked at before acknowledging: an append that our own
+        // acknowledgement triggers (a lone writer's next one) is not a sign
+        // of concurrent writers and must not be delayed.
+        carried = rx.try_recv().ok();
         for on_durable in waiting {
             on_durable(result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string())));
         }
-        carried = rx.try_recv().ok();
     }
 }
 
