@@ -1,8 +1,9 @@
 //! Committed writes on a 3-replica Master next to a 3-member etcd, same run.
 //!
+//! Each system runs alone on the machine, one after the other in the same run.
 //! For each concurrency (closed loop: every client sends its next write when
-//! the previous one is answered), both systems get the same workload for the
-//! same time: requestComputerPartition-sized writes (a re-request of one of 50
+//! the previous one is answered), both get the same workload for the same
+//! time: requestComputerPartition-sized writes (a re-request of one of 50
 //! titles per client with new parameters, about 600 bytes encoded) on the
 //! Master, puts of values of the same size on etcd. Clients spread over the
 //! three members (followers forward to the leader in both systems). Reported:
@@ -614,64 +615,69 @@ async fn main() {
         base.path().display()
     );
 
+    // Each system runs alone on the machine (the other is stopped), one
+    // after the other in this run, with the same workload.
     let mut master = Master::start(&bin, base.path()).await;
-    let mut etcd = if args.no_etcd {
-        None
-    } else {
-        Some(Etcd::start(&args.etcd, base.path()).await)
-    };
+    let mut ours = Vec::new();
+    for &clients in &args.clients {
+        ours.push(master.load(clients, args.seconds, args.leader_only).await);
+    }
+    let mut our_failovers = Vec::new();
+    for _ in 0..args.failovers {
+        our_failovers.push(master.failover().await);
+    }
+    drop(master);
+
+    let mut theirs = Vec::new();
+    let mut their_failovers = Vec::new();
+    if !args.no_etcd {
+        let mut etcd = Etcd::start(&args.etcd, base.path()).await;
+        for &clients in &args.clients {
+            theirs.push(etcd.load(clients, args.seconds, value_len).await);
+        }
+        for _ in 0..args.failovers {
+            their_failovers.push(etcd.failover().await);
+        }
+    }
 
     println!();
     println!("| clients | system | writes/s | p50 ms | p99 ms | CPU ms/write |");
     println!("|---:|---|---:|---:|---:|---:|");
-    let mut ratios = Vec::new();
-    for &clients in &args.clients {
-        let ours = master.load(clients, args.seconds, args.leader_only).await;
+    for (i, &clients) in args.clients.iter().enumerate() {
+        let o = &ours[i];
         println!(
             "| {clients} | master-node | {:.0} | {:.2} | {:.2} | {:.3} |",
-            ours.writes_per_s, ours.p50_ms, ours.p99_ms, ours.cpu_ms_per_write
+            o.writes_per_s, o.p50_ms, o.p99_ms, o.cpu_ms_per_write
         );
-        if let Some(e) = &etcd {
-            let theirs = e.load(clients, args.seconds, value_len).await;
+        if let Some(t) = theirs.get(i) {
             println!(
                 "| {clients} | etcd 3.4 | {:.0} | {:.2} | {:.2} | {:.3} |",
-                theirs.writes_per_s, theirs.p50_ms, theirs.p99_ms, theirs.cpu_ms_per_write
+                t.writes_per_s, t.p50_ms, t.p99_ms, t.cpu_ms_per_write
             );
-            ratios.push((
-                clients,
-                ours.writes_per_s / theirs.writes_per_s,
-                ours.cpu_ms_per_write / theirs.cpu_ms_per_write,
-            ));
         }
     }
-    if !ratios.is_empty() {
+    if !theirs.is_empty() {
         println!();
         println!("| clients | master-node / etcd writes/s | master-node / etcd CPU per write |");
         println!("|---:|---:|---:|");
-        for (c, w, cpu) in ratios {
-            println!("| {c} | {w:.2}x | {cpu:.2}x |");
+        for (i, &clients) in args.clients.iter().enumerate() {
+            let (o, t) = (&ours[i], &theirs[i]);
+            println!(
+                "| {clients} | {:.2}x | {:.2}x |",
+                o.writes_per_s / t.writes_per_s,
+                o.cpu_ms_per_write / t.cpu_ms_per_write
+            );
         }
     }
-
     if args.failovers > 0 {
-        let mut ours = Vec::new();
-        for _ in 0..args.failovers {
-            ours.push(master.failover().await);
-        }
-        let (m_med, m_max) = median_max(ours);
         println!();
         println!("| leader failover ({} SIGKILLs) | median s | max s |", args.failovers);
         println!("|---|---:|---:|");
-        println!("| master-node | {m_med:.2} | {m_max:.2} |");
-        if let Some(e) = etcd.as_mut() {
-            let mut theirs = Vec::new();
-            for _ in 0..args.failovers {
-                theirs.push(e.failover().await);
-            }
-            let (e_med, e_max) = median_max(theirs);
-            println!("| etcd 3.4 | {e_med:.2} | {e_max:.2} |");
+        let (med, max) = median_max(our_failovers);
+        println!("| master-node | {med:.2} | {max:.2} |");
+        if !their_failovers.is_empty() {
+            let (med, max) = median_max(their_failovers);
+            println!("| etcd 3.4 | {med:.2} | {max:.2} |");
         }
     }
-    drop(etcd);
-    drop(master);
 }

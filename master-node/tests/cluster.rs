@@ -317,12 +317,15 @@ async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
     })
     .await;
     assert_eq!(voters(&a4).await, vec![1, 2, 3, 4, 5]);
-    let out = cli(&["leave", "--id", "4", "--peer", &a5, "--token", &token]);
+    // r4 and r5 joined concurrently: which got id 4 or 5 is up to the race.
+    let id_of = |r: &Replica| master_node::identity::Identity::load(&r.dir).unwrap().unwrap().node_id;
+    let (id4, id5) = (id_of(&r4), id_of(&r5));
+    let out = cli(&["leave", "--id", &id4.to_string(), "--peer", &a5, "--token", &token]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cli(&["leave", "--data-dir", r2.dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_until("three voters", Duration::from_secs(30), || async {
-        voters(&a1).await == vec![1, 3, 5]
+        voters(&a1).await == vec![1, 3, id5]
     })
     .await;
     for removed in [&mut r4, &mut r2] {
@@ -489,4 +492,36 @@ async fn replica_with_wiped_log_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no Raft log") && err.contains("leave"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_log_entry_stops_the_replica_and_names_it() {
+    let base = test_dir();
+    let (mut r1, _token) = Replica::init(base.path(), "r1");
+    let a1 = r1.addr.clone();
+    wait_until("r1 to lead", Duration::from_secs(20), || async {
+        leader_id(&[&a1]).await == Some(1)
+    })
+    .await;
+    let client = Client::new(std::slice::from_ref(&a1)).unwrap();
+    supply_computer(&client).await;
+    r1.kill();
+
+    // Overwrite the last log entry with bytes of the right format version
+    // that decode to nothing (as a bit flip or a newer binary would leave).
+    let log = r1.dir.join("log");
+    let last = {
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &log, ["log", "meta"]).unwrap();
+        let cf = db.cf_handle("log").unwrap();
+        let (key, _) = db.iterator_cf(cf, rocksdb::IteratorMode::End).next().unwrap().unwrap();
+        db.put_cf(cf, &key, [1u8, 0xff, 0xff, 0xff, 0x07]).unwrap();
+        u64::from_be_bytes(key.as_ref().try_into().unwrap())
+    };
+    let out = cli(&["run", "--data-dir", r1.dir.to_str().unwrap()]);
+    assert!(!out.status.success(), "a replica must not run on an undecodable entry");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("index {last}")) && err.contains("corrupt"),
+        "{err}"
+    );
 }

@@ -566,6 +566,12 @@ impl Master {
             || current.parameters != spec.parameters
             || state.is_some_and(|s| s != current.requested_state);
         let sla_changed = current.sla != spec.sla;
+        // What placement depends on. Capacity events (a computer, a supply, a
+        // freed partition, a new host) already retry every pending instance,
+        // so a re-request that changes none of these has nothing to retry.
+        let placement_changed = sla_changed
+            || current.software_release != spec.software_release
+            || current.software_type != spec.software_type;
         if changed || sla_changed {
             let inst = self.instance_mut(id);
             inst.software_release = spec.software_release.clone();
@@ -584,10 +590,8 @@ impl Master {
                 self.release_if_unplaced(seq, id);
             }
         }
-        if !self.instances.get(id).is_some_and(Instance::is_placed) {
-            if let Some(_inst) = self.instances.get(id) {
-                self.try_place(seq, now, id);
-            }
+        if placement_changed && self.instances.get(id).is_some_and(|i| !i.is_placed()) {
+            self.try_place(seq, now, id);
         }
         match self.instances.get(id) {
             Some(inst) => Reply::Instance(Box::new(inst.clone())),
@@ -640,6 +644,8 @@ impl Master {
                         part.instance = Some(id.to_string());
                         self.dirty.insert(Dirty::Partition(c.clone(), p));
                         self.bump(seq, now, id);
+                        // A new instance may be the host waiting shared ones need.
+                        self.place_pending_shared(seq, now);
                     }
                     Place::Host(host) => {
                         inst.host = Some(host.clone());
@@ -649,6 +655,19 @@ impl Master {
                     }
                 }
             }
+        }
+    }
+
+    /// Retries the pending shared instances, oldest first.
+    fn place_pending_shared(&mut self, seq: u64, now: u64) {
+        let waiting: Vec<InstanceId> = self
+            .pending
+            .iter()
+            .filter(|(_, id)| self.instances.get(id).is_some_and(|i| i.shared))
+            .map(|(_, id)| id.clone())
+            .collect();
+        for id in waiting {
+            self.try_place(seq, now, &id);
         }
     }
 

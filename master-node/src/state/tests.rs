@@ -253,6 +253,53 @@ fn pending_instance_is_placed_when_capacity_appears() {
 }
 
 #[test]
+fn shared_instance_waits_for_its_host_and_attaches_when_it_appears() {
+    let mut w = World::new();
+    w.computer("COMP-1", 4, &[]);
+    let site = instance(w.request("bob", "site", &[], &[]));
+    // A release no instance runs yet: the shared request waits.
+    let (c, p) = site.partition.clone().unwrap();
+    let waiting = instance(w.run(Command::Request(RequestSpec {
+        requester: RequestOrigin::Partition {
+            computer: c,
+            partition: p,
+        },
+        title: "cdn-route".into(),
+        software_release: "https://example.org/cdn.cfg".into(),
+        software_type: "default".into(),
+        parameters: Params::new(),
+        sla: Params::new(),
+        shared: true,
+        state: None,
+    })));
+    assert!(waiting.host.is_none() && waiting.pending_reason.is_some());
+    w.run(Command::Supply {
+        computer: "COMP-1".into(),
+        url: "https://example.org/cdn.cfg".into(),
+        state: SupplyState::Available,
+    });
+    assert!(
+        w.m.instances[&waiting.id].host.is_none(),
+        "no host yet: supply alone is not enough"
+    );
+    let cdn = instance(w.run(Command::Request(RequestSpec {
+        requester: RequestOrigin::User("alice".into()),
+        title: "cdn".into(),
+        software_release: "https://example.org/cdn.cfg".into(),
+        software_type: "default".into(),
+        parameters: Params::new(),
+        sla: Params::new(),
+        shared: false,
+        state: None,
+    })));
+    assert_eq!(
+        w.m.instances[&waiting.id].host.as_deref(),
+        Some(cdn.id.as_str()),
+        "attached once its host exists"
+    );
+}
+
+#[test]
 fn publication_bumps_requester_not_self() {
     let mut w = World::new();
     w.computer("COMP-1", 4, &[]);
