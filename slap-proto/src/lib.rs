@@ -4,6 +4,10 @@
 //!
 //! - [`cluster`]: the gRPC services between replicas (Raft) and of the
 //!   cluster (membership, status, forwarded writes and reads).
+//! - [`marshal`]: SLAP's xml_marshaller codec; [`form`]: its form bodies.
+
+pub mod form;
+pub mod marshal;
 
 /// gRPC: Raft transport and cluster operations (`proto/cluster.proto`).
 pub mod cluster {
