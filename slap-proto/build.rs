@@ -1,6 +1,10 @@
 //! Compiles the gRPC protocol definitions with a vendored protoc, so no system
 //! protobuf compiler is needed.
 
+#[cfg(not(feature = "grpc"))]
+fn main() {}
+
+#[cfg(feature = "grpc")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded at this point.

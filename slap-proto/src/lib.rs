@@ -10,6 +10,7 @@ pub mod form;
 pub mod marshal;
 
 /// gRPC: Raft transport and cluster operations (`proto/cluster.proto`).
+#[cfg(feature = "grpc")]
 pub mod cluster {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("slapos.cluster.v1");
