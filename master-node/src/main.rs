@@ -51,8 +51,9 @@ enum Cmd {
     Status(StatusArgs),
 }
 
+/// Where a new replica keeps its data and serves.
 #[derive(Args)]
-struct InitArgs {
+struct NewReplica {
     /// Where this replica keeps its data (created; must be empty).
     #[arg(long)]
     data_dir: PathBuf,
@@ -66,6 +67,18 @@ struct InitArgs {
     timing: Timing,
 }
 
+impl NewReplica {
+    fn advertise(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.clone())
+    }
+}
+
+#[derive(Args)]
+struct InitArgs {
+    #[command(flatten)]
+    replica: NewReplica,
+}
+
 #[derive(Args)]
 struct JoinArgs {
     /// Any replica of the cluster (leader or follower), host:port.
@@ -74,17 +87,8 @@ struct JoinArgs {
     /// The join token printed by `master-node init`.
     #[arg(long, env = "MASTER_JOIN_TOKEN")]
     token: String,
-    /// Where this replica keeps its data (created; must be empty).
-    #[arg(long)]
-    data_dir: PathBuf,
-    /// host:port to serve Raft and the cluster API on.
-    #[arg(long)]
-    listen: String,
-    /// host:port the other replicas use to reach this one (default: --listen).
-    #[arg(long)]
-    advertise: Option<String>,
     #[command(flatten)]
-    timing: Timing,
+    replica: NewReplica,
 }
 
 #[derive(Args)]
@@ -200,10 +204,10 @@ fn check_empty(data_dir: &Path) -> Result<(), Fail> {
     Ok(())
 }
 
-async fn init(a: InitArgs) -> Result<(), Fail> {
+async fn init(InitArgs { replica: a }: InitArgs) -> Result<(), Fail> {
     check_empty(&a.data_dir)?;
     let token = JoinToken::generate();
-    let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.clone());
+    let advertise = a.advertise();
     let identity = Identity {
         format: 1,
         cluster_id: token.cluster_id.clone(),
@@ -252,8 +256,14 @@ async fn init(a: InitArgs) -> Result<(), Fail> {
     serve(running).await
 }
 
-async fn join(a: JoinArgs) -> Result<(), Fail> {
-    let token = JoinToken::parse(&a.token)?;
+async fn join(
+    JoinArgs {
+        peer,
+        token: token_text,
+        replica: a,
+    }: JoinArgs,
+) -> Result<(), Fail> {
+    let token = JoinToken::parse(&token_text)?;
     if let Some(id) = Identity::load(&a.data_dir)? {
         return Err(Fail(if id.cluster_id == token.cluster_id {
             format!(
@@ -271,12 +281,12 @@ async fn join(a: JoinArgs) -> Result<(), Fail> {
         }));
     }
     check_empty(&a.data_dir)?;
-    let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.clone());
-    let client = Client::new(std::slice::from_ref(&a.peer))?;
+    let advertise = a.advertise();
+    let client = Client::new(std::slice::from_ref(&peer))?;
     let reply = client
         .call(|mut c| {
             let req = JoinRequest {
-                token: a.token.clone(),
+                token: token_text.clone(),
                 addr: advertise.clone(),
             };
             async move { c.join(req).await }
@@ -286,7 +296,7 @@ async fn join(a: JoinArgs) -> Result<(), Fail> {
     if reply.cluster_id != token.cluster_id {
         return Err(Fail(format!(
             "{} answered for cluster {}, but the token is for cluster {}",
-            a.peer, reply.cluster_id, token.cluster_id
+            peer, reply.cluster_id, token.cluster_id
         )));
     }
     let identity = Identity {
@@ -304,7 +314,7 @@ async fn join(a: JoinArgs) -> Result<(), Fail> {
     let members = client
         .call(|mut c| {
             let req = PromoteRequest {
-                token: a.token.clone(),
+                token: token_text.clone(),
                 node_id: reply.node_id,
                 addr: advertise.clone(),
             };

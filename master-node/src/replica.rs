@@ -80,17 +80,7 @@ pub struct Forward {
 /// on gRPC than the leader spent applying them.
 async fn run_forwarder(replica: std::sync::Weak<Replica>, mut queue: tokio::sync::mpsc::Receiver<Forward>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some(first) = queue.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(f) => batch.push(f),
-                Err(_) => break,
-            }
-        }
+    while let Some((slot, batch)) = next_batch(&mut queue, &slots).await {
         let Some(replica) = replica.upgrade() else { return };
         tokio::spawn(async move {
             let outcome = replica
@@ -128,6 +118,25 @@ const MAX_BATCH: usize = 512;
 /// Log entries proposed and not yet applied, at most.
 const BATCHES_IN_FLIGHT: usize = 2;
 
+/// Waits for the next queued item and a free slot, then takes every item
+/// that queued meanwhile (up to [`MAX_BATCH`]): one batch and its slot.
+/// `None` once the queue is closed.
+async fn next_batch<T>(
+    queue: &mut tokio::sync::mpsc::Receiver<T>,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> Option<(tokio::sync::OwnedSemaphorePermit, Vec<T>)> {
+    let first = queue.recv().await?;
+    let slot = slots.clone().acquire_owned().await.ok()?;
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match queue.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    Some((slot, batch))
+}
+
 /// Gathers concurrent writes into log entries.
 ///
 /// openraft 0.9's leader syncs each log entry to disk before it takes the
@@ -137,18 +146,7 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// proposed at once, and under load one fsync serves many writes.
 async fn run_proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Pending>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some(first) = queue.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        // Writes that arrived while waiting for a slot join this entry.
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
+    while let Some((slot, batch)) = next_batch(&mut queue, &slots).await {
         let raft = raft.clone();
         tokio::spawn(async move {
             let time_us = now_us();
