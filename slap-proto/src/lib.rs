@@ -4,9 +4,11 @@
 //!
 //! - [`cluster`]: the gRPC services between replicas (Raft) and of the
 //!   cluster (membership, status, forwarded writes and reads).
-//! - [`marshal`]: SLAP's xml_marshaller codec; [`form`]: its form bodies.
+//! - [`marshal`]: SLAP's xml_marshaller codec; [`form`]: its form bodies;
+//!   [`instance_xml`]: the instance XML masters store parameters in.
 
 pub mod form;
+pub mod instance_xml;
 pub mod marshal;
 
 /// gRPC: Raft transport and cluster operations (`proto/cluster.proto`).
