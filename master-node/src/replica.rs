@@ -317,11 +317,16 @@ async fn watch_metrics(replica: Arc<Replica>, stopped: watch::Sender<Option<Stri
     let mut ticked = false;
     loop {
         let m = rx.borrow_and_update().clone();
-        if let Err(fatal) = &m.running_state {
-            let reason = format!("Raft stopped: {fatal}");
-            error!(replica = replica.id, "{reason}");
-            let _ = stopped.send(Some(reason));
-            return;
+        match &m.running_state {
+            // Our own shutdown: nothing went wrong.
+            Err(openraft::error::Fatal::Stopped) => return,
+            Err(fatal) => {
+                let reason = format!("Raft stopped: {fatal}");
+                error!(replica = replica.id, "{reason}");
+                let _ = stopped.send(Some(reason));
+                return;
+            }
+            Ok(()) => {}
         }
         if m.current_leader != last_leader {
             info!(replica = replica.id, term = m.current_term, leader = ?m.current_leader, "leader changed");
