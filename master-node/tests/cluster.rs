@@ -525,3 +525,62 @@ async fn undecodable_log_entry_stops_the_replica_and_names_it() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiner_catches_up_from_a_streamed_snapshot() {
+    let base = test_dir();
+    // Snapshot every 50 entries, so the log the joiner needs is long purged.
+    let mut r1 = Replica {
+        dir: base.path().join("r1"),
+        addr: free_port(),
+        child: None,
+    };
+    let (dir, addr) = (r1.dir.to_str().unwrap().to_string(), r1.addr.clone());
+    r1.spawn(&["init", "--data-dir", &dir, "--listen", &addr, "--snapshot-every", "50"]);
+    let a1 = r1.addr.clone();
+    wait_until("r1 to lead", Duration::from_secs(20), || async {
+        leader_id(&[&a1]).await == Some(1)
+    })
+    .await;
+    let token = std::fs::read_to_string(r1.dir.join("join-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let client = Client::new(std::slice::from_ref(&a1)).unwrap();
+    supply_computer(&client).await;
+    // One write per log entry (sequential), well past two snapshots.
+    for i in 0..400 {
+        client
+            .write(request(&format!("t{}", i % 30), &format!("v{i}")))
+            .await
+            .unwrap();
+    }
+    let snapshots: Vec<_> = std::fs::read_dir(r1.dir.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(snapshots.len(), 1, "one snapshot kept: {snapshots:?}");
+
+    let r2 = Replica::join(base.path(), "r2", &a1, &token);
+    let a2 = r2.addr.clone();
+    wait_until("r2 to be a voter", Duration::from_secs(60), || async {
+        voters(&a1).await == vec![1, 2]
+    })
+    .await;
+    converged(&[&a1, &a2]).await;
+    // The joiner holds the snapshot it was sent, not the purged entries.
+    assert_eq!(std::fs::read_dir(r2.dir.join("snapshots")).unwrap().count(), 1);
+    match Client::read_local(
+        &a2,
+        &Query::Instance {
+            scope: Scope::User("alice".into()),
+            title: "t9".into(),
+        },
+    )
+    .await
+    .unwrap()
+    {
+        Answer::Instance(Some(i)) => assert_eq!(i.parameters.get("value").map(String::as_str), Some("v399")),
+        other => panic!("t9 missing on the joiner: {other:?}"),
+    }
+}
