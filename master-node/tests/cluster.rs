@@ -536,7 +536,17 @@ async fn late_joiner_catches_up_from_a_streamed_snapshot() {
         child: None,
     };
     let (dir, addr) = (r1.dir.to_str().unwrap().to_string(), r1.addr.clone());
-    r1.spawn(&["init", "--data-dir", &dir, "--listen", &addr, "--snapshot-every", "50"]);
+    r1.spawn(&[
+        "init",
+        "--data-dir",
+        &dir,
+        "--listen",
+        &addr,
+        "--snapshot-every",
+        "50",
+        "--keep-log-after-snapshot",
+        "0",
+    ]);
     let a1 = r1.addr.clone();
     wait_until("r1 to lead", Duration::from_secs(20), || async {
         leader_id(&[&a1]).await == Some(1)

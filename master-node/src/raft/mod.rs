@@ -79,6 +79,10 @@ pub struct Timing {
     /// Take a snapshot (and allow purging the log) every this many entries.
     #[arg(long, default_value_t = 20_000)]
     pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot, so a briefly absent follower can
+    /// catch up from the log instead of a whole snapshot.
+    #[arg(long, default_value_t = 1_000)]
+    pub keep_log_after_snapshot: u64,
 }
 
 impl Default for Timing {
@@ -88,6 +92,7 @@ impl Default for Timing {
             election_min_ms: 250,
             election_max_ms: 400,
             snapshot_every: 20_000,
+            keep_log_after_snapshot: 1_000,
         }
     }
 }
@@ -113,7 +118,7 @@ impl Timing {
             // written with fsync on a busy disk.
             install_snapshot_timeout: 10_000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
-            max_in_snapshot_log_to_keep: 1_000,
+            max_in_snapshot_log_to_keep: self.keep_log_after_snapshot,
             max_payload_entries: 512,
             snapshot_max_chunk_size: 1 << 20,
             ..Default::default()
