@@ -13,4 +13,5 @@ pub mod cluster_service;
 pub mod identity;
 pub mod raft;
 pub mod replica;
+pub mod slap;
 pub mod state;

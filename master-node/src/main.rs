@@ -63,6 +63,9 @@ struct NewReplica {
     /// host:port the other replicas use to reach this one (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
+    /// host:port to serve SLAP over HTTP on (the `slapos` client, slapgrid).
+    #[arg(long)]
+    slap_listen: Option<String>,
     #[command(flatten)]
     timing: Timing,
 }
@@ -96,6 +99,9 @@ struct RunArgs {
     /// The replica's data dir, as created by init or join.
     #[arg(long)]
     data_dir: PathBuf,
+    /// host:port to serve SLAP over HTTP on (the `slapos` client, slapgrid).
+    #[arg(long)]
+    slap_listen: Option<String>,
     #[command(flatten)]
     timing: Timing,
 }
@@ -217,6 +223,9 @@ async fn init(InitArgs { replica: a }: InitArgs) -> Result<(), Fail> {
         left: false,
     };
     let running = Running::start(&a.data_dir, &identity, &a.timing, true).await?;
+    if let Some(addr) = &a.slap_listen {
+        running.serve_slap(addr).await?;
+    }
     let raft = &running.replica.raft;
     raft.initialize(
         [(
@@ -308,6 +317,9 @@ async fn join(
         left: false,
     };
     let running = Running::start(&a.data_dir, &identity, &a.timing, true).await?;
+    if let Some(addr) = &a.slap_listen {
+        running.serve_slap(addr).await?;
+    }
     identity.save(&a.data_dir)?;
     token.save(&a.data_dir)?;
     tracing::info!(replica = reply.node_id, "reserved replica id; catching up as a learner");
@@ -352,6 +364,9 @@ async fn restart(a: RunArgs) -> Result<(), Fail> {
         )));
     }
     let running = Running::start(&a.data_dir, &identity, &a.timing, false).await?;
+    if let Some(addr) = &a.slap_listen {
+        running.serve_slap(addr).await?;
+    }
     serve(running).await
 }
 

@@ -292,6 +292,28 @@ impl Running {
         })
     }
 
+    /// Serves SLAP over HTTP on `addr` until the replica stops.
+    pub async fn serve_slap(&self, addr: &str) -> Result<(), StartError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let mut stop = self.stop.subscribe();
+        let app = crate::slap::router(self.replica.clone());
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                error!("SLAP server stopped: {e}");
+            }
+        });
+        info!(%addr, "serving SLAP over plain HTTP (development mode: no client certificates yet)");
+        Ok(())
+    }
+
     /// Stops serving and shuts Raft down.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

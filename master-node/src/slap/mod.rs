@@ -1,0 +1,512 @@
+//! SLAP over HTTP: the endpoints the unmodified `slapos` client and slapgrid
+//! call (reference section 2), on every replica.
+//!
+//! Writes become commands through [`Replica::write`] (forwarded to the
+//! leader); the answer to a write is built once this replica has applied it,
+//! so it never shows older state than the write it answers. Reads (a node's
+//! poll) come from the local state.
+//!
+//! Status codes follow the client's expectations: 404 for what does not
+//! exist, 408 while a requested instance is not placed yet, 400 with a
+//! message for malformed input, and never a 5xx for a client's mistake
+//! (slapgrid treats 5xx as "go offline").
+//!
+//! Served so far: getFullComputerInformation (and getComputerInformation),
+//! registerComputerPartition, loadComputerConfigurationFromXML, supplySupply,
+//! requestComputerPartition, setComputerPartitionConnectionXml, the instance
+//! and software state reports, softwareInstanceBang,
+//! updateComputerPartitionRelatedInstanceList, and getHateoasUrl (404).
+
+pub mod documents;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use slap_proto::form;
+use slap_proto::marshal::{self, Value};
+
+use crate::api::ClientWrite;
+use crate::replica::Replica;
+use crate::state::{
+    Address, Command, InstanceReport, Params, PartitionSpec, Refusal, Reply, RequestOrigin, RequestSpec,
+    RequestedState, SoftwareReport, SupplyState,
+};
+
+/// The user SLAP requests act for until identities (TLS) say who calls.
+pub const DEFAULT_USER: &str = "user";
+
+/// An HTTP answer with a status and a plain-text message.
+#[derive(Debug)]
+pub struct SlapError(pub StatusCode, pub String);
+
+impl IntoResponse for SlapError {
+    fn into_response(self) -> Response {
+        (self.0, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], self.1).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> SlapError {
+    SlapError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+type SlapResult = Result<Response, SlapError>;
+
+/// The SLAP routes of one replica.
+pub fn router(replica: Arc<Replica>) -> Router {
+    Router::new()
+        .route("/getHateoasUrl", get(|| async { StatusCode::NOT_FOUND }))
+        .route("/getFullComputerInformation", get(full_computer))
+        .route("/getComputerInformation", get(full_computer))
+        .route("/registerComputerPartition", get(register_partition))
+        .route("/loadComputerConfigurationFromXML", post(load_computer))
+        .route("/supplySupply", post(supply))
+        .route("/requestComputerPartition", post(request))
+        .route("/setComputerPartitionConnectionXml", post(set_connection))
+        .route("/startedComputerPartition", post(started))
+        .route("/stoppedComputerPartition", post(stopped))
+        .route("/softwareInstanceError", post(instance_error))
+        .route("/destroyedComputerPartition", post(destroyed))
+        .route("/buildingSoftwareRelease", post(building))
+        .route("/availableSoftwareRelease", post(available))
+        .route("/softwareReleaseError", post(software_error))
+        .route("/destroyedSoftwareRelease", post(software_destroyed))
+        .route("/softwareInstanceBang", post(bang))
+        .route("/updateComputerPartitionRelatedInstanceList", post(related_instances))
+        .with_state(replica)
+}
+
+// ----- helpers ---------------------------------------------------------------
+
+/// Form fields of a body or query string.
+struct Fields(Vec<(String, String)>);
+
+impl Fields {
+    fn parse(text: &str) -> Result<Fields, SlapError> {
+        form::parse(text).map(Fields).map_err(|e| bad(e.to_string()))
+    }
+
+    fn body(body: &Bytes) -> Result<Fields, SlapError> {
+        let text = std::str::from_utf8(body).map_err(|_| bad("the request body is not UTF-8"))?;
+        Fields::parse(text)
+    }
+
+    fn opt(&self, name: &str) -> Option<&str> {
+        form::get(&self.0, name)
+    }
+
+    fn need(&self, name: &str) -> Result<&str, SlapError> {
+        self.opt(name).ok_or_else(|| bad(format!("missing field {name}")))
+    }
+
+    /// A field holding an xml_marshaller document.
+    fn marshalled(&self, name: &str) -> Result<Option<Value>, SlapError> {
+        self.opt(name)
+            .filter(|s| !s.is_empty())
+            .map(|s| marshal::loads(s).map_err(|e| bad(format!("field {name}: {e}"))))
+            .transpose()
+    }
+}
+
+fn marshal_response(v: &Value) -> SlapResult {
+    let body = marshal::dumps(v).map_err(|e| SlapError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response())
+}
+
+fn text(msg: &str) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], msg.to_string()).into_response()
+}
+
+/// Python's `str()` of a parameter value: every parameter a node sees is a string.
+fn python_str(v: &Value) -> String {
+    match v {
+        Value::Str(s) => s.clone(),
+        Value::None => "None".into(),
+        Value::Bool(b) => if *b { "True" } else { "False" }.into(),
+        Value::Int(i) => i.to_string(),
+        Value::Float(f) => marshal::python_float_repr(*f),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A marshalled dict of parameters as a string map.
+fn string_dict(v: Option<Value>, field: &str) -> Result<Params, SlapError> {
+    match v {
+        None | Some(Value::None) => Ok(Params::new()),
+        Some(Value::Dict(entries)) => Ok(entries.iter().map(|(k, v)| (python_str(k), python_str(v))).collect()),
+        Some(_) => Err(bad(format!("field {field} must hold a dictionary"))),
+    }
+}
+
+fn str_attr(d: &[(Value, Value)], key: &str) -> Option<String> {
+    d.iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .and_then(|(_, v)| v.as_str().map(String::from))
+}
+
+fn dict_attr<'a>(d: &'a [(Value, Value)], key: &str) -> Option<&'a [(Value, Value)]> {
+    match d.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v) {
+        Some(Value::Dict(e)) => Some(e),
+        _ => None,
+    }
+}
+
+fn list_attr<'a>(d: &'a [(Value, Value)], key: &str) -> &'a [Value] {
+    match d.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v) {
+        Some(Value::List(items)) | Some(Value::Tuple(items)) => items,
+        _ => &[],
+    }
+}
+
+/// The partition a POST comes from: the `X-SlapPartition` header, else the form.
+fn calling_partition(headers: &HeaderMap, f: &Fields) -> Option<(String, String)> {
+    let from_header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("X-SlapPartition "))
+        .map(|rest| {
+            let mut c = None;
+            let mut p = None;
+            for part in rest.split(',') {
+                match part.trim().split_once('=') {
+                    Some(("computer_id", v)) => c = Some(v.trim().to_string()),
+                    Some(("computer_partition_id", v)) => p = Some(v.trim().to_string()),
+                    _ => {}
+                }
+            }
+            (c, p)
+        });
+    match from_header {
+        Some((Some(c), Some(p))) => Some((c, p)),
+        _ => match (f.opt("computer_id"), f.opt("computer_partition_id")) {
+            (Some(c), Some(p)) if !c.is_empty() && !p.is_empty() && p != "None" => Some((c.into(), p.into())),
+            _ => None,
+        },
+    }
+}
+
+/// Runs a command; maps refusals to SLAP status codes.
+async fn run(replica: &Replica, command: Command) -> Result<(Reply, u64), SlapError> {
+    let (reply, index) = replica
+        .write(ClientWrite {
+            request_id: None,
+            command,
+        })
+        .await
+        .map_err(|s| SlapError(StatusCode::SERVICE_UNAVAILABLE, s.message().to_string()))?;
+    match reply {
+        Reply::Refused(Refusal::NotFound(m)) => Err(SlapError(StatusCode::NOT_FOUND, m)),
+        Reply::Refused(Refusal::Invalid(m)) => Err(bad(m)),
+        Reply::Refused(r @ Refusal::StaleRequest { .. }) => Err(SlapError(StatusCode::CONFLICT, r.to_string())),
+        other => Ok((other, index)),
+    }
+}
+
+async fn done(replica: &Replica, command: Command) -> SlapResult {
+    Ok(match run(replica, command).await?.0 {
+        Reply::Note(n) => text(&n),
+        _ => text("done"),
+    })
+}
+
+// ----- reads -----------------------------------------------------------------
+
+async fn full_computer(State(replica): State<Arc<Replica>>, RawQuery(q): RawQuery) -> SlapResult {
+    let f = Fields::parse(q.as_deref().unwrap_or(""))?;
+    let id = f.need("computer_id")?;
+    let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+    let doc = documents::computer(&state, id)
+        .ok_or_else(|| SlapError(StatusCode::NOT_FOUND, format!("computer {id} does not exist")))?;
+    let revision = state.computers.get(id).map(|c| c.revision).unwrap_or(0);
+    drop(state);
+    let mut resp = marshal_response(&doc)?;
+    if let Ok(etag) = format!("\"{id}-{revision}\"").parse() {
+        resp.headers_mut().insert(header::ETAG, etag);
+    }
+    Ok(resp)
+}
+
+async fn register_partition(State(replica): State<Arc<Replica>>, RawQuery(q): RawQuery) -> SlapResult {
+    let f = Fields::parse(q.as_deref().unwrap_or(""))?;
+    let (c, p) = (f.need("computer_reference")?, f.need("computer_partition_reference")?);
+    let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+    let part = state
+        .partitions
+        .get(&(c.to_string(), p.to_string()))
+        .ok_or_else(|| SlapError(StatusCode::NOT_FOUND, format!("computer {c} has no partition {p}")))?;
+    let doc = documents::computer_partition(&state, part);
+    drop(state);
+    marshal_response(&doc)
+}
+
+// ----- computers and software ---------------------------------------------------
+
+/// The computer dict `slapos node format` posts (reference section 4.3).
+fn computer_command(v: Value) -> Result<Command, SlapError> {
+    let Value::Dict(d) = v else {
+        return Err(bad("xml must hold the computer's dictionary"));
+    };
+    let id = str_attr(&d, "reference").ok_or_else(|| bad("the computer dictionary has no reference"))?;
+    let interface = dict_attr(&d, "interface")
+        .and_then(|i| str_attr(i, "name"))
+        .unwrap_or_default();
+    let mut partitions = Vec::new();
+    for p in list_attr(&d, "partition_list") {
+        let Value::Dict(p) = p else {
+            return Err(bad("partition_list holds a non-dictionary"));
+        };
+        let pid = str_attr(p, "reference").ok_or_else(|| bad("a partition has no reference"))?;
+        let tap = dict_attr(p, "tap").and_then(|t| str_attr(t, "name"));
+        let iface = tap.clone().unwrap_or_else(|| interface.clone());
+        let addresses = list_attr(p, "address_list")
+            .iter()
+            .filter_map(|a| match a {
+                Value::Dict(a) => Some(Address {
+                    interface: iface.clone(),
+                    addr: str_attr(a, "addr")?,
+                    netmask: str_attr(a, "netmask").unwrap_or_default(),
+                }),
+                _ => None,
+            })
+            .collect();
+        partitions.push(PartitionSpec {
+            id: pid,
+            addresses,
+            tap,
+            user: dict_attr(p, "user").and_then(|u| str_attr(u, "name")),
+            capabilities: list_attr(p, "capability_list")
+                .iter()
+                .filter_map(|c| c.as_str().map(String::from))
+                .collect(),
+        });
+    }
+    let mut capacity = Params::new();
+    for key in [
+        "os_type",
+        "public_ipv4_address",
+        "slapos_version",
+        "python_version",
+        "software_root",
+        "instance_root",
+    ] {
+        if let Some(v) = str_attr(&d, key) {
+            capacity.insert(key.into(), v);
+        }
+    }
+    Ok(Command::SetComputer {
+        id,
+        address: str_attr(&d, "address").unwrap_or_default(),
+        netmask: str_attr(&d, "netmask").unwrap_or_default(),
+        capacity,
+        categories: Params::new(),
+        partitions,
+    })
+}
+
+async fn load_computer(State(replica): State<Arc<Replica>>, body: Bytes) -> SlapResult {
+    let f = Fields::body(&body)?;
+    let v = f.marshalled("xml")?.ok_or_else(|| bad("missing field xml"))?;
+    done(&replica, computer_command(v)?).await
+}
+
+async fn supply(State(replica): State<Arc<Replica>>, body: Bytes) -> SlapResult {
+    let f = Fields::body(&body)?;
+    let state = match f.opt("state").unwrap_or("available") {
+        "available" => SupplyState::Available,
+        "destroyed" => SupplyState::Destroyed,
+        other => return Err(bad(format!("state must be available or destroyed, not {other:?}"))),
+    };
+    done(
+        &replica,
+        Command::Supply {
+            computer: f.need("computer_id")?.into(),
+            url: f.need("url")?.into(),
+            state,
+        },
+    )
+    .await
+}
+
+async fn software_report(replica: &Replica, body: &Bytes, report: SoftwareReport) -> SlapResult {
+    let f = Fields::body(body)?;
+    done(
+        replica,
+        Command::ReportSoftware {
+            computer: f.need("computer_id")?.into(),
+            url: f.need("url")?.into(),
+            report,
+        },
+    )
+    .await
+}
+
+async fn building(State(r): State<Arc<Replica>>, body: Bytes) -> SlapResult {
+    software_report(&r, &body, SoftwareReport::Building).await
+}
+
+async fn available(State(r): State<Arc<Replica>>, body: Bytes) -> SlapResult {
+    software_report(&r, &body, SoftwareReport::Available).await
+}
+
+async fn software_destroyed(State(r): State<Arc<Replica>>, body: Bytes) -> SlapResult {
+    software_report(&r, &body, SoftwareReport::Destroyed).await
+}
+
+async fn software_error(State(r): State<Arc<Replica>>, body: Bytes) -> SlapResult {
+    let log = Fields::body(&body)?.opt("error_log").unwrap_or_default().to_string();
+    software_report(&r, &body, SoftwareReport::Error(log)).await
+}
+
+// ----- instances -------------------------------------------------------------
+
+async fn request(State(replica): State<Arc<Replica>>, headers: HeaderMap, body: Bytes) -> SlapResult {
+    let f = Fields::body(&body)?;
+    let requester = match calling_partition(&headers, &f) {
+        Some((computer, partition)) => RequestOrigin::Partition { computer, partition },
+        None => RequestOrigin::User(DEFAULT_USER.into()),
+    };
+    let state = match f.marshalled("state")? {
+        None | Some(Value::None) => None,
+        Some(Value::Str(s)) => Some(RequestedState::parse(&s).ok_or_else(|| bad(format!("unknown state {s:?}")))?),
+        Some(_) => return Err(bad("state must be a string or None")),
+    };
+    let shared = matches!(f.marshalled("shared_xml")?, Some(Value::Bool(true)));
+    let spec = RequestSpec {
+        requester,
+        title: f.need("partition_reference")?.into(),
+        software_release: f.need("software_release")?.into(),
+        software_type: f
+            .opt("software_type")
+            .filter(|t| !t.is_empty())
+            .unwrap_or("default")
+            .into(),
+        parameters: string_dict(f.marshalled("partition_parameter_xml")?, "partition_parameter_xml")?,
+        sla: string_dict(f.marshalled("filter_xml")?, "filter_xml")?,
+        shared,
+        state,
+    };
+    let (reply, index) = run(&replica, Command::Request(spec)).await?;
+    let inst = match reply {
+        Reply::Instance(inst) => inst,
+        // Destroyed before it was ever placed: nothing left to describe.
+        _ => return Err(SlapError(StatusCode::NOT_FOUND, "the instance is gone".into())),
+    };
+    if !inst.is_placed() && inst.requested_state != RequestedState::Destroyed {
+        let why = inst.pending_reason.clone().unwrap_or_else(|| "not placed yet".into());
+        return Err(SlapError(StatusCode::REQUEST_TIMEOUT, why));
+    }
+    // Answer from a state that includes this write.
+    let _ = replica
+        .raft
+        .wait(Some(Duration::from_secs(5)))
+        .applied_index_at_least(Some(index), "SLAP request answer")
+        .await;
+    let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+    let current = state.instances.get(&inst.id).cloned().map(Box::new).unwrap_or(inst);
+    let doc = documents::software_instance(&state, &current);
+    drop(state);
+    marshal_response(&doc)
+}
+
+fn partition_of(headers: &HeaderMap, f: &Fields) -> Result<(String, String), SlapError> {
+    match (f.opt("computer_id"), f.opt("computer_partition_id")) {
+        (Some(c), Some(p)) => Ok((c.into(), p.into())),
+        _ => calling_partition(headers, f).ok_or_else(|| bad("missing computer_id or computer_partition_id")),
+    }
+}
+
+fn shared_reference(f: &Fields) -> Option<String> {
+    f.opt("slave_reference")
+        .filter(|r| !r.is_empty() && *r != "None")
+        .map(String::from)
+}
+
+async fn set_connection(State(replica): State<Arc<Replica>>, headers: HeaderMap, body: Bytes) -> SlapResult {
+    let f = Fields::body(&body)?;
+    let (computer, partition) = partition_of(&headers, &f)?;
+    let connection = string_dict(f.marshalled("connection_xml")?, "connection_xml")?;
+    done(
+        &replica,
+        Command::SetConnection {
+            computer,
+            partition,
+            shared_reference: shared_reference(&f),
+            connection,
+        },
+    )
+    .await
+}
+
+async fn report(replica: &Replica, headers: &HeaderMap, body: &Bytes, report: InstanceReport) -> SlapResult {
+    let f = Fields::body(body)?;
+    let (computer, partition) = partition_of(headers, &f)?;
+    done(
+        replica,
+        Command::ReportInstance {
+            computer,
+            partition,
+            shared_reference: shared_reference(&f),
+            report,
+        },
+    )
+    .await
+}
+
+async fn started(State(r): State<Arc<Replica>>, h: HeaderMap, body: Bytes) -> SlapResult {
+    report(&r, &h, &body, InstanceReport::Started).await
+}
+
+async fn stopped(State(r): State<Arc<Replica>>, h: HeaderMap, body: Bytes) -> SlapResult {
+    report(&r, &h, &body, InstanceReport::Stopped).await
+}
+
+async fn instance_error(State(r): State<Arc<Replica>>, h: HeaderMap, body: Bytes) -> SlapResult {
+    let log = Fields::body(&body)?.opt("error_log").unwrap_or_default().to_string();
+    report(&r, &h, &body, InstanceReport::Error(log)).await
+}
+
+async fn destroyed(State(r): State<Arc<Replica>>, h: HeaderMap, body: Bytes) -> SlapResult {
+    let f = Fields::body(&body)?;
+    let (computer, partition) = partition_of(&h, &f)?;
+    done(&r, Command::DestroyedPartition { computer, partition }).await
+}
+
+async fn bang(State(r): State<Arc<Replica>>, h: HeaderMap, body: Bytes) -> SlapResult {
+    let f = Fields::body(&body)?;
+    let (computer, partition) = partition_of(&h, &f)?;
+    let message = f.opt("message").unwrap_or_default().to_string();
+    done(
+        &r,
+        Command::Bang {
+            computer,
+            partition,
+            message,
+        },
+    )
+    .await?;
+    Ok(text("OK"))
+}
+
+async fn related_instances(State(r): State<Arc<Replica>>, h: HeaderMap, body: Bytes) -> SlapResult {
+    let f = Fields::body(&body)?;
+    let (computer, partition) = partition_of(&h, &f)?;
+    let titles = match f.marshalled("instance_reference_xml")? {
+        Some(Value::List(items)) | Some(Value::Tuple(items)) => items.iter().map(python_str).collect(),
+        None => Vec::new(),
+        Some(_) => return Err(bad("instance_reference_xml must hold a list")),
+    };
+    done(
+        &r,
+        Command::SetRelatedInstances {
+            computer,
+            partition,
+            titles,
+        },
+    )
+    .await
+}

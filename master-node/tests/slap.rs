@@ -1,0 +1,512 @@
+//! SLAP over HTTP against a real (single-replica, in-process) Master: the
+//! calls `slapos node format`, `slapos supply`, `slapos request`, slapgrid and
+//! buildout publishing make, with the bodies the real client sends.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use master_node::api::ClientWrite;
+use master_node::identity::{Identity, JoinToken};
+use master_node::raft::{ReplicaNode, Timing};
+use master_node::replica::{Replica, Running};
+use master_node::state::Command;
+use slap_proto::form::encode;
+use slap_proto::marshal::{dumps, loads, Value};
+use tower::ServiceExt;
+
+const SR: &str = "https://lab.example.org/sr/software.cfg";
+
+async fn master() -> (tempfile::TempDir, Running) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = JoinToken::generate();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let identity = Identity {
+        format: 1,
+        cluster_id: token.cluster_id.clone(),
+        node_id: 1,
+        listen: addr.clone(),
+        advertise: addr.clone(),
+        left: false,
+    };
+    let running = Running::start(dir.path(), &identity, &Timing::default(), true)
+        .await
+        .unwrap();
+    running
+        .replica
+        .raft
+        .initialize(
+            [(1u64, ReplicaNode { addr })]
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )
+        .await
+        .unwrap();
+    running
+        .replica
+        .write(ClientWrite {
+            request_id: None,
+            command: Command::InitCluster {
+                id: token.cluster_id.clone(),
+                token_sha256: token.secret_sha256(),
+            },
+        })
+        .await
+        .unwrap();
+    (dir, running)
+}
+
+struct Answer {
+    status: StatusCode,
+    etag: Option<String>,
+    body: String,
+}
+
+async fn call(
+    replica: &Arc<Replica>,
+    method: &str,
+    path: &str,
+    fields: &[(&str, &str)],
+    auth: Option<(&str, &str)>,
+) -> Answer {
+    let form: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect();
+    let form = form.join("&");
+    let mut req = Request::builder().method(method);
+    req = if method == "GET" {
+        req.uri(format!("{path}?{form}"))
+    } else {
+        req.uri(path)
+            .header("content-type", "application/x-www-form-urlencoded")
+    };
+    if let Some((c, p)) = auth {
+        req = req.header(
+            "authorization",
+            format!("X-SlapPartition computer_id={c}, computer_partition_id={p}"),
+        );
+    }
+    let body = if method == "GET" {
+        Body::empty()
+    } else {
+        Body::from(form)
+    };
+    let resp = master_node::slap::router(replica.clone())
+        .oneshot(req.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let etag = resp.headers().get("etag").map(|v| v.to_str().unwrap().to_string());
+    let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    Answer { status, etag, body }
+}
+
+fn s(v: &str) -> Value {
+    Value::str(v)
+}
+
+fn d(pairs: Vec<(&str, Value)>) -> Value {
+    Value::str_dict(pairs)
+}
+
+/// The dict `slapos node format` posts (reference 4.3), two partitions.
+fn computer_xml() -> String {
+    let partition = |i: u32| {
+        d(vec![
+            ("reference", s(&format!("slappart{i}"))),
+            (
+                "address_list",
+                Value::List(vec![d(vec![
+                    ("addr", s(&format!("10.0.0.{}", 10 + i))),
+                    ("netmask", s("255.255.255.255")),
+                ])]),
+            ),
+            ("tap", d(vec![("name", s(&format!("slaptap{i}")))])),
+            ("user", d(vec![("name", s(&format!("slapuser{i}")))])),
+        ])
+    };
+    dumps(&d(vec![
+        ("reference", s("COMP-1")),
+        ("address", s("10.0.0.1")),
+        ("netmask", s("255.255.255.0")),
+        ("partition_list", Value::List(vec![partition(0), partition(1)])),
+    ]))
+    .unwrap()
+}
+
+fn attrs(v: &Value) -> &Vec<(Value, Value)> {
+    match v {
+        Value::Object(o) => &o.attrs,
+        other => panic!("not an object: {other:?}"),
+    }
+}
+
+fn get<'a>(entries: &'a [(Value, Value)], key: &str) -> &'a Value {
+    &entries
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .unwrap_or_else(|| panic!("no {key}"))
+        .1
+}
+
+fn dict(v: &Value) -> &Vec<(Value, Value)> {
+    match v {
+        Value::Dict(e) => e,
+        other => panic!("not a dict: {other:?}"),
+    }
+}
+
+fn request_fields<'a>(title: &'a str, params: &'a str, state: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("software_release", SR),
+        ("partition_reference", title),
+        ("partition_parameter_xml", params),
+        ("filter_xml", "<marshal><dictionary id=\"i2\"/></marshal>"),
+        ("software_type", "default"),
+        ("state", state),
+        ("shared_xml", "<marshal><bool>0</bool></marshal>"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn format_supply_request_poll_publish_destroy() {
+    let (_dir, running) = master().await;
+    let r = &running.replica;
+
+    let a = call(
+        r,
+        "POST",
+        "/loadComputerConfigurationFromXML",
+        &[("xml", &computer_xml())],
+        None,
+    )
+    .await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "done"));
+    let a = call(
+        r,
+        "POST",
+        "/supplySupply",
+        &[("url", SR), ("computer_id", "COMP-1"), ("state", "available")],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+
+    // A user request with parameters that need escaping (the client's own encoding).
+    let params = dumps(&d(vec![("baz", s("a<b&c \"q\" é")), ("foo", s("bar"))])).unwrap();
+    let none = "<marshal><none/></marshal>";
+    let a = call(
+        r,
+        "POST",
+        "/requestComputerPartition",
+        &request_fields("myinst", &params, none),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let inst = loads(&a.body).unwrap();
+    let at = attrs(&inst);
+    assert_eq!(get(at, "slap_computer_id"), &s("COMP-1"));
+    assert_eq!(get(at, "_requested_state"), &s("started"));
+    let partition = get(at, "slap_computer_partition_id").as_str().unwrap().to_string();
+    assert_eq!(get(dict(get(at, "_parameter_dict")), "baz"), &s("a<b&c \"q\" é"));
+
+    // The node's poll: the partition is busy, with its parameters and addresses.
+    let a = call(
+        r,
+        "GET",
+        "/getFullComputerInformation",
+        &[("computer_id", "COMP-1")],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let etag1 = a.etag.clone().expect("an ETag");
+    let doc = loads(&a.body).unwrap();
+    let parts = match get(attrs(&doc), "_computer_partition_list") {
+        Value::List(p) => p.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(parts.len(), 2);
+    let busy = parts
+        .iter()
+        .find(|p| get(attrs(p), "_partition_id") == &s(&partition))
+        .unwrap();
+    let pd = dict(get(attrs(busy), "_parameter_dict"));
+    assert_eq!(get(pd, "foo"), &s("bar"));
+    assert!(matches!(get(pd, "ip_list"), Value::List(l) if !l.is_empty()));
+    let ts = get(pd, "timestamp").clone();
+    let free = parts
+        .iter()
+        .find(|p| get(attrs(p), "_partition_id") != &s(&partition))
+        .unwrap();
+    assert_eq!(get(attrs(free), "_requested_state"), &s("destroyed"));
+    assert_eq!(get(attrs(free), "_software_release_document"), &Value::None);
+    // An unchanged poll gives the same ETag; an unknown computer is a 404.
+    assert_eq!(
+        call(
+            r,
+            "GET",
+            "/getFullComputerInformation",
+            &[("computer_id", "COMP-1")],
+            None
+        )
+        .await
+        .etag,
+        Some(etag1.clone())
+    );
+    assert_eq!(
+        call(
+            r,
+            "GET",
+            "/getFullComputerInformation",
+            &[("computer_id", "NOPE")],
+            None
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+
+    // The instance's buildout requests a child, as a partition.
+    let child_params = "<marshal><dictionary id=\"i2\"/></marshal>";
+    let a = call(
+        r,
+        "POST",
+        "/requestComputerPartition",
+        &request_fields("db", child_params, none),
+        Some(("COMP-1", &partition)),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let child = loads(&a.body).unwrap();
+    let child_partition = get(attrs(&child), "slap_computer_partition_id")
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(child_partition, partition);
+
+    // No room for a third: accepted, not placed yet (408).
+    let a = call(
+        r,
+        "POST",
+        "/requestComputerPartition",
+        &request_fields("third", child_params, none),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::REQUEST_TIMEOUT, "{}", a.body);
+
+    // The child publishes; the parent sees it on its next request, and its
+    // timestamp moved (it must redeploy to read it).
+    let conn = dumps(&d(vec![("url", s("http://[fd00::1]:8080/"))])).unwrap();
+    let a = call(
+        r,
+        "POST",
+        "/setComputerPartitionConnectionXml",
+        &[
+            ("computer_id", "COMP-1"),
+            ("computer_partition_id", &child_partition),
+            ("connection_xml", &conn),
+            ("slave_reference", "None"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let a = call(
+        r,
+        "POST",
+        "/requestComputerPartition",
+        &request_fields("db", child_params, none),
+        Some(("COMP-1", &partition)),
+    )
+    .await;
+    let child = loads(&a.body).unwrap();
+    assert_eq!(
+        get(dict(get(attrs(&child), "_connection_dict")), "url"),
+        &s("http://[fd00::1]:8080/")
+    );
+    let doc = loads(
+        &call(
+            r,
+            "GET",
+            "/getFullComputerInformation",
+            &[("computer_id", "COMP-1")],
+            None,
+        )
+        .await
+        .body,
+    )
+    .unwrap();
+    let parts = match get(attrs(&doc), "_computer_partition_list") {
+        Value::List(p) => p.clone(),
+        _ => unreachable!(),
+    };
+    let busy = parts
+        .iter()
+        .find(|p| get(attrs(p), "_partition_id") == &s(&partition))
+        .unwrap();
+    assert_ne!(
+        get(dict(get(attrs(busy), "_parameter_dict")), "timestamp"),
+        &ts,
+        "the requester is bumped"
+    );
+
+    // Reports: started shows in _access_status.
+    let a = call(
+        r,
+        "POST",
+        "/startedComputerPartition",
+        &[("computer_id", "COMP-1"), ("computer_partition_id", &partition)],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let a = call(
+        r,
+        "GET",
+        "/registerComputerPartition",
+        &[
+            ("computer_reference", "COMP-1"),
+            ("computer_partition_reference", &partition),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(
+        get(attrs(&loads(&a.body).unwrap()), "_access_status"),
+        &s("#access Instance correctly started")
+    );
+
+    // Destroy the tree: children first, then the root; every partition free.
+    let destroyed = "<marshal><string>destroyed</string></marshal>";
+    let a = call(
+        r,
+        "POST",
+        "/requestComputerPartition",
+        &request_fields("myinst", &params, destroyed),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let a = call(
+        r,
+        "POST",
+        "/destroyedComputerPartition",
+        &[("computer_id", "COMP-1"), ("computer_partition_id", &partition)],
+        None,
+    )
+    .await;
+    assert!(a.body.contains("child"), "the root waits for its child: {}", a.body);
+    for p in [&child_partition, &partition] {
+        let a = call(
+            r,
+            "POST",
+            "/destroyedComputerPartition",
+            &[("computer_id", "COMP-1"), ("computer_partition_id", p)],
+            None,
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    }
+    // The pending "third" takes a freed partition at once.
+    let state = r.state.read().unwrap();
+    assert_eq!(state.instances.len(), 1, "only the pending request remains, now placed");
+    assert!(state.instances.values().all(|i| i.partition.is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_calls_get_4xx_and_change_nothing() {
+    let (_dir, running) = master().await;
+    let r = &running.replica;
+    call(
+        r,
+        "POST",
+        "/loadComputerConfigurationFromXML",
+        &[("xml", &computer_xml())],
+        None,
+    )
+    .await;
+    // Refused writes still pass through the log (moving the log position
+    // and the count of applied proposals); everything else must stay.
+    let domain = |r: &Arc<Replica>| {
+        let mut m = r.state.read().unwrap().clone();
+        m.last_index = 0;
+        m.applied = 0;
+        m
+    };
+    let before = domain(r);
+    let none = "<marshal><none/></marshal>";
+    for (path, fields, want) in [
+        (
+            "/requestComputerPartition",
+            request_fields("x", "<marshal><dictionary", none),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/requestComputerPartition",
+            vec![("partition_reference", "x")],
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/requestComputerPartition",
+            request_fields("x", "<marshal><list id=\"i2\"/></marshal>", none),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/requestComputerPartition",
+            request_fields(
+                "x",
+                "<marshal><dictionary id=\"i2\"/></marshal>",
+                "<marshal><string>sleeping</string></marshal>",
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/supplySupply",
+            vec![("url", SR), ("computer_id", "NOPE")],
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "/supplySupply",
+            vec![("url", SR), ("computer_id", "COMP-1"), ("state", "maybe")],
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/startedComputerPartition",
+            vec![("computer_id", "COMP-1"), ("computer_partition_id", "slappart9")],
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "/setComputerPartitionConnectionXml",
+            vec![
+                ("computer_id", "COMP-1"),
+                ("computer_partition_id", "slappart0"),
+                ("connection_xml", "junk"),
+            ],
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/loadComputerConfigurationFromXML",
+            vec![("xml", "<marshal><list id=\"i2\"/></marshal>")],
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/buildingSoftwareRelease",
+            vec![("url", SR), ("computer_id", "COMP-1")],
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let a = call(r, "POST", path, &fields, None).await;
+        assert_eq!(a.status, want, "{path} {fields:?}: {}", a.body);
+        assert!(!a.body.is_empty(), "{path}: a refusal says why");
+    }
+    assert!(domain(r) == before, "refused calls changed the state");
+}
