@@ -4,6 +4,8 @@
 #
 # - Debian packages: libclang-dev (RocksDB's bindings are generated at build
 #   time), clang, iproute2 (network namespaces for the chaos suite).
+# - The real `slapos` client (PyPI slapos.core 1.26.1) in a Python 3.12 venv,
+#   for the conformance tests.
 #   protoc is not needed: it comes vendored with the protoc-bin-vendored crate.
 # - CARGO_TARGET_DIR defaults to /var/tmp/slapos-target, outside the checkout,
 #   so RocksDB's C++ (about 30 minutes cold on 2 cores) is compiled once per
@@ -26,6 +28,30 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo is not on PATH; install Rust (rustup) first" >&2
   exit 1
 fi
+
+# The unmodified SlapOS client (slapos.core 1.26.1, which needs Python 3.12
+# or newer) for the conformance tests, in a venv outside the checkout.
+export SLAPOS_VENV="${SLAPOS_VENV:-/var/tmp/slapos-venv}"
+if [ ! -x "$SLAPOS_VENV/bin/slapos" ]; then
+  py="${SLAPOS_PYTHON:-}"
+  if [ -z "$py" ]; then
+    for candidate in python3.13 python3.12 \
+        "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3.1[2-9] \
+        /root/.pyenv/versions/3.1[2-9]*/bin/python3.1[2-9]; do
+      if command -v "$candidate" >/dev/null 2>&1; then py=$(command -v "$candidate"); break; fi
+    done
+  fi
+  if [ -z "$py" ]; then
+    echo "setup: the slapos client needs Python 3.12 or newer and none was found;" >&2
+    echo "       install one (e.g. pyenv install 3.12) or set SLAPOS_PYTHON=/path/to/python3.12" >&2
+    exit 1
+  fi
+  echo "setup: installing slapos.core 1.26.1 into $SLAPOS_VENV with $py"
+  rm -rf "$SLAPOS_VENV"
+  "$py" -m venv "$SLAPOS_VENV"
+  "$SLAPOS_VENV/bin/pip" install -q slapos.core==1.26.1 slapos.libnetworkcache
+fi
+export SLAPOS_BIN="$SLAPOS_VENV/bin/slapos"
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/slapos-target}"
 mkdir -p "$CARGO_TARGET_DIR"

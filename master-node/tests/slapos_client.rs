@@ -1,0 +1,214 @@
+//! Conformance with the unmodified SlapOS client (PyPI slapos.core 1.26.1):
+//! `slapos node format`, `slapos supply` and `slapos request` (a root with
+//! parameters that need escaping, a shared instance, a destruction) against
+//! a `master-node` serving SLAP. `scripts/setup.sh` installs the client and
+//! exports `SLAPOS_BIN`.
+//!
+//! Not covered yet: `slapos node software|instance|report` (they need a
+//! buildout software release and partitions the node agent prepares).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use slap_proto::marshal::{loads, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_master-node");
+
+fn slapos_bin() -> PathBuf {
+    let path = std::env::var_os("SLAPOS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/slapos-venv/bin/slapos"));
+    assert!(
+        path.exists(),
+        "the slapos client is not installed at {}: run scripts/setup.sh (it installs slapos.core 1.26.1) or set SLAPOS_BIN",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Master(Child);
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A plain HTTP GET on loopback; the status and body.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+fn slapos(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(slapos_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run slapos");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "slapos {args:?} failed:\n{text}");
+    text
+}
+
+fn attrs(v: &Value) -> &Vec<(Value, Value)> {
+    match v {
+        Value::Object(o) => &o.attrs,
+        other => panic!("not an object: {other:?}"),
+    }
+}
+
+fn get<'a>(entries: &'a [(Value, Value)], key: &str) -> &'a Value {
+    &entries
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .unwrap_or_else(|| panic!("no {key}"))
+        .1
+}
+
+#[test]
+fn real_slapos_client_formats_supplies_and_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let slap = free_port();
+    let _master = Master(
+        Command::new(BIN)
+            .args(["init", "--data-dir"])
+            .arg(root.join("master"))
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--slap-listen", &format!("127.0.0.1:{slap}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(slap, "/getHateoasUrl").is_none() {
+        assert!(Instant::now() < deadline, "the SLAP port never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A node described by a definition file: no users, taps or addresses touched.
+    let node = root.join("node");
+    for p in 0..3 {
+        std::fs::create_dir_all(node.join(format!("srv/slapgrid/slappart{p}"))).unwrap();
+    }
+    std::fs::create_dir_all(node.join("opt/slapgrid")).unwrap();
+    let n = node.display();
+    std::fs::write(
+        node.join("slapos.cfg"),
+        format!(
+            "[slapos]\ncomputer_id = COMP-1\nmaster_url = http://127.0.0.1:{slap}/\nsoftware_root = {n}/opt/slapgrid\n\
+             instance_root = {n}/srv/slapgrid\n\n[slapformat]\nalter_user = False\nalter_network = False\n\
+             create_tap = False\npartition_has_ipv6_range = False\npartition_amount = 3\ncomputer_xml = {n}/slapos.xml\n\
+             computer_json = {n}/slapos.json\ninput_definition_file = {n}/definition.cfg\npartition_base_name = slappart\n\
+             user_base_name = slapuser\ntap_base_name = slaptap\nipv4_local_network = 10.0.0.0/16\ninterface_name = lo\n"
+        ),
+    )
+    .unwrap();
+    let mut definition = String::from("[computer]\naddress = fd00::2/ffff:ffff:ffff:ffff::\nsoftware_user = root\n");
+    for p in 0..3 {
+        definition.push_str(&format!(
+            "\n[partition_{p}]\npathname = slappart{p}\nuser = root\nnetwork_interface = lo\n\
+             address = 10.0.0.1{p}/255.255.255.255 fd00::2:1{p}/ffff:ffff:ffff:ffff::\n"
+        ));
+    }
+    std::fs::write(node.join("definition.cfg"), definition).unwrap();
+    std::fs::write(
+        root.join("client.cfg"),
+        format!("[slapos]\nmaster_url = http://127.0.0.1:{slap}/\n[slapconsole]\n"),
+    )
+    .unwrap();
+    let sr = root.join("software.cfg");
+    std::fs::write(&sr, "[buildout]\n").unwrap();
+    let sr = sr.display().to_string();
+
+    slapos(root, &["node", "format", "--cfg", &format!("{n}/slapos.cfg"), "--now"]);
+    slapos(root, &["supply", &sr, "COMP-1", "--cfg", "client.cfg"]);
+    let out = slapos(
+        root,
+        &[
+            "request",
+            "myinst",
+            &sr,
+            "--cfg",
+            "client.cfg",
+            "--parameters",
+            "foo=bar",
+            "baz=a<b&c \"q\" été",
+        ],
+    );
+    assert!(out.contains("State is : started."), "{out}");
+    let out = slapos(
+        root,
+        &[
+            "request",
+            "web-shared",
+            &sr,
+            "--slave",
+            "--cfg",
+            "client.cfg",
+            "--parameters",
+            "domain=a.example",
+        ],
+    );
+    assert!(out.contains("Instance requested"), "{out}");
+
+    // What a node polling the Master now sees.
+    let (status, body) = http_get(slap, "/getFullComputerInformation?computer_id=COMP-1").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let doc = loads(&body).unwrap();
+    let Value::List(parts) = get(attrs(&doc), "_computer_partition_list") else {
+        panic!("no partition list")
+    };
+    assert_eq!(parts.len(), 3, "node format posted three partitions");
+    let busy: Vec<&Value> = parts
+        .iter()
+        .filter(|p| get(attrs(p), "_requested_state") == &Value::str("started"))
+        .collect();
+    assert_eq!(
+        busy.len(),
+        1,
+        "one instance placed; the shared one is hosted, not placed"
+    );
+    let Value::Dict(params) = get(attrs(busy[0]), "_parameter_dict") else {
+        panic!("no parameters")
+    };
+    assert_eq!(
+        get(params, "baz"),
+        &Value::str("a<b&c \"q\" été"),
+        "parameters survive the client's double escaping"
+    );
+    let Value::List(slaves) = get(params, "slave_instance_list") else {
+        panic!("no slave list")
+    };
+    assert_eq!(slaves.len(), 1, "the shared instance is listed on its host");
+
+    let out = slapos(
+        root,
+        &["request", "myinst", &sr, "--cfg", "client.cfg", "--state", "destroyed"],
+    );
+    assert!(out.contains("State is : destroyed"), "{out}");
+}
