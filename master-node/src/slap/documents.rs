@@ -225,3 +225,216 @@ pub fn software_instance(m: &Master, inst: &Instance) -> Value {
         ],
     )
 }
+
+#[cfg(test)]
+mod tests {
+    //! The poll cache keys a computer's document by its revision. That is
+    //! only correct if every change that shows in the document moves the
+    //! revision: checked here after every command of random sequences.
+
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use slap_proto::marshal::dumps;
+
+    use super::computer;
+    use crate::state::*;
+
+    const SR: &str = "https://example.org/sr.cfg";
+
+    fn params(pairs: &[(&str, &str)]) -> Params {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Request {
+            title: u8,
+            param: u8,
+            sla: bool,
+            state: Option<u8>,
+        },
+        Child {
+            parent: u8,
+            title: u8,
+            shared: bool,
+        },
+        Publish {
+            instance: u8,
+            value: u8,
+            for_shared: bool,
+        },
+        Report {
+            instance: u8,
+            error: bool,
+        },
+        NodeDestroyed {
+            instance: u8,
+        },
+        Bang {
+            instance: u8,
+        },
+        Format {
+            partitions: u8,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..4u8, 0..3u8, any::<bool>(), proptest::option::of(0..3u8))
+                .prop_map(|(title, param, sla, state)| Op::Request { title, param, sla, state }),
+            2 => (any::<u8>(), 0..3u8, any::<bool>()).prop_map(|(parent, title, shared)| Op::Child { parent, title, shared }),
+            2 => (any::<u8>(), 0..3u8, any::<bool>()).prop_map(|(instance, value, for_shared)| Op::Publish { instance, value, for_shared }),
+            1 => (any::<u8>(), any::<bool>()).prop_map(|(instance, error)| Op::Report { instance, error }),
+            1 => any::<u8>().prop_map(|instance| Op::NodeDestroyed { instance }),
+            1 => any::<u8>().prop_map(|instance| Op::Bang { instance }),
+            1 => (2..5u8).prop_map(|partitions| Op::Format { partitions }),
+        ]
+    }
+
+    fn placed(m: &Master, n: u8) -> Option<Instance> {
+        let v: Vec<&Instance> = m.instances.values().filter(|i| i.partition.is_some()).collect();
+        (!v.is_empty()).then(|| v[n as usize % v.len()].clone())
+    }
+
+    fn format(partitions: u8) -> Command {
+        Command::SetComputer {
+            id: "COMP-1".into(),
+            address: "10.0.0.1".into(),
+            netmask: "255.255.255.0".into(),
+            capacity: Params::new(),
+            categories: Params::new(),
+            partitions: (0..partitions)
+                .map(|i| PartitionSpec {
+                    id: format!("slappart{i}"),
+                    addresses: vec![Address {
+                        interface: format!("slaptap{i}"),
+                        addr: format!("10.0.0.{i}"),
+                        netmask: "255.255.255.255".into(),
+                    }],
+                    tap: Some(format!("slaptap{i}")),
+                    user: None,
+                    capabilities: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn command(m: &Master, op: &Op) -> Option<Command> {
+        let partition_of = |i: &Instance| i.partition.clone().unwrap();
+        Some(match op.clone() {
+            Op::Request {
+                title,
+                param,
+                sla,
+                state,
+            } => Command::Request(RequestSpec {
+                requester: RequestOrigin::User("u".into()),
+                title: format!("t{title}"),
+                software_release: SR.into(),
+                software_type: "default".into(),
+                parameters: params(&[("p", &param.to_string())]),
+                sla: if sla {
+                    params(&[("retention_delay", "1")])
+                } else {
+                    Params::new()
+                },
+                shared: false,
+                state: state.map(|s| {
+                    [
+                        RequestedState::Started,
+                        RequestedState::Stopped,
+                        RequestedState::Destroyed,
+                    ][s as usize]
+                }),
+            }),
+            Op::Child { parent, title, shared } => {
+                let (computer, partition) = partition_of(&placed(m, parent)?);
+                Command::Request(RequestSpec {
+                    requester: RequestOrigin::Partition { computer, partition },
+                    title: format!("c{title}"),
+                    software_release: SR.into(),
+                    software_type: "default".into(),
+                    parameters: Params::new(),
+                    sla: Params::new(),
+                    shared,
+                    state: None,
+                })
+            }
+            Op::Publish {
+                instance,
+                value,
+                for_shared,
+            } => {
+                let host = placed(m, instance)?;
+                let (computer, partition) = partition_of(&host);
+                let shared_reference = if for_shared {
+                    Some(m.hosted_by(&host.id).next()?.id.clone())
+                } else {
+                    None
+                };
+                Command::SetConnection {
+                    computer,
+                    partition,
+                    shared_reference,
+                    connection: params(&[("url", &value.to_string())]),
+                }
+            }
+            Op::Report { instance, error } => {
+                let (computer, partition) = partition_of(&placed(m, instance)?);
+                let report = if error {
+                    InstanceReport::Error("boom".into())
+                } else {
+                    InstanceReport::Started
+                };
+                Command::ReportInstance {
+                    computer,
+                    partition,
+                    shared_reference: None,
+                    report,
+                }
+            }
+            Op::NodeDestroyed { instance } => {
+                let (computer, partition) = partition_of(&placed(m, instance)?);
+                Command::DestroyedPartition { computer, partition }
+            }
+            Op::Bang { instance } => {
+                let (computer, partition) = partition_of(&placed(m, instance)?);
+                Command::Bang {
+                    computer,
+                    partition,
+                    message: String::new(),
+                }
+            }
+            Op::Format { partitions } => format(partitions),
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        #[test]
+        fn unchanged_revision_means_unchanged_document(ops in prop::collection::vec(op(), 1..50)) {
+            let mut m = Master::new();
+            let mut index = 0;
+            let mut run = |m: &mut Master, command: Command| {
+                index += 1;
+                m.apply(index, &Proposal { request_id: None, time_us: 1_000_000 + index, command });
+            };
+            run(&mut m, format(3));
+            run(&mut m, Command::Supply { computer: "COMP-1".into(), url: SR.into(), state: SupplyState::Available });
+            let mut seen: BTreeMap<u64, String> = BTreeMap::new();
+            for op in ops {
+                if let Some(c) = command(&m, &op) {
+                    run(&mut m, c);
+                }
+                let revision = m.computers["COMP-1"].revision;
+                let doc = dumps(&computer(&m, "COMP-1").unwrap()).unwrap();
+                if let Some(before) = seen.get(&revision) {
+                    prop_assert_eq!(before, &doc, "the document changed but revision {} did not (after {:?})", revision, op);
+                }
+                seen.insert(revision, doc);
+            }
+        }
+    }
+}

@@ -11,6 +11,10 @@
 //! message for malformed input, and never a 5xx for a client's mistake
 //! (slapgrid treats 5xx as "go offline").
 //!
+//! A node's poll is answered from [`DocumentCache`], keyed by the computer's
+//! revision, which every change visible in the document moves (a property
+//! test in `documents.rs` holds the state machine to it).
+//!
 //! Served so far: getFullComputerInformation (and getComputerInformation),
 //! registerComputerPartition, loadComputerConfigurationFromXML, supplySupply,
 //! requestComputerPartition, setComputerPartitionConnectionXml, the instance
@@ -57,8 +61,62 @@ fn bad(msg: impl Into<String>) -> SlapError {
 
 type SlapResult = Result<Response, SlapError>;
 
+/// Computer documents as last served, by computer: the revision they show
+/// and the marshalled body. A poll of an unchanged computer (the usual case:
+/// every node polls every few minutes) costs a lookup, not a rebuild.
+#[derive(Default)]
+pub struct DocumentCache {
+    documents: std::sync::Mutex<std::collections::HashMap<String, (u64, Arc<String>)>>,
+}
+
+impl DocumentCache {
+    /// The document of `computer` at `revision`, built by `build` if the
+    /// cached one is older.
+    fn get_or_build(
+        &self,
+        computer: &str,
+        revision: u64,
+        build: impl FnOnce() -> Result<String, SlapError>,
+    ) -> Result<Arc<String>, SlapError> {
+        if let Some((r, body)) = self.documents.lock().unwrap_or_else(|e| e.into_inner()).get(computer) {
+            if *r == revision {
+                return Ok(body.clone());
+            }
+        }
+        let body = Arc::new(build()?);
+        self.documents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(computer.to_string(), (revision, body.clone()));
+        Ok(body)
+    }
+}
+
+/// What the SLAP handlers share.
+#[derive(Clone)]
+struct SlapState {
+    replica: Arc<Replica>,
+    documents: Arc<DocumentCache>,
+}
+
+impl axum::extract::FromRef<SlapState> for Arc<Replica> {
+    fn from_ref(s: &SlapState) -> Arc<Replica> {
+        s.replica.clone()
+    }
+}
+
+impl axum::extract::FromRef<SlapState> for Arc<DocumentCache> {
+    fn from_ref(s: &SlapState) -> Arc<DocumentCache> {
+        s.documents.clone()
+    }
+}
+
 /// The SLAP routes of one replica.
 pub fn router(replica: Arc<Replica>) -> Router {
+    let state = SlapState {
+        replica,
+        documents: Arc::new(DocumentCache::default()),
+    };
     Router::new()
         .route("/getHateoasUrl", get(|| async { StatusCode::NOT_FOUND }))
         .route("/getFullComputerInformation", get(full_computer))
@@ -78,7 +136,7 @@ pub fn router(replica: Arc<Replica>) -> Router {
         .route("/destroyedSoftwareRelease", post(software_destroyed))
         .route("/softwareInstanceBang", post(bang))
         .route("/updateComputerPartitionRelatedInstanceList", post(related_instances))
-        .with_state(replica)
+        .with_state(state)
 }
 
 // ----- helpers ---------------------------------------------------------------
@@ -216,15 +274,33 @@ async fn done(replica: &Replica, command: Command) -> SlapResult {
 
 // ----- reads -----------------------------------------------------------------
 
-async fn full_computer(State(replica): State<Arc<Replica>>, RawQuery(q): RawQuery) -> SlapResult {
+async fn full_computer(
+    State(replica): State<Arc<Replica>>,
+    State(cache): State<Arc<DocumentCache>>,
+    RawQuery(q): RawQuery,
+) -> SlapResult {
     let f = Fields::parse(q.as_deref().unwrap_or(""))?;
     let id = f.need("computer_id")?;
-    let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
-    let doc = documents::computer(&state, id)
-        .ok_or_else(|| SlapError(StatusCode::NOT_FOUND, format!("computer {id} does not exist")))?;
-    let revision = state.computers.get(id).map(|c| c.revision).unwrap_or(0);
-    drop(state);
-    let mut resp = marshal_response(&doc)?;
+    let body = {
+        let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+        let revision = state
+            .computers
+            .get(id)
+            .map(|c| c.revision)
+            .ok_or_else(|| SlapError(StatusCode::NOT_FOUND, format!("computer {id} does not exist")))?;
+        // Built under the same read lock as the revision, so the two match.
+        let body = cache.get_or_build(id, revision, || {
+            let doc = documents::computer(&state, id).expect("the computer exists: its revision was just read");
+            marshal::dumps(&doc).map_err(|e| SlapError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        })?;
+        (revision, body)
+    };
+    let (revision, body) = body;
+    let mut resp = (
+        [(header::CONTENT_TYPE, "text/xml; charset=utf-8")],
+        body.as_str().to_owned(),
+    )
+        .into_response();
     if let Ok(etag) = format!("\"{id}-{revision}\"").parse() {
         resp.headers_mut().insert(header::ETAG, etag);
     }
@@ -509,4 +585,31 @@ async fn related_instances(State(r): State<Arc<Replica>>, h: HeaderMap, body: By
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_cache_builds_once_per_revision() {
+        let cache = DocumentCache::default();
+        let builds = std::cell::Cell::new(0);
+        let poll = |revision: u64| {
+            cache
+                .get_or_build("COMP-1", revision, || {
+                    builds.set(builds.get() + 1);
+                    Ok(format!("document at {revision}"))
+                })
+                .unwrap()
+        };
+        let first = poll(7);
+        let again = poll(7);
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "an unchanged poll returns the kept document"
+        );
+        assert_eq!(poll(8).as_str(), "document at 8");
+        assert_eq!(builds.get(), 2, "built once per revision");
+    }
 }

@@ -582,6 +582,17 @@ impl Master {
                 inst.requested_state = s;
             }
         }
+        if sla_changed && !changed {
+            // Only the SLA: shown in the document (`_filter_dict`), no redeploy.
+            if let Some(c) = self
+                .instances
+                .get(id)
+                .and_then(|i| i.partition.as_ref())
+                .map(|(c, _)| c.clone())
+            {
+                self.touch_computer(seq, &c);
+            }
+        }
         if changed {
             self.bump(seq, now, id);
             self.bump_host_of(seq, now, id);
@@ -838,6 +849,9 @@ impl Master {
             return Reply::Done;
         }
         self.instance_mut(&target).connection = connection.clone();
+        // The publisher's own document shows it (a shared instance's, in its
+        // host's list): its computer's document changed, without a redeploy.
+        self.touch_computer(seq, computer);
         // The requester reads these: make it redeploy. The publisher itself is
         // not bumped, or it would redeploy forever.
         if let Requester::Instance(parent) = self.instances[&target].requester.clone() {
