@@ -144,18 +144,7 @@ pub fn from_xml(xml: &str) -> Result<BTreeMap<String, Option<String>>, InstanceX
                 }
             }
             Event::GeneralRef(r) => {
-                let c = match r.resolve_char_ref() {
-                    Ok(Some(c)) => c,
-                    Ok(None) => match r.as_ref() {
-                        b"amp" => '&',
-                        b"lt" => '<',
-                        b"gt" => '>',
-                        b"quot" => '"',
-                        b"apos" => '\'',
-                        other => return Err(bad(format!("unknown entity &{};", String::from_utf8_lossy(other)))),
-                    },
-                    Err(e) => return Err(bad(format!("bad character reference: {e}"))),
-                };
+                let c = crate::xml_text::resolve_reference(&r).map_err(InstanceXmlError)?;
                 match current.as_mut() {
                     Some((_, buf)) => buf.push(c),
                     None => return Err(bad("character outside a parameter".into())),

@@ -10,6 +10,7 @@
 pub mod form;
 pub mod instance_xml;
 pub mod marshal;
+mod xml_text;
 
 /// gRPC: Raft transport and cluster operations (`proto/cluster.proto`).
 #[cfg(feature = "grpc")]

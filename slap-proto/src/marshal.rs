@@ -389,18 +389,7 @@ fn parse_tree(xml: &str) -> Result<Node, MarshalError> {
                 push_text(&mut stack, &text)?;
             }
             Event::GeneralRef(r) => {
-                let c = match r.resolve_char_ref() {
-                    Ok(Some(c)) => c,
-                    Ok(None) => match r.as_ref() {
-                        b"amp" => '&',
-                        b"lt" => '<',
-                        b"gt" => '>',
-                        b"quot" => '"',
-                        b"apos" => '\'',
-                        other => return err(format!("unknown entity &{};", String::from_utf8_lossy(other))),
-                    },
-                    Err(e) => return err(format!("bad character reference: {e}")),
-                };
+                let c = crate::xml_text::resolve_reference(&r).map_err(MarshalError)?;
                 push_text(&mut stack, c.encode_utf8(&mut [0u8; 4]))?;
             }
             Event::Eof => break,
