@@ -1,1 +1,235 @@
-fn main() {}
+//! `slap-gateway`: the stateless front door of the Master for SLAP.
+//!
+//! It forwards every SLAP call (any path, any method) to a replica. Replicas
+//! already forward writes to the leader and hold calls while a leader is
+//! being elected, so the gateway only has to find a replica that answers:
+//! it keeps the last one that did, moves to the next when a replica does not
+//! answer in time, refuses the connection or answers 503 (no leader, no
+//! quorum), and keeps trying for up to `--hold` seconds before answering 503
+//! itself. Any number of gateways can run side by side: they share nothing.
+//!
+//! Retrying a call that may have reached a replica is safe for SLAP: its
+//! writes are idempotent (an identical re-request, report or publication
+//! changes nothing).
+//!
+//! `/healthz` answers 200 while at least one replica does; `/metrics` gives
+//! the counters in the Prometheus text format.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+#[derive(Parser)]
+#[command(
+    name = "slap-gateway",
+    version,
+    about = "Forwards SLAP calls to a Master replica that answers, holding them through elections"
+)]
+struct Args {
+    /// The replicas' SLAP addresses (host:port, their --slap-listen), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    replicas: Vec<String>,
+    /// host:port to serve SLAP on.
+    #[arg(long)]
+    listen: String,
+    /// Seconds to keep trying replicas before answering 503.
+    #[arg(long, default_value_t = 30)]
+    hold: u64,
+    /// Seconds one replica has to answer one attempt.
+    #[arg(long, default_value_t = 10)]
+    attempt: u64,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// Largest request body accepted (a computer with thousands of partitions is well below).
+const MAX_BODY: usize = 64 << 20;
+
+#[derive(Default)]
+struct Counters {
+    calls: AtomicU64,
+    retries: AtomicU64,
+    failures: AtomicU64,
+}
+
+struct Gateway {
+    replicas: Vec<String>,
+    current: AtomicUsize,
+    client: Client<HttpConnector, Full<Bytes>>,
+    hold: Duration,
+    attempt: Duration,
+    counters: Counters,
+}
+
+impl Gateway {
+    /// One attempt on one replica: the response, or why it is not usable.
+    async fn try_replica(
+        &self,
+        i: usize,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<Response, String> {
+        let target = format!(
+            "http://{}{}",
+            self.replicas[i],
+            uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        );
+        let mut req = hyper::Request::builder().method(method.clone()).uri(&target);
+        for (name, value) in headers {
+            if name != hyper::header::HOST {
+                req = req.header(name, value);
+            }
+        }
+        let req = req.body(Full::new(body.clone())).map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(self.attempt, self.client.request(req))
+            .await
+            .map_err(|_| format!("{} did not answer in time", self.replicas[i]))?
+            .map_err(|e| format!("{}: {e}", self.replicas[i]))?;
+        if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+            return Err(format!("{} has no leader", self.replicas[i]));
+        }
+        let (parts, body) = resp.into_parts();
+        let bytes = tokio::time::timeout(self.attempt, body.collect())
+            .await
+            .map_err(|_| format!("{} stopped answering", self.replicas[i]))?
+            .map_err(|e| format!("{}: {e}", self.replicas[i]))?
+            .to_bytes();
+        Ok(Response::from_parts(parts, Body::from(bytes)))
+    }
+
+    async fn forward(&self, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + self.hold;
+        let mut delay = Duration::from_millis(20);
+        let mut last_error = String::new();
+        loop {
+            let start = self.current.load(Ordering::Relaxed);
+            for k in 0..self.replicas.len() {
+                let i = (start + k) % self.replicas.len();
+                match self.try_replica(i, &method, &uri, &headers, &body).await {
+                    Ok(resp) => {
+                        self.current.store(i, Ordering::Relaxed);
+                        return resp;
+                    }
+                    Err(e) => {
+                        tracing::debug!("{e}; trying the next replica");
+                        self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        last_error = e;
+                    }
+                }
+            }
+            if Instant::now() + delay >= deadline {
+                break;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+        self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%uri, "no replica answered within {:?}: {last_error}", self.hold);
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "no Master replica answered within {} s (last: {last_error})",
+                self.hold.as_secs()
+            ),
+        )
+            .into_response()
+    }
+}
+
+async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => return (StatusCode::PAYLOAD_TOO_LARGE, format!("request body refused: {e}")).into_response(),
+    };
+    gw.forward(parts.method, parts.uri, parts.headers, body).await
+}
+
+async fn healthz(State(gw): State<Arc<Gateway>>) -> Response {
+    for (i, _) in gw.replicas.iter().enumerate() {
+        let uri: Uri = "/getHateoasUrl".parse().expect("static URI");
+        if gw
+            .try_replica(i, &Method::GET, &uri, &HeaderMap::new(), &Bytes::new())
+            .await
+            .is_ok()
+        {
+            return (StatusCode::OK, "ok\n").into_response();
+        }
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, "no replica answers\n").into_response()
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    let c = &gw.counters;
+    let body = format!(
+        "# HELP slap_gateway_calls_total SLAP calls received.\n# TYPE slap_gateway_calls_total counter\nslap_gateway_calls_total {}\n\
+         # HELP slap_gateway_retries_total Attempts moved to another replica.\n# TYPE slap_gateway_retries_total counter\nslap_gateway_retries_total {}\n\
+         # HELP slap_gateway_failures_total Calls answered 503 after --hold.\n# TYPE slap_gateway_failures_total counter\nslap_gateway_failures_total {}\n",
+        c.calls.load(Ordering::Relaxed),
+        c.retries.load(Ordering::Relaxed),
+        c.failures.load(Ordering::Relaxed)
+    );
+    let mut resp = body.into_response();
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_millis(500)));
+    let gw = Arc::new(Gateway {
+        replicas: args.replicas.clone(),
+        current: AtomicUsize::new(0),
+        client: Client::builder(TokioExecutor::new()).build(connector),
+        hold: Duration::from_secs(args.hold),
+        attempt: Duration::from_secs(args.attempt),
+        counters: Counters::default(),
+    });
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(forward)
+        .with_state(gw);
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(listen = %args.listen, replicas = ?args.replicas, "slap-gateway serving");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
