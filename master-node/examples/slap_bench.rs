@@ -12,7 +12,8 @@
 //! cargo build -p master-node && cargo run -p master-node --example slap_bench -- --seconds 5
 //! ```
 //!
-//! master-node runs as one replica here, answering directly (no gateway yet).
+//! master-node is measured twice: one replica answering directly, and three
+//! replicas behind slap-gateway (what the targets are about).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -222,6 +223,65 @@ fn start_master(dir: &Path) -> (Proc, u16) {
     (Proc(child), port)
 }
 
+/// Three replicas serving SLAP, and slap-gateway in front of them.
+fn start_cluster_with_gateway(dir: &Path) -> (Vec<Proc>, u16) {
+    let bin_dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let bin = bin_dir.join("master-node");
+    let raft: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let slap: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut procs = Vec::new();
+    for i in 0..3 {
+        let data = dir.join(format!("cluster-{i}"));
+        let mut cmd = Command::new(&bin);
+        if i == 0 {
+            cmd.arg("init");
+        } else {
+            let token = std::fs::read_to_string(dir.join("cluster-0/join-token")).unwrap();
+            cmd.args(["join", "--peer", &raft[0], "--token", token.trim()]);
+        }
+        cmd.arg("--data-dir").arg(&data);
+        cmd.args(["--listen", &raft[i], "--slap-listen", &format!("127.0.0.1:{}", slap[i])]);
+        procs.push(Proc(
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start master-node"),
+        ));
+        // Each replica is up (and, for joiners, promoted) before the next.
+        wait_up(slap[i]);
+        if i == 0 {
+            let token = dir.join("cluster-0/join-token");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !token.exists() {
+                assert!(Instant::now() < deadline, "no join token");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let gw_port = free_port();
+    let list = slap
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let gateway = Command::new(bin_dir.join("slap-gateway"))
+        .args(["--replicas", &list, "--listen", &format!("127.0.0.1:{gw_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start slap-gateway (cargo build --workspace)");
+    procs.push(Proc(gateway));
+    wait_up(gw_port);
+    (procs, gw_port)
+}
+
 struct Figures {
     load_200: f64,
     allocations: f64,
@@ -317,55 +377,65 @@ fn main() {
         let (_m, port) = start_master(dir.path());
         measure(port, args.seconds)
     };
+    let cluster = {
+        let (_procs, port) = start_cluster_with_gateway(dir.path());
+        measure(port, args.seconds)
+    };
     let theirs = {
         let (_p, port) = start_slapproxy(&args.slapos, dir.path());
         measure(port, args.seconds)
     };
     println!();
-    println!("| call | clients | master-node | slapproxy | ratio |");
-    println!("|---|---:|---:|---:|---:|");
-    let row = |name: &str, clients: &str, a: f64, b: f64, unit: &str| {
-        println!("| {name} | {clients} | {a:.1} {unit} | {b:.1} {unit} | {:.1}x |", a / b);
+    println!("| call | clients | 1 replica, direct | 3 replicas + gateway | slapproxy | direct / slapproxy | gateway / slapproxy |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let row = |name: &str, clients: &str, a: f64, g: f64, b: f64| {
+        println!(
+            "| {name} | {clients} | {a:.1}/s | {g:.1}/s | {b:.1}/s | {:.1}x | {:.1}x |",
+            a / b,
+            g / b
+        );
     };
     row(
         "getFullComputerInformation (100 partitions, 50 busy)",
         "1",
         ours.poll[0],
+        cluster.poll[0],
         theirs.poll[0],
-        "/s",
     );
     row(
         "getFullComputerInformation (100 partitions, 50 busy)",
         "8",
         ours.poll[1],
+        cluster.poll[1],
         theirs.poll[1],
-        "/s",
     );
     row(
         "requestComputerPartition, identical re-request",
         "1",
         ours.rerequest[0],
+        cluster.rerequest[0],
         theirs.rerequest[0],
-        "/s",
     );
     row(
         "requestComputerPartition, identical re-request",
         "8",
         ours.rerequest[1],
+        cluster.rerequest[1],
         theirs.rerequest[1],
-        "/s",
     );
     row(
         "requestComputerPartition, new allocation",
         "1",
         ours.allocations,
+        cluster.allocations,
         theirs.allocations,
-        "/s",
     );
     println!(
-        "| loadComputerConfigurationFromXML, 200 partitions | 1 | {:.3} s | {:.3} s | {:.1}x |",
+        "| loadComputerConfigurationFromXML, 200 partitions | 1 | {:.3} s | {:.3} s | {:.3} s | {:.1}x | {:.1}x |",
         ours.load_200,
+        cluster.load_200,
         theirs.load_200,
-        theirs.load_200 / ours.load_200
+        theirs.load_200 / ours.load_200,
+        theirs.load_200 / cluster.load_200
     );
 }
