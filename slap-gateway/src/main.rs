@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use clap::Parser;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -54,6 +54,22 @@ struct Args {
     #[arg(long)]
     log_json: bool,
 }
+
+/// Headers that describe one connection, not the call (RFC 9110 7.6.1),
+/// plus Host: never passed on. Passing on a caller's `Connection: close`
+/// would make every forwarded call open a new connection to the replica.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
 
 /// Largest request body accepted (a computer with thousands of partitions is well below).
 const MAX_BODY: usize = 64 << 20;
@@ -91,7 +107,7 @@ impl Gateway {
         );
         let mut req = hyper::Request::builder().method(method.clone()).uri(&target);
         for (name, value) in headers {
-            if name != hyper::header::HOST {
+            if !HOP_BY_HOP.contains(&name.as_str()) {
                 req = req.header(name, value);
             }
         }
@@ -103,13 +119,10 @@ impl Gateway {
         if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
             return Err(format!("{} has no leader", self.replicas[i]));
         }
+        // Usable: stream the body through rather than buffering it (a
+        // computer document can be hundreds of kilobytes).
         let (parts, body) = resp.into_parts();
-        let bytes = tokio::time::timeout(self.attempt, body.collect())
-            .await
-            .map_err(|_| format!("{} stopped answering", self.replicas[i]))?
-            .map_err(|e| format!("{}: {e}", self.replicas[i]))?
-            .to_bytes();
-        Ok(Response::from_parts(parts, Body::from(bytes)))
+        Ok(Response::from_parts(parts, Body::new(body)))
     }
 
     async fn forward(&self, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
