@@ -359,6 +359,39 @@ async fn format_supply_request_poll_publish_destroy() {
         "the requester is bumped"
     );
 
+    // Firewall recipes ask for every address of the tree: parent and child.
+    let a = call(
+        r,
+        "GET",
+        "/getHostingSubscriptionIpList",
+        &[("computer_id", "COMP-1"), ("computer_partition_id", &child_partition)],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    match loads(&a.body).unwrap() {
+        Value::List(pairs) => assert_eq!(pairs.len(), 2, "one address per partition of the tree: {pairs:?}"),
+        other => panic!("{other:?}"),
+    }
+    let a = call(
+        r,
+        "POST",
+        "/computerBang",
+        &[("computer_id", "COMP-1"), ("message", "reboot")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (StatusCode::OK, "<marshal><string></string></marshal>")
+    );
+    assert_eq!(
+        call(r, "POST", "/computerBang", &[("computer_id", "NOPE")], None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+
     // Reports: started shows in _access_status.
     let a = call(
         r,

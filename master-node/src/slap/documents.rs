@@ -127,6 +127,23 @@ fn parameter_dict(m: &Master, inst: &Instance, partition: Option<&Partition>) ->
     Value::Dict(d)
 }
 
+/// `getHostingSubscriptionIpList`: every `(interface, address)` of the
+/// partitions of the instance tree the given instance belongs to.
+pub fn tree_ip_list(m: &Master, inst: &Instance) -> Value {
+    let mut pairs = Vec::new();
+    for member in m.instances.values().filter(|i| i.root == inst.root) {
+        if let Some(p) = member.partition.as_ref().and_then(|k| m.partitions.get(k)) {
+            for a in &p.addresses {
+                pairs.push(Value::Tuple(vec![
+                    Value::str(a.interface.clone()),
+                    Value::str(a.addr.clone()),
+                ]));
+            }
+        }
+    }
+    Value::List(pairs)
+}
+
 /// A `ComputerPartition` as `getFullComputerInformation` and
 /// `registerComputerPartition` send it.
 pub fn computer_partition(m: &Master, p: &Partition) -> Value {

@@ -136,6 +136,8 @@ pub fn router(replica: Arc<Replica>) -> Router {
         .route("/destroyedSoftwareRelease", post(software_destroyed))
         .route("/softwareInstanceBang", post(bang))
         .route("/updateComputerPartitionRelatedInstanceList", post(related_instances))
+        .route("/getHostingSubscriptionIpList", get(tree_ips))
+        .route("/computerBang", post(computer_bang))
         .with_state(state)
 }
 
@@ -315,6 +317,39 @@ async fn register_partition(State(replica): State<Arc<Replica>>, RawQuery(q): Ra
     let doc = documents::computer_partition(&state, part);
     drop(state);
     marshal_response(&doc)
+}
+
+async fn tree_ips(State(replica): State<Arc<Replica>>, RawQuery(q): RawQuery) -> SlapResult {
+    let f = Fields::parse(q.as_deref().unwrap_or(""))?;
+    let (c, p) = (f.need("computer_id")?, f.need("computer_partition_id")?);
+    let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+    let inst = state
+        .instance_on(c, p)
+        .ok_or_else(|| SlapError(StatusCode::NOT_FOUND, format!("partition {p} of {c} holds no instance")))?;
+    let doc = documents::tree_ip_list(&state, inst);
+    drop(state);
+    marshal_response(&doc)
+}
+
+/// `slapos node bang`: noted, nothing to change (as in SlapOS' proxy); the
+/// computer must exist.
+async fn computer_bang(State(replica): State<Arc<Replica>>, body: Bytes) -> SlapResult {
+    let f = Fields::body(&body)?;
+    let id = f.need("computer_id")?;
+    if !replica
+        .state
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .computers
+        .contains_key(id)
+    {
+        return Err(SlapError(
+            StatusCode::NOT_FOUND,
+            format!("computer {id} does not exist"),
+        ));
+    }
+    tracing::info!(computer = %id, message = f.opt("message").unwrap_or_default(), "computer bang");
+    marshal_response(&Value::str(""))
 }
 
 // ----- computers and software ---------------------------------------------------
