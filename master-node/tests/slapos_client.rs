@@ -1,21 +1,20 @@
 //! Conformance with the unmodified SlapOS client (PyPI slapos.core 1.26.1):
 //! `slapos node format`, `slapos supply` and `slapos request` (a root with
 //! parameters that need escaping, a shared instance, a destruction) against
-//! a `master-node` serving SLAP. `scripts/setup.sh` installs the client and
+//! three `master-node` replicas behind `slap-gateway`, with the leader
+//! SIGKILLed in the middle. `scripts/setup.sh` installs the client and
 //! exports `SLAPOS_BIN`.
 //!
 //! Not covered yet: `slapos node software|instance|report` (they need a
 //! buildout software release and partitions the node agent prepares).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use common::{http, SlapCluster};
 use slap_proto::marshal::{loads, Value};
-
-const BIN: &str = env!("CARGO_BIN_EXE_master-node");
 
 fn slapos_bin() -> PathBuf {
     let path = std::env::var_os("SLAPOS_BIN")
@@ -27,35 +26,6 @@ fn slapos_bin() -> PathBuf {
         path.display()
     );
     path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Master(Child);
-
-impl Drop for Master {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A plain HTTP GET on loopback; the status and body.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let status = raw.split(' ').nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
 }
 
 fn slapos(dir: &Path, args: &[&str]) -> String {
@@ -92,23 +62,8 @@ fn get<'a>(entries: &'a [(Value, Value)], key: &str) -> &'a Value {
 fn real_slapos_client_formats_supplies_and_requests() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let slap = free_port();
-    let _master = Master(
-        Command::new(BIN)
-            .args(["init", "--data-dir"])
-            .arg(root.join("master"))
-            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--slap-listen", &format!("127.0.0.1:{slap}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(slap, "/getHateoasUrl").is_none() {
-        assert!(Instant::now() < deadline, "the SLAP port never answered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut cluster = SlapCluster::start(&root.join("cluster"));
+    let slap = cluster.gateway_port;
 
     // A node described by a definition file: no users, taps or addresses touched.
     let node = root.join("node");
@@ -147,6 +102,8 @@ fn real_slapos_client_formats_supplies_and_requests() {
 
     slapos(root, &["node", "format", "--cfg", &format!("{n}/slapos.cfg"), "--now"]);
     slapos(root, &["supply", &sr, "COMP-1", "--cfg", "client.cfg"]);
+    // The leader dies in the middle; every later command must still succeed.
+    cluster.kill_leader();
     let out = slapos(
         root,
         &[
@@ -177,7 +134,7 @@ fn real_slapos_client_formats_supplies_and_requests() {
     assert!(out.contains("Instance requested"), "{out}");
 
     // What a node polling the Master now sees.
-    let (status, body) = http_get(slap, "/getFullComputerInformation?computer_id=COMP-1").unwrap();
+    let (status, body) = http(slap, "GET", "/getFullComputerInformation", "computer_id=COMP-1").unwrap();
     assert_eq!(status, 200, "{body}");
     let doc = loads(&body).unwrap();
     let Value::List(parts) = get(attrs(&doc), "_computer_partition_list") else {
