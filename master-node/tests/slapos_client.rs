@@ -93,7 +93,7 @@ fn real_slapos_client_formats_supplies_and_requests() {
     std::fs::write(node.join("definition.cfg"), definition).unwrap();
     std::fs::write(
         root.join("client.cfg"),
-        format!("[slapos]\nmaster_url = http://127.0.0.1:{slap}/\n[slapconsole]\n"),
+        format!("[slapos]\nmaster_url = http://127.0.0.1:{slap}/\nmaster_rest_url = http://127.0.0.1:{slap}/hateoas\n[slapconsole]\n"),
     )
     .unwrap();
     let sr = root.join("software.cfg");
@@ -132,6 +132,16 @@ fn real_slapos_client_formats_supplies_and_requests() {
         ],
     );
     assert!(out.contains("Instance requested"), "{out}");
+
+    // The HATEOAS subset: service list / info, computer list / info.
+    let out = slapos(root, &["service", "list", "--cfg", "client.cfg"]);
+    assert!(out.contains("\"myinst\"") && out.contains("\"web-shared\""), "{out}");
+    let out = slapos(root, &["service", "info", "myinst", "--cfg", "client.cfg"]);
+    assert!(out.contains("\"requested-state\": \"started\""), "{out}");
+    // The client prints JSON with non-ASCII escaped.
+    assert!(out.contains(r#""baz": "a<b&c \"q\" \u00e9t\u00e9""#), "{out}");
+    let out = slapos(root, &["computer", "info", "COMP-1", "--cfg", "client.cfg"]);
+    assert!(out.contains("Computer Reference: COMP-1"), "{out}");
 
     // What a node polling the Master now sees.
     let (status, body) = http(slap, "GET", "/getFullComputerInformation", "computer_id=COMP-1").unwrap();

@@ -22,6 +22,7 @@
 //! updateComputerPartitionRelatedInstanceList, and getHateoasUrl (404).
 
 pub mod documents;
+pub mod hateoas;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,6 +139,11 @@ pub fn router(replica: Arc<Replica>) -> Router {
         .route("/updateComputerPartitionRelatedInstanceList", post(related_instances))
         .route("/getHostingSubscriptionIpList", get(tree_ips))
         .route("/computerBang", post(computer_bang))
+        .route("/hateoas", get(hateoas::root))
+        .route("/hateoas/", get(hateoas::root))
+        .route("/hateoas/partitions/{title}", get(hateoas::partition))
+        .route("/hateoas/shared/{title}", get(hateoas::shared))
+        .route("/hateoas/computers/{reference}", get(hateoas::computer))
         .with_state(state)
 }
 
