@@ -144,6 +144,9 @@ pub fn router(replica: Arc<Replica>) -> Router {
         .route("/hateoas/partitions/{title}", get(hateoas::partition))
         .route("/hateoas/shared/{title}", get(hateoas::shared))
         .route("/hateoas/computers/{reference}", get(hateoas::computer))
+        // A node with thousands of partitions posts a large computer
+        // document; the gateway accepts the same size.
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(state)
 }
 
