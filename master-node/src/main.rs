@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use master_node::client::Client;
 use master_node::identity::{Identity, JoinToken};
 use master_node::raft::{ReplicaNode, Timing};
-use master_node::replica::Running;
+use master_node::replica::{Running, Stopped};
 use master_node::state::{Command, Reply};
 use slap_proto::cluster::{JoinRequest, LeaveRequest, PromoteRequest};
 
@@ -377,9 +377,10 @@ async fn serve(running: Running) -> Result<(), Fail> {
     let outcome = tokio::select! {
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
-        r = stopped.wait_for(|s| s.is_some()) => {
-            let reason = r.ok().and_then(|s| s.clone()).unwrap_or_default();
-            if reason.contains("removed") { Ok(()) } else { Err(Fail(reason)) }
+        r = stopped.wait_for(|s| s.is_some()) => match r.ok().and_then(|s| s.clone()) {
+            Some(Stopped::Failed(reason)) => Err(Fail(reason)),
+            // Removed from the cluster: a normal end.
+            _ => Ok(()),
         }
     };
     tracing::info!("stopping");

@@ -186,6 +186,15 @@ async fn run_proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Pending
     }
 }
 
+/// Why a replica stopped by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// The cluster removed it: a normal end.
+    Removed(String),
+    /// Raft stopped on an error (storage, a bad entry): a failure.
+    Failed(String),
+}
+
 /// A started replica: its shared core and a way to stop it.
 pub struct Running {
     pub replica: Arc<Replica>,
@@ -193,7 +202,7 @@ pub struct Running {
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     /// Fires with a reason when the replica stops by itself (fatal error,
     /// removed from the cluster).
-    pub stopped: watch::Receiver<Option<String>>,
+    pub stopped: watch::Receiver<Option<Stopped>>,
 }
 
 /// Accepted connections with Nagle's algorithm off: Raft and its callers
@@ -331,7 +340,7 @@ impl Running {
 /// (the leader stops replicating to it once that configuration commits), so
 /// besides watching its own membership it asks its peers every few seconds:
 /// when a leader of its own cluster lists it no longer, it has been removed.
-async fn watch_metrics(replica: Arc<Replica>, stopped: watch::Sender<Option<String>>) {
+async fn watch_metrics(replica: Arc<Replica>, stopped: watch::Sender<Option<Stopped>>) {
     let mut rx = replica.raft.metrics();
     let mut last_leader = None;
     let mut was_member = false;
@@ -345,7 +354,7 @@ async fn watch_metrics(replica: Arc<Replica>, stopped: watch::Sender<Option<Stri
             Err(fatal) => {
                 let reason = format!("Raft stopped: {fatal}");
                 error!(replica = replica.id, "{reason}");
-                let _ = stopped.send(Some(reason));
+                let _ = stopped.send(Some(Stopped::Failed(reason)));
                 return;
             }
             Ok(()) => {}
@@ -378,7 +387,7 @@ async fn watch_metrics(replica: Arc<Replica>, stopped: watch::Sender<Option<Stri
                     warn!("cannot record the removal in the identity file: {e}");
                 }
             }
-            let _ = stopped.send(Some(reason));
+            let _ = stopped.send(Some(Stopped::Removed(reason)));
             return;
         }
         tokio::select! {

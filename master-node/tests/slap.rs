@@ -2,10 +2,13 @@
 //! calls `slapos node format`, `slapos supply`, `slapos request`, slapgrid and
 //! buildout publishing make, with the bodies the real client sends.
 
+mod common;
+
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use common::{attrs, get};
 use http_body_util::BodyExt;
 use master_node::api::ClientWrite;
 use master_node::identity::{Identity, JoinToken};
@@ -138,21 +141,6 @@ fn computer_xml() -> String {
         ("partition_list", Value::List(vec![partition(0), partition(1)])),
     ]))
     .unwrap()
-}
-
-fn attrs(v: &Value) -> &Vec<(Value, Value)> {
-    match v {
-        Value::Object(o) => &o.attrs,
-        other => panic!("not an object: {other:?}"),
-    }
-}
-
-fn get<'a>(entries: &'a [(Value, Value)], key: &str) -> &'a Value {
-    &entries
-        .iter()
-        .find(|(k, _)| k.as_str() == Some(key))
-        .unwrap_or_else(|| panic!("no {key}"))
-        .1
 }
 
 fn dict(v: &Value) -> &Vec<(Value, Value)> {

@@ -13,7 +13,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{http, SlapCluster};
+use common::{attrs, get, http, SlapCluster};
 use slap_proto::marshal::{loads, Value};
 
 fn slapos_bin() -> PathBuf {
@@ -41,21 +41,6 @@ fn slapos(dir: &Path, args: &[&str]) -> String {
     );
     assert!(out.status.success(), "slapos {args:?} failed:\n{text}");
     text
-}
-
-fn attrs(v: &Value) -> &Vec<(Value, Value)> {
-    match v {
-        Value::Object(o) => &o.attrs,
-        other => panic!("not an object: {other:?}"),
-    }
-}
-
-fn get<'a>(entries: &'a [(Value, Value)], key: &str) -> &'a Value {
-    &entries
-        .iter()
-        .find(|(k, _)| k.as_str() == Some(key))
-        .unwrap_or_else(|| panic!("no {key}"))
-        .1
 }
 
 #[test]

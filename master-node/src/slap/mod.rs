@@ -292,7 +292,7 @@ async fn full_computer(
 ) -> SlapResult {
     let f = Fields::parse(q.as_deref().unwrap_or(""))?;
     let id = f.need("computer_id")?;
-    let body = {
+    let (revision, body) = {
         let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
         let revision = state
             .computers
@@ -306,7 +306,6 @@ async fn full_computer(
         })?;
         (revision, body)
     };
-    let (revision, body) = body;
     // Bytes clones share the cached buffer: no copy per poll.
     let mut resp = ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response();
     if let Ok(etag) = format!("\"{id}-{revision}\"").parse() {

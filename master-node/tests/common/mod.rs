@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use master_node::client::Client;
 use slap_proto::form::encode;
+use slap_proto::marshal::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_master-node");
 
@@ -191,4 +192,21 @@ impl SlapCluster {
         self.replicas[leader].kill();
         leader
     }
+}
+
+/// The attributes of a marshalled object.
+pub fn attrs(v: &Value) -> &Vec<(Value, Value)> {
+    match v {
+        Value::Object(o) => &o.attrs,
+        other => panic!("not an object: {other:?}"),
+    }
+}
+
+/// The value under a string key of a marshalled dict or attribute list.
+pub fn get<'a>(entries: &'a [(Value, Value)], key: &str) -> &'a Value {
+    &entries
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .unwrap_or_else(|| panic!("no {key}"))
+        .1
 }
