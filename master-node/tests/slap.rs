@@ -531,3 +531,130 @@ async fn malformed_calls_get_4xx_and_change_nothing() {
     }
     assert!(domain(r) == before, "refused calls changed the state");
 }
+
+async fn poll(replica: &Arc<Replica>, etag: Option<&str>, wait: Option<u64>) -> (StatusCode, Option<String>) {
+    let mut req = Request::builder().uri("/getFullComputerInformation?computer_id=COMP-1");
+    if let Some(tag) = etag {
+        req = req.header("if-none-match", tag);
+    }
+    if let Some(secs) = wait {
+        req = req.header("x-slap-wait", secs.to_string());
+    }
+    let resp = master_node::slap::router(replica.clone())
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let etag = resp.headers().get("etag").map(|v| v.to_str().unwrap().to_string());
+    (resp.status(), etag)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_are_conditional_and_can_wait_for_a_change() {
+    let (_dir, running) = master().await;
+    let r = running.replica.clone();
+    call(
+        &r,
+        "POST",
+        "/loadComputerConfigurationFromXML",
+        &[("xml", &computer_xml())],
+        None,
+    )
+    .await;
+    let (status, etag) = poll(&r, None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let etag = etag.expect("an ETag");
+    // Unchanged: 304 at once, or after the hold when asked to wait.
+    assert_eq!(poll(&r, Some(&etag), None).await.0, StatusCode::NOT_MODIFIED);
+    let start = std::time::Instant::now();
+    assert_eq!(poll(&r, Some(&etag), Some(1)).await.0, StatusCode::NOT_MODIFIED);
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(900),
+        "the poll was not held"
+    );
+    // A change while held: answered within a second with the new document.
+    let waiter = {
+        let (r, etag) = (r.clone(), etag.clone());
+        tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            let answer = poll(&r, Some(&etag), Some(20)).await;
+            (answer, start.elapsed())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let supplied = std::time::Instant::now();
+    call(
+        &r,
+        "POST",
+        "/supplySupply",
+        &[("url", SR), ("computer_id", "COMP-1"), ("state", "available")],
+        None,
+    )
+    .await;
+    let ((status, new_etag), _) = waiter.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(new_etag.as_deref(), Some(etag.as_str()));
+    assert!(
+        supplied.elapsed() < std::time::Duration::from_secs(1),
+        "the held poll woke late"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_categories_and_usage_journals() {
+    let (_dir, running) = master().await;
+    let r = running.replica.clone();
+    let with_extras = dumps(&d(vec![
+        ("reference", s("COMP-2")),
+        ("partition_list", Value::List(vec![])),
+        ("capacity", d(vec![("cpu_count", s("2")), ("mode", s("privileged"))])),
+        ("categories", d(vec![("region", s("eu-west"))])),
+    ]))
+    .unwrap();
+    let a = call(
+        &r,
+        "POST",
+        "/loadComputerConfigurationFromXML",
+        &[("xml", &with_extras)],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    {
+        let state = r.state.read().unwrap();
+        let c = &state.computers["COMP-2"];
+        assert_eq!(c.categories.get("region").map(String::as_str), Some("eu-west"));
+        assert_eq!(c.capacity.get("cpu_count").map(String::as_str), Some("2"));
+    }
+    let journal = nodeagent_like_journal("42.5");
+    let ok = call(
+        &r,
+        "POST",
+        "/useComputer",
+        &[("computer_id", "COMP-2"), ("use_string", &journal)],
+        None,
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
+    let bad = nodeagent_like_journal("a lot");
+    let refused = call(
+        &r,
+        "POST",
+        "/useComputer",
+        &[("computer_id", "COMP-2"), ("use_string", &bad)],
+        None,
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(refused.body.contains("quantity"), "{}", refused.body);
+}
+
+fn nodeagent_like_journal(quantity: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\"?><journal><transaction type=\"Sale Packing List\"><title>Resource consumptions</title>\
+         <start_date></start_date><stop_date>2026-11-25 at 15:02:03</stop_date><reference>COMP-2</reference>\
+         <currency></currency><payment_mode></payment_mode><category></category><arrow type=\"Administration\">\
+         <source></source><destination></destination></arrow><movement><resource>CPU Consumption</resource>\
+         <reference>slappart0</reference><quantity>{quantity}</quantity><price>0.0</price><VAT>None</VAT>\
+         </movement></transaction></journal>"
+    )
+}

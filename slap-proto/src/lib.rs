@@ -5,11 +5,13 @@
 //! - [`cluster`]: the gRPC services between replicas (Raft) and of the
 //!   cluster (membership, status, forwarded writes and reads).
 //! - [`marshal`]: SLAP's xml_marshaller codec; [`form`]: its form bodies;
-//!   [`instance_xml`]: the instance XML masters store parameters in.
+//!   [`instance_xml`]: the instance XML masters store parameters in;
+//!   [`tioxml`]: the usage journals nodes report.
 
 pub mod form;
 pub mod instance_xml;
 pub mod marshal;
+pub mod tioxml;
 mod xml_text;
 
 /// gRPC: Raft transport and cluster operations (`proto/cluster.proto`).

@@ -19,7 +19,9 @@
 //! registerComputerPartition, loadComputerConfigurationFromXML, supplySupply,
 //! requestComputerPartition, setComputerPartitionConnectionXml, the instance
 //! and software state reports, softwareInstanceBang,
-//! updateComputerPartitionRelatedInstanceList, and getHateoasUrl (404).
+//! updateComputerPartitionRelatedInstanceList, useComputer (validated, not
+//! yet booked), and getHateoasUrl (404). Polls honour `If-None-Match` (304)
+//! and `X-Slap-Wait` (held until the document changes: a node's watch).
 
 pub mod documents;
 pub mod hateoas;
@@ -139,6 +141,7 @@ pub fn router(replica: Arc<Replica>) -> Router {
         .route("/updateComputerPartitionRelatedInstanceList", post(related_instances))
         .route("/getHostingSubscriptionIpList", get(tree_ips))
         .route("/computerBang", post(computer_bang))
+        .route("/useComputer", post(use_computer))
         .route("/hateoas", get(hateoas::root))
         .route("/hateoas/", get(hateoas::root))
         .route("/hateoas/partitions/{title}", get(hateoas::partition))
@@ -285,33 +288,71 @@ async fn done(replica: &Replica, command: Command) -> SlapResult {
 
 // ----- reads -----------------------------------------------------------------
 
+/// The longest a poll may be held (`X-Slap-Wait`), below the gateway's
+/// per-attempt bound so a held poll is never retried as a failure.
+const MAX_HOLD: Duration = Duration::from_secs(25);
+
+/// `getFullComputerInformation`. Answers 304 when `If-None-Match` names the
+/// current revision; with `X-Slap-Wait: N` as well, holds the answer up to N
+/// seconds until the document changes: a node's watch, as a long poll that
+/// works through any gateway or proxy.
 async fn full_computer(
     State(replica): State<Arc<Replica>>,
     State(cache): State<Arc<DocumentCache>>,
+    headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> SlapResult {
     let f = Fields::parse(q.as_deref().unwrap_or(""))?;
     let id = f.need("computer_id")?;
-    let (revision, body) = {
-        let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
-        let revision = state
-            .computers
-            .get(id)
-            .map(|c| c.revision)
-            .ok_or_else(|| SlapError(StatusCode::NOT_FOUND, format!("computer {id} does not exist")))?;
-        // Built under the same read lock as the revision, so the two match.
-        let body = cache.get_or_build(id, revision, || {
-            let doc = documents::computer(&state, id).expect("the computer exists: its revision was just read");
-            marshal::dumps(&doc).map_err(|e| SlapError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
-        })?;
-        (revision, body)
-    };
-    // Bytes clones share the cached buffer: no copy per poll.
-    let mut resp = ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response();
-    if let Ok(etag) = format!("\"{id}-{revision}\"").parse() {
-        resp.headers_mut().insert(header::ETAG, etag);
+    let known = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
+    let hold = headers
+        .get("x-slap-wait")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s).min(MAX_HOLD))
+        .unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + hold;
+    loop {
+        let (revision, body) = {
+            let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+            let revision = state
+                .computers
+                .get(id)
+                .map(|c| c.revision)
+                .ok_or_else(|| SlapError(StatusCode::NOT_FOUND, format!("computer {id} does not exist")))?;
+            let etag = format!("\"{id}-{revision}\"");
+            if known == Some(etag.as_str()) {
+                (revision, None)
+            } else {
+                // Built under the same read lock as the revision, so the two match.
+                let body = cache.get_or_build(id, revision, || {
+                    let doc = documents::computer(&state, id).expect("the computer exists: its revision was just read");
+                    marshal::dumps(&doc).map_err(|e| SlapError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+                })?;
+                (revision, Some(body))
+            }
+        };
+        let etag = format!("\"{id}-{revision}\"");
+        match body {
+            // Bytes clones share the cached buffer: no copy per poll.
+            Some(body) => {
+                let mut resp = ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response();
+                if let Ok(tag) = etag.parse() {
+                    resp.headers_mut().insert(header::ETAG, tag);
+                }
+                return Ok(resp);
+            }
+            None if tokio::time::Instant::now() >= deadline => {
+                let mut resp = StatusCode::NOT_MODIFIED.into_response();
+                if let Ok(tag) = etag.parse() {
+                    resp.headers_mut().insert(header::ETAG, tag);
+                }
+                return Ok(resp);
+            }
+            // Unchanged and held: look again shortly (a lookup under a read lock).
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
-    Ok(resp)
 }
 
 async fn register_partition(State(replica): State<Arc<Replica>>, RawQuery(q): RawQuery) -> SlapResult {
@@ -402,6 +443,21 @@ fn computer_command(v: Value) -> Result<Command, SlapError> {
         });
     }
     let mut capacity = Params::new();
+    // This Master's extensions (nodeagent sends them; the slapos client does not).
+    if let Some(c) = dict_attr(&d, "capacity") {
+        for (k, v) in c {
+            if let (Some(k), Some(v)) = (k.as_str(), v.as_str()) {
+                capacity.insert(k.into(), v.into());
+            }
+        }
+    }
+    let categories: Params = dict_attr(&d, "categories")
+        .map(|c| {
+            c.iter()
+                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
     for key in [
         "os_type",
         "public_ipv4_address",
@@ -419,7 +475,7 @@ fn computer_command(v: Value) -> Result<Command, SlapError> {
         address: str_attr(&d, "address").unwrap_or_default(),
         netmask: str_attr(&d, "netmask").unwrap_or_default(),
         capacity,
-        categories: Params::new(),
+        categories,
         partitions,
     })
 }
@@ -590,6 +646,19 @@ async fn destroyed(State(r): State<Arc<Replica>>, h: HeaderMap, body: Bytes) -> 
     let f = Fields::body(&body)?;
     let (computer, partition) = partition_of(&h, &f)?;
     done(&r, Command::DestroyedPartition { computer, partition }).await
+}
+
+/// `useComputer`: a node's usage as a TioXML journal. The journal is
+/// validated (400 with the reason when invalid, as the real master does);
+/// booking it into accounting is not built yet, and the log says so.
+async fn use_computer(body: Bytes) -> SlapResult {
+    let f = Fields::body(&body)?;
+    let computer = f.need("computer_id")?;
+    let journal = f.need("use_string")?;
+    let movements = slap_proto::tioxml::validate(journal)
+        .map_err(|e| bad(format!("use_string is not a valid TioXML journal: {e}")))?;
+    tracing::info!(%computer, movements, "usage journal received (validated; accounting does not book it yet)");
+    Ok(text("OK"))
 }
 
 async fn bang(State(r): State<Arc<Replica>>, h: HeaderMap, body: Bytes) -> SlapResult {
