@@ -1,1 +1,291 @@
-fn main() {}
+//! `nodeagent`: turns a machine into a node the SlapOS Master drives.
+//!
+//! ```text
+//! nodeagent format   [node options]                      make the partitions (idempotent)
+//! nodeagent run      --master URL[,URL...] [node options] the daemon: every loop
+//! nodeagent software --master URL ...                    one software run
+//! nodeagent instance --master URL ...                    one instance run
+//! nodeagent report   --master URL ...                    post usage once
+//! nodeagent unformat [node options]                      remove free partitions
+//! ```
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use nodeagent::agent::{self, Intervals};
+use nodeagent::config::{Mode, NodeConfig};
+use nodeagent::format;
+use nodeagent::instance::{Instances, Outcome};
+use nodeagent::master::MasterClient;
+use nodeagent::software;
+use nodeagent::supervisor::Supervisor;
+
+#[derive(Parser)]
+#[command(
+    name = "nodeagent",
+    version,
+    about = "Turns a machine into a node the SlapOS Master drives",
+    long_about = "Turns a machine into a node the SlapOS Master drives: computer partitions \
+                  (a Unix user, a directory, a tap device and addresses each), software releases \
+                  installed once per node, instances configured, supervised and checked by \
+                  promises, usage reported. Runs as root (privileged mode) or, for development, \
+                  as anyone (unprivileged mode: directories only)."
+)]
+struct Cli {
+    /// Log as JSON lines instead of readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the partitions (users, directories, taps, addresses); a second
+    /// run changes nothing. With --master, also report the capacity.
+    Format {
+        #[command(flatten)]
+        node: NodeConfig,
+        /// Master URLs (replicas or gateways) to report the capacity to.
+        #[arg(long, env = "NODEAGENT_MASTER", value_delimiter = ',')]
+        master: Vec<String>,
+    },
+    /// Run the daemon: capacity, watch, software, instance, promise, usage
+    /// loops and the process supervisor.
+    Run(RunArgs),
+    /// One software run: install what the Master lists, remove the rest.
+    Software(OneShot),
+    /// One instance run: reconfigure partitions whose timestamp changed.
+    Instance {
+        #[command(flatten)]
+        one: OneShot,
+        /// Reconfigure every partition, changed or not.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Post the usage of every busy partition once.
+    Report(OneShot),
+    /// Obtain this computer's certificate from the Master.
+    Register {
+        #[arg(long)]
+        master: String,
+        #[arg(long)]
+        token: String,
+    },
+    /// Remove the partitions format made (users, taps, addresses,
+    /// directories). Stop the agent and free the partitions first.
+    Unformat {
+        #[command(flatten)]
+        node: NodeConfig,
+    },
+}
+
+#[derive(Args)]
+struct OneShot {
+    #[command(flatten)]
+    node: NodeConfig,
+    /// Master URLs (replicas or gateways), tried in order.
+    #[arg(long, env = "NODEAGENT_MASTER", value_delimiter = ',', required = true)]
+    master: Vec<String>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    one: OneShot,
+    /// Software loop period (also runs at once when the plan changes).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    software_interval: Duration,
+    /// Instance loop period (also runs at once when the plan changes).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    instance_interval: Duration,
+    /// How often started partitions' promises are checked.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    promise_interval: Duration,
+    /// How often usage is posted.
+    #[arg(long, default_value = "1d", value_parser = parse_duration)]
+    usage_interval: Duration,
+    /// Stop every partition's processes when the agent exits (default: they
+    /// keep running and the next agent re-adopts them).
+    #[arg(long)]
+    stop_on_exit: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 30s, 5m, 1h, 1d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => return Ok(Duration::from_millis(n)),
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nodeagent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nodeagent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn announce_mode(node: &NodeConfig) {
+    if node.mode() == Mode::Unprivileged {
+        eprintln!(
+            "nodeagent: unprivileged mode: partitions are directories only (no users, taps or \
+             addresses); every instance runs as this user on 127.0.0.1"
+        );
+    }
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Format { node, master } => {
+            announce_mode(&node);
+            let (report, resources) = format::format(&node)?;
+            println!(
+                "{} partitions in {} ({:?} mode): {} users created, {} directories changed, {} taps created, \
+                 {} addresses added, {} resource files written",
+                resources.len(),
+                node.instance_root.display(),
+                node.mode(),
+                report.users_created,
+                report.dirs_changed,
+                report.taps_created,
+                report.addresses_added,
+                report.resources_written
+            );
+            if !master.is_empty() {
+                agent::report_capacity(&node, &MasterClient::new(&master), &resources).await?;
+                println!("capacity of {} reported to the master", node.computer_id);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Unformat { node } => {
+            format::unformat(&node)?;
+            println!(
+                "removed {} partitions from {}",
+                node.partitions,
+                node.instance_root.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Register { .. } => {
+            eprintln!(
+                "nodeagent register: computer certificates are not issued yet (identities and mutual \
+                 TLS are a later step); nodes identify themselves by --computer-id over plain HTTP for now"
+            );
+            Ok(ExitCode::from(2))
+        }
+        Cmd::Run(args) => {
+            announce_mode(&args.one.node);
+            let master = Arc::new(MasterClient::new(&args.one.master));
+            let intervals = Intervals {
+                software: args.software_interval,
+                instance: args.instance_interval,
+                promise: args.promise_interval,
+                usage: args.usage_interval,
+                ..Intervals::default()
+            };
+            let shutdown = async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            };
+            agent::run(args.one.node, master, intervals, args.stop_on_exit, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Software(one) => {
+            let master = MasterClient::new(&one.master);
+            let Some((plan, _)) = master.computer_plan(&one.node.computer_id, None, None).await? else {
+                anyhow::bail!("the master answered 304 to an unconditional request");
+            };
+            let run = software::process(&one.node, &master, &plan).await;
+            for url in &run.installed {
+                println!("installed {url}");
+            }
+            for url in &run.removed {
+                println!("removed {url}");
+            }
+            for (url, err) in &run.failed {
+                println!("FAILED {url}: {err}");
+            }
+            Ok(if run.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::Instance { one, force } => {
+            let master = Arc::new(MasterClient::new(&one.master));
+            let Some((plan, _)) = master.computer_plan(&one.node.computer_id, None, None).await? else {
+                anyhow::bail!("the master answered 304 to an unconditional request");
+            };
+            let resources = format::load_resources(&one.node)?;
+            let supervisor = Arc::new(Supervisor::new(one.node.agent_dir().join("run")));
+            supervisor.adopt(&resources).await;
+            let mut instances = Instances::new(one.node.clone(), master, supervisor, resources);
+            let outcomes = instances.process(&plan.partitions, force).await;
+            let mut failed = false;
+            for (partition, outcome) in outcomes {
+                match outcome {
+                    Outcome::Free | Outcome::Unchanged => {}
+                    Outcome::Failed(e) => {
+                        failed = true;
+                        println!("{partition}: FAILED: {e}");
+                    }
+                    other => println!("{partition}: {other:?}"),
+                }
+            }
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Cmd::Report(one) => {
+            let master = Arc::new(MasterClient::new(&one.master));
+            let Some((plan, _)) = master.computer_plan(&one.node.computer_id, None, None).await? else {
+                anyhow::bail!("the master answered 304 to an unconditional request");
+            };
+            let resources = format::load_resources(&one.node)?;
+            let supervisor = Arc::new(Supervisor::new(one.node.agent_dir().join("run")));
+            supervisor.adopt(&resources).await;
+            let instances = Instances::new(one.node.clone(), master, supervisor, resources);
+            let n = agent::report_usage(&instances, &plan).await?;
+            println!("usage of {n} partitions reported");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

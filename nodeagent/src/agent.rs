@@ -1,0 +1,334 @@
+//! `nodeagent run`: the daemon's loops.
+//!
+//! - **capacity**: format (idempotent) and report the computer to the Master
+//!   at start and every 24 hours; retried with backoff until it lands.
+//! - **watch**: a long poll of the computer's document (ETag + `X-Slap-Wait`):
+//!   the Master answers as soon as the document changes, so a node reacts
+//!   within a second; a new document wakes the software and instance loops.
+//! - **software** (default every 5 min, and on change): install and remove.
+//! - **instance** (default every 5 min, and on change): reconfigure changed
+//!   partitions; partitions that failed are retried after 30 s.
+//! - **promises** (default every minute): health of started partitions.
+//! - **usage** (default daily): TioXML through `useComputer`.
+//! - **supervisor**: reaps, restarts with backoff, rotates logs (every 500 ms).
+//!
+//! When the Master is unreachable every loop logs, backs off and tries again;
+//! everything running keeps running, and nothing is destroyed because a poll
+//! failed (only an explicit `destroyed` state from the Master destroys).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Mutex};
+use tracing::{info, warn};
+
+use crate::config::NodeConfig;
+use crate::format;
+use crate::instance::{Instances, Outcome};
+use crate::master::{ComputerPlan, MasterClient, MasterError};
+use crate::software;
+use crate::supervisor::Supervisor;
+use crate::usage;
+
+/// How often each loop runs.
+#[derive(Debug, Clone)]
+pub struct Intervals {
+    pub software: Duration,
+    pub instance: Duration,
+    pub promise: Duration,
+    pub usage: Duration,
+    pub capacity: Duration,
+    /// How long the Master may hold a watch poll.
+    pub watch_hold: Duration,
+}
+
+impl Default for Intervals {
+    fn default() -> Self {
+        Intervals {
+            software: Duration::from_secs(300),
+            instance: Duration::from_secs(300),
+            promise: Duration::from_secs(60),
+            usage: Duration::from_secs(86400),
+            capacity: Duration::from_secs(86400),
+            watch_hold: Duration::from_secs(8),
+        }
+    }
+}
+
+/// Reports the computer's capacity (`loadComputerConfigurationFromXML`).
+pub async fn report_capacity(
+    cfg: &NodeConfig,
+    master: &MasterClient,
+    resources: &[crate::config::PartitionResource],
+) -> Result<(), MasterError> {
+    let dict = format::computer_dict(cfg, resources);
+    let xml = slap_proto::marshal::dumps(&dict).map_err(|e| MasterError::Invalid(e.to_string()))?;
+    master
+        .post("loadComputerConfigurationFromXML", &[("xml", &xml)])
+        .await?;
+    Ok(())
+}
+
+/// Posts the usage of every partition holding an instance.
+pub async fn report_usage(instances: &Instances, plan: &ComputerPlan) -> Result<usize, MasterError> {
+    let busy: std::collections::HashSet<&str> = plan
+        .partitions
+        .iter()
+        .filter(|p| p.instance.is_some())
+        .map(|p| p.id.as_str())
+        .collect();
+    let mut usages = Vec::new();
+    for r in instances.resources().filter(|r| busy.contains(r.id.as_str())) {
+        let pids = instances.supervisor.pids(&r.id).await;
+        usages.push(usage::measure(r, &pids));
+    }
+    if usages.is_empty() {
+        return Ok(0);
+    }
+    let now = now_utc();
+    let xml = usage::journal(&instances.cfg.computer_id, &now, &usages);
+    instances
+        .master
+        .post(
+            "useComputer",
+            &[
+                ("computer_id", instances.cfg.computer_id.as_str()),
+                ("use_string", &xml),
+            ],
+        )
+        .await?;
+    Ok(usages.len())
+}
+
+/// `YYYY-MM-DD at HH:MM:SS` in UTC, as slapgrid formats `stop_date`.
+fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} at {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(
+    cfg: NodeConfig,
+    master: Arc<MasterClient>,
+    intervals: Intervals,
+    stop_on_exit: bool,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (report, resources) = format::format(&cfg)?;
+    info!(partitions = resources.len(), changed = ?report, "partitions formatted");
+    let supervisor = Arc::new(Supervisor::new(cfg.agent_dir().join("run")));
+    let adopted = supervisor.adopt(&resources).await;
+    if adopted > 0 {
+        info!(adopted, "processes from a previous agent re-adopted");
+    }
+    let instances = Arc::new(Mutex::new(Instances::new(
+        cfg.clone(),
+        master.clone(),
+        supervisor.clone(),
+        resources.clone(),
+    )));
+    let (plan_tx, plan_rx) = watch::channel::<Option<ComputerPlan>>(None);
+    let mut tasks = tokio::task::JoinSet::new();
+
+    // Capacity, now and every day.
+    {
+        let (cfg, master, resources, every) = (cfg.clone(), master.clone(), resources.clone(), intervals.capacity);
+        tasks.spawn(async move {
+            loop {
+                let mut backoff = Duration::from_secs(1);
+                loop {
+                    match report_capacity(&cfg, &master, &resources).await {
+                        Ok(()) => {
+                            info!(computer = %cfg.computer_id, "capacity reported to the master");
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, retry_in = ?backoff, "cannot report capacity");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(60));
+                        }
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    // Watch: long polls; a new document wakes the loops.
+    {
+        let (computer, master, hold) = (cfg.computer_id.clone(), master.clone(), intervals.watch_hold);
+        tasks.spawn(async move {
+            let mut etag: Option<String> = None;
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                let started = std::time::Instant::now();
+                match master.computer_plan(&computer, etag.as_deref(), Some(hold)).await {
+                    Ok(Some((plan, tag))) => {
+                        backoff = Duration::from_millis(500);
+                        etag = tag;
+                        plan_tx.send_replace(Some(plan));
+                    }
+                    Ok(None) => backoff = Duration::from_millis(500),
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?backoff, "cannot read this computer's plan");
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        tokio::time::sleep(backoff).await;
+                    }
+                }
+                // A Master that does not hold polls answers at once: poll
+                // every second at most rather than spin.
+                if started.elapsed() < Duration::from_secs(1) {
+                    tokio::time::sleep(Duration::from_secs(1) - started.elapsed()).await;
+                }
+            }
+        });
+    }
+
+    // Software.
+    {
+        let (cfg, master, every) = (cfg.clone(), master.clone(), intervals.software);
+        let mut plans = plan_rx.clone();
+        tasks.spawn(async move {
+            loop {
+                let plan = plans.borrow_and_update().clone();
+                if let Some(plan) = plan {
+                    let run = software::process(&cfg, &master, &plan).await;
+                    if !run.installed.is_empty() || !run.failed.is_empty() || !run.removed.is_empty() {
+                        info!(installed = ?run.installed, failed = run.failed.len(), removed = ?run.removed, "software run");
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = plans.changed() => {}
+                }
+            }
+        });
+    }
+
+    // Instances.
+    {
+        let (instances, every) = (instances.clone(), intervals.instance);
+        let mut plans = plan_rx.clone();
+        tasks.spawn(async move {
+            loop {
+                let plan = plans.borrow_and_update().clone();
+                let mut retry = false;
+                if let Some(plan) = plan {
+                    let outcomes = instances.lock().await.process(&plan.partitions, false).await;
+                    retry = outcomes.iter().any(|(_, o)| matches!(o, Outcome::Failed(_)));
+                    let done: Vec<_> = outcomes
+                        .iter()
+                        .filter(|(_, o)| !matches!(o, Outcome::Free | Outcome::Unchanged))
+                        .collect();
+                    if !done.is_empty() {
+                        info!(partitions = ?done, "instance run");
+                    }
+                }
+                let wait = if retry {
+                    every.min(Duration::from_secs(30))
+                } else {
+                    every
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = plans.changed() => {}
+                }
+            }
+        });
+    }
+
+    // Promises.
+    {
+        let (instances, every, plans) = (instances.clone(), intervals.promise, plan_rx.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let plan = plans.borrow().clone();
+                if let Some(plan) = plan {
+                    for (partition, result) in instances.lock().await.check_promises(&plan.partitions).await {
+                        if let Err(e) = result {
+                            warn!(%partition, error = %e, "promise failing");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    // Usage.
+    {
+        let (instances, every, plans) = (instances.clone(), intervals.usage, plan_rx.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let plan = plans.borrow().clone();
+                if let Some(plan) = plan {
+                    match report_usage(&*instances.lock().await, &plan).await {
+                        Ok(n) => info!(partitions = n, "usage reported"),
+                        Err(e) => warn!(error = %e, "cannot report usage"),
+                    }
+                }
+            }
+        });
+    }
+
+    // Supervisor.
+    {
+        let supervisor = supervisor.clone();
+        tasks.spawn(async move {
+            loop {
+                supervisor.tick().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+
+    tokio::select! {
+        _ = shutdown => info!("shutting down"),
+        Some(res) = tasks.join_next() => {
+            if let Err(e) = res {
+                warn!(error = %e, "a loop ended unexpectedly");
+            }
+        }
+    }
+    // Wait for an in-flight partition to finish before leaving.
+    let _guard = instances.lock().await;
+    tasks.abort_all();
+    if stop_on_exit {
+        info!("stopping every partition's processes (--stop-on-exit)");
+        supervisor.stop_all().await;
+    } else {
+        info!("partition processes keep running; the next agent re-adopts them");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stop_date_format() {
+        let s = super::now_utc();
+        assert_eq!(s.len(), "2026-11-25 at 15:02:03".len());
+        assert_eq!(&s[10..14], " at ");
+        assert!(s.starts_with("20"));
+    }
+}

@@ -1,0 +1,605 @@
+//! Deploying, stopping and destroying partitions (the seed's
+//! `slapos node instance`, with supervision built in).
+//!
+//! A partition is reconfigured only when what the Master says about it (its
+//! timestamp and requested state) differs from what was last deployed, which
+//! the agent records under `<instance_root>/.nodeagent/deployed/`, out of the
+//! partitions' reach. Partitions are processed one at a time, in the order the
+//! Master lists them, so the node's cores stay with the services.
+//!
+//! A started partition: render its files, (re)start exactly the processes its
+//! profile lists, publish its connection parameters, request its children
+//! (and tell the Master which ones it still wants), serve its hosted shared
+//! instances, run its promises, then report it started. Any failure is
+//! reported with its message and the deployment is retried on the next run.
+//!
+//! A destroyed partition: stop its processes, run the destroy hook, kill
+//! every process of its user, empty its directory, then report it destroyed
+//! so the Master frees it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slap_proto::marshal::{self, Value};
+use tracing::{info, warn};
+
+use crate::config::{NodeConfig, PartitionResource};
+use crate::master::{InstancePlan, MasterClient, PartitionPlan};
+use crate::promise::{Check, Promise};
+use crate::release::{write_if_changed, Facts, Profile, Release};
+use crate::software;
+use crate::supervisor::{pids_of_uid, ProcessSpec, Supervisor};
+
+/// What happened to one partition in a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Free,
+    Unchanged,
+    Started,
+    Stopped,
+    Destroyed,
+    Failed(String),
+}
+
+/// The instance side of the agent.
+pub struct Instances {
+    pub cfg: NodeConfig,
+    pub master: Arc<MasterClient>,
+    pub supervisor: Arc<Supervisor>,
+    resources: BTreeMap<String, PartitionResource>,
+    deployed: HashMap<String, String>,
+    /// How long promises may take to pass after a deployment.
+    pub promise_wait: Duration,
+}
+
+impl Instances {
+    /// The instance side over formatted `resources`.
+    pub fn new(
+        cfg: NodeConfig,
+        master: Arc<MasterClient>,
+        supervisor: Arc<Supervisor>,
+        resources: Vec<PartitionResource>,
+    ) -> Instances {
+        let deployed_dir = cfg.agent_dir().join("deployed");
+        let _ = std::fs::create_dir_all(&deployed_dir);
+        let deployed = resources
+            .iter()
+            .filter_map(|r| {
+                let text = std::fs::read_to_string(deployed_dir.join(&r.id)).ok()?;
+                Some((r.id.clone(), text))
+            })
+            .collect();
+        Instances {
+            cfg,
+            master,
+            supervisor,
+            resources: resources.into_iter().map(|r| (r.id.clone(), r)).collect(),
+            deployed,
+            promise_wait: Duration::from_secs(30),
+        }
+    }
+
+    fn deployed_path(&self, partition: &str) -> PathBuf {
+        self.cfg.agent_dir().join("deployed").join(partition)
+    }
+
+    fn record(&mut self, partition: &str, fingerprint: Option<String>) {
+        let path = self.deployed_path(partition);
+        match &fingerprint {
+            Some(f) => {
+                if let Err(e) = std::fs::write(&path, f) {
+                    warn!(partition, error = %e, "cannot record the deployment");
+                }
+                self.deployed.insert(partition.to_string(), f.clone());
+            }
+            None => {
+                let _ = std::fs::remove_file(&path);
+                self.deployed.remove(partition);
+            }
+        }
+    }
+
+    /// Processes every partition of the plan; `force` redeploys unchanged ones.
+    pub async fn process(&mut self, partitions: &[PartitionPlan], force: bool) -> Vec<(String, Outcome)> {
+        let mut outcomes = Vec::new();
+        for p in partitions {
+            let Some(resource) = self.resources.get(&p.id).cloned() else {
+                continue;
+            };
+            let outcome = match &p.instance {
+                None => {
+                    if self.deployed.contains_key(&p.id) {
+                        self.record(&p.id, None);
+                    }
+                    Outcome::Free
+                }
+                Some(inst) => self.process_one(&resource, inst, force).await,
+            };
+            if let Outcome::Failed(msg) = &outcome {
+                warn!(partition = %p.id, error = %msg, "partition failed");
+            }
+            outcomes.push((p.id.clone(), outcome));
+        }
+        outcomes
+    }
+
+    async fn process_one(&mut self, r: &PartitionResource, inst: &InstancePlan, force: bool) -> Outcome {
+        let fingerprint = format!("{}\n{}", inst.timestamp, inst.requested_state);
+        if inst.requested_state == "destroyed" {
+            return match self.destroy(r, inst).await {
+                Ok(()) => {
+                    self.record(&r.id, None);
+                    Outcome::Destroyed
+                }
+                Err(e) => Outcome::Failed(e),
+            };
+        }
+        if !force && self.deployed.get(&r.id) == Some(&fingerprint) {
+            return Outcome::Unchanged;
+        }
+        let started = Instant::now();
+        let result = match inst.requested_state.as_str() {
+            "stopped" => self.stop(r).await.map(|_| Outcome::Stopped),
+            _ => self.deploy(r, inst).await.map(|_| Outcome::Started),
+        };
+        match result {
+            Ok(outcome) => {
+                info!(partition = %r.id, instance = %inst.title, state = %inst.requested_state,
+                      took = ?started.elapsed(), "partition processed");
+                self.record(&r.id, Some(fingerprint));
+                outcome
+            }
+            Err(msg) => {
+                let _ = std::fs::write(self.cfg.agent_dir().join(format!("{}.error.log", r.id)), &msg);
+                self.post(r, "softwareInstanceError", &[("error_log", &msg)]).await;
+                Outcome::Failed(msg)
+            }
+        }
+    }
+
+    async fn post(&self, r: &PartitionResource, path: &str, extra: &[(&str, &str)]) -> bool {
+        let mut fields = vec![
+            ("computer_id", self.cfg.computer_id.as_str()),
+            ("computer_partition_id", r.id.as_str()),
+        ];
+        fields.extend_from_slice(extra);
+        match self.master.post(path, &fields).await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(partition = %r.id, call = path, error = %e, "could not report to the master");
+                false
+            }
+        }
+    }
+
+    /// The installed release and profile of an instance.
+    fn profile_of(&self, inst: &InstancePlan) -> Result<(PathBuf, Release), String> {
+        software::installed(&self.cfg, &inst.software_release).ok_or_else(|| {
+            format!(
+                "software release {} is not installed on this node yet",
+                inst.software_release
+            )
+        })
+    }
+
+    /// Everything a template may name, for this partition and instance.
+    pub fn facts(
+        &self,
+        r: &PartitionResource,
+        inst: &InstancePlan,
+        sw_dir: &std::path::Path,
+        profile: &Profile,
+    ) -> Facts {
+        let mut f = Facts::default();
+        f.set("partition.id", r.id.clone());
+        f.set("partition.dir", r.dir.to_string_lossy());
+        f.set("partition.user", r.user.clone().unwrap_or_else(current_user));
+        f.set("partition.ipv4", r.ipv4.clone());
+        f.set("partition.ipv6", r.ipv6.clone().unwrap_or_default());
+        f.set("partition.tap", r.tap.clone().unwrap_or_default());
+        f.set("partition.port", r.port.to_string());
+        for k in 0..10u16 {
+            f.set(format!("partition.port.{k}"), (r.port + k).to_string());
+        }
+        f.set("computer.id", self.cfg.computer_id.clone());
+        f.set("master.url", self.master.primary_url());
+        f.set("software.dir", sw_dir.to_string_lossy());
+        f.set("software.url", inst.software_release.clone());
+        f.set("instance.title", inst.title.clone());
+        f.set("instance.root_title", inst.root_title.clone());
+        f.set("instance.guid", inst.guid.clone());
+        f.set("instance.type", inst.software_type.clone());
+        f.set("instance.state", inst.requested_state.clone());
+        f.set_all("param", &profile.parameters);
+        f.set_all("param", &inst.parameters);
+        f
+    }
+
+    async fn deploy(&mut self, r: &PartitionResource, inst: &InstancePlan) -> Result<(), String> {
+        let (sw_dir, release) = self.profile_of(inst)?;
+        let profile = release.profile(&inst.software_type).map_err(|e| e.to_string())?;
+        let facts = self.facts(r, inst, &sw_dir, profile);
+        for file in &profile.file {
+            self.render_file(r, &facts, file)?;
+        }
+        let mut specs = Vec::new();
+        for p in &profile.process {
+            specs.push(ProcessSpec {
+                name: p.name.clone(),
+                argv: facts
+                    .render_all(&format!("process {}", p.name), &p.command)
+                    .map_err(|e| e.to_string())?,
+                env: p
+                    .env
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), facts.render(&format!("process {} env {k}", p.name), v)?)))
+                    .collect::<Result<_, crate::release::ReleaseError>>()
+                    .map_err(|e| e.to_string())?,
+                stop_timeout_secs: p.stop_timeout,
+            });
+        }
+        self.supervisor.apply(r, specs).await.map_err(|e| e.to_string())?;
+
+        // Connection parameters, for the requester to read.
+        let mut connection = BTreeMap::new();
+        for (k, t) in &profile.connection {
+            connection.insert(
+                k.clone(),
+                facts.render(&format!("connection {k}"), t).map_err(|e| e.to_string())?,
+            );
+        }
+        if !connection.is_empty() {
+            self.publish(r, &connection, None).await?;
+        }
+
+        // Children, then the list of those still wanted (the Master unlinks the rest).
+        let mut titles = Vec::new();
+        for child in &profile.child {
+            let title = facts.render("child title", &child.title).map_err(|e| e.to_string())?;
+            let render_map = |m: &BTreeMap<String, String>| -> Result<BTreeMap<String, String>, String> {
+                m.iter()
+                    .map(|(k, v)| {
+                        Ok((
+                            k.clone(),
+                            facts
+                                .render(&format!("child {title} {k}"), v)
+                                .map_err(|e| e.to_string())?,
+                        ))
+                    })
+                    .collect()
+            };
+            let params = render_map(&child.parameters)?;
+            let sla = render_map(&child.sla)?;
+            let url = match &child.software_release {
+                Some(u) => facts.render("child software_release", u).map_err(|e| e.to_string())?,
+                None => inst.software_release.clone(),
+            };
+            self.request_child(r, &title, &url, &child.software_type, &params, &sla, child.shared)
+                .await?;
+            titles.push(title);
+        }
+        let list =
+            marshal::dumps(&Value::List(titles.into_iter().map(Value::Str).collect())).map_err(|e| e.to_string())?;
+        self.post(
+            r,
+            "updateComputerPartitionRelatedInstanceList",
+            &[("instance_reference_xml", &list)],
+        )
+        .await;
+
+        // Hosted shared instances: one failing does not fail the host or the others.
+        if let Some(shared) = &profile.shared {
+            for s in &inst.shared {
+                if let Err(e) = self.serve_shared(r, &facts, shared, s).await {
+                    warn!(partition = %r.id, shared = %s.reference, error = %e, "shared instance failed");
+                    self.post(
+                        r,
+                        "softwareInstanceError",
+                        &[("error_log", &e), ("slave_reference", &s.reference)],
+                    )
+                    .await;
+                }
+            }
+        }
+
+        // Promises: the deployment counts only once the instance works.
+        let promises = render_promises(&facts, profile)?;
+        let deadline = Instant::now() + self.promise_wait;
+        for p in &promises {
+            loop {
+                match p.run(r).await {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() >= deadline => return Err(e),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+        if !self.post(r, "startedComputerPartition", &[]).await {
+            return Err("could not report the partition started".into());
+        }
+        Ok(())
+    }
+
+    async fn serve_shared(
+        &self,
+        r: &PartitionResource,
+        facts: &Facts,
+        template: &crate::release::SharedTemplate,
+        s: &crate::master::SharedPlan,
+    ) -> Result<(), String> {
+        let mut f = facts.clone();
+        f.set("shared.reference", s.reference.clone());
+        f.set("shared.title", s.title.clone());
+        f.set_all("shared.param", &s.parameters);
+        for file in &template.file {
+            let rendered = crate::release::FileTemplate {
+                path: f.render("shared file path", &file.path).map_err(|e| e.to_string())?,
+                content: file.content.clone(),
+                mode: file.mode.clone(),
+            };
+            self.render_file(r, &f, &rendered)?;
+        }
+        let mut conn = BTreeMap::new();
+        for (k, t) in &template.connection {
+            conn.insert(
+                k.clone(),
+                f.render(&format!("shared connection {k}"), t)
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        if !conn.is_empty() {
+            self.publish(r, &conn, Some(&s.reference)).await?;
+        }
+        Ok(())
+    }
+
+    fn render_file(
+        &self,
+        r: &PartitionResource,
+        facts: &Facts,
+        file: &crate::release::FileTemplate,
+    ) -> Result<(), String> {
+        let content = facts
+            .render(&format!("file {}", file.path), &file.content)
+            .map_err(|e| e.to_string())?;
+        if file.path.starts_with('/') || file.path.split('/').any(|c| c == "..") {
+            return Err(format!("file {}: path must stay inside the partition", file.path));
+        }
+        let mode = match &file.mode {
+            Some(m) => {
+                Some(u32::from_str_radix(m, 8).map_err(|_| format!("file {}: mode {m:?} is not octal", file.path))?)
+            }
+            None => None,
+        };
+        write_if_changed(&r.dir, &file.path, &content, mode).map_err(|e| format!("writing {}: {e}", file.path))?;
+        // Owned by the partition: its processes read (and may rewrite) it.
+        let mut path = r.dir.join(&file.path);
+        while path != r.dir {
+            let _ = std::os::unix::fs::lchown(&path, Some(r.uid), Some(r.gid));
+            if !path.pop() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        r: &PartitionResource,
+        conn: &BTreeMap<String, String>,
+        shared: Option<&str>,
+    ) -> Result<(), String> {
+        let xml = marshal::dumps(&Value::Dict(
+            conn.iter()
+                .map(|(k, v)| (Value::str(k.clone()), Value::str(v.clone())))
+                .collect(),
+        ))
+        .map_err(|e| e.to_string())?;
+        let reference = shared.unwrap_or("None");
+        let fields = [
+            ("computer_id", self.cfg.computer_id.as_str()),
+            ("computer_partition_id", r.id.as_str()),
+            ("connection_xml", xml.as_str()),
+            ("slave_reference", reference),
+        ];
+        self.master
+            .post("setComputerPartitionConnectionXml", &fields)
+            .await
+            .map(drop)
+            .map_err(|e| format!("publishing connection parameters: {e}"))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn request_child(
+        &self,
+        r: &PartitionResource,
+        title: &str,
+        url: &str,
+        software_type: &str,
+        params: &BTreeMap<String, String>,
+        sla: &BTreeMap<String, String>,
+        shared: bool,
+    ) -> Result<(), String> {
+        let dict = |m: &BTreeMap<String, String>| {
+            marshal::dumps(&Value::Dict(
+                m.iter()
+                    .map(|(k, v)| (Value::str(k.clone()), Value::str(v.clone())))
+                    .collect(),
+            ))
+            .map_err(|e| e.to_string())
+        };
+        let (params, sla) = (dict(params)?, dict(sla)?);
+        let state = marshal::dumps(&Value::str("started")).map_err(|e| e.to_string())?;
+        let shared = marshal::dumps(&Value::Bool(shared)).map_err(|e| e.to_string())?;
+        let fields = [
+            ("computer_id", self.cfg.computer_id.as_str()),
+            ("computer_partition_id", r.id.as_str()),
+            ("software_release", url),
+            ("software_type", software_type),
+            ("partition_reference", title),
+            ("partition_parameter_xml", params.as_str()),
+            ("filter_xml", sla.as_str()),
+            ("state", state.as_str()),
+            ("shared_xml", shared.as_str()),
+        ];
+        match self.master.post("requestComputerPartition", &fields).await {
+            Ok(_) => Ok(()),
+            // Accepted, not placed yet: the Master places it when it can.
+            Err(crate::master::MasterError::Rejected { status: 408, .. }) => Ok(()),
+            Err(e) => Err(format!("requesting child {title}: {e}")),
+        }
+    }
+
+    async fn stop(&mut self, r: &PartitionResource) -> Result<(), String> {
+        self.supervisor.stop_partition(&r.id).await;
+        if !self.post(r, "stoppedComputerPartition", &[]).await {
+            return Err("could not report the partition stopped".into());
+        }
+        Ok(())
+    }
+
+    async fn destroy(&mut self, r: &PartitionResource, inst: &InstancePlan) -> Result<(), String> {
+        info!(partition = %r.id, instance = %inst.title, "destroying");
+        self.supervisor.stop_partition(&r.id).await;
+        if let Ok((sw_dir, release)) = self.profile_of(inst) {
+            if let Ok(profile) = release.profile(&inst.software_type) {
+                if let Some(hook) = &profile.destroy {
+                    let facts = self.facts(r, inst, &sw_dir, profile);
+                    match facts.render_all("destroy hook", hook) {
+                        Ok(argv) => {
+                            let p = Promise {
+                                name: "destroy hook".into(),
+                                check: Check::Command(argv),
+                                timeout: Duration::from_secs(60),
+                            };
+                            if let Err(e) = p.run(r).await {
+                                warn!(partition = %r.id, error = %e, "destroy hook failed; destroying anyway");
+                            }
+                        }
+                        Err(e) => warn!(partition = %r.id, error = %e, "destroy hook not run"),
+                    }
+                }
+            }
+        }
+        if r.mode == crate::config::Mode::Privileged && r.uid != 0 {
+            kill_user(r.uid).await?;
+        }
+        wipe(&r.dir).map_err(|e| format!("emptying {}: {e}", r.dir.display()))?;
+        if !self.post(r, "destroyedComputerPartition", &[]).await {
+            return Err("could not report the partition destroyed".into());
+        }
+        Ok(())
+    }
+
+    /// Runs the promises of every started, deployed partition once; reports
+    /// a change of health (error, or recovered) to the Master.
+    pub async fn check_promises(&self, partitions: &[PartitionPlan]) -> Vec<(String, Result<(), String>)> {
+        let mut results = Vec::new();
+        for p in partitions {
+            let (Some(inst), Some(r)) = (&p.instance, self.resources.get(&p.id)) else {
+                continue;
+            };
+            if inst.requested_state != "started" || !self.deployed.contains_key(&p.id) {
+                continue;
+            }
+            let Ok((sw_dir, release)) = self.profile_of(inst) else {
+                continue;
+            };
+            let Ok(profile) = release.profile(&inst.software_type) else {
+                continue;
+            };
+            let facts = self.facts(r, inst, &sw_dir, profile);
+            let mut outcome = Ok(());
+            for promise in render_promises(&facts, profile).unwrap_or_default() {
+                if let Err(e) = promise.run(r).await {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+            let was_error = inst.access_status.as_deref().is_some_and(|s| s.starts_with("#error"));
+            match &outcome {
+                Err(e) if !was_error => {
+                    self.post(r, "softwareInstanceError", &[("error_log", e)]).await;
+                }
+                Ok(()) if was_error || inst.access_status.is_none() => {
+                    self.post(r, "startedComputerPartition", &[]).await;
+                }
+                _ => {}
+            }
+            results.push((p.id.clone(), outcome));
+        }
+        results
+    }
+
+    /// The formatted partitions.
+    pub fn resources(&self) -> impl Iterator<Item = &PartitionResource> {
+        self.resources.values()
+    }
+}
+
+fn render_promises(facts: &Facts, profile: &Profile) -> Result<Vec<Promise>, String> {
+    profile
+        .promise
+        .iter()
+        .map(|p| {
+            let what = format!("promise {}", p.name);
+            let check = if let Some(c) = &p.command {
+                Check::Command(facts.render_all(&what, c).map_err(|e| e.to_string())?)
+            } else if let Some(t) = &p.tcp {
+                Check::Tcp(facts.render(&what, t).map_err(|e| e.to_string())?)
+            } else {
+                let url = p.http.as_deref().unwrap_or_default();
+                Check::Http(facts.render(&what, url).map_err(|e| e.to_string())?)
+            };
+            Ok(Promise {
+                name: p.name.clone(),
+                check,
+                timeout: Duration::from_secs(p.timeout),
+            })
+        })
+        .collect()
+}
+
+/// SIGKILLs every process of `uid` until none is left (processes may fork
+/// while we kill).
+async fn kill_user(uid: u32) -> Result<(), String> {
+    for _ in 0..50 {
+        let pids = pids_of_uid(uid);
+        if pids.is_empty() {
+            return Ok(());
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("processes of uid {uid} are still alive after repeated SIGKILL"))
+}
+
+/// Empties a partition directory, keeping it (its owner and mode are
+/// format's) and its `.slapos-resource`. Links are removed, not followed.
+fn wipe(dir: &std::path::Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name() == ".slapos-resource" {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
+fn current_user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_default()
+}

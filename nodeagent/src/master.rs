@@ -1,0 +1,359 @@
+//! Talking to the Master over SLAP, with failover.
+//!
+//! The agent speaks the same HTTP protocol slapgrid speaks, so it works
+//! against any replica (a follower forwards), a gateway, or several of them:
+//! a connection failure or a 5xx moves on to the next URL, and the one that
+//! answered is tried first next time. A 4xx is the Master's answer and is
+//! returned as is.
+//!
+//! [`ComputerPlan`] is the typed reading of `getFullComputerInformation`:
+//! which releases to install and what each partition should be.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use slap_proto::form;
+use slap_proto::marshal::{self, Value};
+
+/// Why a call to the Master failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    /// No URL answered (connection refused, timeout, or only 5xx).
+    #[error("no master reachable ({0})")]
+    Unreachable(String),
+    /// The Master refused the call.
+    #[error("master answered {status}: {message}")]
+    Rejected { status: u16, message: String },
+    /// The answer could not be read.
+    #[error("unreadable answer from the master: {0}")]
+    Invalid(String),
+}
+
+/// A SLAP client over a list of replica or gateway URLs.
+pub struct MasterClient {
+    urls: Vec<String>,
+    preferred: AtomicUsize,
+    client: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+/// What a GET returned.
+pub enum Fetched {
+    /// The document, with its ETag.
+    Body(Bytes, Option<String>),
+    /// 304: what the caller already has is current.
+    NotModified,
+}
+
+impl MasterClient {
+    /// A client over `urls` (`http://host:port`, with or without a trailing slash).
+    pub fn new(urls: &[String]) -> MasterClient {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.set_nodelay(true);
+        MasterClient {
+            urls: urls.iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
+            preferred: AtomicUsize::new(0),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// The URL partitions' own tools should use (the first configured).
+    pub fn primary_url(&self) -> &str {
+        self.urls.first().map(String::as_str).unwrap_or("")
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<String>,
+        headers: &[(&str, String)],
+        timeout: Duration,
+    ) -> Result<(StatusCode, Option<String>, Bytes), MasterError> {
+        if self.urls.is_empty() {
+            return Err(MasterError::Unreachable("no master URL configured".into()));
+        }
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for k in 0..self.urls.len() {
+            let i = (start + k) % self.urls.len();
+            let url = format!("{}/{}", self.urls[i], path_and_query);
+            let mut req = Request::builder().method(method.clone()).uri(&url);
+            for (name, value) in headers {
+                req = req.header(*name, value);
+            }
+            if body.is_some() {
+                req = req.header("content-type", "application/x-www-form-urlencoded");
+            }
+            let req = req
+                .body(Full::new(Bytes::from(body.clone().unwrap_or_default())))
+                .map_err(|e| MasterError::Invalid(format!("bad URL {url}: {e}")))?;
+            let result = tokio::time::timeout(timeout, async {
+                let resp = self.client.request(req).await?;
+                let status = resp.status();
+                let etag = resp
+                    .headers()
+                    .get("etag")
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from);
+                let bytes = resp.into_body().collect().await?.to_bytes();
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, etag, bytes))
+            })
+            .await;
+            match result {
+                Ok(Ok((status, _, bytes))) if status.is_server_error() => {
+                    failures.push(format!(
+                        "{}: {status} {}",
+                        self.urls[i],
+                        String::from_utf8_lossy(&bytes)
+                    ));
+                }
+                Ok(Ok(answer)) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(answer);
+                }
+                Ok(Err(e)) => failures.push(format!("{}: {e}", self.urls[i])),
+                Err(_) => failures.push(format!("{}: no answer within {timeout:?}", self.urls[i])),
+            }
+        }
+        Err(MasterError::Unreachable(failures.join("; ")))
+    }
+
+    /// GET `path?query`, with `If-None-Match` when `etag` is given.
+    pub async fn get(&self, path: &str, query: &[(&str, &str)], etag: Option<&str>) -> Result<Fetched, MasterError> {
+        self.get_waiting(path, query, etag, None).await
+    }
+
+    /// As [`get`](Self::get), asking the Master to hold the answer up to `wait`
+    /// until the document changes (a long poll: the node's watch).
+    pub async fn get_waiting(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        etag: Option<&str>,
+        wait: Option<Duration>,
+    ) -> Result<Fetched, MasterError> {
+        let mut headers = Vec::new();
+        if let Some(tag) = etag {
+            headers.push(("if-none-match", tag.to_string()));
+        }
+        let mut timeout = self.timeout;
+        if let Some(wait) = wait {
+            headers.push(("x-slap-wait", wait.as_secs().to_string()));
+            timeout += wait;
+        }
+        let (status, etag, body) = self
+            .call(
+                Method::GET,
+                &format!("{path}?{}", encode(query)),
+                None,
+                &headers,
+                timeout,
+            )
+            .await?;
+        match status {
+            StatusCode::NOT_MODIFIED => Ok(Fetched::NotModified),
+            s if s.is_success() => Ok(Fetched::Body(body, etag)),
+            s => Err(rejected(s, &body)),
+        }
+    }
+
+    /// POST a form; returns the body of a 2xx answer.
+    pub async fn post(&self, path: &str, fields: &[(&str, &str)]) -> Result<Bytes, MasterError> {
+        // The header slapos.slap sends for a partition's own calls.
+        let mut headers = Vec::new();
+        let get = |k: &str| fields.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
+        if let (Some(c), Some(p)) = (get("computer_id"), get("computer_partition_id")) {
+            headers.push((
+                "authorization",
+                format!("X-SlapPartition computer_id={c}, computer_partition_id={p}"),
+            ));
+        }
+        let (status, _, body) = self
+            .call(Method::POST, path, Some(encode(fields)), &headers, self.timeout)
+            .await?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(rejected(status, &body))
+        }
+    }
+
+    /// The computer's plan; `None` when `etag` is still current.
+    pub async fn computer_plan(
+        &self,
+        computer_id: &str,
+        etag: Option<&str>,
+        wait: Option<Duration>,
+    ) -> Result<Option<(ComputerPlan, Option<String>)>, MasterError> {
+        match self
+            .get_waiting(
+                "getFullComputerInformation",
+                &[("computer_id", computer_id)],
+                etag,
+                wait,
+            )
+            .await?
+        {
+            Fetched::NotModified => Ok(None),
+            Fetched::Body(body, tag) => {
+                let text = std::str::from_utf8(&body).map_err(|e| MasterError::Invalid(e.to_string()))?;
+                let value = marshal::loads(text).map_err(|e| MasterError::Invalid(e.to_string()))?;
+                Ok(Some((ComputerPlan::from_value(&value)?, tag)))
+            }
+        }
+    }
+}
+
+fn rejected(status: StatusCode, body: &[u8]) -> MasterError {
+    MasterError::Rejected {
+        status: status.as_u16(),
+        message: String::from_utf8_lossy(body).trim().chars().take(500).collect(),
+    }
+}
+
+fn encode(fields: &[(&str, &str)]) -> String {
+    fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", form::encode(k), form::encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+// ----- the plan ---------------------------------------------------------------
+
+/// What the Master wants of this computer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ComputerPlan {
+    /// (url, requested state "available" or "destroyed").
+    pub software: Vec<(String, String)>,
+    pub partitions: Vec<PartitionPlan>,
+}
+
+/// What the Master wants of one partition.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PartitionPlan {
+    pub id: String,
+    /// None when the partition is free.
+    pub instance: Option<InstancePlan>,
+}
+
+/// The instance a partition holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InstancePlan {
+    pub guid: String,
+    pub title: String,
+    pub root_title: String,
+    /// started, stopped or destroyed.
+    pub requested_state: String,
+    pub software_release: String,
+    pub software_type: String,
+    /// The Master's timestamp: the instance changed when it changed.
+    pub timestamp: String,
+    /// String parameters as requested.
+    pub parameters: BTreeMap<String, String>,
+    /// Shared instances this instance hosts.
+    pub shared: Vec<SharedPlan>,
+    /// `_access_status` as last reported, if any.
+    pub access_status: Option<String>,
+}
+
+/// A shared instance hosted by a partition.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SharedPlan {
+    pub reference: String,
+    pub title: String,
+    pub parameters: BTreeMap<String, String>,
+}
+
+fn attrs(v: &Value) -> Option<&[(Value, Value)]> {
+    match v {
+        Value::Object(o) => Some(&o.attrs),
+        Value::Dict(d) => Some(d),
+        _ => None,
+    }
+}
+
+fn attr<'a>(entries: &'a [(Value, Value)], key: &str) -> Option<&'a Value> {
+    entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+}
+
+fn str_attr(entries: &[(Value, Value)], key: &str) -> String {
+    attr(entries, key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn list(v: Option<&Value>) -> &[Value] {
+    match v {
+        Some(Value::List(l)) | Some(Value::Tuple(l)) => l,
+        _ => &[],
+    }
+}
+
+fn string_params(entries: &[(Value, Value)]) -> BTreeMap<String, String> {
+    entries
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+        .collect()
+}
+
+impl ComputerPlan {
+    /// Reads a marshalled `Computer`.
+    pub fn from_value(v: &Value) -> Result<ComputerPlan, MasterError> {
+        let bad = |m: &str| MasterError::Invalid(format!("computer document: {m}"));
+        let computer = attrs(v).ok_or_else(|| bad("not an object"))?;
+        let mut plan = ComputerPlan::default();
+        for sr in list(attr(computer, "_software_release_list")) {
+            let a = attrs(sr).ok_or_else(|| bad("a software release is not an object"))?;
+            plan.software
+                .push((str_attr(a, "_software_release"), str_attr(a, "_requested_state")));
+        }
+        for p in list(attr(computer, "_computer_partition_list")) {
+            let a = attrs(p).ok_or_else(|| bad("a partition is not an object"))?;
+            let id = str_attr(a, "_partition_id");
+            let release = attr(a, "_software_release_document").and_then(attrs);
+            let instance = match release {
+                None => None,
+                Some(sr) => {
+                    let params = attr(a, "_parameter_dict").and_then(attrs).unwrap_or(&[]);
+                    let shared = list(attr(params, "slave_instance_list"))
+                        .iter()
+                        .filter_map(|s| {
+                            let d = attrs(s)?;
+                            Some(SharedPlan {
+                                reference: str_attr(d, "slave_reference"),
+                                title: str_attr(d, "slave_title"),
+                                parameters: string_params(d),
+                            })
+                        })
+                        .collect();
+                    let access = attr(a, "_access_status").and_then(Value::as_str).map(String::from);
+                    Some(InstancePlan {
+                        guid: str_attr(a, "_instance_guid"),
+                        title: str_attr(params, "instance_title"),
+                        root_title: str_attr(params, "root_instance_title"),
+                        requested_state: str_attr(a, "_requested_state"),
+                        software_release: str_attr(sr, "_software_release"),
+                        software_type: str_attr(params, "slap_software_type"),
+                        timestamp: str_attr(params, "timestamp"),
+                        parameters: string_params(params),
+                        shared,
+                        access_status: access,
+                    })
+                }
+            };
+            plan.partitions.push(PartitionPlan { id, instance });
+        }
+        Ok(plan)
+    }
+}

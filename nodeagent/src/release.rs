@@ -1,0 +1,418 @@
+//! The native software-release format (documented in docs/software-release.md).
+//!
+//! A release is a TOML manifest at a URL (`file://`, `http://`, or a plain
+//! absolute path). It says what to fetch (each file checked against its
+//! SHA-256), how to build, and for each software type an instance profile:
+//! files rendered from the parameters and the partition's facts, processes,
+//! promises, connection parameters to publish, children to request, and what
+//! to do for each shared instance the partition hosts.
+//!
+//! Templates are plain text with `{{name}}` placeholders (see [`Facts`]); an
+//! unknown name is an error that names it, never an empty string.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The manifest's file name inside an installed release.
+pub const MANIFEST: &str = "software.toml";
+
+/// A software release manifest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    pub name: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub fetch: Vec<Fetch>,
+    #[serde(default)]
+    pub build: Option<Build>,
+    /// Profiles by software type; `default` when a request names none.
+    #[serde(default)]
+    pub instance: BTreeMap<String, Profile>,
+}
+
+/// A file to download into the release, checked against its digest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fetch {
+    /// Absolute URL, or a path relative to the manifest's URL.
+    pub url: String,
+    pub sha256: String,
+    /// Where it goes, relative to the release directory.
+    pub to: String,
+    #[serde(default)]
+    pub executable: bool,
+}
+
+/// How to build, run in the release directory as the software user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Build {
+    pub command: Vec<String>,
+    /// Seconds before the build is killed.
+    #[serde(default = "default_build_timeout")]
+    pub timeout: u64,
+}
+
+fn default_build_timeout() -> u64 {
+    3600
+}
+
+/// What an instance of one software type is.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Parameter defaults; requested parameters override them.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    #[serde(default)]
+    pub file: Vec<FileTemplate>,
+    #[serde(default)]
+    pub process: Vec<ProcessTemplate>,
+    #[serde(default)]
+    pub promise: Vec<PromiseTemplate>,
+    /// Connection parameters to publish: name -> template.
+    #[serde(default)]
+    pub connection: BTreeMap<String, String>,
+    #[serde(default)]
+    pub child: Vec<ChildTemplate>,
+    /// Per hosted shared instance.
+    #[serde(default)]
+    pub shared: Option<SharedTemplate>,
+    /// Run before a partition is wiped.
+    #[serde(default)]
+    pub destroy: Option<Vec<String>>,
+}
+
+/// A file rendered into the partition.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTemplate {
+    /// Relative to the partition directory.
+    pub path: String,
+    pub content: String,
+    /// Octal, such as "0640".
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+/// A supervised process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessTemplate {
+    pub name: String,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Seconds between SIGTERM and SIGKILL.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout: u64,
+}
+
+fn default_stop_timeout() -> u64 {
+    10
+}
+
+/// A promise: exactly one of `command`, `tcp`, `http`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromiseTemplate {
+    pub name: String,
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub tcp: Option<String>,
+    #[serde(default)]
+    pub http: Option<String>,
+    /// Seconds one check may take.
+    #[serde(default = "default_promise_timeout")]
+    pub timeout: u64,
+}
+
+fn default_promise_timeout() -> u64 {
+    10
+}
+
+/// A child instance the instance requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChildTemplate {
+    pub title: String,
+    /// Default: this release.
+    #[serde(default)]
+    pub software_release: Option<String>,
+    #[serde(default = "default_type")]
+    pub software_type: String,
+    #[serde(default)]
+    pub shared: bool,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    #[serde(default)]
+    pub sla: BTreeMap<String, String>,
+}
+
+fn default_type() -> String {
+    "default".into()
+}
+
+/// What the host does for each shared instance it serves: files rendered with
+/// `shared.*` facts, and connection parameters published for it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedTemplate {
+    #[serde(default)]
+    pub file: Vec<FileTemplate>,
+    #[serde(default)]
+    pub connection: BTreeMap<String, String>,
+}
+
+/// Why a release could not be read or used.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("cannot read the release manifest {url}: {reason}")]
+    Fetch { url: String, reason: String },
+    #[error("release manifest {url} is invalid: {reason}")]
+    Parse { url: String, reason: String },
+    #[error("release has no profile for software type {0:?}")]
+    NoProfile(String),
+    #[error("{0}")]
+    Template(String),
+}
+
+impl Release {
+    /// Parses a manifest; `url` only names it in errors.
+    pub fn parse(url: &str, text: &str) -> Result<Release, ReleaseError> {
+        let release: Release = toml::from_str(text).map_err(|e| ReleaseError::Parse {
+            url: url.into(),
+            reason: e.to_string(),
+        })?;
+        for f in &release.fetch {
+            if f.sha256.len() != 64 || !f.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ReleaseError::Parse {
+                    url: url.into(),
+                    reason: format!("fetch {}: sha256 must be 64 hex digits", f.url),
+                });
+            }
+            if f.to.starts_with('/') || f.to.split('/').any(|c| c == "..") {
+                return Err(ReleaseError::Parse {
+                    url: url.into(),
+                    reason: format!("fetch {}: `to` must stay inside the release directory", f.url),
+                });
+            }
+        }
+        for (ty, p) in &release.instance {
+            for pr in &p.promise {
+                let kinds = [pr.command.is_some(), pr.tcp.is_some(), pr.http.is_some()];
+                if kinds.iter().filter(|k| **k).count() != 1 {
+                    return Err(ReleaseError::Parse {
+                        url: url.into(),
+                        reason: format!(
+                            "instance.{ty} promise {}: give exactly one of command, tcp, http",
+                            pr.name
+                        ),
+                    });
+                }
+            }
+            let files = p.file.iter().chain(p.shared.iter().flat_map(|s| s.file.iter()));
+            for f in files {
+                if f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
+                    return Err(ReleaseError::Parse {
+                        url: url.into(),
+                        reason: format!("instance.{ty} file {}: path must stay inside the partition", f.path),
+                    });
+                }
+            }
+        }
+        Ok(release)
+    }
+
+    /// The profile of `software_type` (`default` when empty; RootSoftwareInstance
+    /// is SlapOS's name for it).
+    pub fn profile(&self, software_type: &str) -> Result<&Profile, ReleaseError> {
+        let ty = match software_type {
+            "" | "RootSoftwareInstance" => "default",
+            t => t,
+        };
+        self.instance
+            .get(ty)
+            .ok_or_else(|| ReleaseError::NoProfile(ty.to_string()))
+    }
+}
+
+/// Resolves `relative` against the manifest's URL.
+pub fn resolve(base_url: &str, relative: &str) -> String {
+    if relative.contains("://") || relative.starts_with('/') {
+        return relative.to_string();
+    }
+    match base_url.rfind('/') {
+        Some(i) => format!("{}/{}", &base_url[..i], relative),
+        None => relative.to_string(),
+    }
+}
+
+/// The local path of a `file://` URL or an absolute path, if it is one.
+pub fn local_path(url: &str) -> Option<PathBuf> {
+    if let Some(p) = url.strip_prefix("file://") {
+        return Some(PathBuf::from(p));
+    }
+    if url.starts_with('/') {
+        return Some(PathBuf::from(url));
+    }
+    None
+}
+
+/// Reads the bytes at `url`: a local file, or an `http://` GET.
+pub async fn fetch(url: &str) -> Result<Vec<u8>, ReleaseError> {
+    let fail = |reason: String| ReleaseError::Fetch {
+        url: url.into(),
+        reason,
+    };
+    if let Some(path) = local_path(url) {
+        return tokio::fs::read(&path).await.map_err(|e| fail(e.to_string()));
+    }
+    if url.starts_with("http://") {
+        use http_body_util::{BodyExt, Empty};
+        use hyper_util::client::legacy::Client;
+        let client: Client<_, Empty<bytes::Bytes>> = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let uri = url
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| fail(e.to_string()))?;
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(300), client.get(uri))
+            .await
+            .map_err(|_| fail("no answer within 300 s".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(fail(format!("HTTP {}", resp.status())));
+        }
+        let body = resp.into_body().collect().await.map_err(|e| fail(e.to_string()))?;
+        return Ok(body.to_bytes().to_vec());
+    }
+    Err(fail(
+        "only file://, absolute paths and http:// are supported (https needs a TLS client the agent does not carry yet)"
+            .into(),
+    ))
+}
+
+/// The names a template may use, flat: `partition.ipv4`, `param.port`, ...
+#[derive(Debug, Clone, Default)]
+pub struct Facts(BTreeMap<String, String>);
+
+impl Facts {
+    /// Sets `name`.
+    pub fn set(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.insert(name.into(), value.into());
+    }
+
+    /// Sets `prefix.k` for every entry.
+    pub fn set_all<'a>(&mut self, prefix: &str, entries: impl IntoIterator<Item = (&'a String, &'a String)>) {
+        for (k, v) in entries {
+            self.set(format!("{prefix}.{k}"), v.clone());
+        }
+    }
+
+    /// Renders `template`; `what` names it in errors.
+    pub fn render(&self, what: &str, template: &str) -> Result<String, ReleaseError> {
+        let mut out = String::with_capacity(template.len());
+        let mut rest = template;
+        while let Some(start) = rest.find("{{") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let end = after
+                .find("}}")
+                .ok_or_else(|| ReleaseError::Template(format!("{what}: `{{{{` without `}}}}`")))?;
+            let name = after[..end].trim();
+            let value = self.0.get(name).ok_or_else(|| {
+                ReleaseError::Template(format!(
+                    "{what}: unknown placeholder {{{{{name}}}}} (known: {})",
+                    self.0.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            out.push_str(value);
+            rest = &after[end + 2..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    /// Renders every element.
+    pub fn render_all(&self, what: &str, items: &[String]) -> Result<Vec<String>, ReleaseError> {
+        items.iter().map(|t| self.render(what, t)).collect()
+    }
+}
+
+/// Writes `content` at `dir/relative` if it differs; returns whether it did.
+pub fn write_if_changed(dir: &Path, relative: &str, content: &str, mode: Option<u32>) -> std::io::Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(relative);
+    if std::fs::read(&path).ok().as_deref() == Some(content.as_bytes()) {
+        return Ok(false);
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = path.with_extension("nodeagent-tmp");
+    std::fs::write(&tmp, content)?;
+    if let Some(mode) = mode {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST_TEXT: &str = r#"
+name = "demo"
+[[fetch]]
+url = "server.py"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+to = "bin/server.py"
+[instance.default]
+parameters = { greeting = "hi" }
+[[instance.default.process]]
+name = "web"
+command = ["python3", "{{software.dir}}/bin/server.py", "{{partition.port}}"]
+[[instance.default.promise]]
+name = "listens"
+tcp = "{{partition.ipv4}}:{{partition.port}}"
+[instance.default.connection]
+url = "http://{{partition.ipv4}}:{{partition.port}}/"
+"#;
+
+    #[test]
+    fn parses_and_renders() {
+        let r = Release::parse("file:///x/software.toml", MANIFEST_TEXT).unwrap();
+        let p = r.profile("").unwrap();
+        assert_eq!(p.process[0].name, "web");
+        let mut f = Facts::default();
+        f.set("partition.ipv4", "10.0.0.1");
+        f.set("partition.port", "20000");
+        assert_eq!(f.render("t", &p.connection["url"]).unwrap(), "http://10.0.0.1:20000/");
+        let err = f
+            .render("process web", &p.process[0].command[1])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown placeholder {{software.dir}}"), "{err}");
+        assert!(f.render("t", "{{ oops").is_err());
+        assert!(matches!(r.profile("nope"), Err(ReleaseError::NoProfile(_))));
+        assert_eq!(resolve("file:///x/software.toml", "server.py"), "file:///x/server.py");
+        assert_eq!(resolve("http://h/a/b.toml", "http://o/c"), "http://o/c");
+    }
+
+    #[test]
+    fn rejects_bad_manifests() {
+        let bad_digest =
+            MANIFEST_TEXT.replace("0000000000000000000000000000000000000000000000000000000000000000", "12");
+        assert!(Release::parse("u", &bad_digest).is_err());
+        let escape = MANIFEST_TEXT.replace("bin/server.py\"", "../../etc/passwd\"");
+        assert!(Release::parse("u", &escape).is_err());
+        let two_kinds = MANIFEST_TEXT.replace("tcp = ", "http = \"x\"\ntcp = ");
+        assert!(Release::parse("u", &two_kinds).is_err());
+        assert!(Release::parse("u", "name = \"x\"\nunknown = 1").is_err());
+    }
+}

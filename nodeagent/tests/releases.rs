@@ -1,0 +1,109 @@
+//! The example releases, end to end through a real master-node, with the
+//! agent in unprivileged mode: a key-value service whose instance requests a
+//! client child, and a frontend hosting shared instances.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nodeagent::master::MasterClient;
+use sha2::Digest;
+
+#[test]
+fn example_manifests_match_their_files() {
+    // A stale digest would make every install fail: catch it here.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("software");
+    for name in ["hello-http", "kvstore", "frontend"] {
+        let url = format!("file://{}/{name}/software.toml", root.display());
+        let text = std::fs::read_to_string(root.join(name).join("software.toml")).unwrap();
+        let release = nodeagent::release::Release::parse(&url, &text).unwrap();
+        for f in &release.fetch {
+            let path = nodeagent::release::local_path(&nodeagent::release::resolve(&url, &f.url)).unwrap();
+            let digest = hex::encode(sha2::Sha256::digest(std::fs::read(&path).unwrap()));
+            assert_eq!(digest, f.sha256, "{name}: {} changed; update its sha256", f.url);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvstore_child_and_frontend_shared_instances() {
+    let tmp = tempfile::tempdir().unwrap();
+    let master = Master::init(tmp.path());
+    let slap = MasterClient::new(&[master.url()]);
+    let computer = "COMP-UNPRIV";
+    let port_base = 40000 + (std::process::id() % 200) as u16 * 10;
+    let args = [
+        "run",
+        "--master",
+        &master.url(),
+        "--computer-id",
+        computer,
+        "--mode",
+        "unprivileged",
+        "--instance-root",
+        tmp.path().join("srv").to_str().unwrap(),
+        "--software-root",
+        tmp.path().join("opt").to_str().unwrap(),
+        "--partitions",
+        "4",
+        "--port-base",
+        &port_base.to_string(),
+        "--stop-on-exit",
+    ]
+    .map(String::from);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log = tmp.path().join("agent.log");
+    let mut agent = Proc::spawn(&workspace_bin("nodeagent"), &refs, &log);
+
+    let start = std::time::Instant::now();
+    while slap.computer_plan(computer, None, None).await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the agent never reported capacity"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kv = example_release("kvstore");
+    let fe = example_release("frontend");
+    supply(&slap, computer, &kv).await;
+    supply(&slap, computer, &fe).await;
+
+    // The kv server requests its client; the client writes and reads back.
+    request(&slap, &kv, "store", "default", &[], "started", false).await;
+    let url = wait_connection(&slap, &kv, "store", "default", &[], false, "url").await;
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let start = std::time::Instant::now();
+    loop {
+        if let Some((200, body)) = http_get(&format!("{url}kv/store")).await {
+            assert!(
+                body.trim().parse::<u64>().is_ok(),
+                "the client writes counters: {body:?}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the child client never wrote to the server; agent log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // The frontend hosts a shared instance and publishes its route.
+    request(&slap, &fe, "front", "default", &[], "started", false).await;
+    wait_connection(&slap, &fe, "front", "default", &[], false, "url").await;
+    let params = [("backend", "http://backend.example/")];
+    request(&slap, &fe, "site", "default", &params, "started", true).await;
+    let route = wait_connection(&slap, &fe, "site", "default", &params, true, "url").await;
+    let (status, body) = http_get(&route).await.expect("the route answers");
+    assert_eq!(status, 200);
+    assert_eq!(body.trim(), "route site -> http://backend.example/");
+
+    agent.terminate();
+    // --stop-on-exit: nothing of the partitions is left listening.
+    assert!(http_get(&url).await.is_none(), "the kv server outlived --stop-on-exit");
+}
