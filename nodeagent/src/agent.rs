@@ -146,7 +146,8 @@ pub async fn run(
         supervisor.clone(),
         resources.clone(),
     )));
-    let (plan_tx, plan_rx) = watch::channel::<Option<ComputerPlan>>(None);
+    // Shared, not copied: a 300-partition plan is a few megabytes.
+    let (plan_tx, plan_rx) = watch::channel::<Option<Arc<ComputerPlan>>>(None);
     let mut tasks = tokio::task::JoinSet::new();
 
     // Capacity, now and every day.
@@ -185,7 +186,7 @@ pub async fn run(
                     Ok(Some((plan, tag))) => {
                         backoff = Duration::from_millis(500);
                         etag = tag;
-                        plan_tx.send_replace(Some(plan));
+                        plan_tx.send_replace(Some(Arc::new(plan)));
                     }
                     Ok(None) => backoff = Duration::from_millis(500),
                     Err(e) => {
@@ -311,11 +312,13 @@ pub async fn run(
         }
     }
     // Wait for an in-flight partition to finish before leaving.
-    let _guard = instances.lock().await;
+    let mut instances = instances.lock().await;
     tasks.abort_all();
     if stop_on_exit {
         info!("stopping every partition's processes (--stop-on-exit)");
         supervisor.stop_all().await;
+        // Nothing runs any more: the next agent must deploy everything again.
+        instances.forget_all();
     } else {
         info!("partition processes keep running; the next agent re-adopts them");
     }

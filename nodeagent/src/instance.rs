@@ -10,8 +10,9 @@
 //! A started partition: render its files, (re)start exactly the processes its
 //! profile lists, publish its connection parameters, request its children
 //! (and tell the Master which ones it still wants), serve its hosted shared
-//! instances, run its promises, then report it started. Any failure is
-//! reported with its message and the deployment is retried on the next run.
+//! instances; once every changed partition is configured, run their promises
+//! and report each one started. Any failure is reported with its message and
+//! the deployment is retried on the next run.
 //!
 //! A destroyed partition: stop its processes, run the destroy hook, kill
 //! every process of its user, empty its directory, then report it destroyed
@@ -43,6 +44,21 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// What processing one partition left to do.
+enum Step {
+    Done(Outcome),
+    /// Configured; promises and the started report remain.
+    Confirm(Box<Confirm>),
+}
+
+struct Confirm {
+    resource: PartitionResource,
+    title: String,
+    fingerprint: String,
+    promises: Vec<Promise>,
+    started: Instant,
+}
+
 /// The instance side of the agent.
 pub struct Instances {
     pub cfg: NodeConfig,
@@ -50,7 +66,7 @@ pub struct Instances {
     pub supervisor: Arc<Supervisor>,
     resources: BTreeMap<String, PartitionResource>,
     deployed: HashMap<String, String>,
-    /// How long promises may take to pass after a deployment.
+    /// How long promises may take to pass after a run's configurations.
     pub promise_wait: Duration,
 }
 
@@ -68,7 +84,10 @@ impl Instances {
             .iter()
             .filter_map(|r| {
                 let text = std::fs::read_to_string(deployed_dir.join(&r.id)).ok()?;
-                Some((r.id.clone(), text))
+                // A started partition whose processes left no record (stopped
+                // by a previous agent, or never recorded) is deployed again.
+                let has_processes = cfg.agent_dir().join("run").join(&r.id).exists();
+                (has_processes || text.ends_with("\nstopped")).then(|| (r.id.clone(), text))
             })
             .collect();
         Instances {
@@ -102,8 +121,15 @@ impl Instances {
     }
 
     /// Processes every partition of the plan; `force` redeploys unchanged ones.
+    ///
+    /// Two passes: every changed partition is configured first, one at a
+    /// time (files, processes, publication, children); then their promises
+    /// are checked, sharing one deadline, and each passing partition is
+    /// reported started. Services start in parallel while the agent moves
+    /// on, instead of the agent waiting for each one in turn.
     pub async fn process(&mut self, partitions: &[PartitionPlan], force: bool) -> Vec<(String, Outcome)> {
         let mut outcomes = Vec::new();
+        let mut pending = Vec::new();
         for p in partitions {
             let Some(resource) = self.resources.get(&p.id).cloned() else {
                 continue;
@@ -115,48 +141,89 @@ impl Instances {
                     }
                     Outcome::Free
                 }
-                Some(inst) => self.process_one(&resource, inst, force).await,
+                Some(inst) => match self.process_one(&resource, inst, force).await {
+                    Step::Done(outcome) => outcome,
+                    Step::Confirm(confirm) => {
+                        pending.push((outcomes.len(), confirm));
+                        Outcome::Started
+                    }
+                },
             };
-            if let Outcome::Failed(msg) = &outcome {
-                warn!(partition = %p.id, error = %msg, "partition failed");
-            }
             outcomes.push((p.id.clone(), outcome));
+        }
+        let deadline = Instant::now() + self.promise_wait;
+        for (slot, confirm) in pending {
+            outcomes[slot].1 = self.confirm(confirm, deadline).await;
+        }
+        for (id, outcome) in &outcomes {
+            if let Outcome::Failed(msg) = outcome {
+                warn!(partition = %id, error = %msg, "partition failed");
+            }
         }
         outcomes
     }
 
-    async fn process_one(&mut self, r: &PartitionResource, inst: &InstancePlan, force: bool) -> Outcome {
+    async fn process_one(&mut self, r: &PartitionResource, inst: &InstancePlan, force: bool) -> Step {
         let fingerprint = format!("{}\n{}", inst.timestamp, inst.requested_state);
         if inst.requested_state == "destroyed" {
-            return match self.destroy(r, inst).await {
+            return Step::Done(match self.destroy(r, inst).await {
                 Ok(()) => {
                     self.record(&r.id, None);
                     Outcome::Destroyed
                 }
                 Err(e) => Outcome::Failed(e),
-            };
+            });
         }
         if !force && self.deployed.get(&r.id) == Some(&fingerprint) {
-            return Outcome::Unchanged;
+            return Step::Done(Outcome::Unchanged);
         }
         let started = Instant::now();
-        let result = match inst.requested_state.as_str() {
-            "stopped" => self.stop(r).await.map(|_| Outcome::Stopped),
-            _ => self.deploy(r, inst).await.map(|_| Outcome::Started),
-        };
-        match result {
-            Ok(outcome) => {
-                info!(partition = %r.id, instance = %inst.title, state = %inst.requested_state,
-                      took = ?started.elapsed(), "partition processed");
-                self.record(&r.id, Some(fingerprint));
-                outcome
-            }
-            Err(msg) => {
-                let _ = std::fs::write(self.cfg.agent_dir().join(format!("{}.error.log", r.id)), &msg);
-                self.post(r, "softwareInstanceError", &[("error_log", &msg)]).await;
-                Outcome::Failed(msg)
+        if inst.requested_state == "stopped" {
+            return Step::Done(match self.stop(r).await {
+                Ok(()) => {
+                    info!(partition = %r.id, instance = %inst.title, "partition stopped");
+                    self.record(&r.id, Some(fingerprint));
+                    Outcome::Stopped
+                }
+                Err(msg) => self.fail(r, msg).await,
+            });
+        }
+        match self.deploy(r, inst).await {
+            Ok(promises) => Step::Confirm(Box::new(Confirm {
+                resource: r.clone(),
+                title: inst.title.clone(),
+                fingerprint,
+                promises,
+                started,
+            })),
+            Err(msg) => Step::Done(self.fail(r, msg).await),
+        }
+    }
+
+    /// Promises of a configured partition, then the started report.
+    async fn confirm(&mut self, c: Box<Confirm>, deadline: Instant) -> Outcome {
+        for p in &c.promises {
+            loop {
+                match p.run(&c.resource).await {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() >= deadline => return self.fail(&c.resource, e).await,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
             }
         }
+        if !self.post(&c.resource, "startedComputerPartition", &[]).await {
+            return Outcome::Failed("could not report the partition started".into());
+        }
+        info!(partition = %c.resource.id, instance = %c.title, took = ?c.started.elapsed(), "partition started");
+        self.record(&c.resource.id, Some(c.fingerprint));
+        Outcome::Started
+    }
+
+    /// Records and reports a failure; the partition is retried next run.
+    async fn fail(&self, r: &PartitionResource, msg: String) -> Outcome {
+        let _ = std::fs::write(self.cfg.agent_dir().join(format!("{}.error.log", r.id)), &msg);
+        self.post(r, "softwareInstanceError", &[("error_log", &msg)]).await;
+        Outcome::Failed(msg)
     }
 
     async fn post(&self, r: &PartitionResource, path: &str, extra: &[(&str, &str)]) -> bool {
@@ -217,7 +284,7 @@ impl Instances {
         f
     }
 
-    async fn deploy(&mut self, r: &PartitionResource, inst: &InstancePlan) -> Result<(), String> {
+    async fn deploy(&mut self, r: &PartitionResource, inst: &InstancePlan) -> Result<Vec<Promise>, String> {
         let (sw_dir, release) = self.profile_of(inst)?;
         let profile = release.profile(&inst.software_type).map_err(|e| e.to_string())?;
         let facts = self.facts(r, inst, &sw_dir, profile);
@@ -304,22 +371,8 @@ impl Instances {
             }
         }
 
-        // Promises: the deployment counts only once the instance works.
-        let promises = render_promises(&facts, profile)?;
-        let deadline = Instant::now() + self.promise_wait;
-        for p in &promises {
-            loop {
-                match p.run(r).await {
-                    Ok(()) => break,
-                    Err(e) if Instant::now() >= deadline => return Err(e),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
-        }
-        if !self.post(r, "startedComputerPartition", &[]).await {
-            return Err("could not report the partition started".into());
-        }
-        Ok(())
+        // Checked by `confirm`: the deployment counts only once the instance works.
+        render_promises(&facts, profile)
     }
 
     async fn serve_shared(
@@ -453,6 +506,7 @@ impl Instances {
     }
 
     async fn stop(&mut self, r: &PartitionResource) -> Result<(), String> {
+        // Children and published parameters stay; only the processes go.
         self.supervisor.stop_partition(&r.id).await;
         if !self.post(r, "stoppedComputerPartition", &[]).await {
             return Err("could not report the partition stopped".into());
@@ -531,6 +585,15 @@ impl Instances {
             results.push((p.id.clone(), outcome));
         }
         results
+    }
+
+    /// Forgets every deployment, so the next run deploys every partition
+    /// again (after the agent stopped all processes).
+    pub fn forget_all(&mut self) {
+        let ids: Vec<String> = self.deployed.keys().cloned().collect();
+        for id in ids {
+            self.record(&id, None);
+        }
     }
 
     /// The formatted partitions.

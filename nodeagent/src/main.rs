@@ -22,6 +22,11 @@ use nodeagent::master::MasterClient;
 use nodeagent::software;
 use nodeagent::supervisor::Supervisor;
 
+/// mimalloc returns freed memory to the system promptly: the agent parses a
+/// large document per change and should not keep its peak resident.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "nodeagent",

@@ -276,7 +276,7 @@ async fn serves_reconfigures_survives_and_destroys_an_instance() {
         "url",
     )
     .await;
-    let (status, body) = http_get(&url).await.expect("the service answers");
+    let (status, body) = wait_http(&url).await;
     assert_eq!(status, 200);
     assert!(body.contains("<h1>Bonjour <&> \"été\"</h1>"), "{body}");
     assert!(

@@ -99,7 +99,7 @@ async fn kvstore_child_and_frontend_shared_instances() {
     let params = [("backend", "http://backend.example/")];
     request(&slap, &fe, "site", "default", &params, "started", true).await;
     let route = wait_connection(&slap, &fe, "site", "default", &params, true, "url").await;
-    let (status, body) = http_get(&route).await.expect("the route answers");
+    let (status, body) = wait_http(&route).await;
     assert_eq!(status, 200);
     assert_eq!(body.trim(), "route site -> http://backend.example/");
 

@@ -302,3 +302,16 @@ pub async fn partition_free(master: &MasterClient, computer: &str, id: &str) -> 
     };
     plan.partitions.iter().any(|p| p.id == id && p.instance.is_none())
 }
+
+/// GETs `url` until it answers (a URL is published before its promises
+/// passed, as in SlapOS, so it may not answer at once).
+pub async fn wait_http(url: &str) -> (u16, String) {
+    let start = Instant::now();
+    loop {
+        if let Some(answer) = http_get(url).await {
+            return answer;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{url} never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
