@@ -214,6 +214,7 @@ fn start_master(dir: &Path) -> (Proc, u16) {
             &format!("127.0.0.1:{}", free_port()),
             "--slap-listen",
             &format!("127.0.0.1:{port}"),
+            "--insecure-http",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -246,7 +247,13 @@ fn start_cluster_with_gateway(dir: &Path) -> (Vec<Proc>, u16) {
             cmd.args(["join", "--peer", &raft[0], "--token", token.trim()]);
         }
         cmd.arg("--data-dir").arg(&data);
-        cmd.args(["--listen", &raft[i], "--slap-listen", &format!("127.0.0.1:{}", slap[i])]);
+        cmd.args([
+            "--listen",
+            &raft[i],
+            "--slap-listen",
+            &format!("127.0.0.1:{}", slap[i]),
+            "--insecure-http",
+        ]);
         procs.push(Proc(
             cmd.stdout(Stdio::null())
                 .stderr(Stdio::null())

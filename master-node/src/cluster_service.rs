@@ -127,4 +127,113 @@ impl Cluster for ClusterService {
             answer: postcard::to_allocvec(&answer).expect("answers encode"),
         }))
     }
+
+    async fn certificates(&self, req: Request<CertificatesRequest>) -> Result<Response<CertificatesReply>, Status> {
+        use crate::certificates::{issue, IssueError};
+        use crate::state::{Command, Reply, Role};
+        let req = req.into_inner();
+        let days = if req.days == 0 {
+            crate::pki::DEFAULT_DAYS
+        } else {
+            req.days
+        };
+        let to_status = |e: IssueError| match e {
+            IssueError::NoAuthority => Status::unavailable(e.to_string()),
+            IssueError::Refused(m) => Status::permission_denied(m),
+            other => Status::internal(other.to_string()),
+        };
+        let name_ok = |n: &str| {
+            !n.is_empty() && n.len() <= 128 && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        };
+        let issued_reply = |(issued, ca): (crate::pki::Issued, String)| CertificatesReply {
+            certificate_pem: issued.certificate.cert_pem,
+            key_pem: issued.key_pem,
+            ca_pem: ca,
+            ..Default::default()
+        };
+        if req.action == "register" {
+            // Authenticated by the one-time registration token, not the join token.
+            if !name_ok(&req.name) {
+                return Err(Status::invalid_argument("register needs the computer id"));
+            }
+            let sha = crate::identity::sha256_hex(&req.registration);
+            let reply = issue(&self.replica, Role::Computer(req.name.clone()), days, Some(sha))
+                .await
+                .map_err(to_status)?;
+            return Ok(Response::new(issued_reply(reply)));
+        }
+        self.replica.check_token(&req.token)?;
+        match req.action.as_str() {
+            "user" | "admin" => {
+                let role = if req.action == "admin" {
+                    Role::Admin
+                } else {
+                    if !name_ok(&req.name) {
+                        return Err(Status::invalid_argument(
+                            "a user name is 1 to 128 letters, digits, '-', '_', '.' or '@'",
+                        ));
+                    }
+                    Role::User(req.name.clone())
+                };
+                let reply = issue(&self.replica, role, days, None).await.map_err(to_status)?;
+                Ok(Response::new(issued_reply(reply)))
+            }
+            "computer-token" => {
+                if !name_ok(&req.name) {
+                    return Err(Status::invalid_argument("computer-token needs the computer id"));
+                }
+                let token = format!("SLAPREG1.{}", hex::encode(rand::random::<[u8; 20]>()));
+                self.replica
+                    .write(ClientWrite {
+                        request_id: None,
+                        command: Command::AddRegistration {
+                            computer: req.name.clone(),
+                            token_sha256: crate::identity::sha256_hex(&token),
+                        },
+                    })
+                    .await?;
+                Ok(Response::new(CertificatesReply {
+                    registration: token,
+                    ..Default::default()
+                }))
+            }
+            "revoke" => {
+                let (reply, _) = self
+                    .replica
+                    .write(ClientWrite {
+                        request_id: None,
+                        command: Command::RevokeCertificate {
+                            serial: req.serial.clone(),
+                        },
+                    })
+                    .await?;
+                match reply {
+                    Reply::Refused(r) => Err(Status::not_found(r.to_string())),
+                    _ => Ok(Response::new(CertificatesReply::default())),
+                }
+            }
+            "list" => {
+                let state = self.replica.state.read().unwrap_or_else(|e| e.into_inner());
+                let mut certificates: Vec<CertificateInfo> = state
+                    .certificates
+                    .values()
+                    .map(|c| CertificateInfo {
+                        serial: c.serial.clone(),
+                        role: c.role.to_string(),
+                        not_after: c.not_after,
+                        revoked: c.revoked,
+                    })
+                    .collect();
+                certificates.sort_by(|a, b| a.role.cmp(&b.role).then(a.serial.cmp(&b.serial)));
+                Ok(Response::new(CertificatesReply {
+                    certificates,
+                    ca_pem: state.authority.as_ref().map(|a| a.cert_pem.clone()).unwrap_or_default(),
+                    ..Default::default()
+                }))
+            }
+            other => Err(Status::invalid_argument(format!(
+                "unknown action {other:?}: user, admin, computer-token, register, revoke or list"
+            ))),
+        }
+    }
 }

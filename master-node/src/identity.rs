@@ -155,6 +155,12 @@ impl std::fmt::Display for JoinToken {
     }
 }
 
+/// sha256 of a string, in hex (how secrets are kept in the replicated state).
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,9 +8,11 @@
 //! needs it. [`client`] is the client side used by the CLI and tests.
 
 pub mod api;
+pub mod certificates;
 pub mod client;
 pub mod cluster_service;
 pub mod identity;
+pub mod pki;
 pub mod raft;
 pub mod replica;
 pub mod slap;

@@ -49,6 +49,70 @@ enum Cmd {
     Leave(LeaveArgs),
     /// Show members, roles, leader, term, commit and applied indexes and lag.
     Status(StatusArgs),
+    /// Users: `user add NAME` issues a user certificate (or an administrator's with --admin).
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Computers: `computer add ID` creates a one-time registration token for `nodeagent register`.
+    #[command(subcommand)]
+    Computer(ComputerCmd),
+    /// Certificates: list and revoke.
+    #[command(subcommand)]
+    Cert(CertCmd),
+}
+
+/// How an administrative command reaches the cluster.
+#[derive(Args, Clone)]
+struct Admin {
+    /// Any replica of the cluster, host:port (its cluster API).
+    #[arg(long)]
+    peer: String,
+    /// The cluster's join token.
+    #[arg(long, env = "MASTER_JOIN_TOKEN")]
+    token: String,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Issue a certificate for user NAME; writes NAME.crt, NAME.key (mode 0600) and ca.crt into --out.
+    Add {
+        name: String,
+        #[command(flatten)]
+        admin: Admin,
+        /// Where to write the files.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// An administrator's certificate (everything is allowed) instead of a user's.
+        #[arg(long)]
+        admin_role: bool,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ComputerCmd {
+    /// Create a one-time token with which `nodeagent register` obtains computer ID's certificate.
+    Add {
+        id: String,
+        #[command(flatten)]
+        admin: Admin,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Every certificate the cluster issued: serial, role, expiry, revoked.
+    List {
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Revoke a certificate; every replica refuses it from the next handshake on.
+    Revoke {
+        serial: String,
+        #[command(flatten)]
+        admin: Admin,
+    },
 }
 
 /// Where a new replica keeps its data and serves.
@@ -63,9 +127,14 @@ struct NewReplica {
     /// host:port the other replicas use to reach this one (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
-    /// host:port to serve SLAP over HTTP on (the `slapos` client, slapgrid).
+    /// host:port to serve SLAP on (the `slapos` client, slapgrid, nodeagent):
+    /// HTTPS with client certificates, unless --insecure-http.
     #[arg(long)]
     slap_listen: Option<String>,
+    /// Serve SLAP over plain HTTP, where no caller is authenticated and every
+    /// call is allowed. For local development only; logged at every start.
+    #[arg(long)]
+    insecure_http: bool,
     #[command(flatten)]
     timing: Timing,
 }
@@ -99,9 +168,12 @@ struct RunArgs {
     /// The replica's data dir, as created by init or join.
     #[arg(long)]
     data_dir: PathBuf,
-    /// host:port to serve SLAP over HTTP on (the `slapos` client, slapgrid).
+    /// host:port to serve SLAP on: HTTPS with client certificates, unless --insecure-http.
     #[arg(long)]
     slap_listen: Option<String>,
+    /// Serve SLAP over plain HTTP with no authentication (development only).
+    #[arg(long)]
+    insecure_http: bool,
     #[command(flatten)]
     timing: Timing,
 }
@@ -187,7 +259,97 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
         Cmd::Run(a) => restart(a).await,
         Cmd::Leave(a) => leave(a).await,
         Cmd::Status(a) => status(a).await,
+        Cmd::User(UserCmd::Add {
+            name,
+            admin,
+            out,
+            admin_role,
+            days,
+        }) => {
+            let action = if admin_role { "admin" } else { "user" };
+            let reply = certificates(&admin, action, &name, "", days).await?;
+            std::fs::create_dir_all(&out).map_err(|e| Fail(format!("{}: {e}", out.display())))?;
+            let write = |file: String, content: &str, private: bool| -> Result<(), Fail> {
+                let path = out.join(&file);
+                let res = if private {
+                    master_node::pki::write_private(&path, content)
+                } else {
+                    std::fs::write(&path, content)
+                };
+                res.map_err(|e| Fail(format!("writing {}: {e}", path.display())))
+            };
+            write(format!("{name}.crt"), &reply.certificate_pem, false)?;
+            write(format!("{name}.key"), &reply.key_pem, true)?;
+            write("ca.crt".into(), &reply.ca_pem, false)?;
+            println!(
+                "{} certificate for {name} written to {}/{name}.crt and {name}.key (mode 0600); the CA is in ca.crt",
+                if admin_role { "administrator" } else { "user" },
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::Computer(ComputerCmd::Add { id, admin }) => {
+            let reply = certificates(&admin, "computer-token", &id, "", 0).await?;
+            println!("{}", reply.registration);
+            eprintln!(
+                "on the node: nodeagent register --master {} --computer-id {id} --token {}",
+                admin.peer, reply.registration
+            );
+            Ok(())
+        }
+        Cmd::Cert(CertCmd::List { admin }) => {
+            let reply = certificates(&admin, "list", "", "", 0).await?;
+            println!("{:<34} {:<12} {:<8} role", "serial", "expires", "state");
+            for c in reply.certificates {
+                let days = (c.not_after as i64 - master_node::pki::now_secs() as i64) / 86400;
+                let state = if c.revoked {
+                    "revoked"
+                } else if days < 0 {
+                    "expired"
+                } else {
+                    "valid"
+                };
+                println!(
+                    "{:<34} {:<12} {:<8} {}",
+                    c.serial,
+                    format!("in {days} d"),
+                    state,
+                    c.role
+                );
+            }
+            Ok(())
+        }
+        Cmd::Cert(CertCmd::Revoke { serial, admin }) => {
+            certificates(&admin, "revoke", "", &serial, 0).await?;
+            println!("certificate {serial} revoked");
+            Ok(())
+        }
     }
+}
+
+async fn certificates(
+    admin: &Admin,
+    action: &str,
+    name: &str,
+    serial: &str,
+    days: u64,
+) -> Result<slap_proto::cluster::CertificatesReply, Fail> {
+    let client = Client::new(std::slice::from_ref(&admin.peer))?;
+    let req = slap_proto::cluster::CertificatesRequest {
+        token: admin.token.clone(),
+        action: action.into(),
+        name: name.into(),
+        serial: serial.into(),
+        registration: String::new(),
+        days,
+    };
+    Ok(client
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.certificates(req).await }
+        })
+        .await?
+        .into_inner())
 }
 
 /// Refuses a data dir that already holds something.
@@ -224,7 +386,7 @@ async fn init(InitArgs { replica: a }: InitArgs) -> Result<(), Fail> {
     };
     let running = Running::start(&a.data_dir, &identity, &a.timing, true).await?;
     if let Some(addr) = &a.slap_listen {
-        running.serve_slap(addr).await?;
+        running.serve_slap(addr, a.insecure_http).await?;
     }
     let raft = &running.replica.raft;
     raft.initialize(
@@ -318,7 +480,7 @@ async fn join(
     };
     let running = Running::start(&a.data_dir, &identity, &a.timing, true).await?;
     if let Some(addr) = &a.slap_listen {
-        running.serve_slap(addr).await?;
+        running.serve_slap(addr, a.insecure_http).await?;
     }
     identity.save(&a.data_dir)?;
     token.save(&a.data_dir)?;
@@ -365,7 +527,7 @@ async fn restart(a: RunArgs) -> Result<(), Fail> {
     }
     let running = Running::start(&a.data_dir, &identity, &a.timing, false).await?;
     if let Some(addr) = &a.slap_listen {
-        running.serve_slap(addr).await?;
+        running.serve_slap(addr, a.insecure_http).await?;
     }
     serve(running).await
 }

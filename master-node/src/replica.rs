@@ -271,6 +271,7 @@ impl Running {
             forwarder,
         });
         tokio::spawn(run_forwarder(Arc::downgrade(&replica), forward_queue));
+        tokio::spawn(crate::certificates::run_issuer(Arc::downgrade(&replica)));
         let (stop, mut stop_rx) = watch::channel(false);
         let server = tonic::transport::Server::builder()
             .add_service(
@@ -301,8 +302,10 @@ impl Running {
         })
     }
 
-    /// Serves SLAP over HTTP on `addr` until the replica stops.
-    pub async fn serve_slap(&self, addr: &str) -> Result<(), StartError> {
+    /// Serves SLAP on `addr` until the replica stops: over HTTPS with client
+    /// certificates, or, with `insecure_http`, over plain HTTP where every
+    /// caller may do everything (development only; said at every start).
+    pub async fn serve_slap(&self, addr: &str, insecure_http: bool) -> Result<(), StartError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Listen {
@@ -310,6 +313,19 @@ impl Running {
                 source,
             })?;
         let mut stop = self.stop.subscribe();
+        if !insecure_http {
+            let host = addr
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_matches(['[', ']']))
+                .unwrap_or("");
+            tokio::spawn(crate::slap::tls::serve(
+                self.replica.clone(),
+                listener,
+                host.to_string(),
+                stop,
+            ));
+            return Ok(());
+        }
         let app = crate::slap::router(self.replica.clone());
         tokio::spawn(async move {
             let shutdown = async move {
@@ -319,7 +335,11 @@ impl Running {
                 error!("SLAP server stopped: {e}");
             }
         });
-        info!(%addr, "serving SLAP over plain HTTP (development mode: no client certificates yet)");
+        tracing::warn!(
+            %addr,
+            "serving SLAP over plain HTTP (--insecure-http): no client certificates, every caller may do \
+             everything; for development only"
+        );
         Ok(())
     }
 

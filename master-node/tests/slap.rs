@@ -61,6 +61,16 @@ async fn master() -> (tempfile::TempDir, Running) {
         })
         .await
         .unwrap();
+    // The leader creates the cluster's CA in the background: wait for it, so
+    // tests comparing states before and after a call see only that call.
+    let start = std::time::Instant::now();
+    while running.replica.state.read().unwrap().authority.is_none() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "no CA was created"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     (dir, running)
 }
 

@@ -164,3 +164,194 @@ fn real_slapos_client_formats_supplies_and_requests() {
     );
     assert!(out.contains("State is : destroyed"), "{out}");
 }
+
+/// Like [`slapos`], but returns whether it succeeded and what it printed.
+fn slapos_try(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(slapos_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run slapos");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn master_node(args: &[&str]) -> String {
+    let out = Command::new(common::BIN).args(args).output().expect("run master-node");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "master-node {args:?} failed:\n{text}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn real_slapos_client_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let raft = format!("127.0.0.1:{}", common::free_port());
+    let slap = common::free_port();
+    let data = root.join("replica");
+    let _replica = common::Proc::spawn(
+        Path::new(common::BIN),
+        &[
+            "init".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--listen".into(),
+            raft.clone(),
+            "--slap-listen".into(),
+            format!("127.0.0.1:{slap}"),
+        ],
+    );
+    let token_file = data.join("join-token");
+    common::wait_for("the replica", || token_file.exists());
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    let ids = root.join("ids");
+    // The CA appears a moment after the cluster: retry the first issue.
+    let start = std::time::Instant::now();
+    loop {
+        let out = Command::new(common::BIN)
+            .args(["user", "add", "ops", "--admin-role", "--peer", &raft, "--token", &token])
+            .arg("--out")
+            .arg(&ids)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    master_node(&[
+        "user",
+        "add",
+        "alice",
+        "--peer",
+        &raft,
+        "--token",
+        &token,
+        "--out",
+        &ids.display().to_string(),
+    ]);
+    master_node(&[
+        "user",
+        "add",
+        "bob",
+        "--peer",
+        &raft,
+        "--token",
+        &token,
+        "--out",
+        &ids.display().to_string(),
+    ]);
+    let key = |f: &str| std::fs::metadata(ids.join(f)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(key("alice.key").permissions().mode() & 0o777, 0o600, "keys are private");
+
+    let cfg = |name: &str| {
+        let path = root.join(format!("{name}.cfg"));
+        let i = ids.display();
+        std::fs::write(
+            &path,
+            format!(
+                "[slapos]\nmaster_url = https://127.0.0.1:{slap}/\nmaster_rest_url = https://127.0.0.1:{slap}/hateoas\n\
+                 [slapconsole]\nkey_file = {i}/{name}.key\ncert_file = {i}/{name}.crt\n"
+            ),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let (ops, alice, bob) = (cfg("ops"), cfg("alice"), cfg("bob"));
+    let sr = "https://lab.example.org/sr/software.cfg";
+    // Nothing to place it on yet: accepted and pending, over HTTPS (the
+    // client exits non-zero while an instance is being provisioned).
+    let (_, out) = slapos_try(
+        root,
+        &["request", "alice-inst", sr, "--cfg", &alice, "--parameters", "a=<&\"é"],
+    );
+    assert!(out.contains("Instance requested. Master is provisioning it."), "{out}");
+    let (_, out) = slapos_try(root, &["request", "bob-inst", sr, "--cfg", &bob]);
+    assert!(out.contains("Instance requested. Master is provisioning it."), "{out}");
+    // Each user lists only their own services.
+    let out = slapos(root, &["service", "list", "--cfg", &alice]);
+    assert!(out.contains("alice-inst") && !out.contains("bob-inst"), "{out}");
+    // Supplying is for administrators.
+    let (ok, out) = slapos_try(root, &["supply", sr, "COMP-1", "--cfg", &alice]);
+    assert!(!ok, "a user supplied: {out}");
+    // A node registered with a one-time token formats itself over HTTPS
+    // with its computer certificate (definition file: nothing on this
+    // machine changes), then the administrator supplies it.
+    let registration = master_node(&["computer", "add", "COMP-T", "--peer", &raft, "--token", &token]);
+    let node = root.join("node");
+    std::fs::create_dir_all(node.join("opt")).unwrap();
+    std::fs::create_dir_all(node.join("srv/slappart0")).unwrap();
+    let agent = Path::new(common::BIN).with_file_name("nodeagent");
+    let out = Command::new(&agent)
+        .args([
+            "register",
+            "--master",
+            &raft,
+            "--token",
+            registration.trim(),
+            "--computer-id",
+            "COMP-T",
+            "--out",
+        ])
+        .arg(&node)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let n = node.display();
+    std::fs::write(
+        node.join("slapos.cfg"),
+        format!(
+            "[slapos]\ncomputer_id = COMP-T\nmaster_url = https://127.0.0.1:{slap}/\nkey_file = {n}/computer.key\n\
+             cert_file = {n}/computer.crt\nsoftware_root = {n}/opt\ninstance_root = {n}/srv\n\n[slapformat]\n\
+             alter_user = False\nalter_network = False\ncreate_tap = False\npartition_has_ipv6_range = False\n\
+             partition_amount = 1\ncomputer_xml = {n}/slapos.xml\ncomputer_json = {n}/slapos.json\n\
+             input_definition_file = {n}/definition.cfg\npartition_base_name = slappart\nuser_base_name = slapuser\n\
+             tap_base_name = slaptap\nipv4_local_network = 10.0.0.0/16\ninterface_name = lo\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        node.join("definition.cfg"),
+        "[computer]\naddress = fd00::2/ffff:ffff:ffff:ffff::\nsoftware_user = root\n\n[partition_0]\n\
+         pathname = slappart0\nuser = root\nnetwork_interface = lo\naddress = 10.0.0.10/255.255.255.255 fd00::2:10/ffff:ffff:ffff:ffff::\n",
+    )
+    .unwrap();
+    slapos(root, &["node", "format", "--cfg", &format!("{n}/slapos.cfg"), "--now"]);
+    let (ok, out) = slapos_try(root, &["supply", sr, "COMP-T", "--cfg", &ops]);
+    assert!(ok, "{out}");
+    // Now alice's instance can be placed on it.
+    let out = slapos(
+        root,
+        &["request", "alice-inst", sr, "--cfg", &alice, "--parameters", "a=<&\"é"],
+    );
+    assert!(out.contains("State is : started."), "{out}");
+
+    // Revoking bob's certificate shuts him out at the next handshake.
+    let list = master_node(&["cert", "list", "--peer", &raft, "--token", &token]);
+    let serial = list
+        .lines()
+        .find(|l| l.ends_with("user bob"))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("bob's certificate is listed")
+        .to_string();
+    master_node(&["cert", "revoke", &serial, "--peer", &raft, "--token", &token]);
+    let (ok, out) = slapos_try(root, &["service", "list", "--cfg", &bob]);
+    assert!(!ok, "a revoked certificate still works: {out}");
+    let (ok, out) = slapos_try(root, &["service", "list", "--cfg", &alice]);
+    assert!(ok, "{out}");
+}

@@ -169,7 +169,7 @@ async fn main() {
     let listen = format!("127.0.0.1:{}", free_port());
     let mut master = Command::new(bin("master-node"))
         .args(["init", "--data-dir", data.to_str().unwrap(), "--listen", &listen])
-        .args(["--slap-listen", &format!("127.0.0.1:{slap_port}")])
+        .args(["--slap-listen", &format!("127.0.0.1:{slap_port}"), "--insecure-http"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

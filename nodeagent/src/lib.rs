@@ -24,6 +24,7 @@ pub mod format;
 pub mod instance;
 pub mod master;
 pub mod promise;
+pub mod register;
 pub mod release;
 pub mod software;
 pub mod supervisor;

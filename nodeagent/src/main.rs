@@ -72,12 +72,21 @@ enum Cmd {
     },
     /// Post the usage of every busy partition once.
     Report(OneShot),
-    /// Obtain this computer's certificate from the Master.
+    /// Obtain this computer's certificate from the Master with the one-time
+    /// token of `master-node computer add ID`.
     Register {
+        /// A replica's cluster API, host:port.
         #[arg(long)]
         master: String,
-        #[arg(long)]
+        /// The registration token.
+        #[arg(long, env = "NODEAGENT_REGISTRATION_TOKEN")]
         token: String,
+        /// This computer's id (the one the token was made for).
+        #[arg(long, env = "NODEAGENT_COMPUTER_ID")]
+        computer_id: String,
+        /// Where to write computer.crt, computer.key (mode 0600) and ca.crt.
+        #[arg(long, default_value = "/etc/nodeagent")]
+        out: std::path::PathBuf,
     },
     /// Remove the partitions format made (users, taps, addresses,
     /// directories). Stop the agent and free the partitions first.
@@ -207,12 +216,18 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Register { .. } => {
-            eprintln!(
-                "nodeagent register: computer certificates are not issued yet (identities and mutual \
-                 TLS are a later step); nodes identify themselves by --computer-id over plain HTTP for now"
+        Cmd::Register {
+            master,
+            token,
+            computer_id,
+            out,
+        } => {
+            nodeagent::register::register(&master, &token, &computer_id, &out).await?;
+            println!(
+                "computer {computer_id} registered: {}/computer.crt, computer.key (mode 0600) and ca.crt",
+                out.display()
             );
-            Ok(ExitCode::from(2))
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Run(args) => {
             announce_mode(&args.one.node);

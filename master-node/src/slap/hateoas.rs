@@ -17,19 +17,30 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde_json::{json, Value as Json};
 use slap_proto::instance_xml;
 
+use axum::Extension;
+
+use super::authz::Caller;
 use super::{SlapError, DEFAULT_USER};
 use crate::replica::Replica;
+use crate::state::Role;
 use crate::state::{Instance, Master, RequestedState, Scope};
 
 const SERVICE_LIST: &str = "portal_type:\"Instance Tree\" AND validation_state:validated";
 const COMPUTER_LIST: &str = "portal_type:\"Compute Node\" AND validation_state:validated";
 
-fn base_url(headers: &HeaderMap) -> String {
+/// The URL clients reached us at: https when the call came over TLS (it
+/// then carries a verified caller), or when a proxy says so.
+fn base_url(headers: &HeaderMap, tls: bool) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("127.0.0.1");
-    format!("http://{host}")
+    let forwarded_https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("https"));
+    let scheme = if tls || forwarded_https { "https" } else { "http" };
+    format!("{scheme}://{host}")
 }
 
 fn json_response(v: Json) -> Response {
@@ -43,9 +54,9 @@ fn quoted(rest: &str) -> Option<&str> {
 }
 
 /// The user's instance trees (their roots), by title.
-fn roots<'a>(m: &'a Master, title: Option<&'a str>) -> impl Iterator<Item = &'a Instance> + 'a {
+fn roots<'a>(m: &'a Master, user: &'a str, title: Option<&'a str>) -> impl Iterator<Item = &'a Instance> + 'a {
     m.instances.values().filter(move |i| {
-        i.scope == Scope::User(DEFAULT_USER.into())
+        matches!(&i.scope, Scope::User(u) if u == user)
             && i.requested_state != RequestedState::Destroyed
             && title.is_none_or(|t| i.title == t)
     })
@@ -69,12 +80,12 @@ fn computer_row(reference: &str) -> Json {
 }
 
 /// Answers the client's jIO search queries.
-fn search(m: &Master, query: &str) -> Option<Vec<Json>> {
+fn search(m: &Master, user: &str, query: &str) -> Option<Vec<Json>> {
     if query == SERVICE_LIST {
-        return Some(roots(m, None).map(service_row).collect());
+        return Some(roots(m, user, None).map(service_row).collect());
     }
     if let Some(rest) = query.strip_prefix(&format!("{SERVICE_LIST} AND title:=")) {
-        return Some(roots(m, Some(quoted(rest)?)).map(service_row).collect());
+        return Some(roots(m, user, Some(quoted(rest)?)).map(service_row).collect());
     }
     if query == COMPUTER_LIST {
         return Some(m.computers.keys().map(|c| computer_row(c)).collect());
@@ -120,12 +131,13 @@ fn service_document(i: &Instance) -> Json {
 /// `GET /hateoas/`: the root links, a search, or a traverse.
 pub async fn root(
     State(replica): State<Arc<Replica>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, SlapError> {
     match q.get("mode").map(String::as_str) {
         None => {
-            let base = base_url(&headers);
+            let base = base_url(&headers, caller.is_some());
             Ok(json_response(json!({"_links": {
                 "raw_search": {"href": format!("{base}/hateoas/?mode=search&query={{query}}&select_list={{select_list}}")},
                 "traverse": {"href": format!("{base}/hateoas/?mode=traverse&relative_url={{relative_url}}&view={{view}}")},
@@ -136,7 +148,7 @@ pub async fn root(
                 .get("query")
                 .ok_or_else(|| SlapError(StatusCode::BAD_REQUEST, "missing query".into()))?;
             let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
-            let contents = search(&state, query)
+            let contents = search(&state, &user_of(&caller), query)
                 .ok_or_else(|| SlapError(StatusCode::BAD_REQUEST, format!("Unhandled query: {query}")))?;
             Ok(json_response(json!({"_embedded": {"contents": contents}})))
         }
@@ -151,22 +163,39 @@ pub async fn root(
     }
 }
 
-fn tree(replica: &Replica, title: &str, shared: bool) -> Result<Response, SlapError> {
+/// Whose trees a caller sees: a user's own; without TLS or as an
+/// administrator, those requested without a certificate.
+pub fn user_of(caller: &Option<Extension<Caller>>) -> String {
+    match caller {
+        Some(Extension(Caller(Role::User(u)))) => u.clone(),
+        _ => DEFAULT_USER.into(),
+    }
+}
+
+fn tree(replica: &Replica, user: &str, title: &str, shared: bool) -> Result<Response, SlapError> {
     let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
-    let inst = roots(&state, Some(title))
+    let inst = roots(&state, user, Some(title))
         .find(|i| i.shared == shared)
         .ok_or_else(|| SlapError(StatusCode::NOT_FOUND, format!("no service titled {title:?}")))?;
     Ok(json_response(service_document(inst)))
 }
 
 /// `GET /hateoas/partitions/<title>`.
-pub async fn partition(State(replica): State<Arc<Replica>>, Path(title): Path<String>) -> Result<Response, SlapError> {
-    tree(&replica, &title, false)
+pub async fn partition(
+    State(replica): State<Arc<Replica>>,
+    caller: Option<Extension<Caller>>,
+    Path(title): Path<String>,
+) -> Result<Response, SlapError> {
+    tree(&replica, &user_of(&caller), &title, false)
 }
 
 /// `GET /hateoas/shared/<title>`.
-pub async fn shared(State(replica): State<Arc<Replica>>, Path(title): Path<String>) -> Result<Response, SlapError> {
-    tree(&replica, &title, true)
+pub async fn shared(
+    State(replica): State<Arc<Replica>>,
+    caller: Option<Extension<Caller>>,
+    Path(title): Path<String>,
+) -> Result<Response, SlapError> {
+    tree(&replica, &user_of(&caller), &title, true)
 }
 
 /// `GET /hateoas/computers/<reference>`.

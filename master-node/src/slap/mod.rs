@@ -23,8 +23,10 @@
 //! yet booked), and getHateoasUrl (404). Polls honour `If-None-Match` (304)
 //! and `X-Slap-Wait` (held until the document changes: a node's watch).
 
+pub mod authz;
 pub mod documents;
 pub mod hateoas;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,6 +144,7 @@ pub fn router(replica: Arc<Replica>) -> Router {
         .route("/getHostingSubscriptionIpList", get(tree_ips))
         .route("/computerBang", post(computer_bang))
         .route("/useComputer", post(use_computer))
+        .route("/getComputerPartitionCertificate", get(partition_certificate))
         .route("/hateoas", get(hateoas::root))
         .route("/hateoas/", get(hateoas::root))
         .route("/hateoas/partitions/{title}", get(hateoas::partition))
@@ -149,6 +152,7 @@ pub fn router(replica: Arc<Replica>) -> Router {
         .route("/hateoas/computers/{reference}", get(hateoas::computer))
         // A node with thousands of partitions posts a large computer
         // document; the gateway accepts the same size.
+        .layer(axum::middleware::from_fn(authz::authorize))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(state)
 }
@@ -274,6 +278,7 @@ async fn run(replica: &Replica, command: Command) -> Result<(Reply, u64), SlapEr
     match reply {
         Reply::Refused(Refusal::NotFound(m)) => Err(SlapError(StatusCode::NOT_FOUND, m)),
         Reply::Refused(Refusal::Invalid(m)) => Err(bad(m)),
+        Reply::Refused(Refusal::Forbidden(m)) => Err(SlapError(StatusCode::FORBIDDEN, m)),
         Reply::Refused(r @ Refusal::StaleRequest { .. }) => Err(SlapError(StatusCode::CONFLICT, r.to_string())),
         other => Ok((other, index)),
     }
@@ -536,11 +541,28 @@ async fn software_error(State(r): State<Arc<Replica>>, body: Bytes) -> SlapResul
 
 // ----- instances -------------------------------------------------------------
 
-async fn request(State(replica): State<Arc<Replica>>, headers: HeaderMap, body: Bytes) -> SlapResult {
+async fn request(
+    State(replica): State<Arc<Replica>>,
+    caller: Option<axum::Extension<authz::Caller>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> SlapResult {
     let f = Fields::body(&body)?;
-    let requester = match calling_partition(&headers, &f) {
+    // With a certificate, the requester is who it names: a partition
+    // certificate requests for itself, and only the form's fields (which the
+    // authorization checked) make a request a partition's.
+    let from_form = || match (f.opt("computer_id"), f.opt("computer_partition_id")) {
+        (Some(c), Some(p)) => Some((c.to_string(), p.to_string())),
+        _ => None,
+    };
+    let partition = match caller.as_ref().map(|e| &e.0 .0) {
+        Some(crate::state::Role::Partition(c, p)) => Some((c.clone(), p.clone())),
+        Some(_) => from_form(),
+        None => calling_partition(&headers, &f),
+    };
+    let requester = match partition {
         Some((computer, partition)) => RequestOrigin::Partition { computer, partition },
-        None => RequestOrigin::User(DEFAULT_USER.into()),
+        None => RequestOrigin::User(hateoas::user_of(&caller)),
     };
     let state = match f.marshalled("state")? {
         None | Some(Value::None) => None,
@@ -646,6 +668,37 @@ async fn destroyed(State(r): State<Arc<Replica>>, h: HeaderMap, body: Bytes) -> 
     let f = Fields::body(&body)?;
     let (computer, partition) = partition_of(&h, &f)?;
     done(&r, Command::DestroyedPartition { computer, partition }).await
+}
+
+/// `getComputerPartitionCertificate`: the certificate and key the Master
+/// issued to the partition's current instance (marshalled
+/// `{'certificate': PEM, 'key': PEM}`).
+async fn partition_certificate(State(replica): State<Arc<Replica>>, RawQuery(q): RawQuery) -> SlapResult {
+    let f = Fields::parse(q.as_deref().unwrap_or(""))?;
+    let (c, p) = (f.need("computer_id")?, f.need("computer_partition_id")?);
+    let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+    let part = state
+        .partitions
+        .get(&(c.to_string(), p.to_string()))
+        .ok_or_else(|| SlapError(StatusCode::NOT_FOUND, format!("computer {c} has no partition {p}")))?;
+    if part.instance.is_none() {
+        return Err(SlapError(
+            StatusCode::NOT_FOUND,
+            format!("partition {p} of {c} is free"),
+        ));
+    }
+    let cert = state.partition_certificate(c, p).ok_or_else(|| {
+        SlapError(
+            StatusCode::NOT_FOUND,
+            format!("the certificate of partition {p} of {c} is not issued yet; try again"),
+        )
+    })?;
+    let doc = Value::str_dict([
+        ("certificate", Value::str(cert.cert_pem.clone())),
+        ("key", Value::str(cert.key_pem.clone().unwrap_or_default())),
+    ]);
+    drop(state);
+    marshal_response(&doc)
 }
 
 /// `useComputer`: a node's usage as a TioXML journal. The journal is

@@ -98,6 +98,19 @@ pub enum Command {
     },
     /// Written once by `master-node init`, right after the first membership.
     InitCluster { id: String, token_sha256: String },
+    /// Installs the cluster's certificate authority (once).
+    SetAuthority(Authority),
+    /// Allows one `nodeagent register` for `computer` with the token whose
+    /// sha256 (hex) this is.
+    AddRegistration { computer: ComputerId, token_sha256: String },
+    /// Records a certificate the leader signed; with `registration`, consumes
+    /// that registration token (refused if it is unknown or for another computer).
+    RecordCertificate {
+        certificate: Certificate,
+        registration: Option<String>,
+    },
+    /// Revokes the certificate with this serial.
+    RevokeCertificate { serial: String },
     /// Reserves the next replica id for a joining replica.
     ReserveReplicaId { addr: String },
     /// `updateComputerPartitionRelatedInstanceList`: the children the
@@ -164,6 +177,9 @@ pub enum Refusal {
     /// Malformed or contradictory input (400).
     #[error("{0}")]
     Invalid(String),
+    /// The caller may not do this (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// A retry of a write older than this client's last one (409).
     #[error("request {seq} of client {client} is older than its last write {last}; its answer is gone")]
     StaleRequest { client: String, seq: u64, last: u64 },

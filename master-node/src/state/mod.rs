@@ -48,6 +48,9 @@ pub enum Dirty {
     Session(String),
     Meta,
     Cluster,
+    Authority,
+    Certificate(String),
+    Registration(String),
 }
 
 /// The whole state of the Master.
@@ -60,6 +63,12 @@ pub struct Master {
     pub sessions: BTreeMap<String, Session>,
     /// Set by the first command of a cluster.
     pub cluster: Option<ClusterMeta>,
+    /// The certificate authority, once installed.
+    pub authority: Option<Authority>,
+    /// Issued certificates by fingerprint.
+    pub certificates: BTreeMap<String, Certificate>,
+    /// Pending computer registrations: token sha256 -> computer.
+    pub registrations: BTreeMap<String, ComputerId>,
     /// Last timestamp handed out; timestamps only grow.
     pub clock: u64,
     /// Log index of the last applied proposal.
@@ -191,6 +200,17 @@ impl Master {
             } => self.set_related(seq, now, computer, partition, titles),
             Command::InitCluster { id, token_sha256 } => self.init_cluster(id, token_sha256),
             Command::ReserveReplicaId { .. } => self.reserve_replica_id(),
+            Command::SetAuthority(a) => self.set_authority(a),
+            Command::AddRegistration { computer, token_sha256 } => {
+                self.registrations.insert(token_sha256.clone(), computer.clone());
+                self.dirty.insert(Dirty::Registration(token_sha256.clone()));
+                Reply::Done
+            }
+            Command::RecordCertificate {
+                certificate,
+                registration,
+            } => self.record_certificate(certificate, registration.as_deref()),
+            Command::RevokeCertificate { serial } => self.revoke_certificate(serial),
         }
     }
 
@@ -208,6 +228,65 @@ impl Master {
         });
         self.dirty.insert(Dirty::Cluster);
         Reply::Done
+    }
+
+    // ----- identities ----------------------------------------------------
+
+    fn set_authority(&mut self, a: &Authority) -> Reply {
+        if self.authority.is_some() {
+            return invalid("the cluster already has a certificate authority");
+        }
+        self.authority = Some(a.clone());
+        self.dirty.insert(Dirty::Authority);
+        Reply::Done
+    }
+
+    fn record_certificate(&mut self, cert: &Certificate, registration: Option<&str>) -> Reply {
+        if let Some(token) = registration {
+            match (self.registrations.get(token), &cert.role) {
+                (Some(c), Role::Computer(want)) if c == want => {
+                    self.registrations.remove(token);
+                    self.dirty.insert(Dirty::Registration(token.to_string()));
+                }
+                _ => return Reply::Refused(Refusal::Forbidden("unknown or already used registration token".into())),
+            }
+        }
+        if self.certificates.contains_key(&cert.fingerprint) {
+            return invalid("this certificate is already recorded");
+        }
+        self.certificates.insert(cert.fingerprint.clone(), cert.clone());
+        self.dirty.insert(Dirty::Certificate(cert.fingerprint.clone()));
+        Reply::Done
+    }
+
+    fn revoke_certificate(&mut self, serial: &str) -> Reply {
+        let serial = serial.to_ascii_lowercase();
+        let Some(cert) = self.certificates.values_mut().find(|c| c.serial == serial) else {
+            return refused_not_found(format!("no certificate has serial {serial}"));
+        };
+        if !cert.revoked {
+            cert.revoked = true;
+            self.dirty.insert(Dirty::Certificate(cert.fingerprint.clone()));
+        }
+        Reply::Done
+    }
+
+    /// Revokes the live certificates of a partition whose instance is gone,
+    /// so the old instance can no longer act for it.
+    fn revoke_partition_certificates(&mut self, computer: &str, partition: &str) {
+        for cert in self.certificates.values_mut() {
+            if !cert.revoked && matches!(&cert.role, Role::Partition(c, p) if c == computer && p == partition) {
+                cert.revoked = true;
+                self.dirty.insert(Dirty::Certificate(cert.fingerprint.clone()));
+            }
+        }
+    }
+
+    /// The live certificate of a partition, if one was issued.
+    pub fn partition_certificate(&self, computer: &str, partition: &str) -> Option<&Certificate> {
+        self.certificates
+            .values()
+            .find(|c| !c.revoked && matches!(&c.role, Role::Partition(cc, p) if cc == computer && p == partition))
     }
 
     fn reserve_replica_id(&mut self) -> Reply {
@@ -755,6 +834,7 @@ impl Master {
                 part.instance = None;
                 self.dirty.insert(Dirty::Partition(c.clone(), p.clone()));
             }
+            self.revoke_partition_certificates(c, p);
             self.touch_computer(seq, c);
         }
         for guest in self.hosted.remove(id).unwrap_or_default() {

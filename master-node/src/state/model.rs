@@ -198,3 +198,54 @@ pub struct ClusterMeta {
     /// The next replica id to hand out; ids are never reused.
     pub next_replica_id: u64,
 }
+
+/// Who a certificate speaks for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// A user: their own instance trees.
+    User(String),
+    /// A node: its own computer and partitions.
+    Computer(ComputerId),
+    /// One partition's instance: itself and its tree's children.
+    Partition(ComputerId, PartitionId),
+    /// A Master replica.
+    Replica(u64),
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Admin => write!(f, "admin"),
+            Role::User(u) => write!(f, "user {u}"),
+            Role::Computer(c) => write!(f, "computer {c}"),
+            Role::Partition(c, p) => write!(f, "partition {p} of {c}"),
+            Role::Replica(n) => write!(f, "replica {n}"),
+        }
+    }
+}
+
+/// The cluster's certificate authority, replicated so any leader can sign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authority {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A certificate the Master issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    /// Hex serial number, as `master-node cert revoke` takes it.
+    pub serial: String,
+    /// sha256 (hex) of the DER: how a handshake finds the record.
+    pub fingerprint: String,
+    pub role: Role,
+    pub cert_pem: String,
+    /// Kept only for partitions, whose node fetches it again
+    /// (getComputerPartitionCertificate); users and nodes get theirs once.
+    pub key_pem: Option<String>,
+    /// Unix seconds.
+    pub not_after: u64,
+    pub revoked: bool,
+}

@@ -3,8 +3,10 @@
 //!
 //! Keys are a one-letter kind, `/`, then the entity's identity with NUL
 //! between parts: `c/COMP-1` (and `r/COMP-1`, its revision), `p/COMP-1\0slappart0`, `s/COMP-1\0URL`,
-//! `i/SOFTINST-7`, `x/<client>`, `m` for the counters and `k` for the
-//! cluster's facts. Values are postcard.
+//! `i/SOFTINST-7`, `x/<client>`, `m` for the counters, `k` for the
+//! cluster's facts, `a` for the certificate authority, `t/<fingerprint>` for
+//! certificates and `g/<token sha256>` for computer registrations. Values are
+//! postcard.
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +43,9 @@ pub fn key(d: &Dirty) -> Vec<u8> {
         Dirty::Session(s) => join("x", &[s]),
         Dirty::Meta => b"m".to_vec(),
         Dirty::Cluster => b"k".to_vec(),
+        Dirty::Authority => b"a".to_vec(),
+        Dirty::Certificate(f) => join("t", &[f]),
+        Dirty::Registration(t) => join("g", &[t]),
     }
 }
 
@@ -70,12 +75,17 @@ pub fn value(m: &Master, d: &Dirty) -> Option<Vec<u8>> {
             applied: m.applied,
         })),
         Dirty::Cluster => m.cluster.as_ref().map(enc),
+        Dirty::Authority => m.authority.as_ref().map(enc),
+        Dirty::Certificate(f) => m.certificates.get(f).map(enc),
+        Dirty::Registration(t) => m.registrations.get(t).map(enc),
     }
 }
 
 /// Every record of the state, in no particular order (tests and hashing).
 pub fn all_records(m: &Master) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut keys: Vec<Dirty> = vec![Dirty::Meta, Dirty::Cluster];
+    let mut keys: Vec<Dirty> = vec![Dirty::Meta, Dirty::Cluster, Dirty::Authority];
+    keys.extend(m.certificates.keys().cloned().map(Dirty::Certificate));
+    keys.extend(m.registrations.keys().cloned().map(Dirty::Registration));
     keys.extend(m.computers.keys().cloned().map(Dirty::Computer));
     keys.extend(m.computers.keys().cloned().map(Dirty::Revision));
     keys.extend(m.partitions.keys().map(|(c, p)| Dirty::Partition(c.clone(), p.clone())));
@@ -108,6 +118,16 @@ pub fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<
                 m.applied = meta.applied;
             }
             Some(b'k') if k.len() == 1 => m.cluster = Some(dec(&k, &v)?),
+            Some(b'a') if k.len() == 1 => m.authority = Some(dec(&k, &v)?),
+            Some(b't') => {
+                let c: Certificate = dec(&k, &v)?;
+                m.certificates.insert(c.fingerprint.clone(), c);
+            }
+            Some(b'g') => {
+                let computer: ComputerId = dec(&k, &v)?;
+                let token = String::from_utf8_lossy(&k[2..]).into_owned();
+                m.registrations.insert(token, computer);
+            }
             Some(b'c') => {
                 let mut c: Computer = dec(&k, &v)?;
                 c.revision = revisions.remove(&c.id).unwrap_or(0);

@@ -124,6 +124,7 @@ impl SlapCluster {
                 raft[0].clone(),
                 s("--slap-listen"),
                 format!("127.0.0.1:{}", slap[0]),
+                s("--insecure-http"),
             ],
         )];
         let token_file = dir.join("r0/join-token");
@@ -144,6 +145,7 @@ impl SlapCluster {
                     raft[i].clone(),
                     s("--slap-listen"),
                     format!("127.0.0.1:{}", slap[i]),
+                    s("--insecure-http"),
                 ],
             ));
             let voters = |rt: &tokio::runtime::Runtime| {

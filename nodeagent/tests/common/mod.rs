@@ -100,6 +100,7 @@ impl Master {
                 &listen,
                 "--slap-listen",
                 &slap,
+                "--insecure-http",
             ],
             &log,
         );
@@ -135,6 +136,7 @@ impl Master {
                 self.data_dir.to_str().unwrap(),
                 "--slap-listen",
                 &format!("127.0.0.1:{}", self.slap_port),
+                "--insecure-http",
             ],
             &self.log,
         );

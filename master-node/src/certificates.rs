@@ -1,0 +1,128 @@
+//! Issuing certificates from a running replica.
+//!
+//! Any replica can sign: the CA is in the replicated state. It signs
+//! locally, then records the certificate through the log (forwarded to the
+//! leader like any write), so the record, and its revocation later, reach
+//! every replica.
+//!
+//! The leader also runs [`run_issuer`]: it creates the CA of a cluster that
+//! has none (the founding replica's first act) and gives every allocated
+//! partition a certificate, so a node can fetch it with
+//! `getComputerPartitionCertificate` before it deploys the instance. A freed
+//! partition's certificates are revoked inside `apply`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use tracing::{info, warn};
+
+use crate::api::ClientWrite;
+use crate::pki::{self, Issued};
+use crate::replica::Replica;
+use crate::state::{Command, Reply, Role, SlapState};
+
+/// Why a certificate was not issued.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("the cluster has no certificate authority yet; try again in a moment")]
+    NoAuthority,
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error("the Master could not record it: {0}")]
+    Write(String),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// Signs a certificate for `role` and records it. With `registration`, the
+/// record consumes that computer registration token.
+pub async fn issue(
+    replica: &Replica,
+    role: Role,
+    days: u64,
+    registration: Option<String>,
+) -> Result<(Issued, String), IssueError> {
+    let ca = replica
+        .state
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .authority
+        .clone()
+        .ok_or(IssueError::NoAuthority)?;
+    let issued = pki::issue(&ca, &role, pki::now_secs(), days, &[])?;
+    let (reply, _) = replica
+        .write(ClientWrite {
+            request_id: None,
+            command: Command::RecordCertificate {
+                certificate: issued.certificate.clone(),
+                registration,
+            },
+        })
+        .await
+        .map_err(|s| IssueError::Write(s.message().to_string()))?;
+    match reply {
+        Reply::Refused(r) => Err(IssueError::Refused(r.to_string())),
+        _ => {
+            info!(role = %role, serial = %issued.certificate.serial, "certificate issued");
+            Ok((issued, ca.cert_pem))
+        }
+    }
+}
+
+fn is_leader(replica: &Replica) -> bool {
+    let m = replica.raft.metrics().borrow().clone();
+    m.state == ServerState::Leader && m.current_leader == Some(replica.id)
+}
+
+/// The leader's background duty: a CA for the cluster, a certificate for
+/// every allocated partition. Ends when the replica is dropped.
+pub async fn run_issuer(replica: std::sync::Weak<Replica>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let Some(replica) = replica.upgrade() else { return };
+        if !is_leader(&replica) {
+            continue;
+        }
+        if let Err(e) = issue_round(&replica).await {
+            warn!(error = %e, "certificate issuer");
+        }
+    }
+}
+
+async fn issue_round(replica: &Arc<Replica>) -> Result<(), IssueError> {
+    let (cluster, has_ca, missing) = {
+        let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+        let missing: Vec<Role> = state
+            .partitions
+            .values()
+            .filter(|p| p.state == SlapState::Busy && state.partition_certificate(&p.computer, &p.id).is_none())
+            .take(64)
+            .map(|p| Role::Partition(p.computer.clone(), p.id.clone()))
+            .collect();
+        (
+            state.cluster.as_ref().map(|c| c.id.clone()),
+            state.authority.is_some(),
+            missing,
+        )
+    };
+    let Some(cluster) = cluster else { return Ok(()) };
+    if !has_ca {
+        let ca = pki::new_authority(&cluster, pki::now_secs())?;
+        let (reply, _) = replica
+            .write(ClientWrite {
+                request_id: None,
+                command: Command::SetAuthority(ca),
+            })
+            .await
+            .map_err(|s| IssueError::Write(s.message().to_string()))?;
+        if !matches!(reply, Reply::Refused(_)) {
+            info!(%cluster, "certificate authority created");
+        }
+        return Ok(());
+    }
+    for role in missing {
+        issue(replica, role, pki::DEFAULT_DAYS, None).await?;
+    }
+    Ok(())
+}
