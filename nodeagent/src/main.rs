@@ -56,6 +56,9 @@ enum Cmd {
         /// Master URLs (replicas or gateways) to report the capacity to.
         #[arg(long, env = "NODEAGENT_MASTER", value_delimiter = ',')]
         master: Vec<String>,
+        /// Where `nodeagent register` wrote the computer's certificate (https masters).
+        #[arg(long, env = "NODEAGENT_IDENTITY_DIR", default_value = "/etc/nodeagent")]
+        identity_dir: std::path::PathBuf,
     },
     /// Run the daemon: capacity, watch, software, instance, promise, usage
     /// loops and the process supervisor.
@@ -100,9 +103,24 @@ enum Cmd {
 struct OneShot {
     #[command(flatten)]
     node: NodeConfig,
-    /// Master URLs (replicas or gateways), tried in order.
+    /// Master URLs (replicas or gateways), tried in order. https:// URLs use
+    /// the computer's certificate from --identity-dir.
     #[arg(long, env = "NODEAGENT_MASTER", value_delimiter = ',', required = true)]
     master: Vec<String>,
+    /// Where `nodeagent register` wrote computer.crt, computer.key and ca.crt.
+    #[arg(long, env = "NODEAGENT_IDENTITY_DIR", default_value = "/etc/nodeagent")]
+    identity_dir: std::path::PathBuf,
+}
+
+impl OneShot {
+    fn client(&self) -> anyhow::Result<MasterClient> {
+        let identity = if self.master.iter().any(|u| u.starts_with("https://")) {
+            Some(nodeagent::master::TlsIdentity::load(&self.identity_dir)?)
+        } else {
+            None
+        };
+        Ok(MasterClient::with_identity(&self.master, identity.as_ref())?)
+    }
 }
 
 #[derive(Args)]
@@ -186,7 +204,11 @@ fn announce_mode(node: &NodeConfig) {
 
 async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Format { node, master } => {
+        Cmd::Format {
+            node,
+            master,
+            identity_dir,
+        } => {
             announce_mode(&node);
             let (report, resources) = format::format(&node)?;
             println!(
@@ -202,7 +224,12 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 report.resources_written
             );
             if !master.is_empty() {
-                agent::report_capacity(&node, &MasterClient::new(&master), &resources).await?;
+                let one = OneShot {
+                    node: node.clone(),
+                    master,
+                    identity_dir,
+                };
+                agent::report_capacity(&node, &one.client()?, &resources).await?;
                 println!("capacity of {} reported to the master", node.computer_id);
             }
             Ok(ExitCode::SUCCESS)
@@ -231,7 +258,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Run(args) => {
             announce_mode(&args.one.node);
-            let master = Arc::new(MasterClient::new(&args.one.master));
+            let master = Arc::new(args.one.client()?);
             let intervals = Intervals {
                 software: args.software_interval,
                 instance: args.instance_interval,
@@ -251,7 +278,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Software(one) => {
-            let master = MasterClient::new(&one.master);
+            let master = one.client()?;
             let Some((plan, _)) = master.computer_plan(&one.node.computer_id, None, None).await? else {
                 anyhow::bail!("the master answered 304 to an unconditional request");
             };
@@ -272,7 +299,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Instance { one, force } => {
-            let master = Arc::new(MasterClient::new(&one.master));
+            let master = Arc::new(one.client()?);
             let Some((plan, _)) = master.computer_plan(&one.node.computer_id, None, None).await? else {
                 anyhow::bail!("the master answered 304 to an unconditional request");
             };
@@ -295,7 +322,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Cmd::Report(one) => {
-            let master = Arc::new(MasterClient::new(&one.master));
+            let master = Arc::new(one.client()?);
             let Some((plan, _)) = master.computer_plan(&one.node.computer_id, None, None).await? else {
                 anyhow::bail!("the master answered 304 to an unconditional request");
             };

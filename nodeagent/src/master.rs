@@ -16,6 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use slap_proto::form;
@@ -39,8 +40,58 @@ pub enum MasterError {
 pub struct MasterClient {
     urls: Vec<String>,
     preferred: AtomicUsize,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
+}
+
+/// The computer's certificate, key and the cluster's CA (PEM), as
+/// `nodeagent register` writes them: used for `https://` Master URLs.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TlsIdentity {
+    /// Reads `computer.crt`, `computer.key` and `ca.crt` from `dir`.
+    pub fn load(dir: &std::path::Path) -> Result<TlsIdentity, MasterError> {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f)).map_err(|e| {
+                MasterError::Invalid(format!(
+                    "{}/{f}: {e} (an https master needs this computer's certificate: run `nodeagent register`)",
+                    dir.display()
+                ))
+            })
+        };
+        Ok(TlsIdentity {
+            ca_pem: read("ca.crt")?,
+            cert_pem: read("computer.crt")?,
+            key_pem: read("computer.key")?,
+        })
+    }
+
+    fn client_config(&self) -> Result<rustls::ClientConfig, MasterError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: String| MasterError::Invalid(format!("TLS identity: {e}"));
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots
+                .add(c.map_err(|e| bad(e.to_string()))?)
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| bad(e.to_string()))
+    }
 }
 
 /// What a GET returned.
@@ -52,17 +103,45 @@ pub enum Fetched {
 }
 
 impl MasterClient {
-    /// A client over `urls` (`http://host:port`, with or without a trailing slash).
+    /// A client over plain `http://` URLs (with or without a trailing slash).
     pub fn new(urls: &[String]) -> MasterClient {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
-        connector.set_nodelay(true);
-        MasterClient {
+        Self::with_identity(urls, None).expect("a client without TLS identity always builds")
+    }
+
+    /// A client over `urls`; `https://` ones authenticate with `identity`
+    /// (mutual TLS, the server checked against the cluster's CA).
+    pub fn with_identity(urls: &[String], identity: Option<&TlsIdentity>) -> Result<MasterClient, MasterError> {
+        if identity.is_none() && urls.iter().any(|u| u.starts_with("https://")) {
+            return Err(MasterError::Invalid(
+                "an https:// master needs this computer's certificate (--identity-dir, written by `nodeagent register`)"
+                    .into(),
+            ));
+        }
+        let tls = match identity {
+            Some(id) => id.client_config()?,
+            None => rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| MasterError::Invalid(e.to_string()))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        };
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(Duration::from_secs(3)));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(MasterClient {
             urls: urls.iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
             preferred: AtomicUsize::new(0),
             client: Client::builder(TokioExecutor::new()).build(connector),
             timeout: Duration::from_secs(60),
-        }
+        })
     }
 
     /// The URL partitions' own tools should use (the first configured).

@@ -85,25 +85,33 @@ pub struct Master {
 
 impl Master {
     pub fn init(dir: &Path) -> Master {
+        Self::start(dir, true)
+    }
+
+    /// A Master serving SLAP over HTTPS with client certificates.
+    pub fn init_secure(dir: &Path) -> Master {
+        Self::start(dir, false)
+    }
+
+    fn start(dir: &Path, insecure: bool) -> Master {
         let data_dir = dir.join("master");
         let listen = format!("127.0.0.1:{}", free_port());
         let slap_port = free_port();
         let log = dir.join("master.log");
         let slap = format!("127.0.0.1:{slap_port}");
-        let proc = Proc::spawn(
-            &workspace_bin("master-node"),
-            &[
-                "init",
-                "--data-dir",
-                data_dir.to_str().unwrap(),
-                "--listen",
-                &listen,
-                "--slap-listen",
-                &slap,
-                "--insecure-http",
-            ],
-            &log,
-        );
+        let mut args = vec![
+            "init",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--slap-listen",
+            &slap,
+        ];
+        if insecure {
+            args.push("--insecure-http");
+        }
+        let proc = Proc::spawn(&workspace_bin("master-node"), &args, &log);
         let m = Master {
             proc,
             data_dir,
@@ -117,6 +125,25 @@ impl Master {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.slap_port)
+    }
+
+    pub fn https_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.slap_port)
+    }
+
+    /// `master-node ARGS --peer <this replica> --token <its join token>`; stdout.
+    pub fn admin(&self, args: &[&str]) -> Result<String, String> {
+        let token = std::fs::read_to_string(self.data_dir.join("join-token")).map_err(|e| e.to_string())?;
+        let out = Command::new(workspace_bin("master-node"))
+            .args(args)
+            .args(["--peer", &self.listen, "--token", token.trim()])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 
     fn wait_ready(&self) {
