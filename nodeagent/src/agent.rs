@@ -80,7 +80,7 @@ pub async fn report_usage(instances: &Instances, plan: &ComputerPlan) -> Result<
     let mut usages = Vec::new();
     for r in instances.resources().filter(|r| busy.contains(r.id.as_str())) {
         let pids = instances.supervisor.pids(&r.id).await;
-        usages.push(usage::measure(r, &pids));
+        usages.push(usage::measure(r, &pids, instances.supervisor.cgroups()));
     }
     if usages.is_empty() {
         return Ok(0);
@@ -125,6 +125,16 @@ fn now_utc() -> String {
     )
 }
 
+/// The accounting cgroups the agent uses: only as root (privileged mode).
+pub fn cgroups_for(cfg: &NodeConfig) -> crate::cgroups::Cgroups {
+    if cfg.mode() == crate::config::Mode::Privileged {
+        let root = cfg.instance_root.to_string_lossy();
+        crate::cgroups::Cgroups::detect(&format!("nodeagent-{}", &crate::config::software_key(&root)[..8]))
+    } else {
+        crate::cgroups::Cgroups::None
+    }
+}
+
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(
     cfg: NodeConfig,
@@ -135,7 +145,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (report, resources) = format::format(&cfg)?;
     info!(partitions = resources.len(), changed = ?report, "partitions formatted");
-    let supervisor = Arc::new(Supervisor::new(cfg.agent_dir().join("run")));
+    let supervisor = Arc::new(Supervisor::new(cfg.agent_dir().join("run")).with_cgroups(cgroups_for(&cfg)));
     let adopted = supervisor.adopt(&resources).await;
     if adopted > 0 {
         info!(adopted, "processes from a previous agent re-adopted");

@@ -541,6 +541,8 @@ impl Instances {
             kill_user(r.uid).await?;
         }
         wipe(&r.dir).map_err(|e| format!("emptying {}: {e}", r.dir.display()))?;
+        // The next instance here starts its accounting from zero.
+        self.supervisor.cgroups().remove(&r.id);
         if !self.post(r, "destroyedComputerPartition", &[]).await {
             return Err("could not report the partition destroyed".into());
         }

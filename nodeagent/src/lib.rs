@@ -11,7 +11,8 @@
 //! - [`supervisor`]: the processes of every partition, run as its user.
 //! - [`promise`]: health checks (command, TCP connect, HTTP GET).
 //! - [`instance`]: deploying, stopping and destroying partitions.
-//! - [`usage`]: CPU, memory, disk and network per partition, as TioXML.
+//! - [`usage`]: CPU, memory, disk and network per partition, as TioXML;
+//!   [`cgroups`]: the per-partition accounting groups it reads first.
 //! - [`agent`]: the loops of `nodeagent run`.
 //!
 //! The node keeps no state the Master cannot give back: what it deployed is
@@ -19,6 +20,7 @@
 //! re-adopts running processes instead of restarting them.
 
 pub mod agent;
+pub mod cgroups;
 pub mod config;
 pub mod format;
 pub mod instance;

@@ -304,7 +304,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("the master answered 304 to an unconditional request");
             };
             let resources = format::load_resources(&one.node)?;
-            let supervisor = Arc::new(Supervisor::new(one.node.agent_dir().join("run")));
+            let supervisor =
+                Arc::new(Supervisor::new(one.node.agent_dir().join("run")).with_cgroups(agent::cgroups_for(&one.node)));
             supervisor.adopt(&resources).await;
             let mut instances = Instances::new(one.node.clone(), master, supervisor, resources);
             let outcomes = instances.process(&plan.partitions, force).await;
@@ -327,7 +328,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("the master answered 304 to an unconditional request");
             };
             let resources = format::load_resources(&one.node)?;
-            let supervisor = Arc::new(Supervisor::new(one.node.agent_dir().join("run")));
+            let supervisor =
+                Arc::new(Supervisor::new(one.node.agent_dir().join("run")).with_cgroups(agent::cgroups_for(&one.node)));
             supervisor.adopt(&resources).await;
             let instances = Instances::new(one.node.clone(), master, supervisor, resources);
             let n = agent::report_usage(&instances, &plan).await?;

@@ -72,6 +72,7 @@ struct PartitionProcs {
 pub struct Supervisor {
     run_dir: PathBuf,
     partitions: Mutex<BTreeMap<String, PartitionProcs>>,
+    cgroups: crate::cgroups::Cgroups,
 }
 
 /// A process's state, for status and tests.
@@ -89,7 +90,19 @@ impl Supervisor {
         Supervisor {
             run_dir,
             partitions: Mutex::new(BTreeMap::new()),
+            cgroups: crate::cgroups::Cgroups::None,
         }
+    }
+
+    /// Puts every process a partition starts into its accounting cgroups.
+    pub fn with_cgroups(mut self, cgroups: crate::cgroups::Cgroups) -> Supervisor {
+        self.cgroups = cgroups;
+        self
+    }
+
+    /// The accounting cgroups in use.
+    pub fn cgroups(&self) -> &crate::cgroups::Cgroups {
+        &self.cgroups
     }
 
     fn record_path(&self, partition: &str, name: &str) -> PathBuf {
@@ -168,7 +181,7 @@ impl Supervisor {
             if running {
                 continue;
             }
-            let proc = spawn(&self.run_dir, resource, spec)?;
+            let proc = spawn(&self.run_dir, resource, spec, &self.cgroups)?;
             p.procs.insert(name, proc);
             started += 1;
         }
@@ -222,7 +235,7 @@ impl Supervisor {
                     }
                 }
                 if proc.pid.is_none() && proc.next_start.is_some_and(|t| t <= now) {
-                    match spawn(&self.run_dir, &p.resource, proc.spec.clone()) {
+                    match spawn(&self.run_dir, &p.resource, proc.spec.clone(), &self.cgroups) {
                         Ok(fresh) => {
                             let (backoff, restarts) = (proc.backoff, proc.restarts + 1);
                             *proc = fresh;
@@ -266,7 +279,13 @@ impl Supervisor {
     }
 }
 
-fn spawn(run_dir: &std::path::Path, r: &PartitionResource, spec: ProcessSpec) -> std::io::Result<Proc> {
+fn spawn(
+    run_dir: &std::path::Path,
+    r: &PartitionResource,
+    spec: ProcessSpec,
+    cgroups: &crate::cgroups::Cgroups,
+) -> std::io::Result<Proc> {
+    let procs_files = cgroups.prepare(&r.id, r.uid);
     let (program, args) = spec
         .argv
         .split_first()
@@ -276,6 +295,10 @@ fn spawn(run_dir: &std::path::Path, r: &PartitionResource, spec: ProcessSpec) ->
     let var_log = CString::new("var/log").expect("no NUL");
     let log = CString::new(format!("var/log/{}.log", spec.name))
         .map_err(|_| std::io::Error::other("process name holds a NUL byte"))?;
+    let cgroup_procs: Vec<CString> = procs_files
+        .iter()
+        .filter_map(|p| CString::new(p.as_os_str().as_encoded_bytes()).ok())
+        .collect();
     let mut cmd = std::process::Command::new(program);
     cmd.args(args)
         .current_dir(&r.dir)
@@ -295,6 +318,15 @@ fn spawn(run_dir: &std::path::Path, r: &PartitionResource, spec: ProcessSpec) ->
     // uid and gid changed, and calls only async-signal-safe functions.
     unsafe {
         cmd.pre_exec(move || {
+            // Join the accounting cgroups before running the program ("0"
+            // is the writing process itself); best effort.
+            for procs in &cgroup_procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
+            }
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -318,6 +350,8 @@ fn spawn(run_dir: &std::path::Path, r: &PartitionResource, spec: ProcessSpec) ->
         .spawn()
         .map_err(|e| std::io::Error::new(e.kind(), format!("starting {} ({program}) in {}: {e}", spec.name, r.id)))?;
     let pid = child.id() as i32;
+    // Where the child could not move itself (cgroup v2), move it now.
+    cgroups.join(&procs_files, pid);
     let start_time = proc_start_time(pid).unwrap_or(0);
     let record = PidRecord {
         pid,

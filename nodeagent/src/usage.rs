@@ -1,10 +1,12 @@
 //! Resource usage per partition, and the machine's capacity.
 //!
-//! Read from /proc and /sys, which every Linux has (cgroup accounting differs
-//! between v1, v2 and hybrid hosts; /proc does not):
+//! CPU seconds and peak memory come from the partition's cgroups (v1 or v2,
+//! see [`crate::cgroups`]) where the agent could make them; otherwise from
+//! /proc, which every Linux has:
 //! - CPU seconds: user + system time of the partition's processes and of the
 //!   children they reaped (so short-lived helpers count once they exit);
-//! - memory: resident bytes now, and the sum of each process's peak (VmHWM);
+//! - memory: resident bytes now, and the peak (the cgroup's, or the sum of
+//!   each live process's VmHWM);
 //! - disk: bytes under the partition directory (links not followed);
 //! - network: bytes through the partition's tap.
 //!
@@ -88,16 +90,27 @@ fn tap_bytes(tap: &str) -> u64 {
 
 /// Usage of one partition; `supervised` are its supervised pids (the only
 /// ones attributable in unprivileged mode, where partitions share a user).
-pub fn measure(r: &PartitionResource, supervised: &[i32]) -> PartitionUsage {
+/// CPU time and peak memory come from the partition's cgroups when it has
+/// them (every process it ever ran), else from /proc (the live ones).
+pub fn measure(r: &PartitionResource, supervised: &[i32], cgroups: &crate::cgroups::Cgroups) -> PartitionUsage {
     let pids = match r.mode {
         Mode::Privileged => pids_of_uid(r.uid),
         Mode::Unprivileged => supervised.to_vec(),
     };
+    let from_proc = || {
+        (
+            pids.iter().map(|p| proc_cpu_seconds(*p)).sum(),
+            pids.iter().map(|p| proc_status_kb(*p, "VmHWM:") * 1024).sum(),
+        )
+    };
+    // Resident now before the peak: a peak read later is never below it.
+    let memory_bytes = pids.iter().map(|p| proc_status_kb(*p, "VmRSS:") * 1024).sum();
+    let (cpu_seconds, peak_memory_bytes) = cgroups.read(&r.id).unwrap_or_else(from_proc);
     PartitionUsage {
         partition: r.id.clone(),
-        cpu_seconds: pids.iter().map(|p| proc_cpu_seconds(*p)).sum(),
-        memory_bytes: pids.iter().map(|p| proc_status_kb(*p, "VmRSS:") * 1024).sum(),
-        peak_memory_bytes: pids.iter().map(|p| proc_status_kb(*p, "VmHWM:") * 1024).sum(),
+        cpu_seconds,
+        memory_bytes,
+        peak_memory_bytes,
         disk_bytes: disk_bytes(&r.dir),
         network_bytes: r.tap.as_deref().map(tap_bytes).unwrap_or(0),
     }
@@ -217,7 +230,7 @@ mod tests {
             mode: Mode::Unprivileged,
         };
         let me = std::process::id() as i32;
-        let u = measure(&r, &[me]);
+        let u = measure(&r, &[me], &crate::cgroups::Cgroups::None);
         assert_eq!(u.disk_bytes, 1024);
         assert!(u.memory_bytes > 0 && u.peak_memory_bytes >= u.memory_bytes);
     }

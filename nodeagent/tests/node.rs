@@ -68,6 +68,8 @@ impl Drop for Cleanup {
             }
         }
         std::thread::sleep(Duration::from_millis(200));
+        let cgroups = nodeagent::agent::cgroups_for(&self.0);
+        cgroups.remove_all((0..self.0.partitions).map(nodeagent::config::partition_id));
         if let Err(e) = format::unformat(&self.0) {
             eprintln!("cleanup: {e}");
         }
@@ -312,6 +314,19 @@ async fn serves_reconfigures_survives_and_destroys_an_instance() {
         Some(hello_res.uid),
         "runs as the partition user"
     );
+
+    // Accounting: the service runs in its partition's cgroup, which counts it.
+    let cgroups = nodeagent::agent::cgroups_for(&cfg);
+    if cgroups != nodeagent::cgroups::Cgroups::None {
+        let groups = std::fs::read_to_string(format!("/proc/{web_pid}/cgroup")).unwrap();
+        assert!(
+            groups.contains(&format!("/{hello_part}\n")) && groups.contains("nodeagent-"),
+            "{groups}"
+        );
+        let usage = nodeagent::usage::measure(&hello_res, &[], &cgroups);
+        assert!(usage.peak_memory_bytes > 1 << 20, "{usage:?}");
+        assert!(usage.cpu_seconds > 0.0, "{usage:?}");
+    }
 
     // Change a parameter: only that partition is reconfigured.
     let other_pid = recorded_pid(&cfg, &other_part, "web").unwrap();
