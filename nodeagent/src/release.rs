@@ -1,7 +1,7 @@
 //! The native software-release format (documented in docs/software-release.md).
 //!
-//! A release is a TOML manifest at a URL (`file://`, `http://`, or a plain
-//! absolute path). It says what to fetch (each file checked against its
+//! A release is a TOML manifest at a URL (`file://`, `http://`, `https://`,
+//! or a plain absolute path). It says what to fetch (each file checked against its
 //! SHA-256), how to build, and for each software type an instance profile:
 //! files rendered from the parameters and the partition's facts, processes,
 //! promises, connection parameters to publish, children to request, and what
@@ -264,7 +264,16 @@ pub fn local_path(url: &str) -> Option<PathBuf> {
     None
 }
 
-/// Reads the bytes at `url`: a local file, or an `http://` GET.
+/// Where the CA certificates for `https://` releases are read from:
+/// `NODEAGENT_CA_BUNDLE`, else Debian's bundle.
+pub fn ca_bundle_path() -> PathBuf {
+    std::env::var_os("NODEAGENT_CA_BUNDLE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"))
+}
+
+/// Reads the bytes at `url`: a local file, or an `http://` or `https://` GET
+/// (the server checked against the system's CA bundle).
 pub async fn fetch(url: &str) -> Result<Vec<u8>, ReleaseError> {
     let fail = |reason: String| ReleaseError::Fetch {
         url: url.into(),
@@ -273,27 +282,60 @@ pub async fn fetch(url: &str) -> Result<Vec<u8>, ReleaseError> {
     if let Some(path) = local_path(url) {
         return tokio::fs::read(&path).await.map_err(|e| fail(e.to_string()));
     }
+    if url.starts_with("https://") {
+        let bundle = ca_bundle_path();
+        let pem = std::fs::read_to_string(&bundle)
+            .map_err(|e| fail(format!("cannot read the CA bundle {}: {e}", bundle.display())))?;
+        return fetch_http(url, Some(&pem)).await;
+    }
     if url.starts_with("http://") {
-        use http_body_util::{BodyExt, Empty};
-        use hyper_util::client::legacy::Client;
-        let client: Client<_, Empty<bytes::Bytes>> = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-        let uri = url
-            .parse()
-            .map_err(|e: hyper::http::uri::InvalidUri| fail(e.to_string()))?;
-        let resp = tokio::time::timeout(std::time::Duration::from_secs(300), client.get(uri))
-            .await
-            .map_err(|_| fail("no answer within 300 s".into()))?
-            .map_err(|e| fail(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(fail(format!("HTTP {}", resp.status())));
-        }
-        let body = resp.into_body().collect().await.map_err(|e| fail(e.to_string()))?;
-        return Ok(body.to_bytes().to_vec());
+        return fetch_http(url, None).await;
     }
     Err(fail(
-        "only file://, absolute paths and http:// are supported (https needs a TLS client the agent does not carry yet)"
-            .into(),
+        "only file://, absolute paths, http:// and https:// are supported".into(),
     ))
+}
+
+/// GETs `url`; for https, trusting the CA certificates in `roots_pem`.
+pub async fn fetch_http(url: &str, roots_pem: Option<&str>) -> Result<Vec<u8>, ReleaseError> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    let fail = |reason: String| ReleaseError::Fetch {
+        url: url.into(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(pem) = roots_pem {
+        use rustls::pki_types::pem::PemObject;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).flatten() {
+            // A bundle may hold certificates webpki cannot use; skip those.
+            let _ = roots.add(cert);
+        }
+    }
+    let tls =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| fail(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+    let uri = url
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| fail(e.to_string()))?;
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(300), client.get(uri))
+        .await
+        .map_err(|_| fail("no answer within 300 s".into()))?
+        .map_err(|e| fail(format!("{e:?}")))?;
+    if !resp.status().is_success() {
+        return Err(fail(format!("HTTP {}", resp.status())));
+    }
+    let body = resp.into_body().collect().await.map_err(|e| fail(e.to_string()))?;
+    Ok(body.to_bytes().to_vec())
 }
 
 /// The names a template may use, flat: `partition.ipv4`, `param.port`, ...
@@ -402,6 +444,55 @@ url = "http://{{partition.ipv4}}:{{partition.port}}/"
         assert!(matches!(r.profile("nope"), Err(ReleaseError::NoProfile(_))));
         assert_eq!(resolve("file:///x/software.toml", "server.py"), "file:///x/server.py");
         assert_eq!(resolve("http://h/a/b.toml", "http://o/c"), "http://o/c");
+    }
+
+    #[tokio::test]
+    async fn fetches_over_https_checking_the_server() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let config =
+            rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.der().clone()],
+                    rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+                )
+                .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 1024];
+                let _ = tls.read(&mut buf).await;
+                let body = "name = \"remote\"\n";
+                let _ = tls
+                    .write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes())
+                    .await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        let url = format!("https://localhost:{port}/software.toml");
+        let bytes = fetch_http(&url, Some(&ca.pem())).await.unwrap();
+        assert!(Release::parse(&url, std::str::from_utf8(&bytes).unwrap()).is_ok());
+        // A server the bundle does not vouch for is refused.
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        assert!(fetch_http(&url, Some(&other.cert.pem())).await.is_err());
     }
 
     #[test]
