@@ -177,7 +177,9 @@ fn init_logging(json: bool) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_json);
-    let rt = match tokio::runtime::Runtime::new() {
+    // One thread: the agent works one partition at a time and waits on I/O;
+    // more threads would only add per-thread allocator heaps.
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nodeagent: cannot start the runtime: {e}");

@@ -314,7 +314,10 @@ pub fn loads(xml: &str) -> Result<Value, MarshalError> {
     let (Some(value), None) = (elems.next(), elems.next()) else {
         return err("<marshal> must hold exactly one value");
     };
-    let mut dec = Decoder { seen: HashMap::new() };
+    let mut dec = Decoder {
+        seen: HashMap::new(),
+        produced: 0,
+    };
     dec.value(value, 0)
 }
 
@@ -437,21 +440,30 @@ fn text_of(children: &[Node]) -> Result<String, MarshalError> {
     Ok(out)
 }
 
-struct Decoder {
-    /// Completed containers by id, for references.
-    seen: HashMap<String, Value>,
+/// Most values one document may decode to: references can repeat a
+/// container many times over (each list referring twice to the previous one
+/// doubles the document's size), so the expansion is bounded.
+const MAX_VALUES: usize = 4_000_000;
+
+struct Decoder<'n> {
+    /// Completed containers by id: their elements, decoded again when
+    /// referenced. (Keeping decoded copies instead cost a copy of every
+    /// container per level of nesting: 25 MB for a 300-partition computer.)
+    seen: HashMap<&'n str, &'n Node>,
+    /// Values decoded so far, against [`MAX_VALUES`].
+    produced: usize,
 }
 
 fn attr<'a>(attrs: &'a [(String, String)], key: &str) -> Option<&'a str> {
     attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
-impl Decoder {
-    fn values(&mut self, children: &[Node], depth: usize) -> Result<Vec<Value>, MarshalError> {
+impl<'n> Decoder<'n> {
+    fn values(&mut self, children: &'n [Node], depth: usize) -> Result<Vec<Value>, MarshalError> {
         elements(children)?.map(|c| self.value(c, depth + 1)).collect()
     }
 
-    fn pairs(&mut self, children: &[Node], depth: usize) -> Result<Vec<(Value, Value)>, MarshalError> {
+    fn pairs(&mut self, children: &'n [Node], depth: usize) -> Result<Vec<(Value, Value)>, MarshalError> {
         let flat = self.values(children, depth)?;
         if flat.len() % 2 != 0 {
             return err("a dictionary holds an odd number of values");
@@ -464,15 +476,19 @@ impl Decoder {
         Ok(out)
     }
 
-    fn remember(&mut self, attrs: &[(String, String)], v: &Value) {
+    fn remember(&mut self, attrs: &'n [(String, String)], node: &'n Node) {
         if let Some(id) = attr(attrs, "id") {
-            self.seen.insert(id.to_string(), v.clone());
+            self.seen.insert(id, node);
         }
     }
 
-    fn value(&mut self, node: &Node, depth: usize) -> Result<Value, MarshalError> {
+    fn value(&mut self, node: &'n Node, depth: usize) -> Result<Value, MarshalError> {
         if depth > MAX_DEPTH {
             return err(format!("value nested deeper than {MAX_DEPTH} levels"));
+        }
+        self.produced += 1;
+        if self.produced > MAX_VALUES {
+            return err(format!("the document expands to more than {MAX_VALUES} values"));
         }
         let Node::Elem { name, attrs, children } = node else {
             return err("expected a value element");
@@ -508,17 +524,17 @@ impl Decoder {
             "tuple" => Value::Tuple(self.values(children, depth)?),
             "list" => {
                 let v = Value::List(self.values(children, depth)?);
-                self.remember(attrs, &v);
+                self.remember(attrs, node);
                 v
             }
             "set" => {
                 let v = Value::Set(self.values(children, depth)?);
-                self.remember(attrs, &v);
+                self.remember(attrs, node);
                 v
             }
             "dictionary" => {
                 let v = Value::Dict(self.pairs(children, depth)?);
-                self.remember(attrs, &v);
+                self.remember(attrs, node);
                 v
             }
             "object" => {
@@ -551,13 +567,13 @@ impl Decoder {
                     args,
                     attrs: attrs_v,
                 }));
-                self.remember(attrs, &v);
+                self.remember(attrs, node);
                 v
             }
             "reference" => {
                 let id = attr(attrs, "id").ok_or_else(|| MarshalError("<reference> without an id".into()))?;
-                match self.seen.get(id) {
-                    Some(v) => v.clone(),
+                match self.seen.get(id).copied() {
+                    Some(target) => self.value(target, depth + 1)?,
                     None => {
                         return err(format!(
                             "reference to {id}, which is not a completed value before it (cycles are not supported)"

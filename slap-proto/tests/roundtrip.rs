@@ -135,3 +135,25 @@ fn refusals() {
         "XML 1.0 cannot carry U+0007"
     );
 }
+
+#[test]
+fn references_decode_to_copies_and_expansion_is_bounded() {
+    let shared = "<marshal><list id=\"i2\"><dictionary id=\"i3\"><string>k</string><string>v</string></dictionary><reference id=\"i3\"/></list></marshal>";
+    let Value::List(items) = loads(shared).unwrap() else {
+        panic!("not a list")
+    };
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0], items[1]);
+    // 40 lists, each referring twice to the one before: 2^40 values.
+    let mut xml = String::from("<marshal><list><list id=\"i1\"><string>x</string></list>");
+    for n in 2..=40 {
+        xml.push_str(&format!(
+            "<list id=\"i{n}\"><reference id=\"i{}\"/><reference id=\"i{}\"/></list>",
+            n - 1,
+            n - 1
+        ));
+    }
+    xml.push_str("</list></marshal>");
+    let e = loads(&xml).unwrap_err();
+    assert!(e.0.contains("expands"), "{e}");
+}
