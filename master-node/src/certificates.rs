@@ -43,6 +43,17 @@ pub async fn issue(
     days: u64,
     registration: Option<String>,
 ) -> Result<(Issued, String), IssueError> {
+    issue_for_hosts(replica, role, days, registration, &[]).await
+}
+
+/// As [`issue`], for a server too (`hosts` become subject alternative names).
+pub async fn issue_for_hosts(
+    replica: &Replica,
+    role: Role,
+    days: u64,
+    registration: Option<String>,
+    hosts: &[String],
+) -> Result<(Issued, String), IssueError> {
     let ca = replica
         .state
         .read()
@@ -50,7 +61,7 @@ pub async fn issue(
         .authority
         .clone()
         .ok_or(IssueError::NoAuthority)?;
-    let issued = pki::issue(&ca, &role, pki::now_secs(), days, &[])?;
+    let issued = pki::issue(&ca, &role, pki::now_secs(), days, hosts)?;
     let (reply, _) = replica
         .write(ClientWrite {
             request_id: None,

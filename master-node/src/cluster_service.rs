@@ -178,6 +178,23 @@ impl Cluster for ClusterService {
                 let reply = issue(&self.replica, role, days, None).await.map_err(to_status)?;
                 Ok(Response::new(issued_reply(reply)))
             }
+            "gateway" => {
+                if !name_ok(&req.name) {
+                    return Err(Status::invalid_argument("a gateway needs a name"));
+                }
+                let mut hosts = vec!["localhost".to_string()];
+                hosts.extend(req.hosts.iter().filter(|h| !h.is_empty() && *h != "localhost").cloned());
+                let reply = crate::certificates::issue_for_hosts(
+                    &self.replica,
+                    Role::Gateway(req.name.clone()),
+                    days,
+                    None,
+                    &hosts,
+                )
+                .await
+                .map_err(to_status)?;
+                Ok(Response::new(issued_reply(reply)))
+            }
             "computer-token" => {
                 if !name_ok(&req.name) {
                     return Err(Status::invalid_argument("computer-token needs the computer id"));
@@ -232,7 +249,7 @@ impl Cluster for ClusterService {
                 }))
             }
             other => Err(Status::invalid_argument(format!(
-                "unknown action {other:?}: user, admin, computer-token, register, revoke or list"
+                "unknown action {other:?}: user, admin, gateway, computer-token, register, revoke or list"
             ))),
         }
     }

@@ -58,6 +58,24 @@ enum Cmd {
     /// Certificates: list and revoke.
     #[command(subcommand)]
     Cert(CertCmd),
+    /// Gateways: `gateway add NAME --host H` issues a slap-gateway's certificate.
+    #[command(subcommand)]
+    Gateway(GatewayCmd),
+}
+
+#[derive(Subcommand)]
+enum GatewayCmd {
+    /// Issue slap-gateway NAME's certificate; writes gateway.crt, gateway.key (0600) and ca.crt into --out.
+    Add {
+        name: String,
+        #[command(flatten)]
+        admin: Admin,
+        /// Host names or addresses the gateway serves on (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 /// How an administrative command reaches the cluster.
@@ -288,6 +306,39 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             );
             Ok(())
         }
+        Cmd::Gateway(GatewayCmd::Add {
+            name,
+            admin,
+            hosts,
+            out,
+        }) => {
+            let client = Client::new(std::slice::from_ref(&admin.peer))?;
+            let req = slap_proto::cluster::CertificatesRequest {
+                token: admin.token.clone(),
+                action: "gateway".into(),
+                name: name.clone(),
+                hosts,
+                ..Default::default()
+            };
+            let reply = client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.certificates(req).await }
+                })
+                .await?
+                .into_inner();
+            std::fs::create_dir_all(&out).map_err(|e| Fail(format!("{}: {e}", out.display())))?;
+            let fail = |e: std::io::Error| Fail(format!("writing into {}: {e}", out.display()));
+            master_node::pki::write_private(&out.join("gateway.key"), &reply.key_pem).map_err(fail)?;
+            std::fs::write(out.join("gateway.crt"), &reply.certificate_pem).map_err(fail)?;
+            std::fs::write(out.join("ca.crt"), &reply.ca_pem).map_err(fail)?;
+            println!(
+                "gateway {name}: {}/gateway.crt, gateway.key (mode 0600), ca.crt; run slap-gateway --tls-dir {}",
+                out.display(),
+                out.display()
+            );
+            Ok(())
+        }
         Cmd::Computer(ComputerCmd::Add { id, admin }) => {
             let reply = certificates(&admin, "computer-token", &id, "", 0).await?;
             println!("{}", reply.registration);
@@ -342,6 +393,7 @@ async fn certificates(
         serial: serial.into(),
         registration: String::new(),
         days,
+        hosts: vec![],
     };
     Ok(client
         .call(|mut c| {

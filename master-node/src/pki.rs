@@ -65,6 +65,7 @@ pub fn common_name(role: &Role) -> String {
         Role::Computer(c) => format!("computer:{c}"),
         Role::Partition(c, p) => format!("partition:{c}/{p}"),
         Role::Replica(n) => format!("replica:{n}"),
+        Role::Gateway(g) => format!("gateway:{g}"),
     }
 }
 

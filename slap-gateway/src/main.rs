@@ -14,6 +14,11 @@
 //!
 //! `/healthz` answers 200 while at least one replica does; `/metrics` gives
 //! the counters in the Prometheus text format.
+//!
+//! With `--tls-dir`, callers and replicas speak mutual TLS and the caller's
+//! verified identity travels to the replica (see [`tls`]).
+
+mod tls;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -27,6 +32,7 @@ use axum::routing::get;
 use axum::Router;
 use clap::Parser;
 use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -53,6 +59,12 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Serve HTTPS with client certificates and reach the replicas over
+    /// HTTPS, with gateway.crt, gateway.key and ca.crt from this directory
+    /// (`master-node gateway add`). Without it: plain HTTP both ways, for
+    /// replicas run with --insecure-http.
+    #[arg(long)]
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 /// Headers that describe one connection, not the call (RFC 9110 7.6.1),
@@ -69,6 +81,8 @@ const HOP_BY_HOP: &[&str] = &[
     "transfer-encoding",
     "upgrade",
     "host",
+    // Only the gateway says who the caller is.
+    tls::CALLER_HEADER,
 ];
 
 /// Largest request body accepted (a computer with thousands of partitions is well below).
@@ -81,10 +95,16 @@ struct Counters {
     failures: AtomicU64,
 }
 
+/// The verified caller's certificate fingerprint, on TLS connections.
+#[derive(Clone)]
+struct CallerFingerprint(String);
+
 struct Gateway {
     replicas: Vec<String>,
+    /// "http" or "https", towards the replicas.
+    scheme: &'static str,
     current: AtomicUsize,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     hold: Duration,
     attempt: Duration,
     counters: Counters,
@@ -99,9 +119,11 @@ impl Gateway {
         uri: &Uri,
         headers: &HeaderMap,
         body: &Bytes,
+        caller: Option<&str>,
     ) -> Result<Response, String> {
         let target = format!(
-            "http://{}{}",
+            "{}://{}{}",
+            self.scheme,
             self.replicas[i],
             uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
         );
@@ -110,6 +132,9 @@ impl Gateway {
             if !HOP_BY_HOP.contains(&name.as_str()) {
                 req = req.header(name, value);
             }
+        }
+        if let Some(fp) = caller {
+            req = req.header(tls::CALLER_HEADER, fp);
         }
         let req = req.body(Full::new(body.clone())).map_err(|e| e.to_string())?;
         let resp = tokio::time::timeout(self.attempt, self.client.request(req))
@@ -125,7 +150,14 @@ impl Gateway {
         Ok(Response::from_parts(parts, Body::new(body)))
     }
 
-    async fn forward(&self, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    async fn forward(
+        &self,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Bytes,
+        caller: Option<&str>,
+    ) -> Response {
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + self.hold;
         let mut delay = Duration::from_millis(20);
@@ -134,7 +166,7 @@ impl Gateway {
             let start = self.current.load(Ordering::Relaxed);
             for k in 0..self.replicas.len() {
                 let i = (start + k) % self.replicas.len();
-                match self.try_replica(i, &method, &uri, &headers, &body).await {
+                match self.try_replica(i, &method, &uri, &headers, &body, caller).await {
                     Ok(resp) => {
                         self.current.store(i, Ordering::Relaxed);
                         return resp;
@@ -165,20 +197,25 @@ impl Gateway {
     }
 }
 
-async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+async fn forward(
+    State(gw): State<Arc<Gateway>>,
+    caller: Option<axum::Extension<CallerFingerprint>>,
+    req: Request,
+) -> Response {
     let (parts, body) = req.into_parts();
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
         Err(e) => return (StatusCode::PAYLOAD_TOO_LARGE, format!("request body refused: {e}")).into_response(),
     };
-    gw.forward(parts.method, parts.uri, parts.headers, body).await
+    let caller = caller.as_ref().map(|c| c.0 .0.as_str());
+    gw.forward(parts.method, parts.uri, parts.headers, body, caller).await
 }
 
 async fn healthz(State(gw): State<Arc<Gateway>>) -> Response {
     for (i, _) in gw.replicas.iter().enumerate() {
         let uri: Uri = "/getHateoasUrl".parse().expect("static URI");
         if gw
-            .try_replica(i, &Method::GET, &uri, &HeaderMap::new(), &Bytes::new())
+            .try_replica(i, &Method::GET, &uri, &HeaderMap::new(), &Bytes::new(), None)
             .await
             .is_ok()
         {
@@ -219,11 +256,26 @@ async fn main() -> anyhow::Result<()> {
     } else {
         fmt.init();
     }
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_millis(500)));
+    let tls = args.tls_dir.as_deref().map(tls::TlsFiles::load).transpose()?;
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_millis(500)));
+    http.enforce_http(false);
+    let client_tls = match &tls {
+        Some(files) => files.client_config()?,
+        None => rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+    };
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     let gw = Arc::new(Gateway {
         replicas: args.replicas.clone(),
+        scheme: if tls.is_some() { "https" } else { "http" },
         current: AtomicUsize::new(0),
         client: Client::builder(TokioExecutor::new()).build(connector),
         hold: Duration::from_secs(args.hold),
@@ -238,11 +290,57 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-    tracing::info!(listen = %args.listen, replicas = ?args.replicas, "slap-gateway serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
-    Ok(())
+    let Some(files) = tls else {
+        tracing::warn!(listen = %args.listen, replicas = ?args.replicas,
+            "slap-gateway serving plain HTTP (no --tls-dir): callers are not authenticated");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        return Ok(());
+    };
+    tracing::info!(listen = %args.listen, replicas = ?args.replicas, "slap-gateway serving HTTPS (client certificates required)");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(files.server_config()?));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let Some(fp) = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| tls::fingerprint(c))
+            else {
+                return;
+            };
+            let app = app.layer(axum::Extension(CallerFingerprint(fp)));
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
 }

@@ -95,7 +95,44 @@ impl Value {
             Value::Int(i) => (2, format!("{:+040}", i)),
             Value::Float(f) => (3, format!("{f:e}")),
             Value::Str(s) => (4, s.clone()),
-            other => (5, format!("{other:?}")),
+            other => (5, other.canonical()),
+        }
+    }
+
+    /// A text that depends only on the value, not on the order of its dict or
+    /// set entries (the encoder reorders those, so a key's rank must not
+    /// depend on it, or decoding our own output could sort differently).
+    fn canonical(&self) -> String {
+        let sorted = |items: Vec<String>| {
+            let mut items = items;
+            items.sort();
+            items.join(",")
+        };
+        match self {
+            Value::Tuple(v) => format!("t({})", v.iter().map(Value::canonical).collect::<Vec<_>>().join(",")),
+            Value::List(v) => format!("l({})", v.iter().map(Value::canonical).collect::<Vec<_>>().join(",")),
+            Value::Set(v) => format!("s({})", sorted(v.iter().map(Value::canonical).collect())),
+            Value::Dict(e) => format!(
+                "d({})",
+                sorted(
+                    e.iter()
+                        .map(|(k, v)| format!("{}:{}", k.canonical(), v.canonical()))
+                        .collect()
+                )
+            ),
+            Value::Object(o) => format!(
+                "o({}.{},{},{})",
+                o.module,
+                o.class,
+                o.args.iter().map(Value::canonical).collect::<Vec<_>>().join(","),
+                sorted(
+                    o.attrs
+                        .iter()
+                        .map(|(k, v)| format!("{}:{}", k.canonical(), v.canonical()))
+                        .collect()
+                )
+            ),
+            scalar => format!("{scalar:?}"),
         }
     }
 }

@@ -157,3 +157,13 @@ fn references_decode_to_copies_and_expansion_is_bounded() {
     let e = loads(&xml).unwrap_err();
     assert!(e.0.contains("expands"), "{e}");
 }
+
+/// Found by the fuzzer: dict keys that are themselves dicts ranked by a text
+/// that depended on their entries' order, which encoding changes.
+#[test]
+fn container_keys_sort_the_same_after_a_round_trip() {
+    let xml = "<marshal><dictionary><dictionary><string>f</string><string>x</string></dictionary><string>a</string><dictionary><string>f</string><string>y</string><string>4</string><string>5</string></dictionary><string>b</string></dictionary></marshal>";
+    let once = dumps(&loads(xml).unwrap()).unwrap();
+    let twice = dumps(&loads(&once).unwrap()).unwrap();
+    assert_eq!(once, twice);
+}

@@ -14,7 +14,10 @@
 //! | `requestComputerPartition` as a user, HATEOAS reads | users (their own trees) |
 //! | `supplySupply` | administrators |
 //!
-//! Administrators may do everything. Without TLS (`--insecure-http`) there is
+//! Administrators may do everything. A slap-gateway's connection acts as
+//! the caller the gateway verified and names in `X-Slap-Caller` (resolved
+//! here, so revocation holds through gateways); by itself a gateway may only
+//! ask `getHateoasUrl` (its health check). Without TLS (`--insecure-http`) there is
 //! no caller and nothing is checked: a development mode, logged at start.
 
 use axum::body::{to_bytes, Body};
@@ -25,7 +28,12 @@ use axum::response::{IntoResponse, Response};
 use slap_proto::form;
 use slap_proto::marshal::{self, Value};
 
+use std::sync::Arc;
+
+use axum::extract::State;
+
 use super::SlapError;
+use crate::replica::Replica;
 use crate::state::Role;
 
 /// The identity a verified client certificate names.
@@ -130,11 +138,39 @@ pub fn need_of(path: &str, fields: &[(String, String)]) -> Result<Need, String> 
     })
 }
 
+/// The header in which a gateway names the caller it verified (the
+/// fingerprint of the caller's certificate).
+pub const CALLER_HEADER: &str = "x-slap-caller";
+
+/// The role a call acts as: the connection's, or, on a gateway's connection,
+/// that of the certificate the gateway names (which must be recorded and not
+/// revoked). Anyone else's header is ignored.
+fn effective_role(replica: &Replica, role: Role, headers: &axum::http::HeaderMap) -> Result<Role, String> {
+    let Role::Gateway(gateway) = &role else { return Ok(role) };
+    let Some(fp) = headers.get(CALLER_HEADER).and_then(|v| v.to_str().ok()) else {
+        return Ok(role);
+    };
+    let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+    match state.certificates.get(fp) {
+        Some(c) if c.revoked => Err(format!("the caller's certificate {} is revoked", c.serial)),
+        Some(c) if matches!(c.role, Role::Gateway(_)) => Err("a gateway cannot pass on another gateway".into()),
+        Some(c) => Ok(c.role.clone()),
+        None => Err(format!(
+            "gateway {gateway} names a certificate this Master did not issue"
+        )),
+    }
+}
+
 /// The middleware: checks the call against the caller, if there is one.
-pub async fn authorize(req: Request, next: Next) -> Response {
+pub async fn authorize(State(replica): State<Arc<Replica>>, mut req: Request, next: Next) -> Response {
     let Some(Caller(role)) = req.extensions().get::<Caller>().cloned() else {
         return next.run(req).await;
     };
+    let role = match effective_role(&replica, role, req.headers()) {
+        Ok(r) => r,
+        Err(reason) => return SlapError(StatusCode::FORBIDDEN, format!("forbidden: {reason}")).into_response(),
+    };
+    req.extensions_mut().insert(Caller(role.clone()));
     let (parts, body) = req.into_parts();
     let bytes = match to_bytes(body, 64 << 20).await {
         Ok(b) => b,

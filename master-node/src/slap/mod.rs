@@ -152,7 +152,10 @@ pub fn router(replica: Arc<Replica>) -> Router {
         .route("/hateoas/computers/{reference}", get(hateoas::computer))
         // A node with thousands of partitions posts a large computer
         // document; the gateway accepts the same size.
-        .layer(axum::middleware::from_fn(authz::authorize))
+        .layer(axum::middleware::from_fn_with_state(
+            state.replica.clone(),
+            authz::authorize,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(state)
 }

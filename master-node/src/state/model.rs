@@ -212,6 +212,8 @@ pub enum Role {
     Partition(ComputerId, PartitionId),
     /// A Master replica.
     Replica(u64),
+    /// A slap-gateway: may pass on the identity of the callers it verified.
+    Gateway(String),
 }
 
 impl std::fmt::Display for Role {
@@ -222,6 +224,7 @@ impl std::fmt::Display for Role {
             Role::Computer(c) => write!(f, "computer {c}"),
             Role::Partition(c, p) => write!(f, "partition {p} of {c}"),
             Role::Replica(n) => write!(f, "replica {n}"),
+            Role::Gateway(g) => write!(f, "gateway {g}"),
         }
     }
 }

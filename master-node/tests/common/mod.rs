@@ -88,7 +88,7 @@ pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
-fn gateway_bin() -> PathBuf {
+pub fn gateway_bin() -> PathBuf {
     let path = PathBuf::from(BIN).with_file_name("slap-gateway");
     assert!(
         path.exists(),

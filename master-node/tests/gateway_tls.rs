@@ -1,0 +1,226 @@
+//! slap-gateway with mutual TLS: callers authenticate to the gateway, the
+//! gateway to the replica, and the caller's identity (not the gateway's)
+//! is what the replica authorizes, revocation included.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{free_port, gateway_bin, wait_for, Proc, BIN};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn admin(args: &[&str], peer: &str, token: &str) -> String {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .args(["--peer", peer, "--token", token])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn client(dir: &Path, name: &str) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |f: String| std::fs::read(dir.join(f)).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&read("ca.crt".into())) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_slice_iter(&read(format!("{name}.crt")))
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(&read(format!("{name}.key"))).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    )
+}
+
+/// One GET over TLS: Some((status, body)), or None if the handshake failed.
+async fn get(port: u16, cfg: Arc<rustls::ClientConfig>, path: &str, extra: &str) -> Option<(u16, String)> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tls.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
+}
+
+const LIST: &str = "/hateoas/?mode=search&query=portal_type%3A%22Instance%20Tree%22%20AND%20validation_state%3Avalidated&select_list=title";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_passes_on_the_verified_caller_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let raft = format!("127.0.0.1:{}", free_port());
+    let slap = free_port();
+    let data = root.join("replica");
+    let _replica = Proc::spawn(
+        Path::new(BIN),
+        &[
+            "init".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--listen".into(),
+            raft.clone(),
+            "--slap-listen".into(),
+            format!("127.0.0.1:{slap}"),
+        ],
+    );
+    let token_file = data.join("join-token");
+    wait_for("the replica", || token_file.exists());
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    let ids = root.join("ids");
+    let ids_s = ids.display().to_string();
+    // The CA appears a moment after the cluster.
+    let start = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new(BIN)
+            .args([
+                "user", "add", "alice", "--out", &ids_s, "--peer", &raft, "--token", &token,
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    admin(&["user", "add", "bob", "--out", &ids_s], &raft, &token);
+    admin(&["user", "add", "ops", "--admin-role", "--out", &ids_s], &raft, &token);
+    let gw_dir = root.join("gateway");
+    admin(
+        &[
+            "gateway",
+            "add",
+            "gw1",
+            "--host",
+            "127.0.0.1",
+            "--out",
+            &gw_dir.display().to_string(),
+        ],
+        &raft,
+        &token,
+    );
+    std::fs::copy(gw_dir.join("gateway.crt"), ids.join("gateway.crt")).unwrap();
+    std::fs::copy(gw_dir.join("gateway.key"), ids.join("gateway.key")).unwrap();
+    let gw_port = free_port();
+    let _gateway = Proc::spawn(
+        &gateway_bin(),
+        &[
+            "--replicas".into(),
+            format!("127.0.0.1:{slap}"),
+            "--listen".into(),
+            format!("127.0.0.1:{gw_port}"),
+            "--tls-dir".into(),
+            gw_dir.display().to_string(),
+        ],
+    );
+    let (alice, bob, ops) = (client(&ids, "alice"), client(&ids, "bob"), client(&ids, "ops"));
+    let start = std::time::Instant::now();
+    while get(gw_port, alice.clone(), "/hateoas/", "").await.is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the gateway never answered over TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Alice's request through the gateway is Alice's: her tree, not Bob's.
+    let request = |title: &str| {
+        let body = format!(
+            "software_release=https%3A%2F%2Flab.example.org%2Fsr.cfg&partition_reference={title}&software_type=default\
+             &partition_parameter_xml=%3Cmarshal%3E%3Cdictionary+id%3D%22i2%22%2F%3E%3C%2Fmarshal%3E\
+             &filter_xml=%3Cmarshal%3E%3Cdictionary+id%3D%22i2%22%2F%3E%3C%2Fmarshal%3E\
+             &state=%3Cmarshal%3E%3Cnone%2F%3E%3C%2Fmarshal%3E&shared_xml=%3Cmarshal%3E%3Cbool%3E0%3C%2Fbool%3E%3C%2Fmarshal%3E"
+        );
+        format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let post = |cfg: Arc<rustls::ClientConfig>, title: &'static str| async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw_port)).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.unwrap();
+        let head = format!(
+            "POST /requestComputerPartition HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{}",
+            request(title)
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tls.read_to_end(&mut buf).await;
+        String::from_utf8_lossy(&buf)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    };
+    assert_eq!(
+        post(alice.clone(), "alice-tree").await,
+        408,
+        "accepted, not placed (no computer)"
+    );
+    assert_eq!(post(bob.clone(), "bob-tree").await, 408);
+    let (st, body) = get(gw_port, alice.clone(), LIST, "").await.unwrap();
+    assert_eq!(st, 200);
+    assert!(body.contains("alice-tree") && !body.contains("bob-tree"), "{body}");
+    // A caller cannot pass as someone else by sending the gateway's header.
+    let ops_fp = {
+        let pem = std::fs::read(ids.join("ops.crt")).unwrap();
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+        master_node::pki::fingerprint(&der)
+    };
+    let forged = format!("X-Slap-Caller: {ops_fp}\r\n");
+    let (st, _) = get(gw_port, bob.clone(), "/supplySupply", &forged).await.unwrap();
+    assert_eq!(st, 403, "bob passed as the administrator through the gateway");
+    let (st, _) = get(slap, bob.clone(), "/supplySupply", &forged).await.unwrap();
+    assert_eq!(st, 403, "bob passed as the administrator straight to the replica");
+    // The gateway's own certificate grants nothing beyond its health check.
+    let gw_cert = client(&ids, "gateway");
+    let (st, _) = get(slap, gw_cert.clone(), LIST, "").await.unwrap();
+    assert_eq!(st, 403, "a gateway certificate alone listed instances");
+    let _ = ops;
+
+    // Revoking Alice shuts her out through the gateway too.
+    let list = admin(&["cert", "list"], &raft, &token);
+    let serial = list
+        .lines()
+        .find(|l| l.ends_with("user alice"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    admin(&["cert", "revoke", &serial], &raft, &token);
+    let (st, body) = get(gw_port, alice.clone(), LIST, "").await.unwrap();
+    assert_eq!(st, 403, "{body}");
+    assert!(body.contains("revoked"), "{body}");
+    let (st, _) = get(gw_port, bob.clone(), LIST, "").await.unwrap();
+    assert_eq!(st, 200);
+}

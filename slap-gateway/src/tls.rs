@@ -1,0 +1,83 @@
+//! The gateway's mutual TLS: callers present certificates from the cluster's
+//! CA, and the gateway talks to replicas with its own (a gateway role).
+//!
+//! The gateway checks a caller's chain and validity, then passes the
+//! certificate's SHA-256 fingerprint to the replica in `X-Slap-Caller`. A
+//! replica trusts that header only on a connection authenticated as a
+//! gateway, and resolves it against the replicated state on every call, so
+//! a revoked certificate is refused through any gateway as soon as the
+//! replica applied the revocation. A header a caller sends itself is dropped.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The header carrying the verified caller's fingerprint to the replica.
+pub const CALLER_HEADER: &str = "x-slap-caller";
+
+/// The gateway's certificate, key and the cluster's CA.
+pub struct TlsFiles {
+    pub ca: Vec<CertificateDer<'static>>,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl TlsFiles {
+    /// Reads gateway.crt, gateway.key and ca.crt from `dir`.
+    pub fn load(dir: &Path) -> anyhow::Result<TlsFiles> {
+        let read = |f: &str| {
+            std::fs::read(dir.join(f)).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}/{f}: {e} (make them with `master-node gateway add NAME --host HOST --out {}`)",
+                    dir.display(),
+                    dir.display()
+                )
+            })
+        };
+        let certs = |bytes: Vec<u8>| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+            Ok(CertificateDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>()?)
+        };
+        Ok(TlsFiles {
+            ca: certs(read("ca.crt")?)?,
+            chain: certs(read("gateway.crt")?)?,
+            key: PrivateKeyDer::from_pem_slice(&read("gateway.key")?)?,
+        })
+    }
+
+    fn roots(&self) -> anyhow::Result<rustls::RootCertStore> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone())?;
+        }
+        Ok(roots)
+    }
+
+    /// Callers must present a certificate chaining to the CA.
+    pub fn server_config(&self) -> anyhow::Result<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
+                .build()?;
+        Ok(rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?)
+    }
+
+    /// The gateway's own identity towards replicas, which it checks against the CA.
+    pub fn client_config(&self) -> anyhow::Result<rustls::ClientConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?)
+    }
+}
+
+/// sha256 (hex) of a certificate, as the Master records it.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(der))
+}
