@@ -8,16 +8,14 @@
 //! cargo run -p master-node --example tls_bench -- [SECONDS]
 //! ```
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use master_node::api::ClientWrite;
 use master_node::identity::{Identity, JoinToken};
-use master_node::raft::{ReplicaNode, Timing};
+use master_node::raft::Timing;
 use master_node::replica::Running;
-use master_node::state::{Command, Role};
+use master_node::state::Role;
 use slap_proto::form::encode;
 use slap_proto::marshal::{dumps, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -197,22 +195,11 @@ async fn main() {
     let running = Running::start(dir.path(), &identity, &Timing::default(), true)
         .await
         .unwrap();
-    let members: BTreeMap<u64, ReplicaNode> = [(1u64, ReplicaNode { addr })].into_iter().collect();
-    running.replica.raft.initialize(members).await.unwrap();
-    running
-        .replica
-        .write(ClientWrite {
-            request_id: None,
-            command: Command::InitCluster {
-                id: token.cluster_id.clone(),
-                token_sha256: token.secret_sha256(),
-            },
-        })
-        .await
-        .unwrap();
-    while running.replica.state.read().unwrap().authority.is_none() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    running.found_cluster(&addr, &token).await.unwrap();
+    assert!(
+        running.wait_for_authority(Duration::from_secs(30)).await,
+        "no CA was created"
+    );
     let (plain, tls) = (free_port(), free_port());
     running.serve_slap(&format!("127.0.0.1:{plain}"), true).await.unwrap();
     running.serve_slap(&format!("127.0.0.1:{tls}"), false).await.unwrap();

@@ -14,9 +14,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use master_node::client::Client;
 use master_node::identity::{Identity, JoinToken};
-use master_node::raft::{ReplicaNode, Timing};
+use master_node::raft::Timing;
 use master_node::replica::{Running, Stopped};
-use master_node::state::{Command, Reply};
 use slap_proto::cluster::{JoinRequest, LeaveRequest, PromoteRequest};
 
 #[derive(Parser)]
@@ -440,33 +439,7 @@ async fn init(InitArgs { replica: a }: InitArgs) -> Result<(), Fail> {
     if let Some(addr) = &a.slap_listen {
         running.serve_slap(addr, a.insecure_http).await?;
     }
-    let raft = &running.replica.raft;
-    raft.initialize(
-        [(
-            1u64,
-            ReplicaNode {
-                addr: advertise.clone(),
-            },
-        )]
-        .into_iter()
-        .collect::<std::collections::BTreeMap<_, _>>(),
-    )
-    .await
-    .map_err(|e| Fail(format!("cannot initialize the cluster: {e}")))?;
-    let (reply, _) = running
-        .replica
-        .write(master_node::api::ClientWrite {
-            request_id: None,
-            command: Command::InitCluster {
-                id: token.cluster_id.clone(),
-                token_sha256: token.secret_sha256(),
-            },
-        })
-        .await
-        .map_err(|e| Fail(format!("cannot record the cluster: {}", e.message())))?;
-    if reply != Reply::Done {
-        return Err(Fail(format!("cannot record the cluster: {reply:?}")));
-    }
+    running.found_cluster(&advertise, &token).await.map_err(Fail)?;
     identity.save(&a.data_dir)?;
     token.save(&a.data_dir)?;
     tracing::info!(cluster = %token.cluster_id, listen = %a.listen, "cluster created; replica 1 is its first member");

@@ -343,6 +343,59 @@ impl Running {
         Ok(())
     }
 
+    /// Makes this replica the first and only member of a new cluster and
+    /// records the cluster (`master-node init`; tests and benchmarks).
+    pub async fn found_cluster(&self, advertise: &str, token: &crate::identity::JoinToken) -> Result<(), String> {
+        let members: std::collections::BTreeMap<u64, crate::raft::ReplicaNode> = [(
+            self.replica.id,
+            crate::raft::ReplicaNode {
+                addr: advertise.to_string(),
+            },
+        )]
+        .into_iter()
+        .collect();
+        self.replica
+            .raft
+            .initialize(members)
+            .await
+            .map_err(|e| format!("cannot initialize the cluster: {e}"))?;
+        let (reply, _) = self
+            .replica
+            .write(crate::api::ClientWrite {
+                request_id: None,
+                command: crate::state::Command::InitCluster {
+                    id: token.cluster_id.clone(),
+                    token_sha256: token.secret_sha256(),
+                },
+            })
+            .await
+            .map_err(|e| format!("cannot record the cluster: {}", e.message()))?;
+        match reply {
+            crate::state::Reply::Done => Ok(()),
+            other => Err(format!("cannot record the cluster: {other:?}")),
+        }
+    }
+
+    /// Waits until the cluster's CA exists (the leader creates it shortly
+    /// after the cluster); false after `limit`.
+    pub async fn wait_for_authority(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self
+            .replica
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .authority
+            .is_none()
+        {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// Stops serving and shuts Raft down.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

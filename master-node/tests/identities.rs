@@ -1,7 +1,6 @@
 //! Identities: the cluster CA, certificates for users, nodes and
 //! partitions, mutual TLS on the SLAP port, and authorization per role.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,7 @@ use master_node::api::ClientWrite;
 use master_node::certificates::issue;
 use master_node::identity::{Identity, JoinToken};
 use master_node::pki;
-use master_node::raft::{ReplicaNode, Timing};
+use master_node::raft::Timing;
 use master_node::replica::{Replica, Running};
 use master_node::slap::authz::Caller;
 use master_node::state::{Command, Master, Role};
@@ -42,25 +41,12 @@ async fn master() -> (tempfile::TempDir, Running) {
     let running = Running::start(dir.path(), &identity, &Timing::default(), true)
         .await
         .unwrap();
-    let members: BTreeMap<u64, ReplicaNode> = [(1u64, ReplicaNode { addr })].into_iter().collect();
-    running.replica.raft.initialize(members).await.unwrap();
-    running
-        .replica
-        .write(ClientWrite {
-            request_id: None,
-            command: Command::InitCluster {
-                id: token.cluster_id.clone(),
-                token_sha256: token.secret_sha256(),
-            },
-        })
-        .await
-        .unwrap();
+    running.found_cluster(&addr, &token).await.unwrap();
     // The leader creates the CA on its own.
-    let start = Instant::now();
-    while running.replica.state.read().unwrap().authority.is_none() {
-        assert!(start.elapsed() < Duration::from_secs(10), "no CA was created");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        running.wait_for_authority(Duration::from_secs(10)).await,
+        "no CA was created"
+    );
     (dir, running)
 }
 
@@ -434,6 +420,98 @@ async fn every_call_is_checked_against_the_callers_role() {
             vec!["admin"],
         ),
         ("GET", "/hateoas/", vec![], vec!["user A", "user B", "admin"]),
+        (
+            "GET",
+            "/hateoas/partitions/a1",
+            vec![],
+            vec!["user A", "user B", "admin"],
+        ),
+        ("GET", "/hateoas/computers/X", vec![], vec!["user A", "user B", "admin"]),
+        (
+            "GET",
+            "/getHateoasUrl",
+            vec![],
+            vec![
+                "user A",
+                "user B",
+                "computer X",
+                "computer Y",
+                "partition of X",
+                "partition of Y",
+                "admin",
+            ],
+        ),
+        (
+            "GET",
+            "/getComputerInformation",
+            vec![("computer_id".into(), "X".into())],
+            vec!["computer X", "admin"],
+        ),
+        (
+            "POST",
+            "/buildingSoftwareRelease",
+            vec![("url".into(), SR.into()), ("computer_id".into(), "X".into())],
+            vec!["computer X", "admin"],
+        ),
+        (
+            "POST",
+            "/softwareReleaseError",
+            vec![
+                ("url".into(), SR.into()),
+                ("computer_id".into(), "X".into()),
+                ("error_log".into(), "e".into()),
+            ],
+            vec!["computer X", "admin"],
+        ),
+        (
+            "POST",
+            "/destroyedSoftwareRelease",
+            vec![
+                ("url".into(), "https://other/sr".into()),
+                ("computer_id".into(), "X".into()),
+            ],
+            vec!["computer X", "admin"],
+        ),
+        (
+            "POST",
+            "/computerBang",
+            vec![("computer_id".into(), "X".into()), ("message".into(), "m".into())],
+            vec!["computer X", "admin"],
+        ),
+        (
+            "POST",
+            "/stoppedComputerPartition",
+            pf(&ax, &ap, &[]),
+            vec!["computer X", "partition of X", "admin"],
+        ),
+        (
+            "POST",
+            "/softwareInstanceError",
+            pf(&ax, &ap, &[("error_log", "boom")]),
+            vec!["computer X", "partition of X", "admin"],
+        ),
+        (
+            "POST",
+            "/softwareInstanceRename",
+            pf(&ax, &ap, &[("new_name", "a1")]),
+            vec!["computer X", "partition of X", "admin"],
+        ),
+        (
+            "POST",
+            "/updateComputerPartitionRelatedInstanceList",
+            pf(
+                &ax,
+                &ap,
+                &[("instance_reference_xml", "<marshal><list id=\"i2\"/></marshal>")],
+            ),
+            vec!["computer X", "partition of X", "admin"],
+        ),
+        (
+            "POST",
+            "/destroyedComputerPartition",
+            pf(&ax, &ap, &[]),
+            vec!["computer X", "admin"],
+        ),
     ];
     let domain = |r: &Arc<Replica>| {
         let mut m = r.state.read().unwrap().clone();

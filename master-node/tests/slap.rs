@@ -10,11 +10,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{attrs, get};
 use http_body_util::BodyExt;
-use master_node::api::ClientWrite;
 use master_node::identity::{Identity, JoinToken};
-use master_node::raft::{ReplicaNode, Timing};
+use master_node::raft::Timing;
 use master_node::replica::{Replica, Running};
-use master_node::state::Command;
 use slap_proto::form::encode;
 use slap_proto::marshal::{dumps, loads, Value};
 use tower::ServiceExt;
@@ -40,37 +38,13 @@ async fn master() -> (tempfile::TempDir, Running) {
     let running = Running::start(dir.path(), &identity, &Timing::default(), true)
         .await
         .unwrap();
-    running
-        .replica
-        .raft
-        .initialize(
-            [(1u64, ReplicaNode { addr })]
-                .into_iter()
-                .collect::<std::collections::BTreeMap<_, _>>(),
-        )
-        .await
-        .unwrap();
-    running
-        .replica
-        .write(ClientWrite {
-            request_id: None,
-            command: Command::InitCluster {
-                id: token.cluster_id.clone(),
-                token_sha256: token.secret_sha256(),
-            },
-        })
-        .await
-        .unwrap();
+    running.found_cluster(&addr, &token).await.unwrap();
     // The leader creates the cluster's CA in the background: wait for it, so
     // tests comparing states before and after a call see only that call.
-    let start = std::time::Instant::now();
-    while running.replica.state.read().unwrap().authority.is_none() {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(10),
-            "no CA was created"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    assert!(
+        running.wait_for_authority(std::time::Duration::from_secs(10)).await,
+        "no CA was created"
+    );
     (dir, running)
 }
 

@@ -113,6 +113,20 @@ struct OneShot {
 }
 
 impl OneShot {
+    /// The plan and the instance side, for one run of a loop: processes
+    /// the daemon started are re-adopted, not restarted.
+    async fn instances(&self) -> anyhow::Result<(nodeagent::master::ComputerPlan, Instances)> {
+        let master = Arc::new(self.client()?);
+        let Some((plan, _)) = master.computer_plan(&self.node.computer_id, None, None).await? else {
+            anyhow::bail!("the master answered 304 to an unconditional request");
+        };
+        let resources = format::load_resources(&self.node)?;
+        let supervisor =
+            Arc::new(Supervisor::new(self.node.agent_dir().join("run")).with_cgroups(agent::cgroups_for(&self.node)));
+        supervisor.adopt(&resources).await;
+        Ok((plan, Instances::new(self.node.clone(), master, supervisor, resources)))
+    }
+
     fn client(&self) -> anyhow::Result<MasterClient> {
         let identity = if self.master.iter().any(|u| u.starts_with("https://")) {
             Some(nodeagent::master::TlsIdentity::load(&self.identity_dir)?)
@@ -301,15 +315,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Instance { one, force } => {
-            let master = Arc::new(one.client()?);
-            let Some((plan, _)) = master.computer_plan(&one.node.computer_id, None, None).await? else {
-                anyhow::bail!("the master answered 304 to an unconditional request");
-            };
-            let resources = format::load_resources(&one.node)?;
-            let supervisor =
-                Arc::new(Supervisor::new(one.node.agent_dir().join("run")).with_cgroups(agent::cgroups_for(&one.node)));
-            supervisor.adopt(&resources).await;
-            let mut instances = Instances::new(one.node.clone(), master, supervisor, resources);
+            let (plan, mut instances) = one.instances().await?;
             let outcomes = instances.process(&plan.partitions, force).await;
             let mut failed = false;
             for (partition, outcome) in outcomes {
@@ -325,15 +331,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Cmd::Report(one) => {
-            let master = Arc::new(one.client()?);
-            let Some((plan, _)) = master.computer_plan(&one.node.computer_id, None, None).await? else {
-                anyhow::bail!("the master answered 304 to an unconditional request");
-            };
-            let resources = format::load_resources(&one.node)?;
-            let supervisor =
-                Arc::new(Supervisor::new(one.node.agent_dir().join("run")).with_cgroups(agent::cgroups_for(&one.node)));
-            supervisor.adopt(&resources).await;
-            let instances = Instances::new(one.node.clone(), master, supervisor, resources);
+            let (plan, instances) = one.instances().await?;
             let n = agent::report_usage(&instances, &plan).await?;
             println!("usage of {n} partitions reported");
             Ok(ExitCode::SUCCESS)
