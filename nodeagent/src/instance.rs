@@ -270,6 +270,9 @@ impl Instances {
         for k in 0..10u16 {
             f.set(format!("partition.port.{k}"), (r.port + k).to_string());
         }
+        let certs = self.certificate_dir(&r.id);
+        f.set("partition.cert_file", certs.join("partition.crt").to_string_lossy());
+        f.set("partition.key_file", certs.join("partition.key").to_string_lossy());
         f.set("computer.id", self.cfg.computer_id.clone());
         f.set("master.url", self.master.primary_url());
         f.set("software.dir", sw_dir.to_string_lossy());
@@ -287,6 +290,7 @@ impl Instances {
     async fn deploy(&mut self, r: &PartitionResource, inst: &InstancePlan) -> Result<Vec<Promise>, String> {
         let (sw_dir, release) = self.profile_of(inst)?;
         let profile = release.profile(&inst.software_type).map_err(|e| e.to_string())?;
+        self.place_certificate(r).await;
         let facts = self.facts(r, inst, &sw_dir, profile);
         for file in &profile.file {
             self.render_file(r, &facts, file)?;
@@ -373,6 +377,64 @@ impl Instances {
 
         // Checked by `confirm`: the deployment counts only once the instance works.
         render_promises(&facts, profile)
+    }
+
+    /// Where a partition's certificate and key are kept: under the agent's
+    /// own directory (root's), so a partition cannot redirect the writes, and
+    /// readable by the partition's user only.
+    fn certificate_dir(&self, partition: &str) -> PathBuf {
+        self.cfg.agent_dir().join("certs").join(partition)
+    }
+
+    /// Fetches the partition's certificate from the Master
+    /// (`getComputerPartitionCertificate`) and keeps it for the instance.
+    /// The Master issues it right after allocation; a certificate not issued
+    /// yet is waited for briefly, then left for the next deployment.
+    async fn place_certificate(&self, r: &PartitionResource) {
+        use std::os::unix::fs::PermissionsExt;
+        let query = [
+            ("computer_id", self.cfg.computer_id.as_str()),
+            ("computer_partition_id", r.id.as_str()),
+        ];
+        let mut body = None;
+        for _ in 0..10 {
+            match self.master.get("getComputerPartitionCertificate", &query, None).await {
+                Ok(crate::master::Fetched::Body(b, _)) => {
+                    body = Some(b);
+                    break;
+                }
+                Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        let Some(body) = body else {
+            warn!(partition = %r.id, "no certificate for the partition yet; it will be fetched at the next deployment");
+            return;
+        };
+        let value = std::str::from_utf8(&body).ok().and_then(|t| marshal::loads(t).ok());
+        let Some(Value::Dict(d)) = value else {
+            warn!(partition = %r.id, "unreadable partition certificate answer");
+            return;
+        };
+        let get = |k: &str| {
+            d.iter()
+                .find(|(key, _)| key.as_str() == Some(k))
+                .and_then(|(_, v)| v.as_str())
+        };
+        let (Some(cert), Some(key)) = (get("certificate"), get("key")) else {
+            return;
+        };
+        let dir = self.certificate_dir(&r.id);
+        let written = std::fs::create_dir_all(&dir).and_then(|_| {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+            for (name, content) in [("partition.crt", cert), ("partition.key", key)] {
+                write_if_changed(&dir, name, content, Some(0o400))?;
+                std::os::unix::fs::chown(dir.join(name), Some(r.uid), Some(r.gid))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            warn!(partition = %r.id, error = %e, "cannot keep the partition certificate");
+        }
     }
 
     async fn serve_shared(
@@ -543,6 +605,8 @@ impl Instances {
         wipe(&r.dir).map_err(|e| format!("emptying {}: {e}", r.dir.display()))?;
         // The next instance here starts its accounting from zero.
         self.supervisor.cgroups().remove(&r.id);
+        // The freed partition's certificate is revoked by the Master; drop our copy.
+        let _ = std::fs::remove_dir_all(self.certificate_dir(&r.id));
         if !self.post(r, "destroyedComputerPartition", &[]).await {
             return Err("could not report the partition destroyed".into());
         }

@@ -328,6 +328,15 @@ async fn serves_reconfigures_survives_and_destroys_an_instance() {
         assert!(usage.cpu_seconds > 0.0, "{usage:?}");
     }
 
+    // The partition's certificate, from the Master, readable by its user only.
+    let certs = cfg.agent_dir().join("certs").join(&hello_part);
+    let key_meta = std::fs::metadata(certs.join("partition.key")).expect("the partition key is kept");
+    assert_eq!(key_meta.uid(), hello_res.uid);
+    assert_eq!(key_meta.permissions().mode() & 0o777, 0o400);
+    assert!(std::fs::read_to_string(certs.join("partition.crt"))
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+
     // Change a parameter: only that partition is reconfigured.
     let other_pid = recorded_pid(&cfg, &other_part, "web").unwrap();
     let other_record = cfg.agent_dir().join("deployed").join(&other_part);
@@ -443,6 +452,7 @@ async fn serves_reconfigures_survives_and_destroys_an_instance() {
         .collect();
     assert_eq!(left, vec![".slapos-resource".to_string()], "directory not emptied");
     assert!(http_get(&url).await.is_none(), "the destroyed service still answers");
+    assert!(!certs.exists(), "the destroyed partition's certificate was kept");
     assert_eq!(
         http_get(&other_url).await.map(|(s, _)| s),
         Some(200),
