@@ -73,9 +73,16 @@ impl Drop for Cleanup {
         if let Err(e) = format::unformat(&self.0) {
             eprintln!("cleanup: {e}");
         }
-        let _ = std::process::Command::new("userdel")
-            .arg(&self.0.software_user)
-            .status();
+        // Two guards may share the software user: remove it once.
+        if nix::unistd::User::from_name(&self.0.software_user)
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            let _ = std::process::Command::new("userdel")
+                .arg(&self.0.software_user)
+                .status();
+        }
     }
 }
 
