@@ -141,8 +141,11 @@ pub async fn run(
     master: Arc<MasterClient>,
     intervals: Intervals,
     stop_on_exit: bool,
+    metrics_listen: Option<String>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let (report, resources) = format::format(&cfg)?;
     info!(partitions = resources.len(), changed = ?report, "partitions formatted");
     let supervisor = Arc::new(Supervisor::new(cfg.agent_dir().join("run")).with_cgroups(cgroups_for(&cfg)));
@@ -159,6 +162,13 @@ pub async fn run(
     // Shared, not copied: a 300-partition plan is a few megabytes.
     let (plan_tx, plan_rx) = watch::channel::<Option<Arc<ComputerPlan>>>(None);
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = metrics_listen {
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics: {e}"))?;
+        info!(%addr, "serving /metrics and /healthz");
+        tasks.spawn(crate::metrics::serve(listener, metrics.clone(), supervisor.clone()));
+    }
 
     // Capacity, now and every day.
     {
@@ -187,6 +197,7 @@ pub async fn run(
     // Watch: long polls; a new document wakes the loops.
     {
         let (computer, master, hold) = (cfg.computer_id.clone(), master.clone(), intervals.watch_hold);
+        let metrics = metrics.clone();
         tasks.spawn(async move {
             let mut etag: Option<String> = None;
             let mut backoff = Duration::from_millis(500);
@@ -196,10 +207,16 @@ pub async fn run(
                     Ok(Some((plan, tag))) => {
                         backoff = Duration::from_millis(500);
                         etag = tag;
+                        metrics.master_reachable.store(1, Ordering::Relaxed);
+                        metrics.observe_plan(&plan);
                         plan_tx.send_replace(Some(Arc::new(plan)));
                     }
-                    Ok(None) => backoff = Duration::from_millis(500),
+                    Ok(None) => {
+                        backoff = Duration::from_millis(500);
+                        metrics.master_reachable.store(1, Ordering::Relaxed);
+                    }
                     Err(e) => {
+                        metrics.master_reachable.store(0, Ordering::Relaxed);
                         warn!(error = %e, retry_in = ?backoff, "cannot read this computer's plan");
                         backoff = (backoff * 2).min(Duration::from_secs(30));
                         tokio::time::sleep(backoff).await;
@@ -218,11 +235,14 @@ pub async fn run(
     {
         let (cfg, master, every) = (cfg.clone(), master.clone(), intervals.software);
         let mut plans = plan_rx.clone();
+        let metrics = metrics.clone();
         tasks.spawn(async move {
             loop {
                 let plan = plans.borrow_and_update().clone();
                 if let Some(plan) = plan {
                     let run = software::process(&cfg, &master, &plan).await;
+                    metrics.software_installed.fetch_add(run.installed.len() as u64, Ordering::Relaxed);
+                    metrics.software_failed.fetch_add(run.failed.len() as u64, Ordering::Relaxed);
                     if !run.installed.is_empty() || !run.failed.is_empty() || !run.removed.is_empty() {
                         info!(installed = ?run.installed, failed = run.failed.len(), removed = ?run.removed, "software run");
                     }
@@ -239,13 +259,21 @@ pub async fn run(
     {
         let (instances, every) = (instances.clone(), intervals.instance);
         let mut plans = plan_rx.clone();
+        let metrics = metrics.clone();
         tasks.spawn(async move {
             loop {
                 let plan = plans.borrow_and_update().clone();
                 let mut retry = false;
                 if let Some(plan) = plan {
+                    let started = std::time::Instant::now();
                     let outcomes = instances.lock().await.process(&plan.partitions, false).await;
-                    retry = outcomes.iter().any(|(_, o)| matches!(o, Outcome::Failed(_)));
+                    let failed = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Failed(_))).count();
+                    metrics.instance_runs.fetch_add(1, Ordering::Relaxed);
+                    metrics
+                        .instance_run_us
+                        .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    metrics.partitions_failed.store(failed as u64, Ordering::Relaxed);
+                    retry = failed > 0;
                     let done: Vec<_> = outcomes
                         .iter()
                         .filter(|(_, o)| !matches!(o, Outcome::Free | Outcome::Unchanged))

@@ -13,7 +13,7 @@
 //! - [`instance`]: deploying, stopping and destroying partitions.
 //! - [`usage`]: CPU, memory, disk and network per partition, as TioXML;
 //!   [`cgroups`]: the per-partition accounting groups it reads first.
-//! - [`agent`]: the loops of `nodeagent run`.
+//! - [`agent`]: the loops of `nodeagent run`; [`metrics`]: what they report.
 //!
 //! The node keeps no state the Master cannot give back: what it deployed is
 //! recorded in each partition (`.timestamp`, pid files), so an agent restart
@@ -25,6 +25,7 @@ pub mod config;
 pub mod format;
 pub mod instance;
 pub mod master;
+pub mod metrics;
 pub mod promise;
 pub mod register;
 pub mod release;

@@ -157,6 +157,9 @@ struct RunArgs {
     /// keep running and the next agent re-adopts them).
     #[arg(long)]
     stop_on_exit: bool,
+    /// host:port to serve /metrics (Prometheus text format) and /healthz on.
+    #[arg(long, env = "NODEAGENT_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -290,7 +293,15 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     _ = term.recv() => {}
                 }
             };
-            agent::run(args.one.node, master, intervals, args.stop_on_exit, shutdown).await?;
+            agent::run(
+                args.one.node,
+                master,
+                intervals,
+                args.stop_on_exit,
+                args.metrics_listen,
+                shutdown,
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Software(one) => {

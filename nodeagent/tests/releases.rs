@@ -36,6 +36,11 @@ async fn kvstore_child_and_frontend_shared_instances() {
     let slap = MasterClient::new(&[master.url()]);
     let computer = "COMP-UNPRIV";
     let port_base = 40000 + (std::process::id() % 200) as u16 * 10;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let args = [
         "run",
         "--master",
@@ -53,6 +58,8 @@ async fn kvstore_child_and_frontend_shared_instances() {
         "--port-base",
         &port_base.to_string(),
         "--stop-on-exit",
+        "--metrics-listen",
+        &format!("127.0.0.1:{metrics_port}"),
     ]
     .map(String::from);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -102,6 +109,26 @@ async fn kvstore_child_and_frontend_shared_instances() {
     let (status, body) = wait_http(&route).await;
     assert_eq!(status, 200);
     assert_eq!(body.trim(), "route site -> http://backend.example/");
+
+    // The agent's own metrics: three started instances (store, its client,
+    // the frontend), their processes running, the Master reachable.
+    let (status, metrics) = http_get(&format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("nodeagent_partitions{requested=\"started\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("nodeagent_master_reachable 1"), "{metrics}");
+    assert!(
+        metrics.contains("nodeagent_processes{state=\"running\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE nodeagent_instance_runs_total counter"),
+        "{metrics}"
+    );
 
     agent.terminate();
     // --stop-on-exit: nothing of the partitions is left listening.
