@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use master_node::identity::{Identity, JoinToken};
 use master_node::raft::Timing;
 use master_node::replica::Running;
 use master_node::state::Role;
@@ -182,20 +181,10 @@ async fn handshakes(port: u16, cfg: Arc<rustls::ClientConfig>, clients: usize, s
 async fn main() {
     let secs: f64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5.0);
     let dir = tempfile::tempdir().unwrap();
-    let token = JoinToken::generate();
     let addr = format!("127.0.0.1:{}", free_port());
-    let identity = Identity {
-        format: 1,
-        cluster_id: token.cluster_id.clone(),
-        node_id: 1,
-        listen: addr.clone(),
-        advertise: addr.clone(),
-        left: false,
-    };
-    let running = Running::start(dir.path(), &identity, &Timing::default(), true)
+    let (running, _token) = Running::single_replica_cluster(dir.path(), &addr, &Timing::default())
         .await
         .unwrap();
-    running.found_cluster(&addr, &token).await.unwrap();
     assert!(
         running.wait_for_authority(Duration::from_secs(30)).await,
         "no CA was created"

@@ -89,14 +89,23 @@ fn is_leader(replica: &Replica) -> bool {
 /// The leader's background duty: a CA for the cluster, a certificate for
 /// every allocated partition. Ends when the replica is dropped.
 pub async fn run_issuer(replica: std::sync::Weak<Replica>) {
+    // The log position of the last complete round: nothing to do until the
+    // state moves (a round scans every partition).
+    let mut done_at = None;
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let Some(replica) = replica.upgrade() else { return };
         if !is_leader(&replica) {
+            done_at = None;
             continue;
         }
-        if let Err(e) = issue_round(&replica).await {
-            warn!(error = %e, "certificate issuer");
+        let applied = replica.state.read().unwrap_or_else(|e| e.into_inner()).applied;
+        if done_at == Some(applied) {
+            continue;
+        }
+        match issue_round(&replica).await {
+            Ok(()) => done_at = Some(applied),
+            Err(e) => warn!(error = %e, "certificate issuer"),
         }
     }
 }

@@ -284,7 +284,7 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             days,
         }) => {
             let action = if admin_role { "admin" } else { "user" };
-            let reply = certificates(&admin, action, &name, "", days).await?;
+            let reply = certificates(&admin, action, &name, "", days, vec![]).await?;
             std::fs::create_dir_all(&out).map_err(|e| Fail(format!("{}: {e}", out.display())))?;
             let write = |file: String, content: &str, private: bool| -> Result<(), Fail> {
                 let path = out.join(&file);
@@ -311,21 +311,7 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             hosts,
             out,
         }) => {
-            let client = Client::new(std::slice::from_ref(&admin.peer))?;
-            let req = slap_proto::cluster::CertificatesRequest {
-                token: admin.token.clone(),
-                action: "gateway".into(),
-                name: name.clone(),
-                hosts,
-                ..Default::default()
-            };
-            let reply = client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.certificates(req).await }
-                })
-                .await?
-                .into_inner();
+            let reply = certificates(&admin, "gateway", &name, "", 0, hosts).await?;
             std::fs::create_dir_all(&out).map_err(|e| Fail(format!("{}: {e}", out.display())))?;
             let fail = |e: std::io::Error| Fail(format!("writing into {}: {e}", out.display()));
             master_node::pki::write_private(&out.join("gateway.key"), &reply.key_pem).map_err(fail)?;
@@ -339,7 +325,7 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             Ok(())
         }
         Cmd::Computer(ComputerCmd::Add { id, admin }) => {
-            let reply = certificates(&admin, "computer-token", &id, "", 0).await?;
+            let reply = certificates(&admin, "computer-token", &id, "", 0, vec![]).await?;
             println!("{}", reply.registration);
             eprintln!(
                 "on the node: nodeagent register --master {} --computer-id {id} --token {}",
@@ -348,7 +334,7 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             Ok(())
         }
         Cmd::Cert(CertCmd::List { admin }) => {
-            let reply = certificates(&admin, "list", "", "", 0).await?;
+            let reply = certificates(&admin, "list", "", "", 0, vec![]).await?;
             println!("{:<34} {:<12} {:<8} role", "serial", "expires", "state");
             for c in reply.certificates {
                 let days = (c.not_after as i64 - master_node::pki::now_secs() as i64) / 86400;
@@ -370,7 +356,7 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             Ok(())
         }
         Cmd::Cert(CertCmd::Revoke { serial, admin }) => {
-            certificates(&admin, "revoke", "", &serial, 0).await?;
+            certificates(&admin, "revoke", "", &serial, 0, vec![]).await?;
             println!("certificate {serial} revoked");
             Ok(())
         }
@@ -383,6 +369,7 @@ async fn certificates(
     name: &str,
     serial: &str,
     days: u64,
+    hosts: Vec<String>,
 ) -> Result<slap_proto::cluster::CertificatesReply, Fail> {
     let client = Client::new(std::slice::from_ref(&admin.peer))?;
     let req = slap_proto::cluster::CertificatesRequest {
@@ -392,7 +379,7 @@ async fn certificates(
         serial: serial.into(),
         registration: String::new(),
         days,
-        hosts: vec![],
+        hosts,
     };
     Ok(client
         .call(|mut c| {

@@ -343,6 +343,30 @@ impl Running {
         Ok(())
     }
 
+    /// A new one-replica cluster in `data_dir`, serving its cluster API on
+    /// `listen` (in-process: tests and benchmarks). Returns it with its join
+    /// token; nothing is written to `data_dir` but the stores.
+    pub async fn single_replica_cluster(
+        data_dir: &Path,
+        listen: &str,
+        timing: &Timing,
+    ) -> Result<(Running, crate::identity::JoinToken), String> {
+        let token = crate::identity::JoinToken::generate();
+        let identity = Identity {
+            format: 1,
+            cluster_id: token.cluster_id.clone(),
+            node_id: 1,
+            listen: listen.to_string(),
+            advertise: listen.to_string(),
+            left: false,
+        };
+        let running = Running::start(data_dir, &identity, timing, true)
+            .await
+            .map_err(|e| e.to_string())?;
+        running.found_cluster(listen, &token).await?;
+        Ok((running, token))
+    }
+
     /// Makes this replica the first and only member of a new cluster and
     /// records the cluster (`master-node init`; tests and benchmarks).
     pub async fn found_cluster(&self, advertise: &str, token: &crate::identity::JoinToken) -> Result<(), String> {

@@ -9,7 +9,6 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use master_node::api::ClientWrite;
 use master_node::certificates::issue;
-use master_node::identity::{Identity, JoinToken};
 use master_node::pki;
 use master_node::raft::Timing;
 use master_node::replica::{Replica, Running};
@@ -24,24 +23,14 @@ const SR: &str = "https://lab.example.org/sr/software.cfg";
 
 async fn master() -> (tempfile::TempDir, Running) {
     let dir = tempfile::tempdir().unwrap();
-    let token = JoinToken::generate();
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .to_string();
-    let identity = Identity {
-        format: 1,
-        cluster_id: token.cluster_id.clone(),
-        node_id: 1,
-        listen: addr.clone(),
-        advertise: addr.clone(),
-        left: false,
-    };
-    let running = Running::start(dir.path(), &identity, &Timing::default(), true)
+    let (running, _token) = Running::single_replica_cluster(dir.path(), &addr, &Timing::default())
         .await
         .unwrap();
-    running.found_cluster(&addr, &token).await.unwrap();
     // The leader creates the CA on its own.
     assert!(
         running.wait_for_authority(Duration::from_secs(10)).await,

@@ -77,6 +77,8 @@ pub struct Master {
     pub applied: u64,
     // Indexes derived from the entities above, rebuilt at restore.
     titles: BTreeMap<(Scope, String), InstanceId>,
+    /// The live certificate of each partition, by fingerprint.
+    partition_certs: BTreeMap<(ComputerId, PartitionId), String>,
     children: BTreeMap<InstanceId, BTreeSet<InstanceId>>,
     hosted: BTreeMap<InstanceId, BTreeSet<InstanceId>>,
     /// Instances waiting for a place, by creation sequence number.
@@ -254,9 +256,17 @@ impl Master {
         if self.certificates.contains_key(&cert.fingerprint) {
             return invalid("this certificate is already recorded");
         }
+        self.index_certificate(cert);
         self.certificates.insert(cert.fingerprint.clone(), cert.clone());
         self.dirty.insert(Dirty::Certificate(cert.fingerprint.clone()));
         Reply::Done
+    }
+
+    fn index_certificate(&mut self, cert: &Certificate) {
+        if let (Role::Partition(c, p), false) = (&cert.role, cert.revoked) {
+            self.partition_certs
+                .insert((c.clone(), p.clone()), cert.fingerprint.clone());
+        }
     }
 
     fn revoke_certificate(&mut self, serial: &str) -> Reply {
@@ -267,26 +277,34 @@ impl Master {
         if !cert.revoked {
             cert.revoked = true;
             self.dirty.insert(Dirty::Certificate(cert.fingerprint.clone()));
+            if let Role::Partition(c, p) = &cert.role {
+                let key = (c.clone(), p.clone());
+                if self.partition_certs.get(&key) == Some(&cert.fingerprint) {
+                    self.partition_certs.remove(&key);
+                }
+            }
         }
         Reply::Done
     }
 
-    /// Revokes the live certificates of a partition whose instance is gone,
+    /// Revokes the live certificate of a partition whose instance is gone,
     /// so the old instance can no longer act for it.
     fn revoke_partition_certificates(&mut self, computer: &str, partition: &str) {
-        for cert in self.certificates.values_mut() {
-            if !cert.revoked && matches!(&cert.role, Role::Partition(c, p) if c == computer && p == partition) {
+        let key = (computer.to_string(), partition.to_string());
+        if let Some(fp) = self.partition_certs.remove(&key) {
+            if let Some(cert) = self.certificates.get_mut(&fp) {
                 cert.revoked = true;
-                self.dirty.insert(Dirty::Certificate(cert.fingerprint.clone()));
+                self.dirty.insert(Dirty::Certificate(fp));
             }
         }
     }
 
     /// The live certificate of a partition, if one was issued.
     pub fn partition_certificate(&self, computer: &str, partition: &str) -> Option<&Certificate> {
-        self.certificates
-            .values()
-            .find(|c| !c.revoked && matches!(&c.role, Role::Partition(cc, p) if cc == computer && p == partition))
+        let fp = self
+            .partition_certs
+            .get(&(computer.to_string(), partition.to_string()))?;
+        self.certificates.get(fp)
     }
 
     fn reserve_replica_id(&mut self) -> Reply {
@@ -998,6 +1016,11 @@ impl Master {
         let all: Vec<Instance> = self.instances.values().cloned().collect();
         for inst in &all {
             self.index_instance(inst);
+        }
+        self.partition_certs.clear();
+        let certs: Vec<Certificate> = self.certificates.values().cloned().collect();
+        for cert in &certs {
+            self.index_certificate(cert);
         }
     }
 }
