@@ -35,10 +35,15 @@ export SLAPOS_VENV="${SLAPOS_VENV:-/var/tmp/slapos-venv}"
 if [ ! -x "$SLAPOS_VENV/bin/slapos" ]; then
   py="${SLAPOS_PYTHON:-}"
   if [ -z "$py" ]; then
+    # A pyenv shim exists for every installed version but fails unless that
+    # version is active, so each candidate must actually run and be >= 3.12.
     for candidate in python3.13 python3.12 \
         "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3.1[2-9] \
         /root/.pyenv/versions/3.1[2-9]*/bin/python3.1[2-9]; do
-      if command -v "$candidate" >/dev/null 2>&1; then py=$(command -v "$candidate"); break; fi
+      if command -v "$candidate" >/dev/null 2>&1 &&
+          "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then
+        py=$(command -v "$candidate"); break
+      fi
     done
   fi
   if [ -z "$py" ]; then
