@@ -10,6 +10,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(&["proto/cluster.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(&["proto/cluster.proto", "proto/master.proto"], &["proto"])?;
     Ok(())
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use master_node::api::ClientWrite;
-use master_node::client::Client;
+use master_node::client::{Client, Credentials};
 use master_node::state::{Command as MasterCommand, Params, PartitionSpec, RequestOrigin, RequestSpec, SupplyState};
 use slap_proto::cluster::cluster_client::ClusterClient;
 use tonic::transport::Channel;
@@ -154,6 +154,17 @@ fn summarize(mut lat: Vec<Duration>, secs: f64, cpu: f64) -> Point {
 
 struct Master {
     members: Vec<Member>,
+    /// The administrator's certificate init wrote (the cluster port is mTLS).
+    admin: Credentials,
+}
+
+/// A plain (no TLS) gRPC channel, as etcd's clients use here.
+fn plain_channel(addr: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .connect_lazy()
 }
 
 fn master_request(client: usize, n: u64) -> MasterCommand {
@@ -198,6 +209,7 @@ impl Master {
         let token_file = dir(1).join("join-token");
         wait(|| token_file.exists()).await;
         let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+        let admin = Credentials::admin_of(&dir(1)).unwrap();
         let peer = first.addr.clone();
         members.push(first);
         for i in 2..=3 {
@@ -223,9 +235,9 @@ impl Master {
             let want = i;
             let p = peer.clone();
             wait_async(|| {
-                let p = p.clone();
+                let (p, admin) = (p.clone(), admin.clone());
                 async move {
-                    Client::status_of(&p)
+                    Client::status_of(&p, &admin)
                         .await
                         .is_ok_and(|s| s.members.iter().filter(|m| m.role == "voter").count() == want)
                 }
@@ -236,8 +248,8 @@ impl Master {
             members.push(m);
         }
         members[0].args = vec!["run".into(), "--data-dir".into(), dir(1).display().to_string()];
-        let master = Master { members };
-        let c = Client::new(&master.addrs()).unwrap();
+        let master = Master { members, admin };
+        let c = Client::new(&master.addrs(), &master.admin).unwrap();
         c.write(MasterCommand::SetComputer {
             id: "COMP-1".into(),
             address: "10.0.0.1".into(),
@@ -278,7 +290,7 @@ impl Master {
         };
         let channels: Vec<ClusterClient<Channel>> = addrs
             .iter()
-            .map(|a| ClusterClient::new(master_node::raft::network::channel(a).unwrap()))
+            .map(|a| ClusterClient::new(self.admin.channel(a).unwrap()))
             .collect();
         let cpu0: f64 = self.members.iter().map(|m| cpu_ms(m.pid())).sum();
         let start = Instant::now();
@@ -325,7 +337,7 @@ impl Master {
         loop {
             for (i, m) in self.members.iter().enumerate() {
                 if m.child.is_some() {
-                    if let Ok(s) = Client::status_of(&m.addr).await {
+                    if let Ok(s) = Client::status_of(&m.addr, &self.admin).await {
                         if s.state == "Leader" {
                             return i;
                         }
@@ -347,7 +359,7 @@ impl Master {
             .collect();
         let chans: Vec<ClusterClient<Channel>> = survivors
             .iter()
-            .map(|a| ClusterClient::new(master_node::raft::network::channel(a).unwrap()))
+            .map(|a| ClusterClient::new(self.admin.channel(a).unwrap()))
             .collect();
         let client_id = format!("failover-{}", rand_suffix());
         self.members[leader].kill();
@@ -374,8 +386,8 @@ impl Master {
         self.members[leader].start();
         let addr = self.members[leader].addr.clone();
         wait_async(|| {
-            let a = addr.clone();
-            async move { Client::status_of(&a).await.is_ok_and(|s| s.leader_id.is_some()) }
+            let (a, admin) = (addr.clone(), self.admin.clone());
+            async move { Client::status_of(&a, &admin).await.is_ok_and(|s| s.leader_id.is_some()) }
         })
         .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -444,7 +456,7 @@ impl Etcd {
         let channels: Vec<etcd::kv_client::KvClient<Channel>> = self
             .members
             .iter()
-            .map(|m| etcd::kv_client::KvClient::new(master_node::raft::network::channel(&m.addr).unwrap()))
+            .map(|m| etcd::kv_client::KvClient::new(plain_channel(&m.addr)))
             .collect();
         let cpu0: f64 = self.members.iter().map(|m| cpu_ms(m.pid())).sum();
         let start = Instant::now();
@@ -499,7 +511,7 @@ impl Etcd {
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != leader)
-            .map(|(_, m)| etcd::kv_client::KvClient::new(master_node::raft::network::channel(&m.addr).unwrap()))
+            .map(|(_, m)| etcd::kv_client::KvClient::new(plain_channel(&m.addr)))
             .collect();
         self.members[leader].kill();
         let t0 = Instant::now();
@@ -530,7 +542,7 @@ impl Etcd {
 }
 
 async fn etcd_status(addr: &str) -> Option<etcd::StatusResponse> {
-    let mut c = etcd::maintenance_client::MaintenanceClient::new(master_node::raft::network::channel(addr).ok()?);
+    let mut c = etcd::maintenance_client::MaintenanceClient::new(plain_channel(addr));
     tokio::time::timeout(Duration::from_secs(1), c.status(etcd::StatusRequest {}))
         .await
         .ok()?

@@ -20,6 +20,8 @@ pub enum Query {
     Instance { scope: Scope, title: String },
     /// A digest of the whole state, to compare replicas.
     StateDigest,
+    /// Every instance of a user's trees, or everyone's (`None`), by id.
+    Instances { owner: Option<String> },
 }
 
 /// The answer to a [`Query`].
@@ -31,6 +33,7 @@ pub enum Answer {
         sha256: String,
         instances: usize,
     },
+    Instances(Vec<Instance>),
 }
 
 /// Answers `query` from `state`.
@@ -39,6 +42,14 @@ pub fn answer(state: &Master, query: &Query) -> Answer {
         Query::Instance { scope, title } => {
             Answer::Instance(state.instance_by_title(scope, title).cloned().map(Box::new))
         }
+        Query::Instances { owner } => Answer::Instances(
+            state
+                .instances
+                .values()
+                .filter(|i| owner.as_ref().is_none_or(|o| &i.owner == o))
+                .cloned()
+                .collect(),
+        ),
         Query::StateDigest => Answer::StateDigest {
             last_index: state.last_index,
             sha256: digest(state),

@@ -5,9 +5,9 @@
 //! leader like any write), so the record, and its revocation later, reach
 //! every replica.
 //!
-//! The leader also runs [`run_issuer`]: it creates the CA of a cluster that
-//! has none (the founding replica's first act) and gives every allocated
-//! partition a certificate, so a node can fetch it with
+//! The CA itself is made by `master-node init` (see [`crate::founding`]).
+//! The leader runs [`run_issuer`], which gives every allocated partition a
+//! certificate, so a node can fetch it with
 //! `getComputerPartitionCertificate` before it deploys the instance. A freed
 //! partition's certificates are revoked inside `apply`.
 
@@ -86,8 +86,8 @@ fn is_leader(replica: &Replica) -> bool {
     m.state == ServerState::Leader && m.current_leader == Some(replica.id)
 }
 
-/// The leader's background duty: a CA for the cluster, a certificate for
-/// every allocated partition. Ends when the replica is dropped.
+/// The leader's background duty: a certificate for every allocated
+/// partition. Ends when the replica is dropped.
 pub async fn run_issuer(replica: std::sync::Weak<Replica>) {
     // The log position of the last complete round: nothing to do until the
     // state moves (a round scans every partition).
@@ -111,7 +111,7 @@ pub async fn run_issuer(replica: std::sync::Weak<Replica>) {
 }
 
 async fn issue_round(replica: &Arc<Replica>) -> Result<(), IssueError> {
-    let (cluster, has_ca, missing) = {
+    let (has_ca, missing) = {
         let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
         let missing: Vec<Role> = state
             .partitions
@@ -120,25 +120,9 @@ async fn issue_round(replica: &Arc<Replica>) -> Result<(), IssueError> {
             .take(64)
             .map(|p| Role::Partition(p.computer.clone(), p.id.clone()))
             .collect();
-        (
-            state.cluster.as_ref().map(|c| c.id.clone()),
-            state.authority.is_some(),
-            missing,
-        )
+        (state.authority.is_some(), missing)
     };
-    let Some(cluster) = cluster else { return Ok(()) };
     if !has_ca {
-        let ca = pki::new_authority(&cluster, pki::now_secs())?;
-        let (reply, _) = replica
-            .write(ClientWrite {
-                request_id: None,
-                command: Command::SetAuthority(ca),
-            })
-            .await
-            .map_err(|s| IssueError::Write(s.message().to_string()))?;
-        if !matches!(reply, Reply::Refused(_)) {
-            info!(%cluster, "certificate authority created");
-        }
         return Ok(());
     }
     for role in missing {

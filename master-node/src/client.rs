@@ -4,19 +4,95 @@
 //! replica does not answer. Every write carries a request id (a random client
 //! id and a sequence number), and a retry reuses it, so a write whose answer
 //! was lost is never applied twice.
+//!
+//! The cluster port speaks mutual TLS ([`Credentials`]): the client checks
+//! that it talks to a replica of the cluster (by its CA, or by the CA's hash
+//! in a join token) and may present a certificate of its own. Writes and
+//! reads need an administrator's (or a replica's) certificate; membership and
+//! certificate calls can be made with the join token instead.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use slap_proto::cluster::cluster_client::ClusterClient;
 use slap_proto::cluster::{StatusReply, StatusRequest};
+use slap_proto::tls::{ClientIdentity, Expect, Trust};
 use tonic::transport::Channel;
 
 use crate::api::{Answer, ClientWrite, Query};
-use crate::raft::network::channel;
+use crate::identity::JoinToken;
 use crate::state::{Command, Reply, RequestId};
+
+/// How a client recognizes the cluster and, optionally, proves who it is.
+#[derive(Clone)]
+pub struct Credentials {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl Credentials {
+    fn make(trust: Trust, identity: Option<ClientIdentity>) -> Result<Credentials, ClientError> {
+        let config = slap_proto::tls::client_config(&trust, identity.as_ref(), Expect::AnyReplica)
+            .map_err(|e| ClientError::Credentials(e.to_string()))?;
+        Ok(Credentials { config })
+    }
+
+    /// No certificate; the cluster recognized by the CA hash the join token
+    /// carries (calls authenticated by the token, and `status`).
+    pub fn token(token: &JoinToken) -> Result<Credentials, ClientError> {
+        let trust = Trust::pinned_hex(&token.ca_sha256).map_err(|e| ClientError::Credentials(e.to_string()))?;
+        Self::make(trust, None)
+    }
+
+    /// No certificate; the cluster recognized by its CA (PEM).
+    pub fn ca(ca_pem: &str) -> Result<Credentials, ClientError> {
+        Self::make(
+            Trust::ca_pem(ca_pem).map_err(|e| ClientError::Credentials(e.to_string()))?,
+            None,
+        )
+    }
+
+    /// A certificate and key (PEM) and the cluster's CA (PEM).
+    pub fn identity(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Credentials, ClientError> {
+        let fail = |e: slap_proto::tls::TlsError| ClientError::Credentials(e.to_string());
+        Self::make(
+            Trust::ca_pem(ca_pem).map_err(fail)?,
+            Some(ClientIdentity::from_pem(cert_pem, key_pem).map_err(fail)?),
+        )
+    }
+
+    /// `NAME.crt`, `NAME.key` and `ca.crt` from `dir`, as `master-node user
+    /// add` writes them (and init, as `admin`, in `<data dir>/admin/`).
+    pub fn from_dir(dir: &Path, name: &str) -> Result<Credentials, ClientError> {
+        let read = |file: String| {
+            let path = dir.join(&file);
+            std::fs::read_to_string(&path).map_err(|e| ClientError::Credentials(format!("{}: {e}", path.display())))
+        };
+        Self::identity(
+            &read("ca.crt".into())?,
+            &read(format!("{name}.crt"))?,
+            &read(format!("{name}.key"))?,
+        )
+    }
+
+    /// The administrator's certificate `master-node init` left in a data dir.
+    pub fn admin_of(data_dir: &Path) -> Result<Credentials, ClientError> {
+        Self::from_dir(&data_dir.join("admin"), "admin")
+    }
+
+    /// A ready rustls configuration (a replica's own).
+    pub fn from_config(config: Arc<rustls::ClientConfig>) -> Credentials {
+        Credentials { config }
+    }
+
+    /// A lazily connected channel to the cluster port at `addr` with these credentials.
+    pub fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        slap_proto::tls::channel(addr, self.config.clone())
+            .map_err(|e| ClientError::BadAddress(addr.into(), e.to_string()))
+    }
+}
 
 /// Client-side failures, with what to do about them.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +103,8 @@ pub enum ClientError {
     Refused(String),
     #[error("bad address {0:?}: {1}")]
     BadAddress(String, String),
+    #[error("credentials: {0}")]
+    Credentials(String),
 }
 
 /// A cluster API client over a list of replicas.
@@ -49,7 +127,7 @@ fn retryable(status: &tonic::Status) -> bool {
 
 impl Client {
     /// A client of the replicas at `addrs` (host:port).
-    pub fn new(addrs: &[String]) -> Result<Client, ClientError> {
+    pub fn new(addrs: &[String], credentials: &Credentials) -> Result<Client, ClientError> {
         if addrs.is_empty() {
             return Err(ClientError::BadAddress(
                 String::new(),
@@ -59,9 +137,9 @@ impl Client {
         let clients = addrs
             .iter()
             .map(|a| {
-                channel(a)
+                credentials
+                    .channel(a)
                     .map(|c| ClusterClient::new(c).max_decoding_message_size(64 << 20))
-                    .map_err(|e| ClientError::BadAddress(a.clone(), e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut id = [0u8; 8];
@@ -138,8 +216,8 @@ impl Client {
     }
 
     /// A read of one replica's own state (not linearizable; no retry elsewhere).
-    pub async fn read_local(addr: &str, query: &Query) -> Result<Answer, ClientError> {
-        let ch = channel(addr).map_err(|e| ClientError::BadAddress(addr.into(), e.to_string()))?;
+    pub async fn read_local(addr: &str, query: &Query, credentials: &Credentials) -> Result<Answer, ClientError> {
+        let ch = credentials.channel(addr)?;
         let mut c = ClusterClient::new(ch).max_decoding_message_size(64 << 20);
         let req = slap_proto::cluster::ReadRequest {
             query: postcard::to_allocvec(query).expect("queries encode"),
@@ -154,8 +232,8 @@ impl Client {
     }
 
     /// The status as one replica sees it (no retry elsewhere).
-    pub async fn status_of(addr: &str) -> Result<StatusReply, ClientError> {
-        let ch = channel(addr).map_err(|e| ClientError::BadAddress(addr.into(), e.to_string()))?;
+    pub async fn status_of(addr: &str, credentials: &Credentials) -> Result<StatusReply, ClientError> {
+        let ch = credentials.channel(addr)?;
         let mut c = ClusterClient::new(ch);
         match tokio::time::timeout(Duration::from_secs(5), c.status(StatusRequest {})).await {
             Ok(Ok(r)) => Ok(r.into_inner()),

@@ -1,5 +1,15 @@
 //! The gRPC `Cluster` service: membership, status, forwarded writes and
 //! reads. Membership changes run on the leader; any replica forwards them.
+//!
+//! Who may call what (the caller is the certificate of the connection, see
+//! `cluster_tls`):
+//!
+//! | calls | allowed |
+//! |---|---|
+//! | `Status` | anyone who reached the port over TLS |
+//! | `Write`, `WriteBatch`, `Read` | replicas (forwarding) and administrators |
+//! | `Join`, `Promote`, `Leave`, `Certificates` | the join token, or an administrator |
+//! | `Certificates` action `register` | a one-time computer registration token |
 
 use std::sync::Arc;
 
@@ -8,7 +18,9 @@ use slap_proto::cluster::*;
 use tonic::{Request, Response, Status};
 
 use crate::api::ClientWrite;
+use crate::cluster_tls::Peer;
 use crate::replica::Replica;
+use crate::state::Role;
 
 /// Serves the cluster API of one replica.
 pub struct ClusterService {
@@ -19,11 +31,20 @@ impl ClusterService {
     pub fn new(replica: Arc<Replica>) -> Self {
         Self { replica }
     }
+
+    /// An operator's call: an administrator's certificate, or the join token.
+    fn operator(&self, peer: &Peer, token: &str) -> Result<(), Status> {
+        if peer.live_role(&self.replica.state) == Some(Role::Admin) {
+            return Ok(());
+        }
+        self.replica.check_token(token)
+    }
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        let peer = Peer::of(&req);
         let req = req.into_inner();
         if req.addr.parse::<std::net::SocketAddr>().is_err() && !req.addr.contains(':') {
             return Err(Status::invalid_argument(format!(
@@ -31,26 +52,35 @@ impl Cluster for ClusterService {
                 req.addr
             )));
         }
+        if req.csr_pem.is_empty() {
+            return Err(Status::invalid_argument(
+                "a join carries a certificate signing request for the joiner's key (an older master-node?)",
+            ));
+        }
+        // Checked here as well as on the leader: a wrong token fails fast.
+        self.operator(&peer, &req.token)?;
         match self.replica.leader_client().await? {
             Some(mut leader) => leader.join(req).await,
             None => {
-                self.replica.check_token(&req.token)?;
-                let node_id = self.replica.reserve(&req.addr).await?;
-                tracing::info!(replica = node_id, addr = %req.addr, "reserved a replica id for a joiner");
+                let (node_id, certificate_pem) = self.replica.admit(&req.addr, &req.csr_pem, &req.hosts).await?;
+                tracing::info!(replica = node_id, addr = %req.addr, "reserved a replica id and signed its certificate");
                 Ok(Response::new(JoinReply {
                     cluster_id: self.replica.cluster_id.clone(),
                     node_id,
+                    certificate_pem,
+                    ca_pem: self.replica.tls.ca_pem.clone(),
                 }))
             }
         }
     }
 
     async fn promote(&self, req: Request<PromoteRequest>) -> Result<Response<PromoteReply>, Status> {
+        let peer = Peer::of(&req);
         let req = req.into_inner();
+        self.operator(&peer, &req.token)?;
         match self.replica.leader_client().await? {
             Some(mut leader) => leader.promote(req).await,
             None => {
-                self.replica.check_token(&req.token)?;
                 let members = self.replica.promote(req.node_id, &req.addr).await?;
                 Ok(Response::new(PromoteReply { members }))
             }
@@ -58,11 +88,12 @@ impl Cluster for ClusterService {
     }
 
     async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
+        let peer = Peer::of(&req);
         let req = req.into_inner();
+        self.operator(&peer, &req.token)?;
         match self.replica.leader_client().await? {
             Some(mut leader) => leader.leave(req).await,
             None => {
-                self.replica.check_token(&req.token)?;
                 let members = self.replica.remove(req.node_id).await?;
                 Ok(Response::new(LeaveReply { members }))
             }
@@ -75,6 +106,7 @@ impl Cluster for ClusterService {
     }
 
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
+        Peer::of(&req).require_replica_or_admin(&self.replica.state, "Write")?;
         let write: ClientWrite = postcard::from_bytes(&req.into_inner().proposal)
             .map_err(|e| Status::invalid_argument(format!("undecodable write: {e}")))?;
         let (reply, log_index) = self.replica.write(write).await?;
@@ -85,6 +117,7 @@ impl Cluster for ClusterService {
     }
 
     async fn write_batch(&self, req: Request<WriteBatchRequest>) -> Result<Response<WriteBatchReply>, Status> {
+        Peer::of(&req).require_replica_or_admin(&self.replica.state, "WriteBatch")?;
         let writes = req
             .into_inner()
             .proposals
@@ -115,6 +148,7 @@ impl Cluster for ClusterService {
     }
 
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+        Peer::of(&req).require_replica_or_admin(&self.replica.state, "Read")?;
         let req = req.into_inner();
         let query = postcard::from_bytes(&req.query)
             .map_err(|e| Status::invalid_argument(format!("undecodable query: {e}")))?;
@@ -130,7 +164,8 @@ impl Cluster for ClusterService {
 
     async fn certificates(&self, req: Request<CertificatesRequest>) -> Result<Response<CertificatesReply>, Status> {
         use crate::certificates::{issue, IssueError};
-        use crate::state::{Command, Reply, Role};
+        use crate::state::{Command, Reply};
+        let peer = Peer::of(&req);
         let req = req.into_inner();
         let days = if req.days == 0 {
             crate::pki::DEFAULT_DAYS
@@ -162,7 +197,7 @@ impl Cluster for ClusterService {
                 .map_err(to_status)?;
             return Ok(Response::new(issued_reply(reply)));
         }
-        self.replica.check_token(&req.token)?;
+        self.operator(&peer, &req.token)?;
         match req.action.as_str() {
             "user" | "admin" => {
                 let role = if req.action == "admin" {
@@ -199,7 +234,10 @@ impl Cluster for ClusterService {
                 if !name_ok(&req.name) {
                     return Err(Status::invalid_argument("computer-token needs the computer id"));
                 }
-                let token = format!("SLAPREG1.{}", hex::encode(rand::random::<[u8; 20]>()));
+                // The token pins the CA, so the node can trust this port at registration.
+                let ca_pin = slap_proto::tls::pem_sha256(&self.replica.tls.ca_pem)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let token = format!("SLAPREG2.{}.{ca_pin}", hex::encode(rand::random::<[u8; 20]>()));
                 self.replica
                     .write(ClientWrite {
                         request_id: None,

@@ -2,8 +2,11 @@
 //!
 //! The identity file says which cluster the data dir belongs to and which
 //! replica id it holds, so a data dir is never mixed into another cluster and
-//! an id is never taken twice. A join token is `SLAPJOIN1.<cluster id>.<secret>`:
-//! the cluster keeps only the secret's sha256, so any leader can check it.
+//! an id is never taken twice. A join token is
+//! `SLAPJOIN2.<cluster id>.<secret>.<CA sha256>`: the cluster keeps only the
+//! secret's sha256, so any leader can check it, and the joiner pins the
+//! cluster's CA by the hash (as `kubeadm join` does), so it never talks to a
+//! Master that is not the one the token is for.
 
 use std::fs;
 use std::io::Write;
@@ -16,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 const IDENTITY_FILE: &str = "replica.json";
 const TOKEN_FILE: &str = "join-token";
-const TOKEN_PREFIX: &str = "SLAPJOIN1";
+const TOKEN_PREFIX: &str = "SLAPJOIN2";
 
 /// Errors about a data dir or a token, worded for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +32,9 @@ pub enum IdentityError {
     },
     #[error("{path} is damaged ({reason}); restore the data dir from a backup or replace this replica")]
     Damaged { path: PathBuf, reason: String },
-    #[error("the join token is malformed: expected SLAPJOIN1.<cluster id>.<secret>, as printed by `master-node init`")]
+    #[error(
+        "the join token is malformed: expected SLAPJOIN2.<cluster id>.<secret>.<CA sha256>, as printed by `master-node init`"
+    )]
     BadToken,
 }
 
@@ -101,11 +106,14 @@ pub fn write_private(path: &Path, body: &[u8]) -> Result<(), IdentityError> {
 pub struct JoinToken {
     pub cluster_id: String,
     pub secret: String,
+    /// sha256 (hex) of the cluster CA's DER.
+    pub ca_sha256: String,
 }
 
 impl JoinToken {
-    /// A fresh token for a new cluster, with a random cluster id and secret.
-    pub fn generate() -> JoinToken {
+    /// A fresh token for a new cluster whose CA has this sha256 (hex), with
+    /// a random cluster id and secret.
+    pub fn generate(ca_sha256: &str) -> JoinToken {
         let mut rng = rand::rng();
         let mut id = [0u8; 8];
         let mut secret = [0u8; 24];
@@ -114,16 +122,23 @@ impl JoinToken {
         JoinToken {
             cluster_id: hex::encode(id),
             secret: hex::encode(secret),
+            ca_sha256: ca_sha256.to_string(),
         }
     }
 
     pub fn parse(text: &str) -> Result<JoinToken, IdentityError> {
         let mut parts = text.trim().split('.');
-        match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(TOKEN_PREFIX), Some(id), Some(secret), None) if !id.is_empty() && secret.len() >= 16 => {
+        match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(TOKEN_PREFIX), Some(id), Some(secret), Some(ca), None)
+                if !id.is_empty()
+                    && secret.len() >= 16
+                    && ca.len() == 64
+                    && ca.chars().all(|c| c.is_ascii_hexdigit()) =>
+            {
                 Ok(JoinToken {
                     cluster_id: id.to_string(),
                     secret: secret.to_string(),
+                    ca_sha256: ca.to_ascii_lowercase(),
                 })
             }
             _ => Err(IdentityError::BadToken),
@@ -151,7 +166,11 @@ impl JoinToken {
 
 impl std::fmt::Display for JoinToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{TOKEN_PREFIX}.{}.{}", self.cluster_id, self.secret)
+        write!(
+            f,
+            "{TOKEN_PREFIX}.{}.{}.{}",
+            self.cluster_id, self.secret, self.ca_sha256
+        )
     }
 }
 
@@ -168,14 +187,23 @@ mod tests {
 
     #[test]
     fn token_round_trip_and_rejects_garbage() {
-        let t = JoinToken::generate();
+        let pin = "ab".repeat(32);
+        let t = JoinToken::generate(&pin);
         assert_eq!(JoinToken::parse(&t.to_string()).unwrap(), t);
+        let no_pin = "SLAPJOIN2.abc.0123456789abcdef0123".to_string();
+        let short_pin = format!("SLAPJOIN2.abc.0123456789abcdef0123.{}", "ab".repeat(31));
+        let bad_pin = format!("SLAPJOIN2.abc.0123456789abcdef0123.{}", "zz".repeat(32));
+        let old = format!("SLAPJOIN1.abc.0123456789abcdef0123.{pin}");
         for bad in [
             "",
-            "SLAPJOIN1",
-            "SLAPJOIN1.abc",
+            "SLAPJOIN2",
+            "SLAPJOIN2.abc",
             "OTHER.abc.0123456789abcdef0123",
-            "SLAPJOIN1.a.short",
+            "SLAPJOIN2.a.short",
+            no_pin.as_str(),
+            short_pin.as_str(),
+            bad_pin.as_str(),
+            old.as_str(),
         ] {
             assert!(JoinToken::parse(bad).is_err(), "{bad}");
         }
@@ -194,7 +222,7 @@ mod tests {
         };
         id.save(dir.path()).unwrap();
         assert_eq!(Identity::load(dir.path()).unwrap(), Some(id));
-        let t = JoinToken::generate();
+        let t = JoinToken::generate(&"00".repeat(32));
         t.save(dir.path()).unwrap();
         let mode = fs::metadata(dir.path().join(TOKEN_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

@@ -7,12 +7,16 @@
 //! master-node leave  --data-dir D | --id N --peer ADDR --token T        remove a replica
 //! master-node status --peer ADDR [--json]                               members, leader, lag
 //! ```
+//!
+//! The cluster port (Raft and the cluster API) is always mutual TLS; the
+//! CA is made by `init`, and a join token carries the CA's hash so that the
+//! joiner and every token-authenticated command recognize the cluster.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use master_node::client::Client;
+use master_node::client::{Client, Credentials};
 use master_node::identity::{Identity, JoinToken};
 use master_node::raft::Timing;
 use master_node::replica::{Running, Stopped};
@@ -83,9 +87,16 @@ struct Admin {
     /// Any replica of the cluster, host:port (its cluster API).
     #[arg(long)]
     peer: String,
-    /// The cluster's join token.
+    /// The cluster's join token (it also pins the cluster's CA).
     #[arg(long, env = "MASTER_JOIN_TOKEN")]
     token: String,
+}
+
+impl Admin {
+    fn client(&self) -> Result<Client, Fail> {
+        let credentials = Credentials::token(&JoinToken::parse(&self.token)?)?;
+        Ok(Client::new(std::slice::from_ref(&self.peer), &credentials)?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -148,6 +159,10 @@ struct NewReplica {
     /// HTTPS with client certificates, unless --insecure-http.
     #[arg(long)]
     slap_listen: Option<String>,
+    /// host:port clients and gateways use to reach --slap-listen (default:
+    /// --slap-listen); every replica learns it through the log.
+    #[arg(long)]
+    slap_advertise: Option<String>,
     /// Serve SLAP over plain HTTP, where no caller is authenticated and every
     /// call is allowed. For local development only; logged at every start.
     #[arg(long)]
@@ -188,6 +203,9 @@ struct RunArgs {
     /// host:port to serve SLAP on: HTTPS with client certificates, unless --insecure-http.
     #[arg(long)]
     slap_listen: Option<String>,
+    /// host:port clients and gateways use to reach --slap-listen (default: --slap-listen).
+    #[arg(long)]
+    slap_advertise: Option<String>,
     /// Serve SLAP over plain HTTP with no authentication (development only).
     #[arg(long)]
     insecure_http: bool,
@@ -219,6 +237,41 @@ struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+/// How a command recognizes the cluster's replicas (their certificates
+/// chain to the cluster's CA): give one of these.
+#[derive(Args, Clone)]
+struct TrustArgs {
+    /// The join token (it carries the CA's hash).
+    #[arg(long, env = "MASTER_JOIN_TOKEN")]
+    token: Option<String>,
+    /// The cluster's CA certificate (ca.crt, as `user add` writes it).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// A replica's data dir on this machine (its tls/ca.crt).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+impl TrustArgs {
+    fn credentials(&self) -> Result<Credentials, Fail> {
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Fail(format!("{}: {e}", p.display())));
+        if let Some(t) = &self.token {
+            return Ok(Credentials::token(&JoinToken::parse(t)?)?);
+        }
+        if let Some(ca) = &self.ca {
+            return Ok(Credentials::ca(&read(ca)?)?);
+        }
+        if let Some(dir) = &self.data_dir {
+            return Ok(Credentials::ca(&read(&dir.join("tls/ca.crt"))?)?);
+        }
+        Err(Fail(
+            "say how to recognize the cluster: --token T (or MASTER_JOIN_TOKEN), --ca ca.crt, or --data-dir of a replica".into(),
+        ))
+    }
 }
 
 // glibc's malloc spent a quarter of a busy replica's CPU in contention and
@@ -371,7 +424,7 @@ async fn certificates(
     days: u64,
     hosts: Vec<String>,
 ) -> Result<slap_proto::cluster::CertificatesReply, Fail> {
-    let client = Client::new(std::slice::from_ref(&admin.peer))?;
+    let client = admin.client()?;
     let req = slap_proto::cluster::CertificatesRequest {
         token: admin.token.clone(),
         action: action.into(),
@@ -412,8 +465,9 @@ fn check_empty(data_dir: &Path) -> Result<(), Fail> {
 
 async fn init(InitArgs { replica: a }: InitArgs) -> Result<(), Fail> {
     check_empty(&a.data_dir)?;
-    let token = JoinToken::generate();
     let advertise = a.advertise();
+    let founding = master_node::founding::Founding::new(&[&a.listen, &advertise])?;
+    let token = founding.token.clone();
     let identity = Identity {
         format: 1,
         cluster_id: token.cluster_id.clone(),
@@ -422,19 +476,27 @@ async fn init(InitArgs { replica: a }: InitArgs) -> Result<(), Fail> {
         advertise: advertise.clone(),
         left: false,
     };
+    std::fs::create_dir_all(&a.data_dir).map_err(|e| Fail(format!("{}: {e}", a.data_dir.display())))?;
+    founding.replica_tls.save(&a.data_dir)?;
     let running = Running::start(&a.data_dir, &identity, &a.timing, true).await?;
     if let Some(addr) = &a.slap_listen {
         running.serve_slap(addr, a.insecure_http).await?;
+        running.announce(a.slap_advertise.as_deref().unwrap_or(addr));
     }
-    running.found_cluster(&advertise, &token).await.map_err(Fail)?;
+    running.found_cluster(&advertise, &founding).await.map_err(Fail)?;
+    let admin_dir = a.data_dir.join("admin");
+    founding
+        .save_admin(&admin_dir)
+        .map_err(|e| Fail(format!("writing {}: {e}", admin_dir.display())))?;
     identity.save(&a.data_dir)?;
     token.save(&a.data_dir)?;
     tracing::info!(cluster = %token.cluster_id, listen = %a.listen, "cluster created; replica 1 is its first member");
     println!("{token}");
     eprintln!(
-        "master-node: cluster {} created. Join more replicas with:\n  master-node join --peer {advertise} --token {token} --data-dir DIR --listen ADDR\n(the token is also in {})",
+        "master-node: cluster {} created. Join more replicas with:\n  master-node join --peer {advertise} --token {token} --data-dir DIR --listen ADDR\n(the token is also in {}; an administrator's certificate is in {})",
         token.cluster_id,
-        a.data_dir.join("join-token").display()
+        a.data_dir.join("join-token").display(),
+        admin_dir.display()
     );
     serve(running).await
 }
@@ -465,12 +527,17 @@ async fn join(
     }
     check_empty(&a.data_dir)?;
     let advertise = a.advertise();
-    let client = Client::new(std::slice::from_ref(&peer))?;
+    // The peer must show the CA the token pins; the joiner's key stays here.
+    let client = Client::new(std::slice::from_ref(&peer), &Credentials::token(&token)?)?;
+    let (csr_pem, key_pem) = master_node::pki::signing_request()?;
+    let hosts = master_node::founding::server_names(&[&a.listen, &advertise]);
     let reply = client
         .call(|mut c| {
             let req = JoinRequest {
                 token: token_text.clone(),
                 addr: advertise.clone(),
+                csr_pem: csr_pem.clone(),
+                hosts: hosts.clone(),
             };
             async move { c.join(req).await }
         })
@@ -482,6 +549,18 @@ async fn join(
             peer, reply.cluster_id, token.cluster_id
         )));
     }
+    if slap_proto::tls::pem_sha256(&reply.ca_pem)? != token.ca_sha256 {
+        return Err(Fail(format!(
+            "{peer} sent a CA that is not the one the token pins; not joining"
+        )));
+    }
+    std::fs::create_dir_all(&a.data_dir).map_err(|e| Fail(format!("{}: {e}", a.data_dir.display())))?;
+    master_node::cluster_tls::ReplicaTls {
+        ca_pem: reply.ca_pem.clone(),
+        cert_pem: reply.certificate_pem.clone(),
+        key_pem,
+    }
+    .save(&a.data_dir)?;
     let identity = Identity {
         format: 1,
         cluster_id: reply.cluster_id.clone(),
@@ -493,6 +572,7 @@ async fn join(
     let running = Running::start(&a.data_dir, &identity, &a.timing, true).await?;
     if let Some(addr) = &a.slap_listen {
         running.serve_slap(addr, a.insecure_http).await?;
+        running.announce(a.slap_advertise.as_deref().unwrap_or(addr));
     }
     identity.save(&a.data_dir)?;
     token.save(&a.data_dir)?;
@@ -509,6 +589,7 @@ async fn join(
         .await;
     match members {
         Ok(m) => {
+            running.mark_joined();
             let ids: Vec<u64> = m.into_inner().members.iter().map(|m| m.id).collect();
             tracing::info!(replica = reply.node_id, members = ?ids, "joined as a voter");
             println!("joined cluster {} as replica {}", reply.cluster_id, reply.node_id);
@@ -540,6 +621,7 @@ async fn restart(a: RunArgs) -> Result<(), Fail> {
     let running = Running::start(&a.data_dir, &identity, &a.timing, false).await?;
     if let Some(addr) = &a.slap_listen {
         running.serve_slap(addr, a.insecure_http).await?;
+        running.announce(a.slap_advertise.as_deref().unwrap_or(addr));
     }
     serve(running).await
 }
@@ -583,7 +665,8 @@ async fn leave(a: LeaveArgs) -> Result<(), Fail> {
             ))
         }
     };
-    let client = Client::new(&[peer])?;
+    let credentials = Credentials::token(&JoinToken::parse(&token)?)?;
+    let client = Client::new(&[peer], &credentials)?;
     let reply = client
         .call(|mut c| {
             let req = LeaveRequest {
@@ -600,10 +683,11 @@ async fn leave(a: LeaveArgs) -> Result<(), Fail> {
 }
 
 async fn status(a: StatusArgs) -> Result<(), Fail> {
-    let mut st = Client::status_of(&a.peer).await?;
+    let credentials = a.trust.credentials()?;
+    let mut st = Client::status_of(&a.peer, &credentials).await?;
     // Lag is only known to the leader: ask it when the peer is not the leader.
     if !st.leader_view && !st.leader_addr.is_empty() && st.leader_addr != a.peer {
-        if let Ok(leader) = Client::status_of(&st.leader_addr).await {
+        if let Ok(leader) = Client::status_of(&st.leader_addr, &credentials).await {
             st.members = leader.members;
             st.leader_view = leader.leader_view;
         }

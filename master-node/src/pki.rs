@@ -26,6 +26,12 @@ use crate::state::{Authority, Certificate, Role};
 #[error("certificate: {0}")]
 pub struct PkiError(String);
 
+impl PkiError {
+    pub fn new(msg: impl Into<String>) -> PkiError {
+        PkiError(msg.into())
+    }
+}
+
 fn err(e: impl std::fmt::Display) -> PkiError {
     PkiError(e.to_string())
 }
@@ -80,8 +86,8 @@ pub struct Issued {
     pub key_pem: String,
 }
 
-/// Signs a certificate for `role`, valid from an hour ago for `days` days.
-/// `server_names` adds subject alternative names (replicas' TLS servers).
+/// Signs a certificate for `role`, valid from an hour ago for `days` days,
+/// with a new key. `server_names` adds subject alternative names (servers).
 pub fn issue(
     ca: &Authority,
     role: &Role,
@@ -89,9 +95,51 @@ pub fn issue(
     days: u64,
     server_names: &[String],
 ) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate().map_err(err)?;
+    let certificate = sign(ca, role, now_secs, days, server_names, &key)?;
+    let key_pem = key.serialize_pem();
+    Ok(Issued {
+        certificate: Certificate {
+            key_pem: matches!(role, Role::Partition(..)).then(|| key_pem.clone()),
+            ..certificate
+        },
+        key_pem,
+    })
+}
+
+/// A new key and a certificate signing request for it (a joining replica
+/// keeps its key to itself and sends the request).
+pub fn signing_request() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(err)?;
+    let csr = CertificateParams::default().serialize_request(&key).map_err(err)?;
+    Ok((csr.pem().map_err(err)?, key.serialize_pem()))
+}
+
+/// Signs a certificate for `role` over the key of a signing request (PEM);
+/// only the request's key is used, never the names it asks for.
+pub fn issue_for_request(
+    ca: &Authority,
+    role: &Role,
+    now_secs: u64,
+    days: u64,
+    server_names: &[String],
+    request_pem: &str,
+) -> Result<Certificate, PkiError> {
+    let request = rcgen::CertificateSigningRequestParams::from_pem(request_pem)
+        .map_err(|e| PkiError(format!("the certificate signing request is invalid: {e}")))?;
+    sign(ca, role, now_secs, days, server_names, &request.public_key)
+}
+
+fn sign(
+    ca: &Authority,
+    role: &Role,
+    now_secs: u64,
+    days: u64,
+    server_names: &[String],
+    public_key: &impl rcgen::PublicKeyData,
+) -> Result<Certificate, PkiError> {
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(err)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(err)?;
-    let key = KeyPair::generate().map_err(err)?;
     let mut params = CertificateParams::new(server_names.to_vec()).map_err(err)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name(role));
@@ -108,19 +156,43 @@ pub fn issue(
     if !server_names.is_empty() {
         params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
     }
-    let cert = params.signed_by(&key, &issuer).map_err(err)?;
-    let key_pem = key.serialize_pem();
-    Ok(Issued {
-        certificate: Certificate {
-            serial: hex::encode(serial),
-            fingerprint: fingerprint(cert.der()),
-            role: role.clone(),
-            cert_pem: cert.pem(),
-            key_pem: matches!(role, Role::Partition(..)).then(|| key_pem.clone()),
-            not_after,
-            revoked: false,
-        },
-        key_pem,
+    let cert = params.signed_by(public_key, &issuer).map_err(err)?;
+    Ok(Certificate {
+        serial: hex::encode(serial),
+        fingerprint: fingerprint(cert.der()),
+        role: role.clone(),
+        cert_pem: cert.pem(),
+        key_pem: None,
+        not_after,
+        revoked: false,
+    })
+}
+
+/// The role a certificate's subject names (the inverse of [`common_name`]).
+/// Trust it only for a certificate whose chain to the CA was verified.
+pub fn role_of(der: &[u8]) -> Option<Role> {
+    role_of_common_name(&slap_proto::tls::common_name(der)?)
+}
+
+/// Parses a subject common name written by [`common_name`].
+pub fn role_of_common_name(cn: &str) -> Option<Role> {
+    if cn == "admin" {
+        return Some(Role::Admin);
+    }
+    let (kind, rest) = cn.split_once(':')?;
+    if rest.is_empty() {
+        return None;
+    }
+    Some(match kind {
+        "user" => Role::User(rest.into()),
+        "computer" => Role::Computer(rest.into()),
+        "partition" => {
+            let (c, p) = rest.rsplit_once('/')?;
+            Role::Partition(c.into(), p.into())
+        }
+        "replica" => Role::Replica(rest.parse().ok()?),
+        "gateway" => Role::Gateway(rest.into()),
+        _ => return None,
     })
 }
 
@@ -130,6 +202,14 @@ pub fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Writes a public file (a certificate) with mode 0644, synced.
+pub fn write_public(path: &std::path::Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(content.as_bytes())?;
+    f.sync_all()
 }
 
 /// Writes `content` to `path` with mode 0600 from its creation on.
@@ -165,5 +245,51 @@ mod tests {
         );
         assert_eq!(a.certificate.not_after, now + 30 * 86400);
         assert!(a.certificate.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn roles_round_trip_through_the_subject() {
+        let now = now_secs();
+        let ca = new_authority("c1", now).unwrap();
+        for role in [
+            Role::Admin,
+            Role::User("alice@example".into()),
+            Role::Computer("COMP-1".into()),
+            Role::Partition("COMP-1".into(), "slappart3".into()),
+            Role::Replica(7),
+            Role::Gateway("gw-1".into()),
+        ] {
+            let issued = issue(&ca, &role, now, 1, &[]).unwrap();
+            let der = rustls::pki_types::CertificateDer::from(
+                rustls::pki_types::pem::PemObject::from_pem_slice(issued.certificate.cert_pem.as_bytes())
+                    .map(|d: rustls::pki_types::CertificateDer<'static>| d.to_vec())
+                    .unwrap(),
+            );
+            assert_eq!(role_of(&der), Some(role));
+        }
+        for bad in ["", "admin:", "user:", "replica:x", "partition:nopartition", "root"] {
+            assert_eq!(role_of_common_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_signing_request_gets_the_role_the_ca_gives_not_the_one_asked() {
+        let now = now_secs();
+        let ca = new_authority("c1", now).unwrap();
+        let (csr, key_pem) = signing_request().unwrap();
+        let cert = issue_for_request(&ca, &Role::Replica(4), now, 1, &["10.0.0.4".into()], &csr).unwrap();
+        assert_eq!(cert.role, Role::Replica(4));
+        assert!(cert.key_pem.is_none());
+        // The certificate is over the requester's key: it pairs with the key kept.
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(cert.cert_pem.as_bytes())
+            .map(|d: rustls::pki_types::CertificateDer<'static>| d.to_vec())
+            .unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let kept = KeyPair::from_pem(&key_pem).unwrap();
+        assert_eq!(
+            parsed.public_key().raw,
+            rcgen::PublicKeyData::subject_public_key_info(&kept).as_slice()
+        );
+        assert!(issue_for_request(&ca, &Role::Replica(4), now, 1, &[], "garbage").is_err());
     }
 }

@@ -21,10 +21,11 @@ use tonic::Status;
 use tracing::{error, info, warn};
 
 use crate::api::{self, Answer, ClientWrite, Query};
+use crate::cluster_tls::{ClusterTlsError, ReplicaTls};
 use crate::identity::{Identity, JoinToken};
-use crate::raft::network::{channel, Network};
+use crate::raft::network::Network;
 use crate::raft::{open_store, MasterTypes, Raft, ReplicaNode, Timing};
-use crate::state::{Command, Master, Proposal, ProposalBatch, Reply};
+use crate::state::{Command, Master, Proposal, ProposalBatch, Reply, Role};
 
 /// How long a call waits for a leader before giving up.
 pub const LEADER_WAIT: Duration = Duration::from_secs(15);
@@ -50,16 +51,26 @@ pub enum StartError {
     WipedLog(PathBuf),
     #[error("openraft refused to start: {0}")]
     Raft(String),
+    #[error(transparent)]
+    Tls(#[from] ClusterTlsError),
 }
 
 /// A replica and everything it shares between its services.
 pub struct Replica {
     pub id: u64,
     pub cluster_id: String,
+    /// Set once this replica is known to be a member (restarted, founded,
+    /// or promoted after joining): from then on, missing from a leader's
+    /// membership means removed (see `watch_metrics`).
+    pub joined: std::sync::atomic::AtomicBool,
     pub data_dir: PathBuf,
     pub raft: Raft,
     pub state: Arc<RwLock<Master>>,
     log: raft_store::LogStore<MasterTypes>,
+    /// This replica's certificate and the cluster's CA.
+    pub tls: ReplicaTls,
+    /// How this replica calls its peers' cluster API (with its certificate).
+    peer_tls: Arc<rustls::ClientConfig>,
     peers: Mutex<HashMap<String, ClusterClient<Channel>>>,
     /// Membership changes are made one at a time.
     membership: tokio::sync::Mutex<()>,
@@ -205,14 +216,6 @@ pub struct Running {
     pub stopped: watch::Receiver<Option<Stopped>>,
 }
 
-/// Accepted connections with Nagle's algorithm off: Raft and its callers
-/// exchange small messages, which Nagle plus delayed ACKs hold back ~40 ms.
-fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(30)))
-}
-
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -225,7 +228,8 @@ fn write_error<E: std::fmt::Display>(e: E) -> Status {
 }
 
 impl Running {
-    /// Opens the store, starts Raft and serves gRPC on `identity.listen`.
+    /// Opens the store, starts Raft and serves gRPC over mutual TLS on
+    /// `identity.listen`, with the certificate in `<data_dir>/tls/`.
     /// `fresh` is true when the replica is being created (init, join); a
     /// replica restarted with `run` must find its log.
     pub async fn start(
@@ -244,9 +248,12 @@ impl Running {
             return Err(StartError::WipedLog(data_dir.to_path_buf()));
         }
         let config = timing.raft_config(&identity.cluster_id).map_err(StartError::Timing)?;
+        let tls = ReplicaTls::load(data_dir)?;
+        let peer_tls = tls.client_config(slap_proto::tls::Expect::AnyReplica)?;
         let (log, sm) = open_store(data_dir)?;
         let state = sm.app();
-        let raft = Raft::new(identity.node_id, config, Network, log.clone(), sm)
+        let server_tls = Arc::new(tls.server_config(Arc::downgrade(&state))?);
+        let raft = Raft::new(identity.node_id, config, Network::new(tls.clone()), log.clone(), sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         let listener = tokio::net::TcpListener::bind(&identity.listen)
@@ -261,10 +268,13 @@ impl Running {
         let replica = Arc::new(Replica {
             id: identity.node_id,
             cluster_id: identity.cluster_id.clone(),
+            joined: std::sync::atomic::AtomicBool::new(!fresh),
             data_dir: data_dir.to_path_buf(),
             raft: raft.clone(),
             state,
             log,
+            tls,
+            peer_tls,
             peers: Mutex::new(HashMap::new()),
             membership: tokio::sync::Mutex::new(()),
             proposer,
@@ -273,15 +283,23 @@ impl Running {
         tokio::spawn(run_forwarder(Arc::downgrade(&replica), forward_queue));
         tokio::spawn(crate::certificates::run_issuer(Arc::downgrade(&replica)));
         let (stop, mut stop_rx) = watch::channel(false);
+        // Accepted connections have Nagle's algorithm off (cluster_tls): Raft
+        // and its callers exchange small messages, which Nagle plus delayed
+        // ACKs hold back ~40 ms. HTTP/2 pings find dead peers.
         let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(
-                slap_proto::cluster::raft_server::RaftServer::new(crate::raft::service::RaftService::new(raft.clone()))
-                    .max_decoding_message_size(64 << 20),
+                slap_proto::cluster::raft_server::RaftServer::new(crate::raft::service::RaftService::new(
+                    raft.clone(),
+                    replica.state.clone(),
+                ))
+                .max_decoding_message_size(64 << 20),
             )
             .add_service(slap_proto::cluster::cluster_server::ClusterServer::new(
                 crate::cluster_service::ClusterService::new(replica.clone()),
             ))
-            .serve_with_incoming_shutdown(incoming(listener), async move {
+            .serve_with_incoming_shutdown(crate::cluster_tls::incoming(listener, server_tls), async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
             });
         let server = tokio::spawn(server);
@@ -343,18 +361,63 @@ impl Running {
         Ok(())
     }
 
+    /// Records, through the log, that this replica serves SLAP and the
+    /// native API at `public_addr` (host:port), so that gateways and
+    /// clients find every replica from any one. Retried in the background
+    /// until it lands (the cluster may be electing).
+    pub fn announce(&self, public_addr: &str) {
+        let replica = Arc::downgrade(&self.replica);
+        let public_addr = public_addr.to_string();
+        tokio::spawn(async move {
+            loop {
+                let Some(r) = replica.upgrade() else { return };
+                let known = r
+                    .state
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .replica_addrs
+                    .get(&r.id)
+                    .cloned();
+                if known.as_deref() == Some(public_addr.as_str()) {
+                    return;
+                }
+                let write = ClientWrite {
+                    request_id: None,
+                    command: Command::AnnounceReplica {
+                        id: r.id,
+                        public_addr: public_addr.clone(),
+                    },
+                };
+                match r.write(write).await {
+                    Ok(_) => {
+                        info!(replica = r.id, %public_addr, "announced the public address");
+                        return;
+                    }
+                    Err(e) => {
+                        drop(r);
+                        warn!("cannot announce the public address yet: {}", e.message());
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+    }
+
     /// A new one-replica cluster in `data_dir`, serving its cluster API on
-    /// `listen` (in-process: tests and benchmarks). Returns it with its join
-    /// token; nothing is written to `data_dir` but the stores.
+    /// `listen` (in-process: tests and benchmarks). Returns it with the
+    /// cluster's founding secrets (join token, administrator's certificate);
+    /// nothing is written to `data_dir` but the stores and `tls/`.
     pub async fn single_replica_cluster(
         data_dir: &Path,
         listen: &str,
         timing: &Timing,
-    ) -> Result<(Running, crate::identity::JoinToken), String> {
-        let token = crate::identity::JoinToken::generate();
+    ) -> Result<(Running, crate::founding::Founding), String> {
+        let founding = crate::founding::Founding::new(&[listen]).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+        founding.replica_tls.save(data_dir).map_err(|e| e.to_string())?;
         let identity = Identity {
             format: 1,
-            cluster_id: token.cluster_id.clone(),
+            cluster_id: founding.token.cluster_id.clone(),
             node_id: 1,
             listen: listen.to_string(),
             advertise: listen.to_string(),
@@ -363,13 +426,14 @@ impl Running {
         let running = Running::start(data_dir, &identity, timing, true)
             .await
             .map_err(|e| e.to_string())?;
-        running.found_cluster(listen, &token).await?;
-        Ok((running, token))
+        running.found_cluster(listen, &founding).await?;
+        Ok((running, founding))
     }
 
     /// Makes this replica the first and only member of a new cluster and
-    /// records the cluster (`master-node init`; tests and benchmarks).
-    pub async fn found_cluster(&self, advertise: &str, token: &crate::identity::JoinToken) -> Result<(), String> {
+    /// records the cluster, its CA and the founding certificates
+    /// (`master-node init`; tests and benchmarks).
+    pub async fn found_cluster(&self, advertise: &str, founding: &crate::founding::Founding) -> Result<(), String> {
         let members: std::collections::BTreeMap<u64, crate::raft::ReplicaNode> = [(
             self.replica.id,
             crate::raft::ReplicaNode {
@@ -383,21 +447,38 @@ impl Running {
             .initialize(members)
             .await
             .map_err(|e| format!("cannot initialize the cluster: {e}"))?;
-        let (reply, _) = self
-            .replica
-            .write(crate::api::ClientWrite {
-                request_id: None,
-                command: crate::state::Command::InitCluster {
-                    id: token.cluster_id.clone(),
-                    token_sha256: token.secret_sha256(),
-                },
-            })
-            .await
-            .map_err(|e| format!("cannot record the cluster: {}", e.message()))?;
-        match reply {
-            crate::state::Reply::Done => Ok(()),
-            other => Err(format!("cannot record the cluster: {other:?}")),
+        let token = &founding.token;
+        let mut commands = vec![
+            Command::InitCluster {
+                id: token.cluster_id.clone(),
+                token_sha256: token.secret_sha256(),
+            },
+            Command::SetAuthority(founding.authority.clone()),
+        ];
+        commands.extend(founding.records.iter().map(|c| Command::RecordCertificate {
+            certificate: c.clone(),
+            registration: None,
+        }));
+        for command in commands {
+            let (reply, _) = self
+                .replica
+                .write(ClientWrite {
+                    request_id: None,
+                    command,
+                })
+                .await
+                .map_err(|e| format!("cannot record the new cluster: {}", e.message()))?;
+            if let Reply::Refused(r) = reply {
+                return Err(format!("cannot record the new cluster: {r}"));
+            }
         }
+        self.mark_joined();
+        Ok(())
+    }
+
+    /// Says this replica is now a member (a joiner, once promoted).
+    pub fn mark_joined(&self) {
+        self.replica.joined.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Waits until the cluster's CA exists (the leader creates it shortly
@@ -433,14 +514,17 @@ impl Running {
 /// Logs leadership changes; notices a fatal Raft error or this replica's
 /// removal from the cluster and reports it through `stopped`.
 ///
-/// A removed replica may never receive the configuration that leaves it out
-/// (the leader stops replicating to it once that configuration commits), so
-/// besides watching its own membership it asks its peers every few seconds:
-/// when a leader of its own cluster lists it no longer, it has been removed.
+/// Removal is decided by a leader, not by this replica's own view: a
+/// removed replica may never receive the configuration that leaves it out
+/// (the leader stops replicating to it once that configuration commits),
+/// and a joiner's own configuration lags behind its promotion while it
+/// catches up (an older configuration, without it, is not a removal). So
+/// once the replica is a member ([`Replica::joined`]), it asks its peers
+/// every few seconds; when a leader of its own cluster no longer lists it,
+/// it has been removed.
 async fn watch_metrics(replica: Arc<Replica>, stopped: watch::Sender<Option<Stopped>>) {
     let mut rx = replica.raft.metrics();
     let mut last_leader = None;
-    let mut was_member = false;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut ticked = false;
     loop {
@@ -460,13 +544,12 @@ async fn watch_metrics(replica: Arc<Replica>, stopped: watch::Sender<Option<Stop
             info!(replica = replica.id, term = m.current_term, leader = ?m.current_leader, "leader changed");
             last_leader = m.current_leader;
         }
-        let membership = m.membership_config.membership();
-        let member = membership.get_node(&replica.id).is_some();
-        was_member |= member;
-        let removed = if was_member && !member && m.membership_config.log_id().is_some() {
-            true
-        } else if was_member && m.state != ServerState::Leader && std::mem::take(&mut ticked) {
-            let peers: Vec<String> = membership
+        let member = replica.joined.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::trace!(member, state = ?m.state, ticked, "membership watch");
+        let removed = if member && m.state != ServerState::Leader && std::mem::take(&mut ticked) {
+            let peers: Vec<String> = m
+                .membership_config
+                .membership()
                 .nodes()
                 .filter(|(id, _)| **id != replica.id)
                 .map(|(_, n)| n.addr.clone())
@@ -521,13 +604,30 @@ async fn log_store_rates(stats: Arc<raft_store::LogStats>) {
 
 /// Asks the peers whether a leader of this cluster has dropped `replica`.
 async fn removed_by_leader(replica: &Replica, peers: &[String]) -> bool {
+    // Without its certificate: once removed, it is revoked and refused.
+    let config = match replica.tls.anonymous_client_config() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("cannot ask the peers whether this replica is still a member: {e}");
+            return false;
+        }
+    };
+    let credentials = crate::client::Credentials::from_config(config);
     for addr in peers {
-        if let Ok(Ok(status)) =
-            tokio::time::timeout(Duration::from_secs(1), crate::client::Client::status_of(addr)).await
-        {
-            if status.cluster_id == replica.cluster_id && status.state == "Leader" {
-                return !status.members.iter().any(|m| m.id == replica.id);
+        let status = tokio::time::timeout(
+            Duration::from_secs(1),
+            crate::client::Client::status_of(addr, &credentials),
+        )
+        .await;
+        match status {
+            Ok(Ok(status)) if status.cluster_id == replica.cluster_id && status.state == "Leader" => {
+                let listed = status.members.iter().any(|m| m.id == replica.id);
+                tracing::debug!(%addr, listed, "asked the leader whether this replica is a member");
+                return !listed;
             }
+            Ok(Ok(status)) => tracing::debug!(%addr, state = %status.state, "asked a peer: not the leader"),
+            Ok(Err(e)) => tracing::debug!(%addr, error = %e, "asked a peer: no status"),
+            Err(_) => tracing::debug!(%addr, "asked a peer: no answer within 1 s"),
         }
     }
     false
@@ -539,8 +639,9 @@ impl Replica {
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
-        let ch = channel(addr).map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
-        let client = ClusterClient::new(ch);
+        let ch = slap_proto::tls::channel(addr, self.peer_tls.clone())
+            .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
+        let client = ClusterClient::new(ch).max_decoding_message_size(64 << 20);
         peers.insert(addr.to_string(), client.clone());
         Ok(client)
     }
@@ -783,9 +884,22 @@ impl Replica {
 
     // ----- membership (leader only) --------------------------------------
 
-    /// Reserves a replica id for a joiner at `addr`.
-    pub async fn reserve(&self, addr: &str) -> Result<u64, Status> {
+    /// Admits a joiner at `addr`: reserves its replica id, signs its
+    /// certificate (`replica:N`, over the key of `csr_pem`) and records it.
+    /// Returns the id and the certificate (PEM).
+    pub async fn admit(&self, addr: &str, csr_pem: &str, hosts: &[String]) -> Result<(u64, String), Status> {
         let _one_at_a_time = self.membership.lock().await;
+        let ca = self
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .authority
+            .clone()
+            .ok_or_else(|| Status::unavailable("the cluster's CA is not applied here yet; retry"))?;
+        // Refuse a bad request before an id is reserved for it.
+        let now = crate::pki::now_secs();
+        crate::pki::issue_for_request(&ca, &Role::Replica(0), now, 1, &[], csr_pem)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Some(member) = self.members().into_iter().find(|m| m.addr == addr) {
             return Err(Status::already_exists(format!(
                 "address {addr} is already used by replica {}; if that replica is gone, remove it first \
@@ -800,12 +914,42 @@ impl Replica {
             })
             .await
             .map_err(|e| e.unwrap_or_else(|| Status::unavailable("leadership lost; retry the join")))?;
-        match reply {
-            Reply::ReplicaId(id) => Ok(id),
-            other => Err(Status::failed_precondition(format!(
-                "cannot reserve a replica id: {other:?}"
-            ))),
+        let id = match reply {
+            Reply::ReplicaId(id) => id,
+            other => {
+                return Err(Status::failed_precondition(format!(
+                    "cannot reserve a replica id: {other:?}"
+                )))
+            }
+        };
+        let mut names: Vec<&str> = hosts.iter().map(String::as_str).collect();
+        names.push(addr);
+        let certificate = crate::pki::issue_for_request(
+            &ca,
+            &Role::Replica(id),
+            now,
+            crate::founding::REPLICA_DAYS,
+            &crate::founding::server_names(&names),
+            csr_pem,
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let pem = certificate.cert_pem.clone();
+        let (reply, _) = self
+            .propose(ClientWrite {
+                request_id: None,
+                command: Command::RecordCertificate {
+                    certificate,
+                    registration: None,
+                },
+            })
+            .await
+            .map_err(|e| e.unwrap_or_else(|| Status::unavailable("leadership lost; retry the join")))?;
+        if let Reply::Refused(r) = reply {
+            return Err(Status::failed_precondition(format!(
+                "cannot record replica {id}'s certificate: {r}"
+            )));
         }
+        Ok((id, pem))
     }
 
     /// Adds a reserved replica as a learner, waits for it to catch up, then
@@ -882,6 +1026,22 @@ impl Replica {
             .await
             .map_err(|e| Status::unavailable(format!("cannot remove replica {id}: {e}")))?;
         info!(replica = id, "removed from the cluster");
+        // Its certificate goes too: a removed replica can no longer speak
+        // Raft, forward writes or read, on any replica.
+        let revoked = self
+            .propose(ClientWrite {
+                request_id: None,
+                command: Command::RevokeRole {
+                    role: Role::Replica(id),
+                },
+            })
+            .await;
+        if !matches!(revoked, Ok((Reply::Done, _))) {
+            warn!(
+                replica = id,
+                "removed, but its certificate could not be revoked: {revoked:?}"
+            );
+        }
         Ok(self.members())
     }
 }

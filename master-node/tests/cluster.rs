@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use master_node::api::{Answer, Query};
-use master_node::client::Client;
+use master_node::client::{Client, Credentials};
 use master_node::state::{self, Params, Reply, RequestOrigin, RequestSpec, Scope};
 
 const BIN: &str = env!("CARGO_BIN_EXE_master-node");
@@ -73,7 +73,7 @@ impl Replica {
         let stdout = r.child.as_mut().unwrap().stdout.take().unwrap();
         let mut line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-        assert!(line.starts_with("SLAPJOIN1."), "init printed {line:?}");
+        assert!(line.starts_with("SLAPJOIN2."), "init printed {line:?}");
         (r, line.trim().to_string())
     }
 
@@ -149,20 +149,20 @@ where
     panic!("timed out waiting for {what}");
 }
 
-async fn status(addr: &str) -> Option<slap_proto::cluster::StatusReply> {
-    Client::status_of(addr).await.ok()
+async fn status(c: &Credentials, addr: &str) -> Option<slap_proto::cluster::StatusReply> {
+    Client::status_of(addr, c).await.ok()
 }
 
-async fn voters(addr: &str) -> Vec<u64> {
-    status(addr)
+async fn voters(c: &Credentials, addr: &str) -> Vec<u64> {
+    status(c, addr)
         .await
         .map(|s| s.members.iter().filter(|m| m.role == "voter").map(|m| m.id).collect())
         .unwrap_or_default()
 }
 
-async fn leader_id(addrs: &[&str]) -> Option<u64> {
+async fn leader_id(c: &Credentials, addrs: &[&str]) -> Option<u64> {
     for a in addrs {
-        if let Some(s) = status(a).await {
+        if let Some(s) = status(c, a).await {
             if s.state == "Leader" {
                 return Some(s.node_id);
             }
@@ -198,19 +198,19 @@ async fn read_value(client: &Client, title: &str) -> Option<String> {
     }
 }
 
-async fn local_digest(addr: &str) -> Option<(u64, String)> {
-    match Client::read_local(addr, &Query::StateDigest).await.ok()? {
+async fn local_digest(c: &Credentials, addr: &str) -> Option<(u64, String)> {
+    match Client::read_local(addr, &Query::StateDigest, c).await.ok()? {
         Answer::StateDigest { last_index, sha256, .. } => Some((last_index, sha256)),
         _ => None,
     }
 }
 
 /// Waits until every replica holds the same state as the others.
-async fn converged(addrs: &[&str]) {
+async fn converged(c: &Credentials, addrs: &[&str]) {
     wait_until("replicas to converge", Duration::from_secs(30), || async {
         let mut seen = BTreeMap::new();
         for a in addrs {
-            match local_digest(a).await {
+            match local_digest(c, a).await {
                 Some((_, d)) => *seen.entry(d).or_insert(0) += 1,
                 None => return false,
             }
@@ -256,9 +256,10 @@ async fn supply_computer(client: &Client) {
 async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
     let base = test_dir();
     let (mut r1, token) = Replica::init(base.path(), "r1");
+    let admin = Credentials::admin_of(&r1.dir).unwrap();
     let a1 = r1.addr.clone();
     wait_until("r1 to lead", Duration::from_secs(20), || async {
-        leader_id(&[&a1]).await == Some(1)
+        leader_id(&admin, &[&a1]).await == Some(1)
     })
     .await;
 
@@ -266,18 +267,18 @@ async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
     let mut r2 = Replica::join(base.path(), "r2", &r1.addr, &token);
     let a2 = r2.addr.clone();
     wait_until("r2 to be a voter", Duration::from_secs(30), || async {
-        voters(&a1).await == vec![1, 2]
+        voters(&admin, &a1).await == vec![1, 2]
     })
     .await;
     let mut r3 = Replica::join(base.path(), "r3", &r2.addr, &token);
     let a3 = r3.addr.clone();
     wait_until("r3 to be a voter", Duration::from_secs(30), || async {
-        voters(&a1).await == vec![1, 2, 3]
+        voters(&admin, &a1).await == vec![1, 2, 3]
     })
     .await;
 
     // Write through a follower.
-    let follower = Client::new(std::slice::from_ref(&a2)).unwrap();
+    let follower = Client::new(std::slice::from_ref(&a2), &admin).unwrap();
     supply_computer(&follower).await;
     let (reply, _) = follower.write(request("before-failover", "v1")).await.unwrap();
     assert!(
@@ -286,7 +287,7 @@ async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
     );
 
     // SIGKILL the leader: another is elected and the write is still there.
-    let old_leader = leader_id(&[&a1, &a2, &a3]).await.expect("a leader");
+    let old_leader = leader_id(&admin, &[&a1, &a2, &a3]).await.expect("a leader");
     let (killed, survivors): (&mut Replica, Vec<String>) = match old_leader {
         1 => (&mut r1, vec![a2.clone(), a3.clone()]),
         2 => (&mut r2, vec![a1.clone(), a3.clone()]),
@@ -295,17 +296,17 @@ async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
     killed.kill();
     let s: Vec<&str> = survivors.iter().map(String::as_str).collect();
     wait_until("a new leader", Duration::from_secs(20), || async {
-        leader_id(&s).await.is_some_and(|l| l != old_leader)
+        leader_id(&admin, &s).await.is_some_and(|l| l != old_leader)
     })
     .await;
-    let client = Client::new(&survivors).unwrap();
+    let client = Client::new(&survivors, &admin).unwrap();
     assert_eq!(read_value(&client, "before-failover").await.as_deref(), Some("v1"));
     let (reply, _) = client.write(request("after-failover", "v2")).await.unwrap();
     assert!(matches!(reply, Reply::Instance(_)));
 
     // The old leader restarts and catches up.
     killed.restart();
-    converged(&[&a1, &a2, &a3]).await;
+    converged(&admin, &[&a1, &a2, &a3]).await;
 
     // Grow to five, then remove two; the removed ones stop by themselves.
     let mut r4 = Replica::join(base.path(), "r4", &a3, &token);
@@ -313,10 +314,10 @@ async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
     let a4 = r4.addr.clone();
     let a5 = r5.addr.clone();
     wait_until("five voters", Duration::from_secs(60), || async {
-        voters(&a1).await.len() == 5
+        voters(&admin, &a1).await.len() == 5
     })
     .await;
-    assert_eq!(voters(&a4).await, vec![1, 2, 3, 4, 5]);
+    assert_eq!(voters(&admin, &a4).await, vec![1, 2, 3, 4, 5]);
     // r4 and r5 joined concurrently: which got id 4 or 5 is up to the race.
     let id_of = |r: &Replica| master_node::identity::Identity::load(&r.dir).unwrap().unwrap().node_id;
     let (id4, id5) = (id_of(&r4), id_of(&r5));
@@ -325,7 +326,7 @@ async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
     let out = cli(&["leave", "--data-dir", r2.dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_until("three voters", Duration::from_secs(30), || async {
-        voters(&a1).await == vec![1, 3, id5]
+        voters(&admin, &a1).await == vec![1, 3, id5]
     })
     .await;
     for removed in [&mut r4, &mut r2] {
@@ -337,12 +338,26 @@ async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
         assert!(!again.status.success(), "a removed replica cannot run again");
         assert!(String::from_utf8_lossy(&again.stderr).contains("left cluster"));
     }
+    // A removed replica's certificate is revoked on every remaining replica:
+    // it is refused at the handshake, so it can neither vote nor append.
+    for removed in [&r4, &r2] {
+        let tls = master_node::cluster_tls::ReplicaTls::load(&removed.dir).unwrap();
+        let with_cert = Credentials::from_config(tls.client_config(slap_proto::tls::Expect::AnyReplica).unwrap());
+        let anonymous = Credentials::from_config(tls.anonymous_client_config().unwrap());
+        for a in [&a1, &a3, &a5] {
+            wait_until("the revocation to apply", Duration::from_secs(10), || async {
+                Client::status_of(a, &with_cert).await.is_err()
+            })
+            .await;
+            assert!(Client::status_of(a, &anonymous).await.is_ok());
+        }
+    }
     // The remaining three still commit writes; removed replicas take no part.
-    let client = Client::new(&[a1.clone(), a3.clone(), a5.clone()]).unwrap();
+    let client = Client::new(&[a1.clone(), a3.clone(), a5.clone()], &admin).unwrap();
     client.write(request("after-shrink", "v3")).await.unwrap();
 
     // Restart every replica at once: all state is kept.
-    let before = local_digest(&a1).await.unwrap();
+    let before = local_digest(&admin, &a1).await.unwrap();
     for r in [&mut r1, &mut r3, &mut r5] {
         r.kill();
     }
@@ -350,10 +365,10 @@ async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
         r.restart();
     }
     wait_until("a leader after full restart", Duration::from_secs(30), || async {
-        leader_id(&[&a1, &a3, &a5]).await.is_some()
+        leader_id(&admin, &[&a1, &a3, &a5]).await.is_some()
     })
     .await;
-    let client = Client::new(&[a1.clone(), a3.clone(), a5.clone()]).unwrap();
+    let client = Client::new(&[a1.clone(), a3.clone(), a5.clone()], &admin).unwrap();
     for (title, value) in [
         ("before-failover", "v1"),
         ("after-failover", "v2"),
@@ -361,8 +376,8 @@ async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
     ] {
         assert_eq!(read_value(&client, title).await.as_deref(), Some(value), "{title} lost");
     }
-    converged(&[&a1, &a3, &a5]).await;
-    let after = local_digest(&a1).await.unwrap();
+    converged(&admin, &[&a1, &a3, &a5]).await;
+    let after = local_digest(&admin, &a1).await.unwrap();
     assert!(after.0 >= before.0);
     drop(r2);
     drop(r4);
@@ -372,16 +387,18 @@ async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
 async fn bad_joins_are_refused_and_change_nothing() {
     let base = test_dir();
     let (r1, token) = Replica::init(base.path(), "r1");
+    let admin = Credentials::admin_of(&r1.dir).unwrap();
     let a1 = r1.addr.clone();
     wait_until("r1 to lead", Duration::from_secs(20), || async {
-        leader_id(&[&a1]).await == Some(1)
+        leader_id(&admin, &[&a1]).await == Some(1)
     })
     .await;
     let d = |name: &str| base.path().join(name).to_str().unwrap().to_string();
 
     // A wrong secret for the right cluster.
     let cluster = token.split('.').nth(1).unwrap();
-    let forged = format!("SLAPJOIN1.{cluster}.{}", "0".repeat(48));
+    let ca_pin = token.split('.').nth(3).unwrap();
+    let forged = format!("SLAPJOIN2.{cluster}.{}.{ca_pin}", "0".repeat(48));
     let out = cli(&[
         "join",
         "--peer",
@@ -465,10 +482,10 @@ async fn bad_joins_are_refused_and_change_nothing() {
 
     // Nothing changed: still one voter, and no replica id was reserved by
     // the refused joins (the next one handed out is 2).
-    assert_eq!(voters(&a1).await, vec![1]);
+    assert_eq!(voters(&admin, &a1).await, vec![1]);
     let mut r2 = Replica::join(base.path(), "r2", &a1, &token);
     wait_until("r2 to join", Duration::from_secs(30), || async {
-        voters(&a1).await == vec![1, 2]
+        voters(&admin, &a1).await == vec![1, 2]
     })
     .await;
     r2.kill();
@@ -479,9 +496,10 @@ async fn bad_joins_are_refused_and_change_nothing() {
 async fn replica_with_wiped_log_is_refused() {
     let base = test_dir();
     let (mut r1, _token) = Replica::init(base.path(), "r1");
+    let admin = Credentials::admin_of(&r1.dir).unwrap();
     let a1 = r1.addr.clone();
     wait_until("r1 to lead", Duration::from_secs(20), || async {
-        leader_id(&[&a1]).await == Some(1)
+        leader_id(&admin, &[&a1]).await == Some(1)
     })
     .await;
     r1.kill();
@@ -498,12 +516,13 @@ async fn replica_with_wiped_log_is_refused() {
 async fn undecodable_log_entry_stops_the_replica_and_names_it() {
     let base = test_dir();
     let (mut r1, _token) = Replica::init(base.path(), "r1");
+    let admin = Credentials::admin_of(&r1.dir).unwrap();
     let a1 = r1.addr.clone();
     wait_until("r1 to lead", Duration::from_secs(20), || async {
-        leader_id(&[&a1]).await == Some(1)
+        leader_id(&admin, &[&a1]).await == Some(1)
     })
     .await;
-    let client = Client::new(std::slice::from_ref(&a1)).unwrap();
+    let client = Client::new(std::slice::from_ref(&a1), &admin).unwrap();
     supply_computer(&client).await;
     r1.kill();
 
@@ -548,15 +567,22 @@ async fn late_joiner_catches_up_from_a_streamed_snapshot() {
         "0",
     ]);
     let a1 = r1.addr.clone();
+    let token_file = r1.dir.join("join-token");
+    wait_until("r1 to be created", Duration::from_secs(20), || {
+        let f = token_file.clone();
+        async move { f.exists() }
+    })
+    .await;
+    let admin = Credentials::admin_of(&r1.dir).unwrap();
     wait_until("r1 to lead", Duration::from_secs(20), || async {
-        leader_id(&[&a1]).await == Some(1)
+        leader_id(&admin, &[&a1]).await == Some(1)
     })
     .await;
     let token = std::fs::read_to_string(r1.dir.join("join-token"))
         .unwrap()
         .trim()
         .to_string();
-    let client = Client::new(std::slice::from_ref(&a1)).unwrap();
+    let client = Client::new(std::slice::from_ref(&a1), &admin).unwrap();
     supply_computer(&client).await;
     // One write per log entry (sequential), well past two snapshots.
     for i in 0..400 {
@@ -574,10 +600,10 @@ async fn late_joiner_catches_up_from_a_streamed_snapshot() {
     let r2 = Replica::join(base.path(), "r2", &a1, &token);
     let a2 = r2.addr.clone();
     wait_until("r2 to be a voter", Duration::from_secs(60), || async {
-        voters(&a1).await == vec![1, 2]
+        voters(&admin, &a1).await == vec![1, 2]
     })
     .await;
-    converged(&[&a1, &a2]).await;
+    converged(&admin, &[&a1, &a2]).await;
     // The joiner holds the snapshot it was sent, not the purged entries.
     assert_eq!(std::fs::read_dir(r2.dir.join("snapshots")).unwrap().count(), 1);
     match Client::read_local(
@@ -586,6 +612,7 @@ async fn late_joiner_catches_up_from_a_streamed_snapshot() {
             scope: Scope::User("alice".into()),
             title: "t9".into(),
         },
+        &admin,
     )
     .await
     .unwrap()

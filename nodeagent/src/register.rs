@@ -2,6 +2,10 @@
 //! Master's cluster API with a one-time registration token
 //! (`master-node computer add ID`), and written to disk with the private key
 //! readable only by root.
+//!
+//! The token (`SLAPREG2.<secret>.<CA sha256>`) pins the cluster's CA: the
+//! node talks only to a replica whose certificate chains to that CA, so a
+//! node is never registered with, and never trusts, a foreign Master.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -20,6 +24,19 @@ pub enum RegisterError {
     Refused(String),
     #[error("writing {0}: {1}")]
     Write(String, std::io::Error),
+    #[error("the registration token is malformed: expected SLAPREG2.<secret>.<CA sha256>, as `master-node computer add` prints it")]
+    BadToken,
+}
+
+/// The CA pin of a registration token.
+fn ca_pin(token: &str) -> Result<slap_proto::tls::Trust, RegisterError> {
+    let mut parts = token.trim().split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("SLAPREG2"), Some(secret), Some(pin), None) if !secret.is_empty() => {
+            slap_proto::tls::Trust::pinned_hex(pin).map_err(|_| RegisterError::BadToken)
+        }
+        _ => Err(RegisterError::BadToken),
+    }
 }
 
 fn write(path: &Path, content: &str, mode: u32) -> Result<(), RegisterError> {
@@ -37,30 +54,51 @@ fn write(path: &Path, content: &str, mode: u32) -> Result<(), RegisterError> {
 
 /// Registers `computer_id` at `master` (a replica's host:port) with `token`.
 pub async fn register(master: &str, token: &str, computer_id: &str, out: &Path) -> Result<(), RegisterError> {
-    let url = if master.contains("://") {
-        master.to_string()
-    } else {
-        format!("http://{master}")
-    };
+    let trust = ca_pin(token)?;
+    let addr = master
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(master)
+        .trim_end_matches('/');
     let unreachable = |e: String| RegisterError::Unreachable(master.to_string(), e);
-    let endpoint = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| unreachable(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30));
-    let channel = endpoint.connect().await.map_err(|e| unreachable(e.to_string()))?;
-    let reply = ClusterClient::new(channel)
-        .certificates(CertificatesRequest {
-            action: "register".into(),
-            name: computer_id.into(),
-            registration: token.into(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| RegisterError::Refused(s.message().to_string()))?
-        .into_inner();
+    let config = slap_proto::tls::client_config(&trust, None, slap_proto::tls::Expect::AnyReplica)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let channel = slap_proto::tls::channel(addr, config).map_err(|e| unreachable(e.to_string()))?;
+    let mut client = ClusterClient::new(channel);
+    let call = client.certificates(CertificatesRequest {
+        action: "register".into(),
+        name: computer_id.into(),
+        registration: token.trim().into(),
+        ..Default::default()
+    });
+    let reply = match tokio::time::timeout(Duration::from_secs(30), call).await {
+        Err(_) => return Err(unreachable("no answer within 30 s".into())),
+        Ok(Err(s)) if s.code() == tonic::Code::Unavailable => return Err(unreachable(s.message().to_string())),
+        Ok(Err(s)) => return Err(RegisterError::Refused(s.message().to_string())),
+        Ok(Ok(r)) => r.into_inner(),
+    };
     std::fs::create_dir_all(out).map_err(|e| RegisterError::Write(out.display().to_string(), e))?;
     write(&out.join("computer.key"), &reply.key_pem, 0o600)?;
     write(&out.join("computer.crt"), &reply.certificate_pem, 0o644)?;
     write(&out.join("ca.crt"), &reply.ca_pem, 0o644)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_must_pin_the_ca() {
+        assert!(ca_pin(&format!("SLAPREG2.abcdef.{}", "ab".repeat(32))).is_ok());
+        for bad in [
+            "",
+            "SLAPREG1.abcdef",
+            "SLAPREG2.abcdef",
+            "SLAPREG2..00",
+            "SLAPREG2.abc.xyz",
+        ] {
+            assert!(ca_pin(bad).is_err(), "{bad}");
+        }
+    }
 }

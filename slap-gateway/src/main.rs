@@ -1,16 +1,19 @@
-//! `slap-gateway`: the stateless front door of the Master for SLAP.
+//! `slap-gateway`: the stateless front door of the Master for SLAP and the
+//! native API.
 //!
-//! It forwards every SLAP call (any path, any method) to a replica. Replicas
-//! already forward writes to the leader and hold calls while a leader is
-//! being elected, so the gateway only has to find a replica that answers:
-//! it keeps the last one that did, moves to the next when a replica does not
-//! answer in time, refuses the connection or answers 503 (no leader, no
-//! quorum), and keeps trying for up to `--hold` seconds before answering 503
-//! itself. Any number of gateways can run side by side: they share nothing.
+//! It forwards every call (any path, any method; SLAP over HTTP/1.1, the
+//! native gRPC API over HTTP/2) to a replica, the leader first: it learns
+//! the replicas and the leader from any replica it can reach
+//! ([`discovery`]). Replicas also forward writes to the leader and hold
+//! calls while a leader is being elected, so when the leader does not
+//! answer in time, refuses the connection or answers 503 (gRPC: UNAVAILABLE),
+//! the gateway moves to the next replica, looks for the new leader, and
+//! keeps trying for up to `--hold` seconds before answering 503 itself.
+//! Any number of gateways can run side by side: they share nothing.
 //!
-//! Retrying a call that may have reached a replica is safe for SLAP: its
-//! writes are idempotent (an identical re-request, report or publication
-//! changes nothing).
+//! Retrying a call that may have reached a replica is safe: SLAP's writes
+//! are idempotent (an identical re-request, report or publication changes
+//! nothing), and native writes carry a request id the Master deduplicates.
 //!
 //! `/healthz` answers 200 while at least one replica does; `/metrics` gives
 //! the counters in the Prometheus text format.
@@ -18,9 +21,10 @@
 //! With `--tls-dir`, callers and replicas speak mutual TLS and the caller's
 //! verified identity travels to the replica (see [`tls`]).
 
+mod discovery;
 mod tls;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,7 +48,9 @@ use hyper_util::rt::TokioExecutor;
     about = "Forwards SLAP calls to a Master replica that answers, holding them through elections"
 )]
 struct Args {
-    /// The replicas' SLAP addresses (host:port, their --slap-listen), comma-separated.
+    /// Some replicas' SLAP addresses (host:port, their --slap-listen or
+    /// --slap-advertise), comma-separated; the others and the leader are
+    /// learned from them.
     #[arg(long, value_delimiter = ',', required = true)]
     replicas: Vec<String>,
     /// host:port to serve SLAP on.
@@ -100,21 +106,36 @@ struct Counters {
 struct CallerFingerprint(String);
 
 struct Gateway {
-    replicas: Vec<String>,
+    discovery: Arc<discovery::Discovery>,
     /// "http" or "https", towards the replicas.
     scheme: &'static str,
-    current: AtomicUsize,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// SLAP (HTTP/1.1) and the native API (HTTP/2) towards the replicas.
+    http1: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http2: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     hold: Duration,
     attempt: Duration,
     counters: Counters,
+}
+
+/// A gRPC call (the native API), by its content type.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/grpc"))
+}
+
+/// A gRPC answer that says the replica cannot serve now (UNAVAILABLE, in a
+/// trailers-only response): another replica, or the next leader, may.
+fn grpc_unavailable(headers: &HeaderMap) -> bool {
+    headers.get("grpc-status").and_then(|v| v.to_str().ok()) == Some("14")
 }
 
 impl Gateway {
     /// One attempt on one replica: the response, or why it is not usable.
     async fn try_replica(
         &self,
-        i: usize,
+        replica: &str,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
@@ -124,9 +145,10 @@ impl Gateway {
         let target = format!(
             "{}://{}{}",
             self.scheme,
-            self.replicas[i],
+            replica,
             uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
         );
+        let grpc = is_grpc(headers);
         let mut req = hyper::Request::builder().method(method.clone()).uri(&target);
         for (name, value) in headers {
             if !HOP_BY_HOP.contains(&name.as_str()) {
@@ -137,12 +159,13 @@ impl Gateway {
             req = req.header(tls::CALLER_HEADER, fp);
         }
         let req = req.body(Full::new(body.clone())).map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(self.attempt, self.client.request(req))
+        let client = if grpc { &self.http2 } else { &self.http1 };
+        let resp = tokio::time::timeout(self.attempt, client.request(req))
             .await
-            .map_err(|_| format!("{} did not answer in time", self.replicas[i]))?
-            .map_err(|e| format!("{}: {e}", self.replicas[i]))?;
-        if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
-            return Err(format!("{} has no leader", self.replicas[i]));
+            .map_err(|_| format!("{replica} did not answer in time"))?
+            .map_err(|e| format!("{replica}: {e}"))?;
+        if resp.status() == StatusCode::SERVICE_UNAVAILABLE || (grpc && grpc_unavailable(resp.headers())) {
+            return Err(format!("{replica} cannot commit now (no leader or no quorum)"));
         }
         // Usable: stream the body through rather than buffering it (a
         // computer document can be hundreds of kilobytes).
@@ -163,17 +186,13 @@ impl Gateway {
         let mut delay = Duration::from_millis(20);
         let mut last_error = String::new();
         loop {
-            let start = self.current.load(Ordering::Relaxed);
-            for k in 0..self.replicas.len() {
-                let i = (start + k) % self.replicas.len();
-                match self.try_replica(i, &method, &uri, &headers, &body, caller).await {
-                    Ok(resp) => {
-                        self.current.store(i, Ordering::Relaxed);
-                        return resp;
-                    }
+            for replica in self.discovery.order() {
+                match self.try_replica(&replica, &method, &uri, &headers, &body, caller).await {
+                    Ok(resp) => return resp,
                     Err(e) => {
                         tracing::debug!("{e}; trying the next replica");
                         self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        self.discovery.stale.notify_one();
                         last_error = e;
                     }
                 }
@@ -186,14 +205,25 @@ impl Gateway {
         }
         self.counters.failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%uri, "no replica answered within {:?}: {last_error}", self.hold);
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "no Master replica answered within {} s (last: {last_error})",
-                self.hold.as_secs()
-            ),
-        )
-            .into_response()
+        let message = format!(
+            "no Master replica answered within {} s (last: {last_error})",
+            self.hold.as_secs()
+        );
+        if is_grpc(&headers) {
+            // A gRPC client reads the status from the headers, not the HTTP code.
+            let mut resp = Response::new(Body::empty());
+            let h = resp.headers_mut();
+            h.insert(
+                hyper::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from_static("14"));
+            if let Ok(m) = HeaderValue::from_str(&message.replace(['\r', '\n'], " ")) {
+                h.insert("grpc-message", m);
+            }
+            return resp;
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, message).into_response()
     }
 }
 
@@ -212,10 +242,10 @@ async fn forward(
 }
 
 async fn healthz(State(gw): State<Arc<Gateway>>) -> Response {
-    for (i, _) in gw.replicas.iter().enumerate() {
+    for replica in gw.discovery.order() {
         let uri: Uri = "/getHateoasUrl".parse().expect("static URI");
         if gw
-            .try_replica(i, &Method::GET, &uri, &HeaderMap::new(), &Bytes::new(), None)
+            .try_replica(&replica, &Method::GET, &uri, &HeaderMap::new(), &Bytes::new(), None)
             .await
             .is_ok()
         {
@@ -230,10 +260,14 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let body = format!(
         "# HELP slap_gateway_calls_total SLAP calls received.\n# TYPE slap_gateway_calls_total counter\nslap_gateway_calls_total {}\n\
          # HELP slap_gateway_retries_total Attempts moved to another replica.\n# TYPE slap_gateway_retries_total counter\nslap_gateway_retries_total {}\n\
-         # HELP slap_gateway_failures_total Calls answered 503 after --hold.\n# TYPE slap_gateway_failures_total counter\nslap_gateway_failures_total {}\n",
+         # HELP slap_gateway_failures_total Calls answered 503 after --hold.\n# TYPE slap_gateway_failures_total counter\nslap_gateway_failures_total {}\n\
+         # HELP slap_gateway_replicas Replicas known (seeds and learned).\n# TYPE slap_gateway_replicas gauge\nslap_gateway_replicas {}\n\
+         # HELP slap_gateway_leader_known Whether the leader is known.\n# TYPE slap_gateway_leader_known gauge\nslap_gateway_leader_known {}\n",
         c.calls.load(Ordering::Relaxed),
         c.retries.load(Ordering::Relaxed),
-        c.failures.load(Ordering::Relaxed)
+        c.failures.load(Ordering::Relaxed),
+        gw.discovery.order().len(),
+        u8::from(gw.discovery.leader().is_some()),
     );
     let mut resp = body.into_response();
     resp.headers_mut().insert(
@@ -268,16 +302,34 @@ async fn main() -> anyhow::Result<()> {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth(),
     };
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(client_tls)
+    let connector1 = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_tls.clone())
         .https_or_http()
         .enable_http1()
+        .wrap_connector(http.clone());
+    let connector2 = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_tls)
+        .https_or_http()
+        .enable_http2()
         .wrap_connector(http);
+    let connect: discovery::Connect = match &tls {
+        Some(files) => {
+            let config = files.native_client_config()?;
+            Box::new(move |addr| slap_proto::tls::channel(addr, config.clone()).ok())
+        }
+        None => Box::new(|addr| {
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .ok()
+                .map(|e| e.connect_timeout(Duration::from_millis(500)).connect_lazy())
+        }),
+    };
+    let discovery = discovery::Discovery::new(args.replicas.clone(), connect);
+    tokio::spawn(discovery.clone().run());
     let gw = Arc::new(Gateway {
-        replicas: args.replicas.clone(),
+        discovery,
         scheme: if tls.is_some() { "https" } else { "http" },
-        current: AtomicUsize::new(0),
-        client: Client::builder(TokioExecutor::new()).build(connector),
+        http1: Client::builder(TokioExecutor::new()).build(connector1),
+        http2: Client::builder(TokioExecutor::new()).http2_only(true).build(connector2),
         hold: Duration::from_secs(args.hold),
         attempt: Duration::from_secs(args.attempt),
         counters: Counters::default(),
@@ -335,7 +387,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let app = app.layer(axum::Extension(CallerFingerprint(fp)));
             let service = hyper_util::service::TowerToHyperService::new(app);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                 .await
             {

@@ -54,16 +54,41 @@ impl TlsFiles {
         Ok(roots)
     }
 
-    /// Callers must present a certificate chaining to the CA.
+    /// Callers must present a certificate chaining to the CA. HTTP/2 (the
+    /// native API) and HTTP/1.1 (SLAP) are both offered.
     pub fn server_config(&self) -> anyhow::Result<rustls::ServerConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
                 .build()?;
-        Ok(rustls::ServerConfig::builder_with_provider(provider)
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // A resumed TLS session skips the client certificate's verification.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(config)
+    }
+
+    /// For the native API's `Cluster` calls: the gateway's identity, and
+    /// only a replica's certificate accepted.
+    pub fn native_client_config(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let ca = self
+            .ca
+            .first()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("ca.crt holds no certificate"))?;
+        let identity = slap_proto::tls::ClientIdentity {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        };
+        Ok(slap_proto::tls::client_config(
+            &slap_proto::tls::Trust::Ca(ca),
+            Some(&identity),
+            slap_proto::tls::Expect::AnyReplica,
+        )?)
     }
 
     /// The gateway's own identity towards replicas, which it checks against the CA.

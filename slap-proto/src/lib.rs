@@ -3,7 +3,9 @@
 //! and gateway never compile RocksDB).
 //!
 //! - [`cluster`]: the gRPC services between replicas (Raft) and of the
-//!   cluster (membership, status, forwarded writes and reads).
+//!   cluster (membership, status, forwarded writes and reads); [`tls`]: the
+//!   cluster port's mutual TLS, client side.
+//! - [`master`]: the Master's native API (typed SLAP, a computer watch).
 //! - [`marshal`]: SLAP's xml_marshaller codec; [`form`]: its form bodies;
 //!   [`instance_xml`]: the instance XML masters store parameters in;
 //!   [`tioxml`]: the usage journals nodes report.
@@ -14,9 +16,20 @@ pub mod marshal;
 pub mod tioxml;
 mod xml_text;
 
+/// Mutual TLS towards a replica's cluster port (client side).
+#[cfg(feature = "grpc")]
+pub mod tls;
+
 /// gRPC: Raft transport and cluster operations (`proto/cluster.proto`).
 #[cfg(feature = "grpc")]
 pub mod cluster {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("slapos.cluster.v1");
+}
+
+/// gRPC: the Master's native API (`proto/master.proto`), SLAP's operations typed.
+#[cfg(feature = "grpc")]
+pub mod master {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("slapos.master.v1");
 }

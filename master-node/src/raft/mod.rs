@@ -120,6 +120,11 @@ impl Timing {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.keep_log_after_snapshot,
             max_payload_entries: 512,
+            // How close a learner must be before a join makes it a voter.
+            // openraft's default (5000 entries) let a learner with an
+            // empty log count as caught up and be promoted at once: a
+            // voter that holds nothing weakens the quorum it joins.
+            replication_lag_threshold: 64,
             snapshot_max_chunk_size: 1 << 20,
             ..Default::default()
         };

@@ -1,11 +1,13 @@
-//! Raft's client side: openraft's `RaftNetwork` over gRPC.
+//! Raft's client side: openraft's `RaftNetwork` over gRPC with mutual TLS.
 //!
-//! Each peer gets a lazily connected tonic channel. A peer that cannot be
-//! reached is reported as `Unreachable`, so openraft backs off instead of
-//! hammering it; any other transport failure is a `Network` error and is
-//! retried at the next heartbeat.
+//! Each peer gets a lazily connected tonic channel that presents this
+//! replica's certificate and accepts only the certificate of the replica it
+//! dials (see `slap_proto::tls`). A peer that cannot be reached is reported
+//! as `Unreachable`, so openraft backs off instead of hammering it; any
+//! other transport failure is a `Network` error and is retried at the next
+//! heartbeat.
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -17,13 +19,23 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use slap_proto::cluster::raft_client::RaftClient;
 use slap_proto::cluster::RaftPayload;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::{MasterTypes, ReplicaNode};
+use crate::cluster_tls::ReplicaTls;
 
 /// Makes a [`PeerClient`] per peer.
-#[derive(Clone, Default)]
-pub struct Network;
+#[derive(Clone)]
+pub struct Network {
+    tls: Arc<ReplicaTls>,
+}
+
+impl Network {
+    /// Peers are called with this replica's certificate.
+    pub fn new(tls: ReplicaTls) -> Network {
+        Network { tls: Arc::new(tls) }
+    }
+}
 
 impl RaftNetworkFactory<MasterTypes> for Network {
     type Network = PeerClient;
@@ -32,6 +44,7 @@ impl RaftNetworkFactory<MasterTypes> for Network {
         PeerClient {
             target,
             addr: node.addr.clone(),
+            tls: self.tls.clone(),
             client: None,
         }
     }
@@ -41,16 +54,8 @@ impl RaftNetworkFactory<MasterTypes> for Network {
 pub struct PeerClient {
     target: u64,
     addr: String,
+    tls: Arc<ReplicaTls>,
     client: Option<RaftClient<Channel>>,
-}
-
-/// A gRPC channel to `addr` (host:port), connected on first use.
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .connect_lazy())
 }
 
 type RpcResult<T, E> = Result<T, RPCError<u64, ReplicaNode, RaftError<u64, E>>>;
@@ -62,7 +67,11 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 impl PeerClient {
     fn client(&mut self) -> Result<RaftClient<Channel>, Unreachable> {
         if self.client.is_none() {
-            let ch = channel(&self.addr).map_err(|e| Unreachable::new(&e))?;
+            let config = self
+                .tls
+                .client_config(slap_proto::tls::Expect::Replica(self.target))
+                .map_err(|e| Unreachable::new(&e))?;
+            let ch = slap_proto::tls::channel(&self.addr, config).map_err(|e| Unreachable::new(&e))?;
             self.client = Some(RaftClient::new(ch).max_decoding_message_size(64 << 20));
         }
         Ok(self.client.clone().expect("set above"))

@@ -145,7 +145,7 @@ pub const CALLER_HEADER: &str = "x-slap-caller";
 /// The role a call acts as: the connection's, or, on a gateway's connection,
 /// that of the certificate the gateway names (which must be recorded and not
 /// revoked). Anyone else's header is ignored.
-fn effective_role(replica: &Replica, role: Role, headers: &axum::http::HeaderMap) -> Result<Role, String> {
+pub fn effective_role(replica: &Replica, role: Role, headers: &axum::http::HeaderMap) -> Result<Role, String> {
     let Role::Gateway(gateway) = &role else { return Ok(role) };
     let Some(fp) = headers.get(CALLER_HEADER).and_then(|v| v.to_str().ok()) else {
         return Ok(role);

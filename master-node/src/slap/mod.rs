@@ -157,6 +157,15 @@ pub fn router(replica: Arc<Replica>) -> Router {
             authz::authorize,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        // The native API (HTTP/2), checked by its own handlers against the
+        // same table: the SLAP middleware above is for form bodies.
+        .route_service(
+            "/slapos.master.v1.Master/{*method}",
+            slap_proto::master::master_server::MasterServer::new(crate::native::MasterService::new(
+                state.replica.clone(),
+            ))
+            .max_decoding_message_size(64 << 20),
+        )
         .with_state(state)
 }
 

@@ -149,12 +149,16 @@ pub fn server_config(replica: &Arc<Replica>, host: &str) -> Result<Option<rustls
         use rustls::pki_types::pem::PemObject;
         PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(tls_err)?
     };
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(tls_err)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(pem_certs(&cert_pem)?, key)
         .map_err(tls_err)?;
+    // HTTP/2 for the native API (gRPC), HTTP/1.1 for SLAP's clients.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // A resumed session would skip the revocation check.
+    crate::cluster_tls::no_resumption(&mut config);
     Ok(Some(config))
 }
 
@@ -213,7 +217,7 @@ pub async fn serve(replica: Arc<Replica>, listener: TcpListener, host: String, m
             let app = router.layer(axum::Extension(Caller(role)));
             let service = hyper_util::service::TowerToHyperService::new(app);
             let io = hyper_util::rt::TokioIo::new(tls);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            if let Err(e) = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .serve_connection(io, service)
                 .await
             {

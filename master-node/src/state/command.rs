@@ -111,8 +111,23 @@ pub enum Command {
     },
     /// Revokes the certificate with this serial.
     RevokeCertificate { serial: String },
+    /// Revokes every certificate of this role (a replica that left).
+    RevokeRole { role: Role },
     /// Reserves the next replica id for a joining replica.
     ReserveReplicaId { addr: String },
+    /// A replica says where it serves SLAP and the native API, so gateways
+    /// and clients can find every replica (and the leader's) from any one.
+    AnnounceReplica { id: u64, public_addr: String },
+    /// Applies `then` only while the partition holds `instance`; refused
+    /// (not found) otherwise. A node's late report or publication, retried
+    /// after the instance was destroyed and the partition given to another,
+    /// must not land on the new tenant.
+    IfPartitionHolds {
+        computer: ComputerId,
+        partition: PartitionId,
+        instance: InstanceId,
+        then: Box<Command>,
+    },
     /// `updateComputerPartitionRelatedInstanceList`: the children the
     /// partition's instance still requests; the others are destroyed.
     SetRelatedInstances {

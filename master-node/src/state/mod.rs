@@ -51,6 +51,7 @@ pub enum Dirty {
     Authority,
     Certificate(String),
     Registration(String),
+    ReplicaAddr(u64),
 }
 
 /// The whole state of the Master.
@@ -69,6 +70,8 @@ pub struct Master {
     pub certificates: BTreeMap<String, Certificate>,
     /// Pending computer registrations: token sha256 -> computer.
     pub registrations: BTreeMap<String, ComputerId>,
+    /// Where each replica serves SLAP and the native API, as it announced.
+    pub replica_addrs: BTreeMap<u64, String>,
     /// Last timestamp handed out; timestamps only grow.
     pub clock: u64,
     /// Log index of the last applied proposal.
@@ -202,6 +205,13 @@ impl Master {
             } => self.set_related(seq, now, computer, partition, titles),
             Command::InitCluster { id, token_sha256 } => self.init_cluster(id, token_sha256),
             Command::ReserveReplicaId { .. } => self.reserve_replica_id(),
+            Command::AnnounceReplica { id, public_addr } => {
+                if self.replica_addrs.get(id) != Some(public_addr) {
+                    self.replica_addrs.insert(*id, public_addr.clone());
+                    self.dirty.insert(Dirty::ReplicaAddr(*id));
+                }
+                Reply::Done
+            }
             Command::SetAuthority(a) => self.set_authority(a),
             Command::AddRegistration { computer, token_sha256 } => {
                 self.registrations.insert(token_sha256.clone(), computer.clone());
@@ -213,6 +223,26 @@ impl Master {
                 registration,
             } => self.record_certificate(certificate, registration.as_deref()),
             Command::RevokeCertificate { serial } => self.revoke_certificate(serial),
+            Command::RevokeRole { role } => self.revoke_role(role),
+            Command::IfPartitionHolds {
+                computer,
+                partition,
+                instance,
+                then,
+            } => {
+                let holds = self
+                    .partitions
+                    .get(&(computer.clone(), partition.clone()))
+                    .is_some_and(|p| p.instance.as_deref() == Some(instance.as_str()));
+                if holds {
+                    // The inner command is applied as this same proposal.
+                    self.execute(seq, now, then)
+                } else {
+                    refused_not_found(format!(
+                        "partition {partition} of {computer} no longer holds {instance}"
+                    ))
+                }
+            }
         }
     }
 
@@ -256,6 +286,15 @@ impl Master {
         if self.certificates.contains_key(&cert.fingerprint) {
             return invalid("this certificate is already recorded");
         }
+        // One live certificate per partition: a second one (a retried or
+        // a former leader's issuance) is refused, so the partition's index
+        // rebuilt at restore is the one kept while running, on every
+        // replica, and freeing the partition revokes all it had.
+        if let (Role::Partition(c, p), false) = (&cert.role, cert.revoked) {
+            if self.partition_certs.contains_key(&(c.clone(), p.clone())) {
+                return invalid(format!("partition {p} of {c} already has a live certificate"));
+            }
+        }
         self.index_certificate(cert);
         self.certificates.insert(cert.fingerprint.clone(), cert.clone());
         self.dirty.insert(Dirty::Certificate(cert.fingerprint.clone()));
@@ -283,6 +322,19 @@ impl Master {
                     self.partition_certs.remove(&key);
                 }
             }
+        }
+        Reply::Done
+    }
+
+    fn revoke_role(&mut self, role: &Role) -> Reply {
+        let serials: Vec<String> = self
+            .certificates
+            .values()
+            .filter(|c| &c.role == role && !c.revoked)
+            .map(|c| c.serial.clone())
+            .collect();
+        for serial in serials {
+            self.revoke_certificate(&serial);
         }
         Reply::Done
     }

@@ -5,8 +5,8 @@
 //! between parts: `c/COMP-1` (and `r/COMP-1`, its revision), `p/COMP-1\0slappart0`, `s/COMP-1\0URL`,
 //! `i/SOFTINST-7`, `x/<client>`, `m` for the counters, `k` for the
 //! cluster's facts, `a` for the certificate authority, `t/<fingerprint>` for
-//! certificates and `g/<token sha256>` for computer registrations. Values are
-//! postcard.
+//! certificates, `g/<token sha256>` for computer registrations and `n/<id>`
+//! for replicas' public addresses. Values are postcard.
 
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +46,7 @@ pub fn key(d: &Dirty) -> Vec<u8> {
         Dirty::Authority => b"a".to_vec(),
         Dirty::Certificate(f) => join("t", &[f]),
         Dirty::Registration(t) => join("g", &[t]),
+        Dirty::ReplicaAddr(n) => join("n", &[&format!("{n:020}")]),
     }
 }
 
@@ -78,6 +79,7 @@ pub fn value(m: &Master, d: &Dirty) -> Option<Vec<u8>> {
         Dirty::Authority => m.authority.as_ref().map(enc),
         Dirty::Certificate(f) => m.certificates.get(f).map(enc),
         Dirty::Registration(t) => m.registrations.get(t).map(enc),
+        Dirty::ReplicaAddr(n) => m.replica_addrs.get(n).map(|a| enc(&(*n, a))),
     }
 }
 
@@ -86,6 +88,7 @@ pub fn all_records(m: &Master) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut keys: Vec<Dirty> = vec![Dirty::Meta, Dirty::Cluster, Dirty::Authority];
     keys.extend(m.certificates.keys().cloned().map(Dirty::Certificate));
     keys.extend(m.registrations.keys().cloned().map(Dirty::Registration));
+    keys.extend(m.replica_addrs.keys().copied().map(Dirty::ReplicaAddr));
     keys.extend(m.computers.keys().cloned().map(Dirty::Computer));
     keys.extend(m.computers.keys().cloned().map(Dirty::Revision));
     keys.extend(m.partitions.keys().map(|(c, p)| Dirty::Partition(c.clone(), p.clone())));
@@ -155,6 +158,10 @@ pub fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<
             Some(b'i') => {
                 let i: Instance = dec(&k, &v)?;
                 m.instances.insert(i.id.clone(), i);
+            }
+            Some(b'n') => {
+                let (id, addr): (u64, String) = dec(&k, &v)?;
+                m.replica_addrs.insert(id, addr);
             }
             Some(b'x') => {
                 let s: Session = dec(&k, &v)?;

@@ -531,6 +531,85 @@ fn records_round_trip() {
     assert_eq!(back, expected);
 }
 
+fn partition_cert(fingerprint: &str, partition: &str) -> Certificate {
+    Certificate {
+        serial: format!("s-{fingerprint}"),
+        fingerprint: fingerprint.into(),
+        role: Role::Partition("COMP-1".into(), partition.into()),
+        cert_pem: String::new(),
+        key_pem: None,
+        not_after: 0,
+        revoked: false,
+    }
+}
+
+#[test]
+fn a_partition_has_one_live_certificate_and_restore_agrees() {
+    let mut w = World::new();
+    w.computer("COMP-1", 2, &[]);
+    let inst = instance(w.request("alice", "a", &[], &[]));
+    let (c, p) = inst.partition.clone().unwrap();
+    // Recorded in the opposite order of their fingerprints, as a retried
+    // and a first issuance may land: the second is refused.
+    let record = |fp: &str| Command::RecordCertificate {
+        certificate: partition_cert(fp, &p),
+        registration: None,
+    };
+    assert_eq!(w.run(record("bb")), Reply::Done);
+    assert!(matches!(w.run(record("aa")), Reply::Refused(Refusal::Invalid(_))));
+    assert_eq!(
+        w.m.partition_certificate(&c, &p).map(|c| c.fingerprint.as_str()),
+        Some("bb")
+    );
+    let back = persist::restore(&mut persist::all_records(&w.m).into_iter()).unwrap();
+    let mut expected = w.m.clone();
+    expected.dirty.clear();
+    assert_eq!(back, expected, "the index rebuilt at restore is the live one");
+    // Freeing the partition revokes its certificate on every replica alike.
+    w.request("alice", "a", &[], &[]);
+    w.run(Command::Request(RequestSpec {
+        requester: RequestOrigin::User("alice".into()),
+        title: "a".into(),
+        software_release: SR.into(),
+        software_type: "default".into(),
+        parameters: Params::new(),
+        sla: Params::new(),
+        shared: false,
+        state: Some(RequestedState::Destroyed),
+    }));
+    w.run(Command::DestroyedPartition {
+        computer: c.clone(),
+        partition: p.clone(),
+    });
+    assert!(w.m.partition_certificate(&c, &p).is_none());
+    assert!(w.m.certificates.values().all(|c| c.revoked));
+}
+
+#[test]
+fn a_guarded_command_applies_only_while_the_partition_holds_the_instance() {
+    let mut w = World::new();
+    w.computer("COMP-1", 1, &[]);
+    let inst = instance(w.request("alice", "a", &[], &[]));
+    let (c, p) = inst.partition.clone().unwrap();
+    let publish = |instance: &str, value: &str| Command::IfPartitionHolds {
+        computer: c.clone(),
+        partition: p.clone(),
+        instance: instance.into(),
+        then: Box::new(Command::SetConnection {
+            computer: c.clone(),
+            partition: p.clone(),
+            shared_reference: None,
+            connection: params(&[("url", value)]),
+        }),
+    };
+    assert_eq!(w.run(publish(&inst.id, "one")), Reply::Done);
+    assert!(matches!(
+        w.run(publish("SOFTINST-999", "two")),
+        Reply::Refused(Refusal::NotFound(_))
+    ));
+    assert_eq!(w.m.instances[&inst.id].connection, params(&[("url", "one")]));
+}
+
 // ----- property test ------------------------------------------------------
 
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use master_node::client::Client;
+use master_node::client::{Client, Credentials};
 use slap_proto::form::encode;
 use slap_proto::marshal::Value;
 
@@ -102,6 +102,8 @@ pub fn gateway_bin() -> PathBuf {
 pub struct SlapCluster {
     pub replicas: Vec<Proc>,
     pub raft: Vec<String>,
+    /// The administrator's certificate `init` wrote.
+    pub admin: Credentials,
     pub gateway_port: u16,
     _gateway: Proc,
     runtime: tokio::runtime::Runtime,
@@ -130,6 +132,7 @@ impl SlapCluster {
         let token_file = dir.join("r0/join-token");
         wait_for("the first replica", || token_file.exists());
         let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+        let admin = Credentials::admin_of(&dir.join("r0")).unwrap();
         for i in 1..3 {
             replicas.push(Proc::spawn(
                 Path::new(BIN),
@@ -149,7 +152,7 @@ impl SlapCluster {
                 ],
             ));
             let voters = |rt: &tokio::runtime::Runtime| {
-                rt.block_on(Client::status_of(&raft[0]))
+                rt.block_on(Client::status_of(&raft[0], &admin))
                     .map(|s| s.members.iter().filter(|m| m.role == "voter").count())
                     .unwrap_or(0)
             };
@@ -176,6 +179,7 @@ impl SlapCluster {
         SlapCluster {
             replicas,
             raft,
+            admin,
             gateway_port,
             _gateway: gateway,
             runtime,
@@ -187,7 +191,7 @@ impl SlapCluster {
         let leader = (0..3)
             .find(|i| {
                 self.runtime
-                    .block_on(Client::status_of(&self.raft[*i]))
+                    .block_on(Client::status_of(&self.raft[*i], &self.admin))
                     .is_ok_and(|s| s.state == "Leader")
             })
             .expect("a leader");

@@ -1,0 +1,373 @@
+//! The cluster port over mutual TLS: a replica's key material on disk, the
+//! server configuration, and connections that carry who the caller is.
+//!
+//! The cluster port serves Raft and the cluster API. Every replica has a
+//! certificate from the cluster's CA naming it (`replica:N`); it serves with
+//! it and presents it when it calls a peer. Clients other than replicas may
+//! present an administrator's certificate, or none: calls authenticated by
+//! the join token (join, leave, certificates) and `status` need none.
+//!
+//! A presented certificate must chain to the cluster's CA and must not be
+//! revoked in this replica's state; revocation is checked at the handshake
+//! and again on every call ([`Peer::live_role`]), since a Raft connection
+//! lives for hours. A replica that has just joined has not applied the
+//! revocations yet: until it catches up it trusts what the CA signed, which
+//! is what the CA pin in its join token vouches for.
+//!
+//! Files, in `<data dir>/tls/`: `ca.crt`, `replica.crt`, `replica.key`
+//! (mode 0600). `master-node init` also writes an administrator's
+//! certificate to `<data dir>/admin/` for the operator.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use slap_proto::tls::{ClientIdentity, Expect, Trust};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::debug;
+
+use crate::pki;
+use crate::state::{Master, Role};
+
+/// Why the cluster port's TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterTlsError {
+    #[error("{path}: {source} (a replica's TLS files are written by init and join; is this a replica's data dir?)")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Config(String),
+}
+
+fn config_err(e: impl std::fmt::Display) -> ClusterTlsError {
+    ClusterTlsError::Config(e.to_string())
+}
+
+/// A replica's certificate, key and the cluster's CA (PEM).
+#[derive(Clone)]
+pub struct ReplicaTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for ReplicaTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaTls").finish_non_exhaustive()
+    }
+}
+
+impl ReplicaTls {
+    /// Reads `<data_dir>/tls/`.
+    pub fn load(data_dir: &Path) -> Result<ReplicaTls, ClusterTlsError> {
+        let dir = data_dir.join("tls");
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| ClusterTlsError::Read {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        Ok(ReplicaTls {
+            ca_pem: read("ca.crt")?,
+            cert_pem: read("replica.crt")?,
+            key_pem: read("replica.key")?,
+        })
+    }
+
+    /// Writes `<data_dir>/tls/` (the key with mode 0600), synced.
+    pub fn save(&self, data_dir: &Path) -> Result<(), ClusterTlsError> {
+        let dir = data_dir.join("tls");
+        let fail = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| ClusterTlsError::Write { path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(fail(&dir))?;
+        pki::write_private(&dir.join("replica.key"), &self.key_pem).map_err(fail(&dir.join("replica.key")))?;
+        pki::write_public(&dir.join("replica.crt"), &self.cert_pem).map_err(fail(&dir.join("replica.crt")))?;
+        pki::write_public(&dir.join("ca.crt"), &self.ca_pem).map_err(fail(&dir.join("ca.crt")))?;
+        std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(fail(&dir))
+    }
+
+    /// How this replica trusts its peers: the CA itself.
+    pub fn trust(&self) -> Result<Trust, ClusterTlsError> {
+        Trust::ca_pem(&self.ca_pem).map_err(config_err)
+    }
+
+    /// Presenting this replica's certificate, towards `expect`.
+    pub fn client_config(&self, expect: Expect) -> Result<Arc<rustls::ClientConfig>, ClusterTlsError> {
+        let identity = ClientIdentity::from_pem(&self.cert_pem, &self.key_pem).map_err(config_err)?;
+        slap_proto::tls::client_config(&self.trust()?, Some(&identity), expect).map_err(config_err)
+    }
+
+    /// Presenting no certificate (asking whether this replica was removed:
+    /// its own certificate is revoked by then).
+    pub fn anonymous_client_config(&self) -> Result<Arc<rustls::ClientConfig>, ClusterTlsError> {
+        slap_proto::tls::client_config(&self.trust()?, None, Expect::AnyReplica).map_err(config_err)
+    }
+
+    /// The server configuration of the cluster port.
+    pub fn server_config(&self, state: Weak<RwLock<Master>>) -> Result<rustls::ServerConfig, ClusterTlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ca = CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).map_err(config_err)?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone()).map_err(config_err)?;
+        let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(config_err)?;
+        let mut certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(config_err)?;
+        // The CA goes along, so a client that pins its hash can find it.
+        certs.push(ca);
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(config_err)?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(config_err)?
+            .with_client_cert_verifier(Arc::new(NotRevoked { chain, state }))
+            .with_single_cert(certs, key)
+            .map_err(config_err)?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        no_resumption(&mut config);
+        Ok(config)
+    }
+}
+
+/// Turns TLS session resumption off: a resumed session skips the client
+/// certificate's verification, so a revoked certificate would keep working
+/// for as long as its session could be resumed. Every connection gets a
+/// full handshake and the revocation check.
+pub fn no_resumption(config: &mut rustls::ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+}
+
+/// Client certificates: chained to the CA (webpki), optional, and not
+/// revoked in this replica's state.
+#[derive(Debug)]
+struct NotRevoked {
+    chain: Arc<dyn ClientCertVerifier>,
+    state: Weak<RwLock<Master>>,
+}
+
+fn is_revoked(state: &Weak<RwLock<Master>>, fingerprint: &str) -> bool {
+    state.upgrade().is_some_and(|s| {
+        s.read()
+            .unwrap_or_else(|e| e.into_inner())
+            .certificates
+            .get(fingerprint)
+            .is_some_and(|c| c.revoked)
+    })
+}
+
+impl ClientCertVerifier for NotRevoked {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.chain.verify_client_cert(end_entity, intermediates, now)?;
+        if is_revoked(&self.state, &pki::fingerprint(end_entity)) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
+/// Who is on the other end of a cluster-port connection.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    pub remote: Option<SocketAddr>,
+    /// The role the verified certificate names, if one was presented.
+    pub role: Option<Role>,
+    /// sha256 (hex) of that certificate.
+    pub fingerprint: Option<String>,
+}
+
+impl Peer {
+    /// The caller of a gRPC request (no certificate if the connection was
+    /// not one of ours, as in in-process tests).
+    pub fn of<T>(req: &tonic::Request<T>) -> Peer {
+        req.extensions().get::<Peer>().cloned().unwrap_or_default()
+    }
+
+    /// The role, unless its certificate was revoked since the handshake.
+    pub fn live_role(&self, state: &RwLock<Master>) -> Option<Role> {
+        let fp = self.fingerprint.as_deref()?;
+        let revoked = state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .certificates
+            .get(fp)
+            .is_some_and(|c| c.revoked);
+        if revoked {
+            None
+        } else {
+            self.role.clone()
+        }
+    }
+
+    /// Requires an administrator's or a replica's certificate.
+    pub fn require_replica_or_admin(&self, state: &RwLock<Master>, what: &str) -> Result<Role, tonic::Status> {
+        match self.live_role(state) {
+            Some(r @ (Role::Admin | Role::Replica(_))) => Ok(r),
+            Some(other) => Err(tonic::Status::permission_denied(format!(
+                "{what} is for replicas and administrators, not {other}"
+            ))),
+            None => Err(tonic::Status::unauthenticated(format!(
+                "{what} needs a replica's or an administrator's certificate (none presented, or revoked)"
+            ))),
+        }
+    }
+}
+
+/// A TLS connection and the peer it authenticated.
+pub struct Authenticated {
+    io: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: Peer,
+}
+
+impl tonic::transport::server::Connected for Authenticated {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for Authenticated {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Authenticated {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Accepts connections on `listener` and hands over those whose TLS
+/// handshake succeeded. Handshakes run side by side (a slow or silent
+/// client holds only its own), each bounded to 10 s; failures are logged
+/// and dropped, never passed to the server.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Authenticated>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        debug!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let io = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(io)) => io,
+                    Ok(Err(e)) => {
+                        debug!(%remote, error = %e, "cluster port: TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%remote, "cluster port: TLS handshake timed out");
+                        return;
+                    }
+                };
+                let cert = io.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+                let peer = Peer {
+                    remote: Some(remote),
+                    role: cert.as_ref().and_then(|c| pki::role_of(c)),
+                    fingerprint: cert.as_ref().map(|c| pki::fingerprint(c)),
+                };
+                let _ = tx.send(Ok(Authenticated { io, peer })).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
