@@ -1,0 +1,24 @@
+//! The chaos suite: real clusters built from our binaries, real faults
+//! (SIGKILL, SIGSTOP, cut cables, cut and slowed links, membership changes,
+//! a wiped replica), a workload whose every call is recorded, and checkers
+//! that prove from that history that nothing acknowledged was lost and
+//! that each instance behaved as one linearizable object.
+//!
+//! - [`net`]: one network namespace per replica, veth and a bridge;
+//! - [`proxy`]: a TCP proxy on every replica link (cut, one-way, delay, loss);
+//! - [`cluster`]: master-node replicas, gateways and identities;
+//! - [`workload`]: users, readers and a prober; [`simnode`]: simulated nodes;
+//! - [`nemesis`]: the faults; [`history`]: what was seen;
+//! - [`checker`]: what must hold; [`report`]: what a run leaves behind;
+//! - [`run`]: one run from start to verdict.
+
+pub mod checker;
+pub mod cluster;
+pub mod history;
+pub mod nemesis;
+pub mod net;
+pub mod proxy;
+pub mod report;
+pub mod run;
+pub mod simnode;
+pub mod workload;
