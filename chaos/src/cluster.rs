@@ -55,6 +55,18 @@ impl Bins {
     }
 }
 
+/// Makes `cmd`'s process die with the suite: should the suite itself be
+/// killed (SIGKILL, a crash), the kernel sends the child SIGKILL, so no
+/// replica, gateway or node outlives the run that started it. (The signal
+/// survives the `exec` of `ip netns exec`.)
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from))
+    }
+}
+
 /// A process we started, killed when dropped.
 pub struct Proc {
     pub child: Option<Child>,
@@ -243,7 +255,7 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file(&r.log)?);
-        cmd.spawn().context("starting master-node")
+        die_with_parent(&mut cmd).spawn().context("starting master-node")
     }
 
     async fn init_first(&mut self) -> anyhow::Result<()> {
@@ -424,7 +436,8 @@ impl Cluster {
             .map(|r| r.public.clone())
             .collect::<Vec<_>>()
             .join(",");
-        let child = Command::new(&self.bins.gateway)
+        let mut cmd = Command::new(&self.bins.gateway);
+        let child = die_with_parent(&mut cmd)
             .args([
                 "--replicas",
                 &seeds,

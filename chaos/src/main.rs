@@ -142,9 +142,13 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let outcome = runtime.block_on(async {
+                let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+                    return Some(Err(anyhow::anyhow!("cannot watch for SIGTERM")));
+                };
                 tokio::select! {
                     r = chaos::run::run(cfg) => Some(r),
                     _ = tokio::signal::ctrl_c() => None,
+                    _ = term.recv() => None,
                 }
             });
             // Whatever happened, nothing of ours stays behind.

@@ -87,7 +87,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         let id = format!("COMP-{k}");
         let identity = c.register_computer(&id).await?;
         let history = dir.join(format!("node-{k}.jsonl"));
-        let child = Command::new(&bins.chaos)
+        let mut cmd = Command::new(&bins.chaos);
+        let child = crate::cluster::die_with_parent(&mut cmd)
             .args(["sim-node", "--computer", &id, "--identity"])
             .arg(&identity)
             .args(["--doors", &door_list.join(","), "--partitions", "8", "--history"])
