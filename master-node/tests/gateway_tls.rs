@@ -209,6 +209,53 @@ async fn the_gateway_passes_on_the_verified_caller_and_nothing_else() {
     assert_eq!(st, 403, "a gateway certificate alone listed instances");
     let _ = ops;
 
+    // The native API through the gateway is Alice's too, and a forged
+    // caller header is dropped by the gateway, ignored by the replica.
+    {
+        use slap_proto::master as pb;
+        let native = |name: &str| {
+            let read = |f: String| std::fs::read_to_string(ids.join(f)).unwrap();
+            let identity =
+                slap_proto::tls::ClientIdentity::from_pem(&read(format!("{name}.crt")), &read(format!("{name}.key")))
+                    .unwrap();
+            let config = slap_proto::tls::client_config(
+                &slap_proto::tls::Trust::ca_pem(&read("ca.crt".into())).unwrap(),
+                Some(&identity),
+                slap_proto::tls::Expect::ReplicaOrGateway,
+            )
+            .unwrap();
+            pb::master_client::MasterClient::new(
+                slap_proto::tls::channel(&format!("127.0.0.1:{gw_port}"), config).unwrap(),
+            )
+        };
+        let mut alice_native = native("alice");
+        let inst = alice_native
+            .request(pb::RequestInstanceRequest {
+                title: "alice-native".into(),
+                software_release: "https://lab.example.org/sr.cfg".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("a native request through the TLS gateway")
+            .into_inner();
+        assert_eq!(inst.owner, "alice");
+        let mut bob_native = native("bob");
+        let mut supply = tonic::Request::new(pb::SupplyRequest {
+            computer_id: "COMP-1".into(),
+            url: "https://lab.example.org/sr.cfg".into(),
+            ..Default::default()
+        });
+        supply.metadata_mut().insert("x-slap-caller", ops_fp.parse().unwrap());
+        let denied = bob_native.supply(supply).await.unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+        let listed = bob_native
+            .list_instances(pb::ListInstancesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(listed.instances.iter().all(|i| i.owner == "bob"), "{listed:?}");
+    }
+
     // Revoking Alice shuts her out through the gateway too.
     let list = admin(&["cert", "list"], &raft, &token);
     let serial = list
