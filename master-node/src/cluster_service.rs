@@ -37,6 +37,11 @@ impl ClusterService {
         if peer.live_role(&self.replica.state) == Some(Role::Admin) {
             return Ok(());
         }
+        if token.is_empty() {
+            return Err(Status::unauthenticated(
+                "this call needs the cluster's join token (--token or MASTER_JOIN_TOKEN) or an administrator's certificate",
+            ));
+        }
         self.replica.check_token(token)
     }
 }

@@ -204,3 +204,110 @@ async fn a_replica_speaks_raft_only_for_itself() {
     assert!(wrong.vote(RaftPayload { data: vote_from(7) }).await.is_err());
     running.shutdown().await;
 }
+
+/// Every cluster-port method against every role: who may call it without
+/// the join token, and that a refusal changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cluster_method_is_checked_against_the_callers_role() {
+    use slap_proto::cluster::cluster_client::ClusterClient;
+    use slap_proto::cluster::*;
+    let (_dir, running, founding, addr) = cluster().await;
+    let roles = [
+        ("user A", Role::User("alice".into())),
+        ("user B", Role::User("bob".into())),
+        ("computer X", Role::Computer("X".into())),
+        ("partition of X", Role::Partition("X".into(), "p0".into())),
+        ("gateway", Role::Gateway("gw".into())),
+        ("replica 7", Role::Replica(7)),
+        ("admin", Role::Admin),
+    ];
+    let write = postcard::to_allocvec(&ClientWrite {
+        request_id: None,
+        command: set_computer("COMP-MATRIX"),
+    })
+    .unwrap();
+    let query = postcard::to_allocvec(&master_node::api::Query::StateDigest).unwrap();
+    let replica_or_admin = ["replica 7", "admin"];
+    for (name, role) in &roles {
+        let (creds, _) = signed_for(&founding, role);
+        let mut c = ClusterClient::new(creds.channel(&addr).unwrap());
+        let before = computers(&running);
+        let allowed = |ok: bool, method: &str, r: Result<(), tonic::Status>| match (ok, r) {
+            (true, Err(s)) => assert!(
+                !matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated),
+                "{name} {method} refused: {s:?}"
+            ),
+            (false, Ok(())) => panic!("{name} {method} was allowed"),
+            (false, Err(s)) => assert!(
+                matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated),
+                "{name} {method}: {s:?}"
+            ),
+            (true, Ok(())) => {}
+        };
+        let may_write = replica_or_admin.contains(name);
+        let w = c.write(WriteRequest { proposal: write.clone() }).await.map(|_| ());
+        allowed(may_write, "Write", w);
+        let wb = c
+            .write_batch(WriteBatchRequest {
+                proposals: vec![write.clone()],
+            })
+            .await
+            .map(|_| ());
+        allowed(may_write, "WriteBatch", wb);
+        let rd = c
+            .read(ReadRequest {
+                query: query.clone(),
+                local: true,
+            })
+            .await
+            .map(|_| ());
+        allowed(may_write, "Read", rd);
+        allowed(true, "Status", c.status(StatusRequest {}).await.map(|_| ()));
+        // Without the token, operator calls are an administrator's only.
+        let admin_only = *name == "admin";
+        let list = c
+            .certificates(CertificatesRequest {
+                action: "list".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ());
+        allowed(admin_only, "Certificates list", list);
+        let leave = c
+            .leave(LeaveRequest {
+                token: String::new(),
+                node_id: 99,
+            })
+            .await
+            .map(|_| ());
+        allowed(admin_only, "Leave", leave);
+        let promote = c
+            .promote(PromoteRequest {
+                token: String::new(),
+                node_id: 99,
+                addr: "127.0.0.1:1".into(),
+            })
+            .await
+            .map(|_| ());
+        allowed(admin_only, "Promote", promote);
+        if !may_write {
+            assert_eq!(computers(&running), before, "{name}: a refused call changed the state");
+        }
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_is_refused_at_the_handshake() {
+    let (_dir, running, founding, addr) = cluster().await;
+    // Valid from an hour ago for zero days: expired already.
+    let issued = pki::issue(&founding.authority, &Role::Admin, pki::now_secs() - 7200, 0, &[]).unwrap();
+    let expired = Credentials::identity(
+        &founding.authority.cert_pem,
+        &issued.certificate.cert_pem,
+        &issued.key_pem,
+    )
+    .unwrap();
+    assert!(Client::status_of(&addr, &expired).await.is_err());
+    running.shutdown().await;
+}
