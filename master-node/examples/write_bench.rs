@@ -314,7 +314,10 @@ impl Master {
                     let bytes = postcard::to_allocvec(&write).unwrap();
                     let t = Instant::now();
                     if ch
-                        .write(slap_proto::cluster::WriteRequest { proposal: bytes })
+                        .write(slap_proto::cluster::WriteRequest {
+                            proposal: bytes,
+                            token: String::new(),
+                        })
                         .await
                         .is_ok()
                     {
@@ -377,6 +380,7 @@ impl Master {
             let mut ch = chans[i % chans.len()].clone();
             let req = slap_proto::cluster::WriteRequest {
                 proposal: postcard::to_allocvec(&write).unwrap(),
+                token: String::new(),
             };
             if let Ok(Ok(_)) = tokio::time::timeout(ATTEMPT, ch.write(req)).await {
                 break;

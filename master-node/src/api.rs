@@ -4,10 +4,11 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::state::ledger::{self, Report, ReportFor};
 use crate::state::{persist, Command, Instance, Master, RequestId, Scope};
 
 /// A write as a client sends it; the leader adds the time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientWrite {
     pub request_id: Option<RequestId>,
     pub command: Command,
@@ -22,10 +23,16 @@ pub enum Query {
     StateDigest,
     /// Every instance of a user's trees, or everyone's (`None`), by id.
     Instances { owner: Option<String> },
+    /// A usage report for a month (`[start, end)` in microseconds).
+    Usage {
+        who: ReportFor,
+        period_start_us: u64,
+        period_end_us: u64,
+    },
 }
 
 /// The answer to a [`Query`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Answer {
     Instance(Option<Box<Instance>>),
     StateDigest {
@@ -34,6 +41,7 @@ pub enum Answer {
         instances: usize,
     },
     Instances(Vec<Instance>),
+    Usage(Report),
 }
 
 /// Answers `query` from `state`.
@@ -50,6 +58,19 @@ pub fn answer(state: &Master, query: &Query) -> Answer {
                 .cloned()
                 .collect(),
         ),
+        Query::Usage {
+            who,
+            period_start_us,
+            period_end_us,
+        } => {
+            let period = ledger::Period {
+                start_us: *period_start_us,
+                end_us: *period_end_us,
+            };
+            // Open hosting counts up to the Master's own clock, which is the
+            // same on every replica at one log position.
+            Answer::Usage(ledger::report(&state.ledger, who, &period, state.clock))
+        }
         Query::StateDigest => Answer::StateDigest {
             last_index: state.last_index,
             sha256: digest(state),

@@ -116,6 +116,9 @@ pub struct Client {
     seq: AtomicU64,
     /// How long a call keeps trying.
     pub patience: Duration,
+    /// The join token, sent with writes and reads (an operator without an
+    /// administrator's certificate); empty otherwise.
+    pub token: String,
 }
 
 fn retryable(status: &tonic::Status) -> bool {
@@ -151,6 +154,7 @@ impl Client {
             client_id: format!("cli-{}", hex::encode(id)),
             seq: AtomicU64::new(0),
             patience: Duration::from_secs(30),
+            token: String::new(),
         })
     }
 
@@ -193,7 +197,8 @@ impl Client {
         let reply = self
             .with_retry(|mut c| {
                 let proposal = bytes.clone();
-                async move { c.write(slap_proto::cluster::WriteRequest { proposal }).await }
+                let token = self.token.clone();
+                async move { c.write(slap_proto::cluster::WriteRequest { proposal, token }).await }
             })
             .await?
             .into_inner();
@@ -208,7 +213,15 @@ impl Client {
         let reply = self
             .with_retry(|mut c| {
                 let query = bytes.clone();
-                async move { c.read(slap_proto::cluster::ReadRequest { query, local: false }).await }
+                let token = self.token.clone();
+                async move {
+                    c.read(slap_proto::cluster::ReadRequest {
+                        query,
+                        local: false,
+                        token,
+                    })
+                    .await
+                }
             })
             .await?
             .into_inner();
@@ -222,6 +235,7 @@ impl Client {
         let req = slap_proto::cluster::ReadRequest {
             query: postcard::to_allocvec(query).expect("queries encode"),
             local: true,
+            token: String::new(),
         };
         let reply = match tokio::time::timeout(Duration::from_secs(5), c.read(req)).await {
             Ok(Ok(r)) => r.into_inner(),

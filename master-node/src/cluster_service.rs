@@ -32,6 +32,15 @@ impl ClusterService {
         Self { replica }
     }
 
+    /// Writes and reads: replicas forwarding, administrators, or an operator
+    /// with the join token.
+    fn replica_admin_or_token(&self, peer: &Peer, token: &str, what: &str) -> Result<(), Status> {
+        if token.is_empty() {
+            return peer.require_replica_or_admin(&self.replica.state, what).map(|_| ());
+        }
+        self.replica.check_token(token)
+    }
+
     /// An operator's call: an administrator's certificate, or the join token.
     fn operator(&self, peer: &Peer, token: &str) -> Result<(), Status> {
         if peer.live_role(&self.replica.state) == Some(Role::Admin) {
@@ -111,7 +120,7 @@ impl Cluster for ClusterService {
     }
 
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
-        Peer::of(&req).require_replica_or_admin(&self.replica.state, "Write")?;
+        self.replica_admin_or_token(&Peer::of(&req), &req.get_ref().token, "Write")?;
         let write: ClientWrite = postcard::from_bytes(&req.into_inner().proposal)
             .map_err(|e| Status::invalid_argument(format!("undecodable write: {e}")))?;
         let (reply, log_index) = self.replica.write(write).await?;
@@ -153,7 +162,7 @@ impl Cluster for ClusterService {
     }
 
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
-        Peer::of(&req).require_replica_or_admin(&self.replica.state, "Read")?;
+        self.replica_admin_or_token(&Peer::of(&req), &req.get_ref().token, "Read")?;
         let req = req.into_inner();
         let query = postcard::from_bytes(&req.query)
             .map_err(|e| Status::invalid_argument(format!("undecodable query: {e}")))?;

@@ -7,6 +7,7 @@
 //! ([`replica`], [`cluster_service`]), and forward to the leader whatever
 //! needs it. [`client`] is the client side used by the CLI and tests.
 
+pub mod accounting;
 pub mod api;
 pub mod certificates;
 pub mod client;

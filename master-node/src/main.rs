@@ -64,6 +64,57 @@ enum Cmd {
     /// Gateways: `gateway add NAME --host H` issues a slap-gateway's certificate.
     #[command(subcommand)]
     Gateway(GatewayCmd),
+    /// Usage and invoices: what a subscriber used in a month, or what a computer provided.
+    Usage(UsageArgs),
+    /// Prices: `price set RESOURCE AMOUNT --currency C [--release URL]`, `price remove`.
+    #[command(subcommand)]
+    Price(PriceCmd),
+}
+
+#[derive(Args)]
+struct UsageArgs {
+    /// The subscriber (a user name)...
+    #[arg(long, required_unless_present = "computer", conflicts_with = "computer")]
+    subscriber: Option<String>,
+    /// ...or the providing computer.
+    #[arg(long)]
+    computer: Option<String>,
+    /// The month, YYYY-MM.
+    #[arg(long)]
+    period: String,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    admin: Admin,
+}
+
+#[derive(Subcommand)]
+enum PriceCmd {
+    /// Set the unit price of RESOURCE (hosting per hour; cpu per second;
+    /// memory, disk, network per byte; or a release's own resource per unit).
+    Set {
+        resource: String,
+        /// Per unit, e.g. 0.02 (up to six decimals).
+        #[arg(allow_negative_numbers = true)]
+        amount: String,
+        /// Currency code, e.g. EUR.
+        #[arg(long)]
+        currency: String,
+        /// Only for this software release (default: every release).
+        #[arg(long)]
+        release: Option<String>,
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Remove a price.
+    Remove {
+        resource: String,
+        #[arg(long)]
+        release: Option<String>,
+        #[command(flatten)]
+        admin: Admin,
+    },
 }
 
 #[derive(Subcommand)]
@@ -408,6 +459,36 @@ async fn run(cmd: Cmd) -> Result<(), Fail> {
             }
             Ok(())
         }
+        Cmd::Usage(a) => usage(a).await,
+        Cmd::Price(PriceCmd::Set {
+            resource,
+            amount,
+            currency,
+            release,
+            admin,
+        }) => {
+            let unit_price = master_node::state::ledger::parse_money(&amount).map_err(Fail)?;
+            let price = master_node::state::ledger::Price {
+                unit_price,
+                currency: currency.trim().to_string(),
+            };
+            set_price(&admin, &resource, release.clone(), Some(price)).await?;
+            println!(
+                "price of {resource}{}: {amount} {currency} per {}",
+                release.map(|r| format!(" for {r}")).unwrap_or_default(),
+                master_node::state::ledger::unit_of(&resource)
+            );
+            Ok(())
+        }
+        Cmd::Price(PriceCmd::Remove {
+            resource,
+            release,
+            admin,
+        }) => {
+            set_price(&admin, &resource, release, None).await?;
+            println!("price of {resource} removed");
+            Ok(())
+        }
         Cmd::Cert(CertCmd::Revoke { serial, admin }) => {
             certificates(&admin, "revoke", "", &serial, 0, vec![]).await?;
             println!("certificate {serial} revoked");
@@ -441,6 +522,97 @@ async fn certificates(
         })
         .await?
         .into_inner())
+}
+
+async fn set_price(
+    admin: &Admin,
+    resource: &str,
+    release: Option<String>,
+    price: Option<master_node::state::ledger::Price>,
+) -> Result<(), Fail> {
+    let mut client = admin.client()?;
+    client.token = admin.token.clone();
+    let (reply, _) = client
+        .write(master_node::state::Command::SetPrice {
+            resource: resource.to_string(),
+            release,
+            price,
+        })
+        .await?;
+    match reply {
+        master_node::state::Reply::Refused(r) => Err(Fail(r.to_string())),
+        _ => Ok(()),
+    }
+}
+
+async fn usage(a: UsageArgs) -> Result<(), Fail> {
+    use master_node::state::ledger::{format_money, Period, ReportFor};
+    let period = Period::parse(&a.period).map_err(Fail)?;
+    let who = match (&a.subscriber, &a.computer) {
+        (Some(s), _) => ReportFor::Subscriber(s.clone()),
+        (None, Some(c)) => ReportFor::Computer(c.clone()),
+        (None, None) => return Err(Fail("give --subscriber NAME or --computer ID".into())),
+    };
+    let mut client = a.admin.client()?;
+    client.token = a.admin.token.clone();
+    let answer = client
+        .read(&master_node::api::Query::Usage {
+            who: who.clone(),
+            period_start_us: period.start_us,
+            period_end_us: period.end_us,
+        })
+        .await?;
+    let master_node::api::Answer::Usage(report) = answer else {
+        return Err(Fail("the Master answered something else than a usage report".into()));
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    match &who {
+        ReportFor::Subscriber(s) => println!("usage of {s} in {}", a.period),
+        ReportFor::Computer(c) => println!("provided by {c} in {}", a.period),
+    }
+    if report.lines.is_empty() {
+        println!("(nothing)");
+    }
+    let mut current = None;
+    for l in &report.lines {
+        let group = match &who {
+            ReportFor::Subscriber(_) => l.subscription.clone(),
+            ReportFor::Computer(_) => l.subscriber.clone(),
+        };
+        if current.as_ref() != Some(&group) {
+            match &who {
+                ReportFor::Subscriber(_) => println!("\nsubscription {}", if group.is_empty() { "-" } else { &group }),
+                ReportFor::Computer(_) => {
+                    println!("\nfor {}", if group.is_empty() { "(no subscriber)" } else { &group })
+                }
+            }
+            println!(
+                "  {:<10} {:>16} {:<7} {:>14} {:>16}  release",
+                "resource", "quantity", "unit", "unit price", "amount"
+            );
+            current = Some(group);
+        }
+        let price = match (&l.unit_price, &l.currency) {
+            (Some(p), Some(c)) => format!("{} {c}", format_money(*p)),
+            _ => "unpriced".into(),
+        };
+        let amount = match &l.currency {
+            Some(c) => format!("{} {c}", format_money(l.amount)),
+            None => "-".into(),
+        };
+        println!(
+            "  {:<10} {:>16.3} {:<7} {:>14} {:>16}  {}",
+            l.resource, l.quantity, l.unit, price, amount, l.release
+        );
+    }
+    println!();
+    for (currency, total) in &report.totals {
+        println!("total: {} {currency}", format_money(*total));
+    }
+    Ok(())
 }
 
 /// Refuses a data dir that already holds something.

@@ -779,6 +779,7 @@ impl Replica {
                     .read(slap_proto::cluster::ReadRequest {
                         query: bytes,
                         local: false,
+                        token: String::new(),
                     })
                     .await?
                     .into_inner();

@@ -621,3 +621,111 @@ async fn late_joiner_catches_up_from_a_streamed_snapshot() {
         other => panic!("t9 missing on the joiner: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prices_and_usage_reports_through_the_command_line() {
+    let base = test_dir();
+    let (r1, token) = Replica::init(base.path(), "r1");
+    let admin = Credentials::admin_of(&r1.dir).unwrap();
+    let a1 = r1.addr.clone();
+    wait_until("r1 to lead", Duration::from_secs(20), || async {
+        leader_id(&admin, &[&a1]).await == Some(1)
+    })
+    .await;
+    let client = Client::new(std::slice::from_ref(&a1), &admin).unwrap();
+    supply_computer(&client).await;
+    let (reply, _) = client.write(request("billed", "v1")).await.unwrap();
+    let Reply::Instance(inst) = reply else {
+        panic!("{reply:?}")
+    };
+    let (computer, partition) = inst.partition.clone().unwrap();
+    let nov_25 = 1_795_618_923 * 1_000_000;
+    let (r, _) = client
+        .write(state::Command::BookUsage {
+            computer: computer.clone(),
+            journal_sha256: "journal-1".into(),
+            lines: vec![state::ledger::UsageLine {
+                partition,
+                resource: "CPU Consumption".into(),
+                category: Some("cpu".into()),
+                quantity: 1500.0,
+                stop_us: Some(nov_25),
+            }],
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Reply::Done);
+    let out = cli(&[
+        "price",
+        "set",
+        "cpu",
+        "0.0002",
+        "--currency",
+        "EUR",
+        "--peer",
+        &a1,
+        "--token",
+        &token,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bad = cli(&[
+        "price",
+        "set",
+        "cpu",
+        "-1",
+        "--currency",
+        "EUR",
+        "--peer",
+        &a1,
+        "--token",
+        &token,
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not an amount"));
+    let out = cli(&[
+        "usage",
+        "--subscriber",
+        "alice",
+        "--period",
+        "2026-11",
+        "--json",
+        "--peer",
+        &a1,
+        "--token",
+        &token,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["totals"]["EUR"], 300_000, "1500 s at 0.0002 EUR: {report}");
+    assert_eq!(report["lines"][0]["subscription"], inst.root.as_str());
+    let table = cli(&[
+        "usage",
+        "--computer",
+        &computer,
+        "--period",
+        "2026-11",
+        "--peer",
+        &a1,
+        "--token",
+        &token,
+    ]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("for alice") && text.contains("total: 0.300000 EUR"),
+        "{text}"
+    );
+    let wrong = cli(&[
+        "usage",
+        "--subscriber",
+        "alice",
+        "--period",
+        "November",
+        "--peer",
+        &a1,
+        "--token",
+        &token,
+    ]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("YYYY-MM"));
+    drop(r1);
+}

@@ -245,7 +245,13 @@ async fn every_cluster_method_is_checked_against_the_callers_role() {
             (true, Ok(())) => {}
         };
         let may_write = replica_or_admin.contains(name);
-        let w = c.write(WriteRequest { proposal: write.clone() }).await.map(|_| ());
+        let w = c
+            .write(WriteRequest {
+                proposal: write.clone(),
+                token: String::new(),
+            })
+            .await
+            .map(|_| ());
         allowed(may_write, "Write", w);
         let wb = c
             .write_batch(WriteBatchRequest {
@@ -258,6 +264,7 @@ async fn every_cluster_method_is_checked_against_the_callers_role() {
             .read(ReadRequest {
                 query: query.clone(),
                 local: true,
+                token: String::new(),
             })
             .await
             .map(|_| ());

@@ -132,7 +132,11 @@ fn native_calls_through_the_gateway_survive_a_leader_kill() {
             })
             .await
             .unwrap();
-        let view = client.cluster(pb::ClusterRequest { state_digest: false }).await.unwrap().into_inner();
+        let view = client
+            .cluster(pb::ClusterRequest { state_digest: false })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(view.replicas.len(), 3);
         assert!(view.leader_id != 0);
     });
@@ -162,5 +166,94 @@ fn native_calls_through_the_gateway_survive_a_leader_kill() {
         .into_inner();
     assert_eq!(read.id, before.id, "the write acknowledged before the kill is there");
     let (_, metrics) = http(cluster.gateway_port, "GET", "/metrics", "").unwrap();
-    assert!(metrics.contains("slap_gateway_replicas 3") && metrics.contains("slap_gateway_leader_known 1"), "{metrics}");
+    assert!(
+        metrics.contains("slap_gateway_replicas 3") && metrics.contains("slap_gateway_leader_known 1"),
+        "{metrics}"
+    );
+}
+
+/// A usage journal posted just before the leader is killed, and posted
+/// again by the node (it could not know whether the first got in), is
+/// counted exactly once.
+#[test]
+fn usage_posted_across_a_leader_kill_is_counted_once() {
+    use slap_proto::master as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = SlapCluster::start(dir.path());
+    let gw = cluster.gateway_port;
+    let computer = dumps(&Value::str_dict(vec![
+        ("reference", Value::str("COMP-U")),
+        (
+            "partition_list",
+            Value::List(
+                (0..2)
+                    .map(|i| Value::str_dict(vec![("reference", Value::str(format!("slappart{i}")))]))
+                    .collect(),
+            ),
+        ),
+    ]))
+    .unwrap();
+    assert_eq!(
+        http(
+            gw,
+            "POST",
+            "/loadComputerConfigurationFromXML",
+            &form(&[("xml", &computer)])
+        )
+        .unwrap()
+        .0,
+        200
+    );
+    let supply = form(&[
+        ("url", "/srv/sr/software.cfg"),
+        ("computer_id", "COMP-U"),
+        ("state", "available"),
+    ]);
+    assert_eq!(http(gw, "POST", "/supplySupply", &supply).unwrap().0, 200);
+    let (status, body) = http(gw, "POST", "/requestComputerPartition", &request("billed")).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = runtime.enter();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{gw}"))
+        .unwrap()
+        .connect_lazy();
+    let mut native = pb::master_client::MasterClient::new(channel);
+    let inst = runtime
+        .block_on(native.get_instance(pb::GetInstanceRequest {
+            title: "billed".into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    let journal = format!(
+        "<?xml version=\"1.0\"?><journal><transaction type=\"Sale Packing List\"><title>Resource consumptions</title>\
+         <start_date></start_date><stop_date>2026-11-25 at 15:02:03</stop_date><reference>COMP-U</reference><currency></currency>\
+         <payment_mode></payment_mode><category></category><arrow type=\"Administration\"><source></source><destination></destination></arrow>\
+         <movement><resource>CPU Consumption</resource><title>CPU</title><reference>{}</reference><quantity>42.5</quantity>\
+         <price>0.0</price><VAT>None</VAT><category>cpu</category></movement></transaction></journal>",
+        inst.partition_id
+    );
+    let post = form(&[("computer_id", "COMP-U"), ("use_string", &journal)]);
+    // The first post races the kill; whatever it saw, the node posts again.
+    let first = {
+        let post = post.clone();
+        std::thread::spawn(move || http(gw, "POST", "/useComputer", &post))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    cluster.kill_leader();
+    let _ = first.join();
+    let (status, body) = http(gw, "POST", "/useComputer", &post).unwrap();
+    assert_eq!(status, 200, "the retried post: {body}");
+    let report = runtime
+        .block_on(native.get_usage(pb::UsageReportRequest {
+            subscriber: "user".into(),
+            period: "2026-11".into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    let cpu: Vec<&pb::UsageLine> = report.lines.iter().filter(|l| l.resource == "cpu").collect();
+    assert_eq!(cpu.len(), 1, "{report:?}");
+    assert_eq!(cpu[0].quantity, 42.5, "counted exactly once");
+    assert_eq!(cpu[0].movements, 1);
 }

@@ -158,7 +158,12 @@ async fn every_method_is_checked_against_the_callers_role() {
         ("LoadComputer", case!(load_computer, computer("X")), node_of_x.clone()),
         (
             "GetComputer",
-            case!(get_computer, pb::GetComputerRequest { computer_id: "X".into() }),
+            case!(
+                get_computer,
+                pb::GetComputerRequest {
+                    computer_id: "X".into()
+                }
+            ),
             node_of_x.clone(),
         ),
         (
@@ -279,7 +284,11 @@ async fn every_method_is_checked_against_the_callers_role() {
             ),
             vec!["admin"],
         ),
-        ("Request (root)", case!(request, request("new-tree", &[])), users.clone()),
+        (
+            "Request (root)",
+            case!(request, request("new-tree", &[])),
+            users.clone(),
+        ),
         (
             "Request (child)",
             case!(
@@ -312,6 +321,42 @@ async fn every_method_is_checked_against_the_callers_role() {
             case!(cluster, pb::ClusterRequest { state_digest: false }),
             everyone.clone(),
         ),
+        (
+            "GetUsage (subscriber)",
+            case!(
+                get_usage,
+                pb::UsageReportRequest {
+                    period: "2026-11".into(),
+                    ..Default::default()
+                }
+            ),
+            users.clone(),
+        ),
+        (
+            "GetUsage (computer)",
+            case!(
+                get_usage,
+                pb::UsageReportRequest {
+                    computer_id: "X".into(),
+                    period: "2026-11".into(),
+                    ..Default::default()
+                }
+            ),
+            node_of_x.clone(),
+        ),
+        (
+            "SetPrice",
+            case!(
+                set_price,
+                pb::SetPriceRequest {
+                    resource: "cpu".into(),
+                    unit_price: "0.01".into(),
+                    currency: "EUR".into(),
+                    ..Default::default()
+                }
+            ),
+            vec!["admin"],
+        ),
     ];
     let state = running.replica.state.clone();
     for (method, call, allowed) in &cases {
@@ -320,7 +365,12 @@ async fn every_method_is_checked_against_the_callers_role() {
             let result = call(role.clone()).await;
             if allowed.contains(&name) {
                 if let Err(s) = &result {
-                    assert_ne!(s.code(), Code::PermissionDenied, "{name} {method} refused: {}", s.message());
+                    assert_ne!(
+                        s.code(),
+                        Code::PermissionDenied,
+                        "{name} {method} refused: {}",
+                        s.message()
+                    );
                 }
             } else {
                 let s = result.expect_err(&format!("{name} {method} was allowed"));
@@ -350,7 +400,10 @@ async fn every_method_is_checked_against_the_callers_role() {
         }
     };
     let mine = list(&alice).await;
-    assert!(mine.contains(&"a1".to_string()) && !mine.contains(&"b1".to_string()), "{mine:?}");
+    assert!(
+        mine.contains(&"a1".to_string()) && !mine.contains(&"b1".to_string()),
+        "{mine:?}"
+    );
     let theirs = svc
         .get_instance(as_role(
             pb::GetInstanceRequest {
@@ -362,7 +415,11 @@ async fn every_method_is_checked_against_the_callers_role() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(theirs.code(), Code::NotFound, "another user's instance does not exist for alice");
+    assert_eq!(
+        theirs.code(),
+        Code::NotFound,
+        "another user's instance does not exist for alice"
+    );
     let for_bob = svc
         .get_instance(as_role(
             pb::GetInstanceRequest {
@@ -519,7 +576,12 @@ async fn retries_with_a_request_id_apply_once_and_bad_input_is_refused() {
         assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
     }
     let missing = svc
-        .get_computer(as_role(pb::GetComputerRequest { computer_id: "NONE".into() }, &admin))
+        .get_computer(as_role(
+            pb::GetComputerRequest {
+                computer_id: "NONE".into(),
+            },
+            &admin,
+        ))
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -538,14 +600,21 @@ async fn retries_with_a_request_id_apply_once_and_bad_input_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(late.code(), Code::NotFound);
-    assert!(domain(&running.replica.state.read().unwrap()) == before, "refusals changed nothing");
+    assert!(
+        domain(&running.replica.state.read().unwrap()) == before,
+        "refusals changed nothing"
+    );
     running.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_and_a_node_over_http2_with_mutual_tls_and_a_watch() {
     let (dir, running, founding) = master().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let addr = format!("127.0.0.1:{port}");
     running.serve_slap(&addr, false).await.unwrap();
     let r = running.replica.clone();
@@ -556,8 +625,7 @@ async fn a_user_and_a_node_over_http2_with_mutual_tls_and_a_watch() {
     let node_cert = issue(Role::Computer("X".into())).await;
     let user_cert = issue(Role::User("alice".into())).await;
     let client = |cert: &master_node::pki::Issued| {
-        let identity =
-            slap_proto::tls::ClientIdentity::from_pem(&cert.certificate.cert_pem, &cert.key_pem).unwrap();
+        let identity = slap_proto::tls::ClientIdentity::from_pem(&cert.certificate.cert_pem, &cert.key_pem).unwrap();
         let config = slap_proto::tls::client_config(
             &slap_proto::tls::Trust::ca_pem(&founding.authority.cert_pem).unwrap(),
             Some(&identity),
@@ -566,7 +634,8 @@ async fn a_user_and_a_node_over_http2_with_mutual_tls_and_a_watch() {
         .unwrap();
         pb::master_client::MasterClient::new(slap_proto::tls::channel(&addr, config).unwrap())
     };
-    let admin_id = slap_proto::tls::ClientIdentity::from_pem(&founding.admin_cert_pem, &founding.admin_key_pem).unwrap();
+    let admin_id =
+        slap_proto::tls::ClientIdentity::from_pem(&founding.admin_cert_pem, &founding.admin_key_pem).unwrap();
     let admin_config = slap_proto::tls::client_config(
         &slap_proto::tls::Trust::ca_pem(&founding.authority.cert_pem).unwrap(),
         Some(&admin_id),
@@ -591,7 +660,9 @@ async fn a_user_and_a_node_over_http2_with_mutual_tls_and_a_watch() {
         .await
         .unwrap();
     let doc = node
-        .get_computer(pb::GetComputerRequest { computer_id: "X".into() })
+        .get_computer(pb::GetComputerRequest {
+            computer_id: "X".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -624,7 +695,9 @@ async fn a_user_and_a_node_over_http2_with_mutual_tls_and_a_watch() {
     assert!(woke.revision > doc.revision);
     assert!(asked.elapsed() < Duration::from_secs(1));
     let doc = node
-        .get_computer(pb::GetComputerRequest { computer_id: "X".into() })
+        .get_computer(pb::GetComputerRequest {
+            computer_id: "X".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -660,10 +733,12 @@ async fn a_user_and_a_node_over_http2_with_mutual_tls_and_a_watch() {
         Code::PermissionDenied
     );
     assert_eq!(
-        user.get_computer(pb::GetComputerRequest { computer_id: "X".into() })
-            .await
-            .unwrap_err()
-            .code(),
+        user.get_computer(pb::GetComputerRequest {
+            computer_id: "X".into()
+        })
+        .await
+        .unwrap_err()
+        .code(),
         Code::PermissionDenied
     );
     running.shutdown().await;

@@ -578,7 +578,10 @@ async fn capacity_categories_and_usage_journals() {
     let r = running.replica.clone();
     let with_extras = dumps(&d(vec![
         ("reference", s("COMP-2")),
-        ("partition_list", Value::List(vec![])),
+        (
+            "partition_list",
+            Value::List(vec![d(vec![("reference", s("slappart0"))])]),
+        ),
         ("capacity", d(vec![("cpu_count", s("2")), ("mode", s("privileged"))])),
         ("categories", d(vec![("region", s("eu-west"))])),
     ]))
@@ -619,6 +622,68 @@ async fn capacity_categories_and_usage_journals() {
     .await;
     assert_eq!(refused.status, StatusCode::BAD_REQUEST);
     assert!(refused.body.contains("quantity"), "{}", refused.body);
+
+    // Refused with the reason, and nothing booked: bad XML, a wrong type, an
+    // unknown computer, a partition the computer does not have, a journal
+    // of another computer.
+    let booked = || r.state.read().unwrap().ledger.clone();
+    let before = booked();
+    assert_eq!(before.movements.len(), 1, "the good journal was booked");
+    for (computer, journal, status, why) in [
+        (
+            "COMP-2",
+            "<journal><transaction".to_string(),
+            StatusCode::BAD_REQUEST,
+            "XML",
+        ),
+        (
+            "COMP-2",
+            nodeagent_like_journal("1e400"),
+            StatusCode::BAD_REQUEST,
+            "finite",
+        ),
+        (
+            "COMP-9",
+            nodeagent_like_journal("1").replace("COMP-2", "COMP-9"),
+            StatusCode::NOT_FOUND,
+            "COMP-9",
+        ),
+        (
+            "COMP-2",
+            nodeagent_like_journal("1").replace("slappart0", "slappart7"),
+            StatusCode::BAD_REQUEST,
+            "not a partition of computer COMP-2",
+        ),
+        (
+            "COMP-1",
+            nodeagent_like_journal("1"),
+            StatusCode::BAD_REQUEST,
+            "is for computer COMP-2",
+        ),
+    ] {
+        let res = call(
+            &r,
+            "POST",
+            "/useComputer",
+            &[("computer_id", computer), ("use_string", &journal)],
+            None,
+        )
+        .await;
+        assert_eq!(res.status, status, "{why}: {}", res.body);
+        assert!(res.body.contains(why), "{why}: {}", res.body);
+    }
+    assert_eq!(booked(), before, "a refused journal books nothing");
+    // Sent again, the good journal counts once.
+    let again = call(
+        &r,
+        "POST",
+        "/useComputer",
+        &[("computer_id", "COMP-2"), ("use_string", &journal)],
+        None,
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(booked(), before);
 }
 
 fn nodeagent_like_journal(quantity: &str) -> String {

@@ -125,7 +125,37 @@ fn attr<'a>(el: &'a Element, name: &str) -> Option<&'a str> {
     el.attrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
-fn movement(m: &Element) -> Result<(), String> {
+/// One `<movement>`: a quantity of a resource a partition used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Movement {
+    pub resource: String,
+    pub title: Option<String>,
+    /// The partition, as slapgrid fills it in.
+    pub reference: Option<String>,
+    pub quantity: f64,
+    pub price: f64,
+    pub vat: String,
+    pub categories: Vec<String>,
+}
+
+/// One `<transaction>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transaction {
+    pub kind: String,
+    pub title: Option<String>,
+    pub start_date: String,
+    pub stop_date: String,
+    /// The computer the journal is from.
+    pub reference: String,
+    pub currency: String,
+    pub movements: Vec<Movement>,
+}
+
+fn text_of(group: &[&Element]) -> Option<String> {
+    group.first().map(|e| e.text.trim().to_string())
+}
+
+fn movement(m: &Element) -> Result<Movement, String> {
     let g = sequence(
         m,
         &[
@@ -138,24 +168,46 @@ fn movement(m: &Element) -> Result<(), String> {
             ("category", 0, usize::MAX),
         ],
     )?;
-    for (idx, what) in [(3, "quantity"), (4, "price")] {
+    let number = |idx: usize, what: &str| -> Result<f64, String> {
         let text = g[idx][0].text.trim();
-        text.parse::<f64>()
+        let v = text
+            .parse::<f64>()
             .map_err(|_| format!("<movement> <{what}> must be a number, not {text:?}"))?;
+        if !v.is_finite() {
+            return Err(format!("<movement> <{what}> must be a finite number, not {text:?}"));
+        }
+        Ok(v)
+    };
+    let resource = g[0][0].text.trim().to_string();
+    if resource.is_empty() {
+        return Err("<movement> <resource> is empty".into());
     }
-    Ok(())
+    Ok(Movement {
+        resource,
+        title: text_of(&g[1]),
+        reference: text_of(&g[2]).filter(|r| !r.is_empty()),
+        quantity: number(3, "quantity")?,
+        price: number(4, "price")?,
+        vat: g[5][0].text.trim().to_string(),
+        categories: g[6]
+            .iter()
+            .map(|c| c.text.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect(),
+    })
 }
 
-/// Checks a computer journal; returns how many movements it holds.
-pub fn validate(xml: &str) -> Result<usize, String> {
+/// Parses a computer journal, checking it against the shape of
+/// `computer_consumption.xsd`.
+pub fn parse_journal(xml: &str) -> Result<Vec<Transaction>, String> {
     let root = parse(xml)?;
     if root.name != "journal" {
         return Err(format!("the root element must be <journal>, not <{}>", root.name));
     }
     let transactions = &sequence(&root, &[("transaction", 1, usize::MAX)])?[0];
-    let mut movements = 0;
+    let mut out = Vec::new();
     for t in transactions {
-        attr(t, "type").ok_or("<transaction> needs a type attribute")?;
+        let kind = attr(t, "type").ok_or("<transaction> needs a type attribute")?;
         let g = sequence(
             t,
             &[
@@ -174,12 +226,49 @@ pub fn validate(xml: &str) -> Result<usize, String> {
             attr(arrow, "type").ok_or("<arrow> needs a type attribute")?;
             sequence(arrow, &[("source", 0, 1), ("destination", 0, 1)])?;
         }
-        for m in &g[8] {
-            movement(m)?;
-        }
-        movements += g[8].len();
+        out.push(Transaction {
+            kind: kind.to_string(),
+            title: text_of(&g[0]),
+            start_date: text_of(&g[1]).unwrap_or_default(),
+            stop_date: text_of(&g[2]).unwrap_or_default(),
+            reference: text_of(&g[3]).unwrap_or_default(),
+            currency: text_of(&g[4]).unwrap_or_default(),
+            movements: g[8].iter().map(|m| movement(m)).collect::<Result<_, _>>()?,
+        });
     }
-    Ok(movements)
+    Ok(out)
+}
+
+/// Checks a computer journal; returns how many movements it holds.
+pub fn validate(xml: &str) -> Result<usize, String> {
+    Ok(parse_journal(xml)?.iter().map(|t| t.movements.len()).sum())
+}
+
+/// slapgrid's stop date (`YYYY-MM-DD at HH:MM:SS`, or `YYYY-MM-DD
+/// HH:MM:SS`, taken as UTC) in microseconds since 1970, if it is one.
+pub fn parse_stop_date(text: &str) -> Option<u64> {
+    let t = text.trim().replace(" at ", " ");
+    let (date, clock) = t.split_once(' ').unwrap_or((t.as_str(), "00:00:00"));
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut c = clock.split(':').map(|p| p.parse::<i64>().ok());
+    let (hh, mm, ss) = (
+        c.next()??,
+        c.next().flatten().unwrap_or(0),
+        c.next().flatten().unwrap_or(0),
+    );
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y2, m2) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    let secs = days * 86400 + hh * 3600 + mm * 60 + ss;
+    (secs >= 0).then(|| secs as u64 * 1_000_000)
 }
 
 #[cfg(test)]
@@ -192,6 +281,19 @@ mod tests {
     #[test]
     fn accepts_the_captured_journal() {
         assert_eq!(validate(CAPTURED), Ok(1));
+        let t = &super::parse_journal(CAPTURED).unwrap()[0];
+        assert_eq!(t.reference, "slaprunner");
+        assert_eq!(t.movements[0].reference.as_deref(), Some("slappart0"));
+        assert_eq!(t.movements[0].quantity, 42.5);
+        assert_eq!(t.movements[0].categories, ["cpu"]);
+        assert_eq!(
+            super::parse_stop_date(&t.stop_date),
+            Some(1_795_618_923 * 1_000_000),
+            "2026-11-25 15:02:03 UTC"
+        );
+        assert_eq!(super::parse_stop_date("2026-13-01 at 00:00:00"), None);
+        assert_eq!(super::parse_stop_date(""), None);
+        assert_eq!(super::parse_stop_date("1970-01-01"), Some(0));
     }
 
     #[test]
@@ -206,6 +308,10 @@ mod tests {
             (
                 CAPTURED.replace("<quantity>42.5</quantity>", "<quantity>lots</quantity>"),
                 "number",
+            ),
+            (
+                CAPTURED.replace("<quantity>42.5</quantity>", "<quantity>NaN</quantity>"),
+                "finite",
             ),
             (CAPTURED.replace("<price>0.0</price>", ""), "price"),
             (CAPTURED.replace(" type=\"Sale Packing List\"", ""), "type"),

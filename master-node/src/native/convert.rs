@@ -186,6 +186,32 @@ pub fn computer_document(state: &Master, computer: &str) -> Option<pb::ComputerD
     })
 }
 
+/// A usage report as the native API shows it.
+pub fn usage_report(r: &crate::state::ledger::Report) -> pb::UsageReport {
+    pb::UsageReport {
+        period_start_us: r.period_start_us,
+        period_end_us: r.period_end_us,
+        lines: r
+            .lines
+            .iter()
+            .map(|l| pb::UsageLine {
+                subscription: l.subscription.clone(),
+                resource: l.resource.clone(),
+                software_release: l.release.clone(),
+                subscriber: l.subscriber.clone(),
+                quantity: l.quantity,
+                unit: l.unit.clone(),
+                priced: l.unit_price.is_some(),
+                unit_price_micros: l.unit_price.unwrap_or(0),
+                currency: l.currency.clone().unwrap_or_default(),
+                amount_micros: l.amount,
+                movements: l.movements as u32,
+            })
+            .collect(),
+        totals_micros: r.totals.clone().into_iter().collect(),
+    }
+}
+
 /// The replicas with their public addresses and roles, and the leader, as
 /// this replica sees them.
 pub fn cluster_view(replica: &Replica, with_digest: bool) -> pb::ClusterView {

@@ -363,10 +363,10 @@ impl MasterApi for MasterService {
     async fn use_computer(&self, req: Request<pb::UseComputerRequest>) -> Result<Response<pb::Done>, Status> {
         let computer = required(&req.get_ref().computer_id, "computer_id")?.to_string();
         self.authorize(&req, &Need::Computer(computer.clone()))?;
-        let movements = slap_proto::tioxml::validate(&req.get_ref().tioxml)
-            .map_err(|e| Status::invalid_argument(format!("tioxml is not a valid TioXML journal: {e}")))?;
-        tracing::info!(%computer, movements, "usage journal received (validated; accounting does not book it yet)");
-        Ok(Response::new(pb::Done::default()))
+        let r = req.into_inner();
+        let command = crate::accounting::book_command(&computer, &r.tioxml)
+            .map_err(|e| Status::invalid_argument(format!("tioxml: {e}")))?;
+        self.done(r.request_id, command).await
     }
 
     async fn supply(&self, req: Request<pb::SupplyRequest>) -> Result<Response<pb::Done>, Status> {
@@ -460,6 +460,46 @@ impl MasterApi for MasterService {
         Ok(Response::new(pb::InstanceList {
             instances: instances.iter().map(convert::instance_message).collect(),
         }))
+    }
+
+    async fn get_usage(&self, req: Request<pb::UsageReportRequest>) -> Result<Response<pb::UsageReport>, Status> {
+        let r = req.get_ref();
+        let period = crate::state::ledger::Period::parse(&r.period).map_err(Status::invalid_argument)?;
+        let who = if !r.computer_id.is_empty() {
+            self.authorize(&req, &Need::Computer(r.computer_id.clone()))?;
+            crate::state::ledger::ReportFor::Computer(r.computer_id.clone())
+        } else {
+            let role = self.authorize(&req, &Need::User)?;
+            crate::state::ledger::ReportFor::Subscriber(user_for(&role, &r.subscriber)?)
+        };
+        let query = Query::Usage {
+            who,
+            period_start_us: period.start_us,
+            period_end_us: period.end_us,
+        };
+        let Answer::Usage(report) = self.replica.read(&query).await? else {
+            return Err(Status::internal("unexpected answer to a usage report"));
+        };
+        Ok(Response::new(convert::usage_report(&report)))
+    }
+
+    async fn set_price(&self, req: Request<pb::SetPriceRequest>) -> Result<Response<pb::Done>, Status> {
+        self.authorize(&req, &Need::Admin)?;
+        let r = req.into_inner();
+        let price = if r.remove {
+            None
+        } else {
+            Some(crate::state::ledger::Price {
+                unit_price: crate::state::ledger::parse_money(&r.unit_price).map_err(Status::invalid_argument)?,
+                currency: r.currency.trim().to_string(),
+            })
+        };
+        let command = Command::SetPrice {
+            resource: r.resource.trim().to_string(),
+            release: optional(&r.software_release),
+            price,
+        };
+        self.done(r.request_id, command).await
     }
 
     async fn cluster(&self, req: Request<pb::ClusterRequest>) -> Result<Response<pb::ClusterView>, Status> {

@@ -713,16 +713,15 @@ async fn partition_certificate(State(replica): State<Arc<Replica>>, RawQuery(q):
     marshal_response(&doc)
 }
 
-/// `useComputer`: a node's usage as a TioXML journal. The journal is
-/// validated (400 with the reason when invalid, as the real master does);
-/// booking it into accounting is not built yet, and the log says so.
-async fn use_computer(body: Bytes) -> SlapResult {
+/// `useComputer`: a node's usage as a TioXML journal, booked into the
+/// ledger once (resent, it changes nothing). Refused with the reason, and
+/// nothing booked, when invalid (400) or for an unknown computer (404).
+async fn use_computer(State(replica): State<Arc<Replica>>, body: Bytes) -> SlapResult {
     let f = Fields::body(&body)?;
     let computer = f.need("computer_id")?;
     let journal = f.need("use_string")?;
-    let movements = slap_proto::tioxml::validate(journal)
-        .map_err(|e| bad(format!("use_string is not a valid TioXML journal: {e}")))?;
-    tracing::info!(%computer, movements, "usage journal received (validated; accounting does not book it yet)");
+    let command = crate::accounting::book_command(computer, journal).map_err(|e| bad(format!("use_string: {e}")))?;
+    run(&replica, command).await?;
     Ok(text("OK"))
 }
 

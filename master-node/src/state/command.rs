@@ -17,7 +17,7 @@ pub struct RequestId {
 }
 
 /// A command as it enters the log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Proposal {
     pub request_id: Option<RequestId>,
     /// The leader's wall clock when it proposed, in microseconds since 1970.
@@ -28,7 +28,7 @@ pub struct Proposal {
 /// What one Raft log entry carries: proposals the leader gathered while the
 /// previous entry was being written, applied in order. Batching amortizes
 /// the leader's fsync (openraft 0.9 syncs each entry before the next).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProposalBatch(pub Vec<Proposal>);
 
 /// A partition as `node format` describes it.
@@ -41,8 +41,9 @@ pub struct PartitionSpec {
     pub capabilities: Vec<String>,
 }
 
-/// Everything that changes the Master's state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Everything that changes the Master's state. (Not `Eq`: usage
+/// quantities are floating-point, as TioXML has them.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// `loadComputerConfigurationFromXML` / capacity report: create or update a
     /// computer and its partitions. Busy partitions missing from the list are
@@ -113,6 +114,20 @@ pub enum Command {
     RevokeCertificate { serial: String },
     /// Revokes every certificate of this role (a replica that left).
     RevokeRole { role: Role },
+    /// `useComputer`: a node's usage journal, parsed, booked once (a journal
+    /// is known by its sha256).
+    BookUsage {
+        computer: ComputerId,
+        journal_sha256: String,
+        lines: Vec<super::ledger::UsageLine>,
+    },
+    /// Sets (or, with `None`, removes) the unit price of a resource, for one
+    /// release or (`None`) for every release.
+    SetPrice {
+        resource: String,
+        release: Option<SoftwareUrl>,
+        price: Option<super::ledger::Price>,
+    },
     /// Reserves the next replica id for a joining replica.
     ReserveReplicaId { addr: String },
     /// A replica says where it serves SLAP and the native API, so gateways

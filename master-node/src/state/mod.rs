@@ -25,6 +25,7 @@
 
 pub mod allocation;
 pub mod command;
+pub mod ledger;
 pub mod model;
 pub mod persist;
 
@@ -52,10 +53,14 @@ pub enum Dirty {
     Certificate(String),
     Registration(String),
     ReplicaAddr(u64),
+    Movement(u64),
+    Span(InstanceId),
+    Journal(String),
+    Price(String, String),
 }
 
 /// The whole state of the Master.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Master {
     pub computers: BTreeMap<ComputerId, Computer>,
     pub partitions: BTreeMap<(ComputerId, PartitionId), Partition>,
@@ -72,6 +77,8 @@ pub struct Master {
     pub registrations: BTreeMap<String, ComputerId>,
     /// Where each replica serves SLAP and the native API, as it announced.
     pub replica_addrs: BTreeMap<u64, String>,
+    /// Accounting: movements, open hosting spans, booked journals, prices.
+    pub ledger: ledger::Ledger,
     /// Last timestamp handed out; timestamps only grow.
     pub clock: u64,
     /// Log index of the last applied proposal.
@@ -190,7 +197,7 @@ impl Master {
                 partition,
                 shared_reference,
                 report,
-            } => self.report_instance(seq, computer, partition, shared_reference.as_deref(), report),
+            } => self.report_instance(seq, now, computer, partition, shared_reference.as_deref(), report),
             Command::ReportSoftware { computer, url, report } => self.report_software(seq, computer, url, report),
             Command::Bang {
                 computer, partition, ..
@@ -205,6 +212,16 @@ impl Master {
             } => self.set_related(seq, now, computer, partition, titles),
             Command::InitCluster { id, token_sha256 } => self.init_cluster(id, token_sha256),
             Command::ReserveReplicaId { .. } => self.reserve_replica_id(),
+            Command::BookUsage {
+                computer,
+                journal_sha256,
+                lines,
+            } => self.book_usage(seq, now, computer, journal_sha256, lines),
+            Command::SetPrice {
+                resource,
+                release,
+                price,
+            } => self.set_price(resource, release.as_deref(), price.as_ref()),
             Command::AnnounceReplica { id, public_addr } => {
                 if self.replica_addrs.get(id) != Some(public_addr) {
                     self.replica_addrs.insert(*id, public_addr.clone());
@@ -944,6 +961,7 @@ impl Master {
                 live.join(", ")
             ));
         }
+        self.close_hosting(seq, &id, now);
         self.remove_instance(seq, &id);
         // The freed partition and any detached shared instances may place waiting ones.
         self.place_pending(seq, now);
@@ -1010,9 +1028,11 @@ impl Master {
         Reply::Done
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn report_instance(
         &mut self,
         seq: u64,
+        now: u64,
         computer: &str,
         partition: &str,
         shared_reference: Option<&str>,
@@ -1037,6 +1057,14 @@ impl Master {
         if self.instances[&target].reported.as_ref() != Some(report) {
             self.instance_mut(&target).reported = Some(report.clone());
             self.touch_computer(seq, computer);
+        }
+        // Hosting is what nodes report: started opens it, stopped closes it.
+        if shared_reference.is_none() {
+            match report {
+                InstanceReport::Started => self.open_hosting(&target, now),
+                InstanceReport::Stopped => self.close_hosting(seq, &target, now),
+                InstanceReport::Error(_) => {}
+            }
         }
         Reply::Done
     }

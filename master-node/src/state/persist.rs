@@ -5,8 +5,10 @@
 //! between parts: `c/COMP-1` (and `r/COMP-1`, its revision), `p/COMP-1\0slappart0`, `s/COMP-1\0URL`,
 //! `i/SOFTINST-7`, `x/<client>`, `m` for the counters, `k` for the
 //! cluster's facts, `a` for the certificate authority, `t/<fingerprint>` for
-//! certificates, `g/<token sha256>` for computer registrations and `n/<id>`
-//! for replicas' public addresses. Values are postcard.
+//! certificates, `g/<token sha256>` for computer registrations, `n/<id>`
+//! for replicas' public addresses, and for accounting `u/<id>` (movements),
+//! `h/<instance>` (open hosting spans), `j/<sha256>` (booked journals) and
+//! `$/<resource>\0<release>` (prices). Values are postcard.
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +49,10 @@ pub fn key(d: &Dirty) -> Vec<u8> {
         Dirty::Certificate(f) => join("t", &[f]),
         Dirty::Registration(t) => join("g", &[t]),
         Dirty::ReplicaAddr(n) => join("n", &[&format!("{n:020}")]),
+        Dirty::Movement(id) => join("u", &[&format!("{id:020}")]),
+        Dirty::Span(i) => join("h", &[i]),
+        Dirty::Journal(j) => join("j", &[j]),
+        Dirty::Price(r, release) => join("$", &[r, release]),
     }
 }
 
@@ -80,6 +86,14 @@ pub fn value(m: &Master, d: &Dirty) -> Option<Vec<u8>> {
         Dirty::Certificate(f) => m.certificates.get(f).map(enc),
         Dirty::Registration(t) => m.registrations.get(t).map(enc),
         Dirty::ReplicaAddr(n) => m.replica_addrs.get(n).map(|a| enc(&(*n, a))),
+        Dirty::Movement(id) => m.ledger.movements.get(id).map(enc),
+        Dirty::Span(i) => m.ledger.spans.get(i).map(enc),
+        Dirty::Journal(j) => m.ledger.journals.get(j).map(|seq| enc(&(j, seq))),
+        Dirty::Price(r, release) => m
+            .ledger
+            .prices
+            .get(&(r.clone(), release.clone()))
+            .map(|p| enc(&(r, release, p))),
     }
 }
 
@@ -89,6 +103,15 @@ pub fn all_records(m: &Master) -> Vec<(Vec<u8>, Vec<u8>)> {
     keys.extend(m.certificates.keys().cloned().map(Dirty::Certificate));
     keys.extend(m.registrations.keys().cloned().map(Dirty::Registration));
     keys.extend(m.replica_addrs.keys().copied().map(Dirty::ReplicaAddr));
+    keys.extend(m.ledger.movements.keys().copied().map(Dirty::Movement));
+    keys.extend(m.ledger.spans.keys().cloned().map(Dirty::Span));
+    keys.extend(m.ledger.journals.keys().cloned().map(Dirty::Journal));
+    keys.extend(
+        m.ledger
+            .prices
+            .keys()
+            .map(|(r, release)| Dirty::Price(r.clone(), release.clone())),
+    );
     keys.extend(m.computers.keys().cloned().map(Dirty::Computer));
     keys.extend(m.computers.keys().cloned().map(Dirty::Revision));
     keys.extend(m.partitions.keys().map(|(c, p)| Dirty::Partition(c.clone(), p.clone())));
@@ -158,6 +181,22 @@ pub fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<
             Some(b'i') => {
                 let i: Instance = dec(&k, &v)?;
                 m.instances.insert(i.id.clone(), i);
+            }
+            Some(b'u') => {
+                let mv: super::ledger::Movement = dec(&k, &v)?;
+                m.ledger.movements.insert(mv.id, mv);
+            }
+            Some(b'h') => {
+                let span: super::ledger::HostingSpan = dec(&k, &v)?;
+                m.ledger.spans.insert(span.instance.clone(), span);
+            }
+            Some(b'j') => {
+                let (j, seq): (String, u64) = dec(&k, &v)?;
+                m.ledger.journals.insert(j, seq);
+            }
+            Some(b'$') => {
+                let (r, release, p): (String, String, super::ledger::Price) = dec(&k, &v)?;
+                m.ledger.prices.insert((r, release), p);
             }
             Some(b'n') => {
                 let (id, addr): (u64, String) = dec(&k, &v)?;

@@ -610,6 +610,104 @@ fn a_guarded_command_applies_only_while_the_partition_holds_the_instance() {
     assert_eq!(w.m.instances[&inst.id].connection, params(&[("url", "one")]));
 }
 
+fn usage(computer: &str, sha: &str, partition: &str, quantity: f64) -> Command {
+    Command::BookUsage {
+        computer: computer.into(),
+        journal_sha256: sha.into(),
+        lines: vec![ledger::UsageLine {
+            partition: partition.into(),
+            resource: "CPU Consumption".into(),
+            category: Some("cpu".into()),
+            quantity,
+            stop_us: None,
+        }],
+    }
+}
+
+#[test]
+fn usage_is_booked_once_and_attributed_to_the_subscriber() {
+    let mut w = World::new();
+    w.computer("COMP-1", 2, &[]);
+    w.computer("COMP-2", 1, &[]);
+    let inst = instance(w.request("alice", "a", &[], &[("computer_guid", "COMP-1")]));
+    let (c, p) = inst.partition.clone().unwrap();
+    assert_eq!(w.run(usage(&c, "j1", &p, 42.5)), Reply::Done);
+    let once = w.m.ledger.clone();
+    // A node resending the same journal (after a lost answer) adds nothing.
+    assert!(matches!(w.run(usage(&c, "j1", &p, 42.5)), Reply::Note(_)));
+    assert_eq!(w.m.ledger, once);
+    let m = once.movements.values().next().unwrap();
+    assert_eq!(
+        (m.destination.as_str(), m.subscription.as_str()),
+        ("alice", inst.root.as_str())
+    );
+    assert_eq!(
+        (m.resource.as_str(), m.quantity, m.source.as_str()),
+        ("cpu", 42.5, c.as_str())
+    );
+    // Refused whole, nothing stored: an unknown computer, a partition of another.
+    assert!(matches!(
+        w.run(usage("COMP-9", "j2", &p, 1.0)),
+        Reply::Refused(Refusal::NotFound(_))
+    ));
+    // COMP-2 has one partition: slappart1 is one of COMP-1's only.
+    assert!(matches!(
+        w.run(usage("COMP-2", "j3", "slappart1", 1.0)),
+        Reply::Refused(Refusal::Invalid(_))
+    ));
+    assert!(matches!(
+        w.run(usage(&c, "j4", "slappart9", 1.0)),
+        Reply::Refused(Refusal::Invalid(_))
+    ));
+    assert_eq!(w.m.ledger, once);
+}
+
+#[test]
+fn hosting_runs_from_started_to_stopped_or_freed() {
+    let mut w = World::new();
+    w.computer("COMP-1", 2, &[]);
+    let inst = instance(w.request("alice", "a", &[], &[]));
+    let (c, p) = inst.partition.clone().unwrap();
+    let report = |report| Command::ReportInstance {
+        computer: c.clone(),
+        partition: p.clone(),
+        shared_reference: None,
+        report,
+    };
+    w.run(report(InstanceReport::Started));
+    assert_eq!(w.m.ledger.spans.len(), 1);
+    w.run(report(InstanceReport::Started));
+    assert_eq!(w.m.ledger.spans.len(), 1, "started twice is one span");
+    w.run(report(InstanceReport::Stopped));
+    assert!(w.m.ledger.spans.is_empty());
+    assert_eq!(w.m.ledger.movements.len(), 1);
+    w.run(report(InstanceReport::Started));
+    w.run(Command::Request(RequestSpec {
+        requester: RequestOrigin::User("alice".into()),
+        title: "a".into(),
+        software_release: SR.into(),
+        software_type: "default".into(),
+        parameters: Params::new(),
+        sla: Params::new(),
+        shared: false,
+        state: Some(RequestedState::Destroyed),
+    }));
+    w.run(Command::DestroyedPartition {
+        computer: c.clone(),
+        partition: p.clone(),
+    });
+    assert!(w.m.ledger.spans.is_empty(), "freeing the partition closes hosting");
+    assert_eq!(w.m.ledger.movements.len(), 2);
+    assert!(w
+        .m
+        .ledger
+        .movements
+        .values()
+        .all(|m| m.kind == ledger::MovementKind::Hosting && m.destination == "alice" && m.stop_us > m.start_us));
+    let back = persist::restore(&mut persist::all_records(&w.m).into_iter()).unwrap();
+    assert_eq!(back.ledger, w.m.ledger, "the ledger round-trips through its records");
+}
+
 // ----- property test ------------------------------------------------------
 
 #[derive(Debug, Clone)]
