@@ -196,6 +196,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         .filter(|k| cfg.faults.is_empty() || cfg.faults.iter().any(|f| f == k))
         .collect();
     let mut i = 0usize;
+    let mut skipped_in_a_row = 0usize;
     while faults.len() < cfg.min_events || started.elapsed() < cfg.duration {
         if i.is_multiple_of(order.len()) {
             // Each round in a seeded order.
@@ -205,8 +206,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         }
         let kind = order[i % order.len()];
         i += 1;
-        if i > cfg.min_events * 4 + 100 {
-            break;
+        if skipped_in_a_row > 2 * order.len() {
+            anyhow::bail!("no fault could be applied {skipped_in_a_row} times in a row: {skipped:?}");
         }
         let start = now_us();
         let (detail, applied) = match nemesis::apply(&mut c, kind, cfg.replicas, &mut rng).await {
@@ -214,11 +215,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
             Err(e) => {
                 tracing::warn!(kind, "fault not applied: {e:#}");
                 skipped.push(format!("{kind}: {e:#}"));
+                skipped_in_a_row += 1;
                 // The cluster must still be whole for the next one.
                 nemesis::heal_all(&mut c).await?;
                 continue;
             }
         };
+        skipped_in_a_row = 0;
         tracing::info!(kind, %detail, "fault");
         let hold = Duration::from_millis(1500 + workload::next(&mut rng) % 1500);
         if !matches!(applied, nemesis::Applied::Nothing) {
