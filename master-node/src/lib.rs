@@ -15,6 +15,7 @@ pub mod cluster_service;
 pub mod cluster_tls;
 pub mod founding;
 pub mod identity;
+pub mod metrics;
 pub mod native;
 pub mod pki;
 pub mod raft;

@@ -218,6 +218,10 @@ struct NewReplica {
     /// call is allowed. For local development only; logged at every start.
     #[arg(long)]
     insecure_http: bool,
+    /// host:port to serve /metrics (Prometheus), /healthz and /readyz on,
+    /// over plain HTTP (read-only; for monitoring).
+    #[arg(long)]
+    http_listen: Option<String>,
     #[command(flatten)]
     timing: Timing,
 }
@@ -260,6 +264,9 @@ struct RunArgs {
     /// Serve SLAP over plain HTTP with no authentication (development only).
     #[arg(long)]
     insecure_http: bool,
+    /// host:port to serve /metrics, /healthz and /readyz on (plain HTTP).
+    #[arg(long)]
+    http_listen: Option<String>,
     #[command(flatten)]
     timing: Timing,
 }
@@ -655,6 +662,9 @@ async fn init(InitArgs { replica: a }: InitArgs) -> Result<(), Fail> {
         running.serve_slap(addr, a.insecure_http).await?;
         running.announce(a.slap_advertise.as_deref().unwrap_or(addr));
     }
+    if let Some(addr) = &a.http_listen {
+        running.serve_monitoring(addr).await?;
+    }
     running.found_cluster(&advertise, &founding).await.map_err(Fail)?;
     let admin_dir = a.data_dir.join("admin");
     founding
@@ -746,6 +756,9 @@ async fn join(
         running.serve_slap(addr, a.insecure_http).await?;
         running.announce(a.slap_advertise.as_deref().unwrap_or(addr));
     }
+    if let Some(addr) = &a.http_listen {
+        running.serve_monitoring(addr).await?;
+    }
     identity.save(&a.data_dir)?;
     token.save(&a.data_dir)?;
     tracing::info!(replica = reply.node_id, "reserved replica id; catching up as a learner");
@@ -794,6 +807,9 @@ async fn restart(a: RunArgs) -> Result<(), Fail> {
     if let Some(addr) = &a.slap_listen {
         running.serve_slap(addr, a.insecure_http).await?;
         running.announce(a.slap_advertise.as_deref().unwrap_or(addr));
+    }
+    if let Some(addr) = &a.http_listen {
+        running.serve_monitoring(addr).await?;
     }
     serve(running).await
 }

@@ -74,6 +74,8 @@ pub struct Replica {
     peers: Mutex<HashMap<String, ClusterClient<Channel>>>,
     /// Membership changes are made one at a time.
     membership: tokio::sync::Mutex<()>,
+    /// Call counters and latencies of the SLAP and native APIs.
+    pub metrics: crate::metrics::Metrics,
     /// Writes waiting to be gathered into the next log entry.
     proposer: tokio::sync::mpsc::Sender<Pending>,
     /// Writes waiting to be forwarded, together, to the leader.
@@ -277,6 +279,7 @@ impl Running {
             peer_tls,
             peers: Mutex::new(HashMap::new()),
             membership: tokio::sync::Mutex::new(()),
+            metrics: crate::metrics::Metrics::default(),
             proposer,
             forwarder,
         });
@@ -358,6 +361,29 @@ impl Running {
             "serving SLAP over plain HTTP (--insecure-http): no client certificates, every caller may do \
              everything; for development only"
         );
+        Ok(())
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` over plain HTTP on
+    /// `addr` until the replica stops.
+    pub async fn serve_monitoring(&self, addr: &str) -> Result<(), StartError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let mut stop = self.stop.subscribe();
+        let app = crate::metrics::router(self.replica.clone());
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                error!("monitoring server stopped: {e}");
+            }
+        });
+        info!(%addr, "serving /metrics, /healthz and /readyz");
         Ok(())
     }
 

@@ -696,3 +696,68 @@ fn nodeagent_like_journal(quantity: &str) -> String {
          </movement></transaction></journal>"
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_calls_polls_and_show_raft_and_the_state() {
+    let (_dir, running) = master().await;
+    let r = running.replica.clone();
+    let computer = dumps(&d(vec![
+        ("reference", s("COMP-M")),
+        (
+            "partition_list",
+            Value::List(vec![d(vec![("reference", s("slappart0"))])]),
+        ),
+    ]))
+    .unwrap();
+    call(
+        &r,
+        "POST",
+        "/loadComputerConfigurationFromXML",
+        &[("xml", &computer)],
+        None,
+    )
+    .await;
+    let first = call(
+        &r,
+        "GET",
+        "/getFullComputerInformation",
+        &[("computer_id", "COMP-M")],
+        None,
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK);
+    call(
+        &r,
+        "GET",
+        "/getFullComputerInformation",
+        &[("computer_id", "NONE")],
+        None,
+    )
+    .await;
+    let text = master_node::metrics::render(&r);
+    for expected in [
+        "slapos_raft_is_leader 1",
+        "slapos_computers 1",
+        "slapos_partitions{state=\"free\"} 1",
+        "slapos_polls_total{answer=\"document\"} 2",
+        "slapos_calls_total{api=\"slap\",outcome=\"200\"} 2",
+        "slapos_calls_total{api=\"slap\",outcome=\"404\"} 1",
+        "slapos_call_duration_seconds_count{api=\"slap\",operation=\"getFullComputerInformation\"} 2",
+        "# TYPE slapos_call_duration_seconds histogram",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+    }
+    let app = master_node::metrics::router(r.clone());
+    for (path, status) in [
+        ("/metrics", StatusCode::OK),
+        ("/healthz", StatusCode::OK),
+        ("/readyz", StatusCode::OK),
+    ] {
+        let resp = app
+            .clone()
+            .oneshot(Request::builder().uri(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{path}");
+    }
+}

@@ -166,6 +166,11 @@ pub fn router(replica: Arc<Replica>) -> Router {
             ))
             .max_decoding_message_size(64 << 20),
         )
+        // Outermost: every call, SLAP or native, allowed or not, is counted.
+        .layer(axum::middleware::from_fn_with_state(
+            state.replica.clone(),
+            crate::metrics::observe_slap,
+        ))
         .with_state(state)
 }
 
@@ -329,6 +334,7 @@ async fn full_computer(
         .map(|s| Duration::from_secs(s).min(MAX_HOLD))
         .unwrap_or_default();
     let deadline = tokio::time::Instant::now() + hold;
+    let mut held = false;
     loop {
         let (revision, body) = {
             let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
@@ -367,7 +373,16 @@ async fn full_computer(
                 return Ok(resp);
             }
             // Unchanged and held: look again shortly (a lookup under a read lock).
-            None => tokio::time::sleep(Duration::from_millis(100)).await,
+            None => {
+                if !held {
+                    held = true;
+                    replica
+                        .metrics
+                        .polls_held
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
         }
     }
 }
