@@ -3,7 +3,9 @@
 # build environment. Sourced by scripts/run-tests and scripts/run-demo.
 #
 # - Debian packages: libclang-dev (RocksDB's bindings are generated at build
-#   time), clang, iproute2 (network namespaces for the chaos suite).
+#   time), clang, iproute2 (network namespaces for the chaos suite),
+#   chromium and chromium-driver (the dashboard's browser test), gdb (the
+#   chaos suite's stack dumps of a stuck replica).
 # - The real `slapos` client (PyPI slapos.core 1.26.1) in a Python 3.12 venv,
 #   for the conformance tests.
 #   protoc is not needed: it comes vendored with the protoc-bin-vendored crate.
@@ -14,7 +16,7 @@
 set -euo pipefail
 
 need_pkgs=()
-for pkg in libclang-dev clang iproute2; do
+for pkg in libclang-dev clang iproute2 chromium chromium-driver gdb; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then

@@ -13,6 +13,7 @@ pub mod certificates;
 pub mod client;
 pub mod cluster_service;
 pub mod cluster_tls;
+pub mod dashboard;
 pub mod founding;
 pub mod identity;
 pub mod metrics;

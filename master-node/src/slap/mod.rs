@@ -150,6 +150,7 @@ pub fn router(replica: Arc<Replica>) -> Router {
         .route("/hateoas/partitions/{title}", get(hateoas::partition))
         .route("/hateoas/shared/{title}", get(hateoas::shared))
         .route("/hateoas/computers/{reference}", get(hateoas::computer))
+        .merge(crate::dashboard::router())
         // A node with thousands of partitions posts a large computer
         // document; the gateway accepts the same size.
         .layer(axum::middleware::from_fn_with_state(
