@@ -394,13 +394,15 @@ async fn chromium_loads_every_page_and_submits_the_form() {
     })
     .await
     .unwrap();
-    let s = state.read().unwrap();
-    let i = s
-        .instances
-        .values()
-        .find(|i| i.title == "from-chromium")
-        .expect("the form's request");
-    assert_eq!(i.parameters["greeting"], "hello from a browser");
-    drop(s);
+    let greeting = {
+        let s = state.read().unwrap();
+        s.instances
+            .values()
+            .find(|i| i.title == "from-chromium")
+            .expect("the form's request")
+            .parameters["greeting"]
+            .clone()
+    };
+    assert_eq!(greeting, "hello from a browser");
     running.shutdown().await;
 }
