@@ -318,9 +318,12 @@ async fn instances(State(replica): State<Arc<Replica>>, caller: Option<Extension
 
 /// The last lines of a log, enough to see what failed.
 fn tail(log: &str) -> &str {
-    let lines: Vec<usize> = log.match_indices('\n').map(|(i, _)| i).collect();
-    match lines.len() {
-        n if n > 20 => &log[lines[n - 20] + 1..],
+    // Count line breaks before the final one so that a log ending with a
+    // newline still shows its last 20 whole lines.
+    let body = log.strip_suffix('\n').unwrap_or(log);
+    let breaks: Vec<usize> = body.match_indices('\n').map(|(i, _)| i).collect();
+    match breaks.len() {
+        n if n >= 20 => &log[breaks[n - 20] + 1..],
         _ => log,
     }
 }
@@ -559,6 +562,10 @@ mod tests {
         assert_eq!(kv["b"], "two=2");
         assert!(key_values("novalue").is_err());
         let long: String = (0..30).map(|i| format!("line {i}\n")).collect();
-        assert!(tail(&long).starts_with("line 10"));
+        assert!(tail(&long).starts_with("line 10\n"));
+        assert_eq!(tail(&long).lines().count(), 20);
+        let unterminated = long.trim_end();
+        assert!(tail(unterminated).starts_with("line 10\n"));
+        assert_eq!(tail("a\nb"), "a\nb");
     }
 }
