@@ -313,43 +313,20 @@ impl Instances {
         }
         self.supervisor.apply(r, specs).await.map_err(|e| e.to_string())?;
 
-        // Connection parameters, for the requester to read.
-        let mut connection = BTreeMap::new();
-        for (k, t) in &profile.connection {
-            connection.insert(
-                k.clone(),
-                facts.render(&format!("connection {k}"), t).map_err(|e| e.to_string())?,
-            );
-        }
+        // Connection parameters and children, which may name what the
+        // processes just started write (`{{file:…}}`): given a moment.
+        let live = facts.clone().with_files(&r.dir);
+        let (connection, children) = render_published(&live, inst, profile).await?;
         if !connection.is_empty() {
             self.publish(r, &connection, None).await?;
         }
 
         // Children, then the list of those still wanted (the Master unlinks the rest).
         let mut titles = Vec::new();
-        for child in &profile.child {
-            let title = facts.render("child title", &child.title).map_err(|e| e.to_string())?;
-            let render_map = |m: &BTreeMap<String, String>| -> Result<BTreeMap<String, String>, String> {
-                m.iter()
-                    .map(|(k, v)| {
-                        Ok((
-                            k.clone(),
-                            facts
-                                .render(&format!("child {title} {k}"), v)
-                                .map_err(|e| e.to_string())?,
-                        ))
-                    })
-                    .collect()
-            };
-            let params = render_map(&child.parameters)?;
-            let sla = render_map(&child.sla)?;
-            let url = match &child.software_release {
-                Some(u) => facts.render("child software_release", u).map_err(|e| e.to_string())?,
-                None => inst.software_release.clone(),
-            };
-            self.request_child(r, &title, &url, &child.software_type, &params, &sla, child.shared)
+        for c in children {
+            self.request_child(r, &c.title, &c.url, &c.software_type, &c.parameters, &c.sla, c.shared)
                 .await?;
-            titles.push(title);
+            titles.push(c.title);
         }
         let list =
             marshal::dumps(&Value::List(titles.into_iter().map(Value::Str).collect())).map_err(|e| e.to_string())?;
@@ -363,7 +340,7 @@ impl Instances {
         // Hosted shared instances: one failing does not fail the host or the others.
         if let Some(shared) = &profile.shared {
             for s in &inst.shared {
-                if let Err(e) = self.serve_shared(r, &facts, shared, s).await {
+                if let Err(e) = self.serve_shared(r, &live, shared, s).await {
                     warn!(partition = %r.id, shared = %s.reference, error = %e, "shared instance failed");
                     self.post(
                         r,
@@ -666,6 +643,72 @@ impl Instances {
     pub fn resources(&self) -> impl Iterator<Item = &PartitionResource> {
         self.resources.values()
     }
+}
+
+/// How long a deployment waits for a file a `{{file:…}}` placeholder names
+/// (a service writes it once started); past that the deployment fails with
+/// the reason and is retried on the next run.
+const FILE_WAIT: Duration = Duration::from_secs(30);
+
+/// A child instance as a profile asks for it, rendered.
+struct ChildRequest {
+    title: String,
+    url: String,
+    software_type: String,
+    parameters: BTreeMap<String, String>,
+    sla: BTreeMap<String, String>,
+    shared: bool,
+}
+
+/// Renders the connection parameters and children of `profile`, waiting up
+/// to [`FILE_WAIT`] for files named by `{{file:…}}` to appear.
+async fn render_published(
+    facts: &Facts,
+    inst: &InstancePlan,
+    profile: &Profile,
+) -> Result<(BTreeMap<String, String>, Vec<ChildRequest>), String> {
+    let deadline = tokio::time::Instant::now() + FILE_WAIT;
+    loop {
+        match render_published_once(facts, inst, profile) {
+            Err(crate::release::ReleaseError::NotYet(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other.map_err(|e| e.to_string()),
+        }
+    }
+}
+
+fn render_published_once(
+    facts: &Facts,
+    inst: &InstancePlan,
+    profile: &Profile,
+) -> Result<(BTreeMap<String, String>, Vec<ChildRequest>), crate::release::ReleaseError> {
+    let mut connection = BTreeMap::new();
+    for (k, t) in &profile.connection {
+        connection.insert(k.clone(), facts.render(&format!("connection {k}"), t)?);
+    }
+    let mut children = Vec::new();
+    for child in &profile.child {
+        let title = facts.render("child title", &child.title)?;
+        let render_map =
+            |m: &BTreeMap<String, String>| -> Result<BTreeMap<String, String>, crate::release::ReleaseError> {
+                m.iter()
+                    .map(|(k, v)| Ok((k.clone(), facts.render(&format!("child {title} {k}"), v)?)))
+                    .collect()
+            };
+        children.push(ChildRequest {
+            parameters: render_map(&child.parameters)?,
+            sla: render_map(&child.sla)?,
+            url: match &child.software_release {
+                Some(u) => facts.render("child software_release", u)?,
+                None => inst.software_release.clone(),
+            },
+            software_type: child.software_type.clone(),
+            shared: child.shared,
+            title,
+        });
+    }
+    Ok((connection, children))
 }
 
 fn render_promises(facts: &Facts, profile: &Profile) -> Result<Vec<Promise>, String> {

@@ -180,6 +180,9 @@ pub enum ReleaseError {
     NoProfile(String),
     #[error("{0}")]
     Template(String),
+    /// A `{{file:…}}` the instance has not written yet: try again later.
+    #[error("{0}")]
+    NotYet(String),
 }
 
 impl Release {
@@ -339,13 +342,74 @@ pub async fn fetch_http(url: &str, roots_pem: Option<&str>) -> Result<Vec<u8>, R
 }
 
 /// The names a template may use, flat: `partition.ipv4`, `param.port`, ...
+///
+/// Where the instance's processes already run (connection parameters,
+/// children, shared connection parameters), `{{file:PATH}}` also names the
+/// content of a file the instance wrote in its partition: a join token, a
+/// generated password, an address learned at start.
 #[derive(Debug, Clone, Default)]
-pub struct Facts(BTreeMap<String, String>);
+pub struct Facts {
+    names: BTreeMap<String, String>,
+    /// The partition directory `{{file:…}}` reads from, once allowed.
+    files: Option<PathBuf>,
+}
+
+/// The most a `{{file:…}}` placeholder reads: a value, not a data file.
+const FILE_PLACEHOLDER_LIMIT: u64 = 64 * 1024;
+
+/// Reads `relative` inside `dir` for a `{{file:…}}` placeholder: a regular
+/// file that really lies inside the partition (the path is checked on the
+/// opened descriptor, so a symlink planted by the partition's user cannot
+/// make the agent publish a file of someone else), at most 64 KiB, trailing
+/// whitespace removed.
+pub fn read_partition_file(dir: &Path, relative: &str) -> Result<String, ReleaseError> {
+    use std::io::Read;
+    let bad = |reason: String| ReleaseError::Template(format!("{{{{file:{relative}}}}}: {reason}"));
+    if relative.is_empty() || relative.starts_with('/') || relative.split('/').any(|c| c == "..") {
+        return Err(bad("the path must be relative and stay inside the partition".into()));
+    }
+    let file = match std::fs::File::open(dir.join(relative)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ReleaseError::NotYet(format!(
+                "{{{{file:{relative}}}}}: the instance has not written {relative} yet"
+            )))
+        }
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.len() > FILE_PLACEHOLDER_LIMIT {
+        return Err(bad(format!(
+            "{} bytes, more than the {FILE_PLACEHOLDER_LIMIT} a placeholder reads",
+            meta.len()
+        )));
+    }
+    let opened = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)))
+        .map_err(|e| bad(format!("cannot tell where it lies: {e}")))?;
+    let root = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
+    if !opened.starts_with(&root) {
+        return Err(bad(format!("it leads to {}, outside the partition", opened.display())));
+    }
+    let mut text = String::new();
+    file.take(FILE_PLACEHOLDER_LIMIT)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(format!("not UTF-8 text ({e})")))?;
+    Ok(text.trim_end().to_string())
+}
 
 impl Facts {
+    /// Allows `{{file:PATH}}`, read inside `partition_dir`.
+    pub fn with_files(mut self, partition_dir: &Path) -> Facts {
+        self.files = Some(partition_dir.to_path_buf());
+        self
+    }
+
     /// Sets `name`.
     pub fn set(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        self.0.insert(name.into(), value.into());
+        self.names.insert(name.into(), value.into());
     }
 
     /// Sets `prefix.k` for every entry.
@@ -366,10 +430,25 @@ impl Facts {
                 .find("}}")
                 .ok_or_else(|| ReleaseError::Template(format!("{what}: `{{{{` without `}}}}`")))?;
             let name = after[..end].trim();
-            let value = self.0.get(name).ok_or_else(|| {
+            if let Some(relative) = name.strip_prefix("file:") {
+                let Some(dir) = &self.files else {
+                    return Err(ReleaseError::Template(format!(
+                        "{what}: {{{{{name}}}}} may only be used in connection parameters and children, \
+                         which are rendered once the instance's processes run"
+                    )));
+                };
+                let value = read_partition_file(dir, relative.trim()).map_err(|e| match e {
+                    ReleaseError::NotYet(m) => ReleaseError::NotYet(format!("{what}: {m}")),
+                    other => ReleaseError::Template(format!("{what}: {other}")),
+                })?;
+                out.push_str(&value);
+                rest = &after[end + 2..];
+                continue;
+            }
+            let value = self.names.get(name).ok_or_else(|| {
                 ReleaseError::Template(format!(
-                    "{what}: unknown placeholder {{{{{name}}}}} (known: {})",
-                    self.0.keys().cloned().collect::<Vec<_>>().join(", ")
+                    "{what}: unknown placeholder {{{{{name}}}}} (known: {}, file:PATH)",
+                    self.names.keys().cloned().collect::<Vec<_>>().join(", ")
                 ))
             })?;
             out.push_str(value);
@@ -505,5 +584,49 @@ url = "http://{{partition.ipv4}}:{{partition.port}}/"
         let two_kinds = MANIFEST_TEXT.replace("tcp = ", "http = \"x\"\ntcp = ");
         assert!(Release::parse("u", &two_kinds).is_err());
         assert!(Release::parse("u", "name = \"x\"\nunknown = 1").is_err());
+    }
+
+    #[test]
+    fn file_placeholders_read_inside_the_partition_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let part = tmp.path().join("slappart0");
+        std::fs::create_dir_all(part.join("srv")).unwrap();
+        std::fs::write(part.join("srv/token"), "SLAPJOIN2.abc\n").unwrap();
+        std::fs::write(tmp.path().join("secret"), "not yours").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("secret"), part.join("srv/escape")).unwrap();
+        std::os::unix::fs::symlink("token", part.join("srv/alias")).unwrap();
+        std::fs::write(part.join("big"), vec![b'x'; 70 * 1024]).unwrap();
+
+        let mut f = Facts::default();
+        f.set("partition.port", "20000");
+        // Not where processes may not have run yet.
+        let err = f.render("process web", "{{file:srv/token}}").unwrap_err().to_string();
+        assert!(err.contains("only be used in connection parameters"), "{err}");
+
+        let f = f.with_files(&part);
+        assert_eq!(
+            f.render("connection t", "t={{file:srv/token}}:{{partition.port}}")
+                .unwrap(),
+            "t=SLAPJOIN2.abc:20000"
+        );
+        assert_eq!(
+            f.render("connection t", "{{ file:srv/alias }}").unwrap(),
+            "SLAPJOIN2.abc"
+        );
+        assert!(matches!(
+            f.render("connection t", "{{file:srv/none}}"),
+            Err(ReleaseError::NotYet(_))
+        ));
+        for (template, expected) in [
+            ("{{file:srv/escape}}", "outside the partition"),
+            ("{{file:../secret}}", "stay inside"),
+            ("{{file:/etc/passwd}}", "stay inside"),
+            ("{{file:srv}}", "not a regular file"),
+            ("{{file:big}}", "more than"),
+        ] {
+            let err = f.render("connection t", template).unwrap_err();
+            assert!(matches!(err, ReleaseError::Template(_)), "{template}: {err:?}");
+            assert!(err.to_string().contains(expected), "{template}: {err}");
+        }
     }
 }
