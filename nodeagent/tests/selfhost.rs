@@ -1,0 +1,350 @@
+//! Self-hosting: the Master deployed by the system itself.
+//!
+//! A single replica plays SlapProxy's part, the mini-master, for three nodes
+//! (real `nodeagent` processes, one region each). A request for a master tree
+//! of the master release (`software/master`) places one replica on each node
+//! and region; they join the mini-master's cluster, the nodes are re-pointed
+//! to them, and the mini-master leaves and stops. Then one replica is
+//! replaced through the tree (its instance destroyed, a new one requested):
+//! membership follows, leave then join. Every write acknowledged on the way
+//! is still there at the end.
+//!
+//! The nodes run unprivileged on this machine's loopback (one port range
+//! each), not in namespaces: partitions of unprivileged nodes all use
+//! 127.0.0.1.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PARKED: &str = "https://lab.example.invalid/parked/software.cfg";
+
+struct Node {
+    id: &'static str,
+    region: &'static str,
+    port_base: u16,
+    dir: PathBuf,
+    agent: Proc,
+}
+
+impl Node {
+    fn start(&mut self, masters: &[String]) {
+        let log = self.dir.join("agent.log");
+        let args = [
+            "run".to_string(),
+            "--master".into(),
+            masters.join(","),
+            "--computer-id".into(),
+            self.id.into(),
+            "--mode".into(),
+            "unprivileged".into(),
+            "--instance-root".into(),
+            self.dir.join("srv").display().to_string(),
+            "--software-root".into(),
+            self.dir.join("opt").display().to_string(),
+            "--partitions".into(),
+            "3".into(),
+            "--port-base".into(),
+            self.port_base.to_string(),
+            "--category".into(),
+            format!("region={}", self.region),
+            "--instance-interval".into(),
+            "5s".into(),
+            "--software-interval".into(),
+            "5s".into(),
+        ];
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.agent = Proc::spawn(&workspace_bin("nodeagent"), &refs, &log);
+    }
+}
+
+/// Kills whatever still runs from the test's directory (the replicas the
+/// agents supervise outlive the agents on purpose).
+struct Sweep(PathBuf);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_logs(&self.0);
+        }
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &self.0.display().to_string()])
+            .status();
+    }
+}
+
+/// On failure: the end of every log under `dir` (agents, replicas, the mini-master).
+fn print_logs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            print_logs(&path);
+        } else if path.extension().is_some_and(|x| x == "log")
+            // RocksDB's write-ahead logs are 000004.log and the like.
+            && !path.file_stem().is_some_and(|n| n.to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("==== {} (last 25 lines)", path.display());
+            for l in &lines[lines.len().saturating_sub(25)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// `slapctl --insecure-http --master URL --json ARGS`.
+fn slapctl(master: &str, args: &[&str]) -> Result<serde_json::Value, String> {
+    let out = Command::new(workspace_bin("slapctl"))
+        .args(["--insecure-http", "--master", master, "--json", "--patience", "20"])
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+/// `master-node status --json` through `peer`.
+fn status(peer: &str, token: &str) -> Option<serde_json::Value> {
+    let out = Command::new(workspace_bin("master-node"))
+        .args(["status", "--json", "--peer", peer, "--token", token])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+fn voters(st: &serde_json::Value) -> Vec<String> {
+    let mut v: Vec<String> = st["members"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter(|m| m["role"] == "voter")
+                .map(|m| m["addr"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn wait(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// An instance of the tree by title: `show` finds the user's own requests
+/// only, the replicas the root requested are found in the list.
+fn instance(master: &str, title: &str) -> Option<serde_json::Value> {
+    let list = slapctl(master, &["list"]).ok()?;
+    list.as_array()?.iter().find(|i| i["title"] == title).cloned()
+}
+
+/// An instance's connection parameter, once published.
+fn published(master: &str, title: &str, key: &str) -> Option<String> {
+    instance(master, title)?["connection"][key].as_str().map(String::from)
+}
+
+/// An acknowledged write: a request parked on a computer that does not exist.
+fn write(master: &str, n: usize, acknowledged: &mut Vec<String>) {
+    let title = format!("order-{n}");
+    let param = format!("n={n}");
+    slapctl(
+        master,
+        &[
+            "request",
+            &title,
+            PARKED,
+            "--param",
+            &param,
+            "--sla",
+            "computer_guid=ARCHIVE",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("write {title}: {e}"));
+    acknowledged.push(title);
+}
+
+fn assert_all_there(master: &str, acknowledged: &[String]) {
+    let list = slapctl(master, &["list"]).unwrap();
+    for title in acknowledged {
+        let found = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["title"] == title.as_str())
+            .unwrap_or_else(|| panic!("{title} was acknowledged and is lost"));
+        assert_eq!(found["parameters"]["n"], title.trim_start_matches("order-"));
+    }
+}
+
+fn make_release(dir: &Path) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../software/master/make-release");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(dir)
+        .arg(workspace_bin("master-node"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "make-release: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn the_master_deploys_itself_then_replaces_a_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _sweep = Sweep(tmp.path().to_path_buf());
+    let mut mini = Master::init(tmp.path());
+    let mini_url = mini.url();
+    let token = std::fs::read_to_string(mini.data_dir.join("join-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let release = make_release(&tmp.path().join("release"));
+
+    let base = 45000 + (std::process::id() % 50) as u16 * 100;
+    let mut nodes: Vec<Node> = [("NODE-EU", "eu"), ("NODE-US", "us"), ("NODE-ASIA", "asia")]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (id, region))| {
+            let dir = tmp.path().join(id);
+            std::fs::create_dir_all(&dir).unwrap();
+            Node {
+                id,
+                region,
+                port_base: base + 30 * i as u16,
+                dir,
+                agent: Proc(None),
+            }
+        })
+        .collect();
+    for n in &mut nodes {
+        n.start(std::slice::from_ref(&mini_url));
+    }
+    for n in &nodes {
+        // Supplying succeeds once the node has registered its partitions.
+        wait(&format!("{} to register", n.id), Duration::from_secs(60), || {
+            slapctl(&mini_url, &["supply", &release, n.id]).is_ok()
+        });
+    }
+
+    let mut acknowledged = Vec::new();
+    write(&mini_url, 0, &mut acknowledged);
+
+    // The master tree: its root joins the mini-master's cluster, in eu; the
+    // root requests the two other replicas, in us and asia.
+    let peer = format!("peer={}", mini.listen);
+    let tok = format!("token={token}");
+    let tree = [
+        "request",
+        "master",
+        &release,
+        "--param",
+        "mode=join",
+        "--param",
+        &peer,
+        "--param",
+        &tok,
+        "--param",
+        "slap-tls=off",
+        "--param",
+        "region-2=us",
+        "--param",
+        "region-3=asia",
+        "--sla",
+        "region=eu",
+    ];
+    slapctl(&mini_url, &tree).unwrap();
+    wait("three replicas in partitions to join", Duration::from_secs(240), || {
+        status(&mini.listen, &token).is_some_and(|s| voters(&s).len() == 4)
+    });
+    let mut slap_urls = Vec::new();
+    for (title, node) in [
+        ("master", "NODE-EU"),
+        ("master-2", "NODE-US"),
+        ("master-3", "NODE-ASIA"),
+    ] {
+        let inst = instance(&mini_url, title).unwrap_or_else(|| panic!("no instance {title}"));
+        assert_eq!(inst["computer"], node, "{title} is not where its region says");
+        let mut url = None;
+        wait(
+            &format!("{title} to publish its SLAP URL"),
+            Duration::from_secs(60),
+            || {
+                url = published(&mini_url, title, "slap-url");
+                url.is_some()
+            },
+        );
+        slap_urls.push(url.unwrap());
+    }
+    assert!(published(&mini_url, "master", "join-token").is_some_and(|t| t == token));
+    write(&mini_url, 1, &mut acknowledged);
+
+    // The nodes are re-pointed to the new replicas, one at a time; the
+    // replicas they supervise keep running across the agent's restart.
+    for n in &mut nodes {
+        n.agent.terminate();
+        n.start(&slap_urls);
+        write(&slap_urls[0], acknowledged.len(), &mut acknowledged);
+    }
+
+    // The mini-master is retired.
+    let out = Command::new(workspace_bin("master-node"))
+        .args(["leave", "--data-dir", mini.data_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "leave: {}", String::from_utf8_lossy(&out.stderr));
+    mini.proc.terminate();
+    let root_cluster = published(&slap_urls[0], "master", "cluster").unwrap();
+    wait("a leader among the three replicas", Duration::from_secs(60), || {
+        status(&root_cluster, &token).is_some_and(|s| {
+            voters(&s).len() == 3 && !voters(&s).contains(&mini.listen) && s["leader_id"].as_u64().is_some()
+        })
+    });
+    write(&slap_urls[1], acknowledged.len(), &mut acknowledged);
+    assert_all_there(&slap_urls[2], &acknowledged);
+
+    // A replica replaced through the tree: the root now wants master-3b
+    // instead of master-3; master-3 is destroyed (its replica leaves) and
+    // master-3b joins, in asia again.
+    let old = published(&slap_urls[0], "master-3", "cluster").unwrap();
+    let mut replaced = tree.to_vec();
+    replaced.extend(["--param", "replica-3=3b"]);
+    slapctl(&slap_urls[0], &replaced).unwrap();
+    let mut fresh = None;
+    wait("master-3b to publish its address", Duration::from_secs(120), || {
+        fresh = published(&slap_urls[0], "master-3b", "cluster");
+        fresh.is_some()
+    });
+    let fresh = fresh.unwrap();
+    assert_ne!(fresh, old);
+    wait("membership to follow the tree", Duration::from_secs(120), || {
+        status(&root_cluster, &token).is_some_and(|s| {
+            let v = voters(&s);
+            v.len() == 3 && v.contains(&fresh) && !v.contains(&old)
+        })
+    });
+    assert_eq!(instance(&slap_urls[0], "master-3b").unwrap()["computer"], "NODE-ASIA");
+    write(&slap_urls[0], acknowledged.len(), &mut acknowledged);
+    assert_all_there(&slap_urls[1], &acknowledged);
+    for n in &mut nodes {
+        n.agent.terminate();
+    }
+}
