@@ -659,7 +659,9 @@ async fn init(InitArgs { replica: a }: InitArgs) -> Result<(), Fail> {
     founding.replica_tls.save(&a.data_dir)?;
     let running = Running::start(&a.data_dir, &identity, &a.timing, true).await?;
     if let Some(addr) = &a.slap_listen {
-        running.serve_slap(addr, a.insecure_http).await?;
+        running
+            .serve_slap_advertised(addr, a.slap_advertise.as_deref(), a.insecure_http)
+            .await?;
         running.announce(a.slap_advertise.as_deref().unwrap_or(addr));
     }
     if let Some(addr) = &a.http_listen {
@@ -753,7 +755,9 @@ async fn join(
     };
     let running = Running::start(&a.data_dir, &identity, &a.timing, true).await?;
     if let Some(addr) = &a.slap_listen {
-        running.serve_slap(addr, a.insecure_http).await?;
+        running
+            .serve_slap_advertised(addr, a.slap_advertise.as_deref(), a.insecure_http)
+            .await?;
         running.announce(a.slap_advertise.as_deref().unwrap_or(addr));
     }
     if let Some(addr) = &a.http_listen {
@@ -805,7 +809,9 @@ async fn restart(a: RunArgs) -> Result<(), Fail> {
     }
     let running = Running::start(&a.data_dir, &identity, &a.timing, false).await?;
     if let Some(addr) = &a.slap_listen {
-        running.serve_slap(addr, a.insecure_http).await?;
+        running
+            .serve_slap_advertised(addr, a.slap_advertise.as_deref(), a.insecure_http)
+            .await?;
         running.announce(a.slap_advertise.as_deref().unwrap_or(addr));
     }
     if let Some(addr) = &a.http_listen {

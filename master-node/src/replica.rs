@@ -327,6 +327,18 @@ impl Running {
     /// certificates, or, with `insecure_http`, over plain HTTP where every
     /// caller may do everything (development only; said at every start).
     pub async fn serve_slap(&self, addr: &str, insecure_http: bool) -> Result<(), StartError> {
+        self.serve_slap_advertised(addr, None, insecure_http).await
+    }
+
+    /// As [`Running::serve_slap`], for clients that reach it as `advertise`
+    /// (host:port): its server certificate names that host too, so a
+    /// gateway or client dialing `master-1:8443` verifies it.
+    pub async fn serve_slap_advertised(
+        &self,
+        addr: &str,
+        advertise: Option<&str>,
+        insecure_http: bool,
+    ) -> Result<(), StartError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Listen {
@@ -335,16 +347,12 @@ impl Running {
             })?;
         let mut stop = self.stop.subscribe();
         if !insecure_http {
-            let host = addr
-                .rsplit_once(':')
-                .map(|(h, _)| h.trim_matches(['[', ']']))
-                .unwrap_or("");
-            tokio::spawn(crate::slap::tls::serve(
-                self.replica.clone(),
-                listener,
-                host.to_string(),
-                stop,
-            ));
+            // A wildcard listen address names no host a client dials.
+            let names: Vec<String> = crate::founding::server_names(&[addr, advertise.unwrap_or(addr)])
+                .into_iter()
+                .filter(|h| !matches!(h.as_str(), "0.0.0.0" | "::" | ""))
+                .collect();
+            tokio::spawn(crate::slap::tls::serve(self.replica.clone(), listener, names, stop));
             return Ok(());
         }
         let app = crate::slap::router(self.replica.clone());

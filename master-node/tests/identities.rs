@@ -588,9 +588,14 @@ fn client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Arc<rustls::Cl
 
 /// GET /hateoas/ over TLS: Some(status) or None when the handshake failed.
 async fn tls_get(port: u16, config: Arc<rustls::ClientConfig>) -> Option<u16> {
+    tls_get_as(port, "localhost", config).await
+}
+
+/// As [`tls_get`], dialing the replica by `server_name`.
+async fn tls_get_as(port: u16, server_name: &str, config: Arc<rustls::ClientConfig>) -> Option<u16> {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     let connector = tokio_rustls::TlsConnector::from(config);
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
     let mut tls = connector.connect(name, tcp).await.ok()?;
     tls.write_all(b"GET /hateoas/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
@@ -663,4 +668,38 @@ async fn handshakes_refuse_revoked_expired_foreign_and_missing_certificates() {
     .unwrap();
     assert_eq!(tls_get(port, with(&mallory)).await, None, "revoked accepted");
     assert_eq!(tls_get(port, with(&alice)).await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slap_certificate_names_the_advertised_host() {
+    let (_dir, running) = master().await;
+    let r = running.replica.clone();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // As in a container: listening on every address, reached by a name.
+    running
+        .serve_slap_advertised(
+            &format!("0.0.0.0:{port}"),
+            Some(&format!("master-1.example.org:{port}")),
+            false,
+        )
+        .await
+        .unwrap();
+    let ca = r.state.read().unwrap().authority.clone().unwrap();
+    let (alice, _) = issue(&r, Role::User("alice".into()), 30, None).await.unwrap();
+    let config = client_config(&ca.cert_pem, Some((&alice.certificate.cert_pem, &alice.key_pem)));
+    let start = Instant::now();
+    while tls_get_as(port, "master-1.example.org", config.clone()).await.is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the advertised name does not verify"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(tls_get_as(port, "localhost", config.clone()).await, Some(200));
+    // The client checks names: one the certificate does not carry fails.
+    assert_eq!(tls_get_as(port, "master-2.example.org", config).await, None);
 }

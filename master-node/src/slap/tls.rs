@@ -99,30 +99,36 @@ fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         .map_err(tls_err)
 }
 
-/// The replica's server certificate, issued on first use and kept on disk.
-fn server_identity(replica: &Replica, ca: &Authority, host: &str) -> Result<(String, String), TlsError> {
+/// The replica's server certificate, issued on first use and kept on disk;
+/// issued again when the CA or the host names it must carry change (a new
+/// `--slap-advertise`).
+fn server_identity(replica: &Replica, ca: &Authority, names: &[String]) -> Result<(String, String), TlsError> {
     let dir = replica.data_dir.join("tls");
-    let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
+    let (crt, key, names_file) = (dir.join("server.crt"), dir.join("server.key"), dir.join("server.names"));
+    let mut names: Vec<String> = names.to_vec();
+    if !names.iter().any(|n| n == "localhost") {
+        names.insert(0, "localhost".to_string());
+    }
+    let wanted = names.join("\n");
     let ca_now = std::fs::read_to_string(dir.join("ca.crt")).ok();
+    // Certificates kept before names were recorded carried only the listen host.
+    let names_now = std::fs::read_to_string(&names_file).ok();
     if let (Ok(c), Ok(k), Some(ca_pem)) = (std::fs::read_to_string(&crt), std::fs::read_to_string(&key), ca_now) {
-        if ca_pem == ca.cert_pem {
+        if ca_pem == ca.cert_pem && names_now.as_deref() == Some(wanted.as_str()) {
             return Ok((c, k));
         }
     }
     std::fs::create_dir_all(&dir).map_err(tls_err)?;
-    let mut names = vec!["localhost".to_string()];
-    if !host.is_empty() && host != "localhost" {
-        names.push(host.to_string());
-    }
     let issued = pki::issue(ca, &Role::Replica(replica.id), pki::now_secs(), 3650, &names).map_err(tls_err)?;
     pki::write_private(&key, &issued.key_pem).map_err(tls_err)?;
     std::fs::write(&crt, &issued.certificate.cert_pem).map_err(tls_err)?;
     std::fs::write(dir.join("ca.crt"), &ca.cert_pem).map_err(tls_err)?;
+    std::fs::write(&names_file, &wanted).map_err(tls_err)?;
     Ok((issued.certificate.cert_pem, issued.key_pem))
 }
 
 /// The server configuration: mutual TLS against the cluster's CA.
-pub fn server_config(replica: &Arc<Replica>, host: &str) -> Result<Option<rustls::ServerConfig>, TlsError> {
+pub fn server_config(replica: &Arc<Replica>, names: &[String]) -> Result<Option<rustls::ServerConfig>, TlsError> {
     let Some(ca) = replica
         .state
         .read()
@@ -144,7 +150,7 @@ pub fn server_config(replica: &Arc<Replica>, host: &str) -> Result<Option<rustls
         chain,
         replica: Arc::downgrade(replica),
     });
-    let (cert_pem, key_pem) = server_identity(replica, &ca, host)?;
+    let (cert_pem, key_pem) = server_identity(replica, &ca, names)?;
     let key = {
         use rustls::pki_types::pem::PemObject;
         PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(tls_err)?
@@ -169,9 +175,9 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// Serves SLAP over HTTPS on `listener` until `stop` turns true. Waits for the
 /// cluster's CA first (a new cluster creates it within a second).
-pub async fn serve(replica: Arc<Replica>, listener: TcpListener, host: String, mut stop: watch::Receiver<bool>) {
+pub async fn serve(replica: Arc<Replica>, listener: TcpListener, names: Vec<String>, mut stop: watch::Receiver<bool>) {
     let config = loop {
-        match server_config(&replica, &host) {
+        match server_config(&replica, &names) {
             Ok(Some(c)) => break Arc::new(c),
             Ok(None) => {}
             Err(e) => warn!(error = %e, "cannot set up TLS yet"),
