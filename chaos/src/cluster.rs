@@ -69,20 +69,59 @@ pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
 pub struct Proc {
     pub child: Option<Child>,
     pub paused: bool,
+    /// Docker mode: the container the process is PID 1 of. `child` is then
+    /// the attached `docker start` client, which cannot pass SIGKILL or
+    /// SIGSTOP on, so signals go through `docker kill`.
+    pub container: Option<String>,
 }
 
 impl Proc {
+    /// A process not started yet.
+    pub fn none() -> Proc {
+        Proc {
+            child: None,
+            paused: false,
+            container: None,
+        }
+    }
+
+    /// A process of ours, started.
+    pub fn running(child: Child) -> Proc {
+        Proc {
+            child: Some(child),
+            paused: false,
+            container: None,
+        }
+    }
+
     fn pid(&self) -> Option<Pid> {
         self.child.as_ref().map(|c| Pid::from_raw(c.id() as i32))
     }
 
     pub fn signal(&mut self, s: Signal) {
-        if let Some(p) = self.pid() {
-            let _ = kill(p, s);
+        if self.child.is_none() {
+            return;
+        }
+        match &self.container {
+            Some(name) => {
+                let _ = Command::new("docker")
+                    .args(["kill", "--signal", s.as_str(), name])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            None => {
+                if let Some(p) = self.pid() {
+                    let _ = kill(p, s);
+                }
+            }
         }
     }
 
     pub fn kill(&mut self) {
+        if self.child.is_some() && self.container.is_some() {
+            self.signal(Signal::SIGKILL);
+        }
         if let Some(mut c) = self.child.take() {
             if self.paused {
                 let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGCONT);
@@ -187,8 +226,14 @@ impl Cluster {
         members: usize,
         gateways: usize,
         seed: u64,
+        docker_image: Option<&str>,
     ) -> anyhow::Result<Cluster> {
-        let net = Net::create(slots)?;
+        let net = match docker_image {
+            Some(image) => Net::create_docker(slots, image)?,
+            None => Net::create(slots)?,
+        };
+        // Containers see the run's directory at the same (absolute) path.
+        let dir = &std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
         let board = Switchboard::new(seed);
         let mut replicas = Vec::new();
         for slot in 1..=slots {
@@ -207,10 +252,7 @@ impl Cluster {
                 listen: format!("{}:{CLUSTER_PORT}", host.ip),
                 advertise: format!("{}:{proxy_port}", net.gateway_ip),
                 public: format!("{}:{SLAP_PORT}", host.ip),
-                proc: Proc {
-                    child: None,
-                    paused: false,
-                },
+                proc: Proc::none(),
                 log: dir.join(format!("replica-{slot}.log")),
             });
         }
@@ -239,8 +281,42 @@ impl Cluster {
         Ok(c)
     }
 
-    fn spawn_in(&self, slot: usize, args: &[String]) -> anyhow::Result<Child> {
+    /// Starts `master-node ARGS` on slot's host; in Docker mode also names
+    /// the container it runs in.
+    fn spawn_in(&self, slot: usize, args: &[String]) -> anyhow::Result<(Child, Option<String>)> {
         let r = &self.replicas[slot - 1];
+        if let Some(d) = &self.net.docker {
+            let host = self.net.host(slot);
+            let name = host.netns.clone();
+            let _ = Command::new("docker").args(["rm", "-f", &name]).output();
+            let dir = self.dir.display().to_string();
+            let log = std::env::var("CHAOS_REPLICA_LOG").unwrap_or_else(|_| "info,openraft=warn".into());
+            let mut create = Command::new("docker");
+            create
+                .args(["create", "--name", &name, "--network", &d.network, "--ip"])
+                .arg(host.ip.to_string())
+                .args(["--volume", &format!("{dir}:{dir}"), "--env", &format!("RUST_LOG={log}")])
+                .args([
+                    "--stop-timeout",
+                    "5",
+                    "--entrypoint",
+                    "/usr/local/bin/master-node",
+                    &d.image,
+                ])
+                .args(args)
+                .args(&self.timing);
+            let out = create.output().context("docker create")?;
+            if !out.status.success() {
+                bail!("docker create {name}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            let mut cmd = Command::new("docker");
+            cmd.args(["start", "--attach", &name])
+                .stdin(Stdio::null())
+                .stdout(log_file(&r.log)?)
+                .stderr(log_file(&r.log)?);
+            let child = die_with_parent(&mut cmd).spawn().context("docker start")?;
+            return Ok((child, Some(name)));
+        }
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.net.host(slot).netns])
             .arg(&self.bins.master_node)
@@ -253,7 +329,7 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file(&r.log)?);
-        die_with_parent(&mut cmd).spawn().context("starting master-node")
+        Ok((die_with_parent(&mut cmd).spawn().context("starting master-node")?, None))
     }
 
     async fn init_first(&mut self) -> anyhow::Result<()> {
@@ -272,8 +348,9 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let child = self.spawn_in(1, &args)?;
+        let (child, container) = self.spawn_in(1, &args)?;
         self.replicas[0].proc.child = Some(child);
+        self.replicas[0].proc.container = container;
         let token_file = self.replicas[0].dir.join("join-token");
         wait_until("the first replica", Duration::from_secs(30), || {
             let f = token_file.clone();
@@ -306,8 +383,9 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let child = self.spawn_in(slot, &args)?;
+        let (child, container) = self.spawn_in(slot, &args)?;
         self.replicas[slot - 1].proc.child = Some(child);
+        self.replicas[slot - 1].proc.container = container;
         let dir = self.replicas[slot - 1].dir.clone();
         wait_until(&format!("slot {slot} to join"), Duration::from_secs(60), || {
             let dir = dir.clone();
@@ -341,8 +419,9 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let child = self.spawn_in(slot, &args)?;
+        let (child, container) = self.spawn_in(slot, &args)?;
         self.replicas[slot - 1].proc.child = Some(child);
+        self.replicas[slot - 1].proc.container = container;
         self.replicas[slot - 1].proc.paused = false;
         Ok(())
     }
@@ -350,6 +429,8 @@ impl Cluster {
     /// Runs `master-node ARGS` to the end (in slot's namespace when given).
     pub fn master_cli(&self, slot: Option<usize>, args: &[&str]) -> anyhow::Result<std::process::Output> {
         let mut cmd = match slot {
+            // Containers are reachable from the host: no namespace to enter.
+            Some(_) if self.net.docker.is_some() => Command::new(&self.bins.master_node),
             Some(s) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", &self.net.host(s).netns])
@@ -449,13 +530,7 @@ impl Cluster {
             .stderr(log_file(&self.dir.join(format!("gateway-{g}.log")))?)
             .spawn()
             .context("starting slap-gateway")?;
-        self.gateways.push((
-            format!("127.0.0.1:{port}"),
-            Proc {
-                child: Some(child),
-                paused: false,
-            },
-        ));
+        self.gateways.push((format!("127.0.0.1:{port}"), Proc::running(child)));
         Ok(())
     }
 
@@ -542,6 +617,17 @@ impl Cluster {
     pub fn dump_stacks(&self, slot: usize, why: &str) {
         let Some(pid) = self.replicas[slot - 1].proc.child.as_ref().map(|c| c.id()) else {
             return;
+        };
+        // In Docker mode the child is the `docker start` client: find the replica.
+        let pid = match &self.replicas[slot - 1].proc.container {
+            Some(name) => match Command::new("docker")
+                .args(["inspect", "--format", "{{.State.Pid}}", name])
+                .output()
+            {
+                Ok(o) => String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(pid),
+                Err(_) => pid,
+            },
+            None => pid,
         };
         let out = Command::new("gdb")
             .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"])

@@ -71,6 +71,11 @@ struct RunArgs {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Run the replicas in Docker containers of this image (built from
+    /// these binaries with `deploy/build-images TAG`) instead of network
+    /// namespaces.
+    #[arg(long, value_name = "IMAGE")]
+    docker: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -133,6 +138,7 @@ fn main() -> ExitCode {
                 computers: a.computers,
                 recovery_bound: Duration::from_secs(a.recovery_bound),
                 faults: a.faults.clone(),
+                docker_image: a.docker.clone(),
             };
             if let Some(bad) = a.faults.iter().find(|f| !chaos::nemesis::KINDS.contains(&f.as_str())) {
                 eprintln!(

@@ -16,6 +16,12 @@
 //! Everything created is recorded in `/run/slapos-chaos/<pid>.json` before it
 //! is created; [`Net`]'s drop removes it, and a later run removes what a
 //! run killed before it could clean up left behind.
+//!
+//! The second mode ([`Net::create_docker`]) puts each replica in a Docker
+//! container instead, on a Docker bridge network of its own (10.78.N.0/24,
+//! the host at .1 where the suite and its proxies listen), from an image
+//! built from our binaries (`deploy/build-images`). Isolating a replica
+//! disconnects its container from that network.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -41,6 +47,17 @@ struct Created {
     bridge: Option<String>,
     netns: Vec<String>,
     veths: Vec<String>,
+    #[serde(default)]
+    docker_network: Option<String>,
+    #[serde(default)]
+    containers: Vec<String>,
+}
+
+/// Docker mode: the network and the image the replicas' containers use.
+#[derive(Debug, Clone)]
+pub struct Docker {
+    pub network: String,
+    pub image: String,
 }
 
 /// The namespaces and links of one run.
@@ -49,10 +66,31 @@ pub struct Net {
     /// The bridge's address: where the suite and its proxies listen.
     pub gateway_ip: Ipv4Addr,
     pub hosts: Vec<Host>,
+    /// Set in Docker mode; `Host::netns` is then the container's name.
+    pub docker: Option<Docker>,
     prefix: String,
     subnet: u8,
     created: Created,
     state_file: PathBuf,
+}
+
+fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .context("running docker (Debian package docker.io; deploy/build-images starts the engine)")?;
+    if !out.status.success() {
+        bail!(
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn docker_quiet(args: &[&str]) {
+    let _ = Command::new("docker").args(args).output();
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -94,6 +132,12 @@ pub fn clean_stale() {
 }
 
 fn remove(c: &Created) {
+    for name in &c.containers {
+        docker_quiet(&["rm", "-f", name]);
+    }
+    if let Some(n) = &c.docker_network {
+        docker_quiet(&["network", "rm", n]);
+    }
     for v in &c.veths {
         ip_quiet(&["link", "del", v]);
     }
@@ -108,6 +152,52 @@ fn remove(c: &Created) {
 }
 
 impl Net {
+    /// Docker mode: a network of our own for `n` containers of `image`.
+    pub fn create_docker(n: usize, image: &str) -> anyhow::Result<Net> {
+        clean_stale();
+        docker(&["image", "inspect", "--format", "{{.Id}}", image])
+            .with_context(|| format!("no image {image}: build it from these binaries with deploy/build-images TAG"))?;
+        std::fs::create_dir_all(STATE_DIR).with_context(|| format!("creating {STATE_DIR}"))?;
+        let pid = std::process::id();
+        let subnet = (pid % 200) as u8 + 20;
+        let prefix = format!("chd{:x}", pid % 0xfff);
+        let mut net = Net {
+            bridge: format!("{prefix}br"),
+            gateway_ip: Ipv4Addr::new(10, 78, subnet, 1),
+            hosts: Vec::new(),
+            docker: Some(Docker {
+                network: prefix.clone(),
+                image: image.to_string(),
+            }),
+            prefix: prefix.clone(),
+            subnet,
+            created: Created {
+                pid,
+                docker_network: Some(prefix.clone()),
+                ..Default::default()
+            },
+            state_file: PathBuf::from(STATE_DIR).join(format!("{pid}.json")),
+        };
+        net.record()?;
+        docker(&[
+            "network",
+            "create",
+            "--driver",
+            "bridge",
+            "--subnet",
+            &format!("10.78.{subnet}.0/24"),
+            "--gateway",
+            &net.gateway_ip.to_string(),
+            "-o",
+            &format!("com.docker.network.bridge.name={}", net.bridge),
+            &prefix,
+        ])?;
+        for i in 1..=n {
+            net.add_host(i)?;
+        }
+        Ok(net)
+    }
+
     /// Creates `n` hosts. Needs root (CAP_NET_ADMIN).
     pub fn create(n: usize) -> anyhow::Result<Net> {
         if !nix::unistd::Uid::effective().is_root() {
@@ -123,6 +213,7 @@ impl Net {
             bridge: format!("{prefix}br"),
             gateway_ip: Ipv4Addr::new(10, 77, subnet, 1),
             hosts: Vec::new(),
+            docker: None,
             prefix,
             subnet,
             created: Created {
@@ -148,8 +239,20 @@ impl Net {
             .with_context(|| format!("writing {}", self.state_file.display()))
     }
 
-    /// Adds host `i` (addresses 10.77.N.(10+i)).
+    /// Adds host `i` (addresses 10.77.N.(10+i), or 10.78.N.(10+i) for a container).
     pub fn add_host(&mut self, i: usize) -> anyhow::Result<Host> {
+        if self.docker.is_some() {
+            // The container itself is made when its replica starts.
+            let host = Host {
+                netns: format!("{}-r{i}", self.prefix),
+                veth: String::new(),
+                ip: Ipv4Addr::new(10, 78, self.subnet, 10 + i as u8),
+            };
+            self.created.containers.push(host.netns.clone());
+            self.record()?;
+            self.hosts.push(host.clone());
+            return Ok(host);
+        }
         let host = Host {
             netns: format!("{}-r{i}", self.prefix),
             veth: format!("{}r{i}", self.prefix),
@@ -183,14 +286,37 @@ impl Net {
         &self.hosts[i - 1]
     }
 
-    /// Cuts host `i` off the network (its veth down).
+    /// Cuts host `i` off the network (its veth down, or its container
+    /// disconnected).
     pub fn isolate(&self, i: usize) -> anyhow::Result<()> {
-        ip(&["link", "set", &self.host(i).veth, "down"])
+        match &self.docker {
+            Some(d) => docker(&["network", "disconnect", "--force", &d.network, &self.host(i).netns]).map(drop),
+            None => ip(&["link", "set", &self.host(i).veth, "down"]),
+        }
     }
 
     /// Puts host `i` back on the network.
     pub fn reconnect(&self, i: usize) -> anyhow::Result<()> {
-        ip(&["link", "set", &self.host(i).veth, "up"])
+        match &self.docker {
+            Some(d) => {
+                let host = self.host(i);
+                let connected = docker(&["inspect", "--format", "{{json .NetworkSettings.Networks}}", &host.netns])
+                    .is_ok_and(|n| n.contains(&format!("\"{}\"", d.network)));
+                if connected {
+                    return Ok(());
+                }
+                docker(&[
+                    "network",
+                    "connect",
+                    "--ip",
+                    &host.ip.to_string(),
+                    &d.network,
+                    &host.netns,
+                ])
+                .map(drop)
+            }
+            None => ip(&["link", "set", &self.host(i).veth, "up"]),
+        }
     }
 
     /// Removes everything this run created.

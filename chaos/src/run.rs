@@ -32,6 +32,8 @@ pub struct RunConfig {
     pub recovery_bound: Duration,
     /// Only these kinds (empty: all).
     pub faults: Vec<String>,
+    /// Docker mode: replicas in containers of this image (None: namespaces).
+    pub docker_image: Option<String>,
 }
 
 const USERS: &[&str] = &["alice", "bob"];
@@ -75,7 +77,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let run_id = cfg.seed ^ origin;
     let mut rng = cfg.seed.max(1);
     tracing::info!(seed = cfg.seed, replicas = cfg.replicas, dir = %dir.display(), "starting the cluster");
-    let mut c = Cluster::start(bins.clone(), &dir, cfg.replicas + 1, cfg.replicas, 2, cfg.seed).await?;
+    let mut c = Cluster::start(
+        bins.clone(),
+        &dir,
+        cfg.replicas + 1,
+        cfg.replicas,
+        2,
+        cfg.seed,
+        cfg.docker_image.as_deref(),
+    )
+    .await?;
 
     // Computers, their software, their nodes.
     let admin = doors_for(&c, "admin", true)?;
@@ -99,10 +110,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
             .stderr(std::fs::File::create(dir.join(format!("node-{k}.log")))?)
             .spawn()
             .context("starting a simulated node")?;
-        nodes.push(Proc {
-            child: Some(child),
-            paused: false,
-        });
+        nodes.push(Proc::running(child));
         node_histories.push(history);
     }
     // Once each node has formatted its computer, supply the release to it.
@@ -350,7 +358,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let report = Report {
         seed: cfg.seed,
         replicas: cfg.replicas,
-        mode: "netns".into(),
+        mode: if cfg.docker_image.is_some() { "docker" } else { "netns" }.into(),
         duration_s: (end - origin) as f64 / 1e6,
         origin_us: origin,
         faults,
@@ -359,11 +367,20 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         findings,
         ok,
         replay: format!(
-            "chaos run --seed {} --replicas {} --duration {}s --min-events {}",
+            "chaos run --seed {} --replicas {} --duration {}s --min-events {}{}{}",
             cfg.seed,
             cfg.replicas,
             cfg.duration.as_secs(),
-            cfg.min_events
+            cfg.min_events,
+            if cfg.faults.is_empty() {
+                String::new()
+            } else {
+                format!(" --faults {}", cfg.faults.join(","))
+            },
+            cfg.docker_image
+                .as_deref()
+                .map(|i| format!(" --docker {i}"))
+                .unwrap_or_default()
         ),
     };
     report::write(&dir, &report, &history, end)?;
