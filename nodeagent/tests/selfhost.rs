@@ -7,7 +7,9 @@
 //! to them, and the mini-master leaves and stops. Then one replica is
 //! replaced through the tree (its instance destroyed, a new one requested):
 //! membership follows, leave then join. Every write acknowledged on the way
-//! is still there at the end.
+//! is still there at the end. Everything speaks mutual TLS: the nodes
+//! register with the mini-master and keep their certificates after the
+//! hand-over, as the cluster and its CA stay the same.
 //!
 //! The nodes run unprivileged on this machine's loopback (one port range
 //! each), not in namespaces: partitions of unprivileged nodes all use
@@ -31,6 +33,13 @@ struct Node {
     agent: Proc,
 }
 
+/// The certificates the test acts with: an administrator's.
+struct Creds {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
 impl Node {
     fn start(&mut self, masters: &[String]) {
         let log = self.dir.join("agent.log");
@@ -38,6 +47,8 @@ impl Node {
             "run".to_string(),
             "--master".into(),
             masters.join(","),
+            "--identity-dir".into(),
+            self.dir.join("identity").display().to_string(),
             "--computer-id".into(),
             self.id.into(),
             "--mode".into(),
@@ -98,10 +109,16 @@ fn print_logs(dir: &Path) {
     }
 }
 
-/// `slapctl --insecure-http --master URL --json ARGS`.
-fn slapctl(master: &str, args: &[&str]) -> Result<serde_json::Value, String> {
+/// `slapctl --master URL --json ARGS` as the administrator, over mutual TLS.
+fn slapctl(creds: &Creds, master: &str, args: &[&str]) -> Result<serde_json::Value, String> {
     let out = Command::new(workspace_bin("slapctl"))
-        .args(["--insecure-http", "--master", master, "--json", "--patience", "20"])
+        .args(["--master", master, "--json", "--patience", "20"])
+        .arg("--cert")
+        .arg(&creds.cert)
+        .arg("--key")
+        .arg(&creds.key)
+        .arg("--ca")
+        .arg(&creds.ca)
         .args(args)
         .output()
         .map_err(|e| e.to_string())?;
@@ -148,21 +165,24 @@ fn wait(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
 
 /// An instance of the tree by title: `show` finds the user's own requests
 /// only, the replicas the root requested are found in the list.
-fn instance(master: &str, title: &str) -> Option<serde_json::Value> {
-    let list = slapctl(master, &["list"]).ok()?;
+fn instance(creds: &Creds, master: &str, title: &str) -> Option<serde_json::Value> {
+    let list = slapctl(creds, master, &["list"]).ok()?;
     list.as_array()?.iter().find(|i| i["title"] == title).cloned()
 }
 
 /// An instance's connection parameter, once published.
-fn published(master: &str, title: &str, key: &str) -> Option<String> {
-    instance(master, title)?["connection"][key].as_str().map(String::from)
+fn published(creds: &Creds, master: &str, title: &str, key: &str) -> Option<String> {
+    instance(creds, master, title)?["connection"][key]
+        .as_str()
+        .map(String::from)
 }
 
 /// An acknowledged write: a request parked on a computer that does not exist.
-fn write(master: &str, n: usize, acknowledged: &mut Vec<String>) {
+fn write(creds: &Creds, master: &str, n: usize, acknowledged: &mut Vec<String>) {
     let title = format!("order-{n}");
     let param = format!("n={n}");
     slapctl(
+        creds,
         master,
         &[
             "request",
@@ -178,8 +198,8 @@ fn write(master: &str, n: usize, acknowledged: &mut Vec<String>) {
     acknowledged.push(title);
 }
 
-fn assert_all_there(master: &str, acknowledged: &[String]) {
-    let list = slapctl(master, &["list"]).unwrap();
+fn assert_all_there(creds: &Creds, master: &str, acknowledged: &[String]) {
+    let list = slapctl(creds, master, &["list"]).unwrap();
     for title in acknowledged {
         let found = list
             .as_array()
@@ -211,12 +231,18 @@ fn make_release(dir: &Path) -> String {
 fn the_master_deploys_itself_then_replaces_a_replica() {
     let tmp = tempfile::tempdir().unwrap();
     let _sweep = Sweep(tmp.path().to_path_buf());
-    let mut mini = Master::init(tmp.path());
-    let mini_url = mini.url();
+    let mut mini = Master::init_secure(tmp.path());
+    let mini_url = mini.https_url();
     let token = std::fs::read_to_string(mini.data_dir.join("join-token"))
         .unwrap()
         .trim()
         .to_string();
+    let admin_dir = mini.data_dir.join("admin");
+    let creds = Creds {
+        cert: admin_dir.join("admin.crt"),
+        key: admin_dir.join("admin.key"),
+        ca: admin_dir.join("ca.crt"),
+    };
     let release = make_release(&tmp.path().join("release"));
 
     let base = 45000 + (std::process::id() % 50) as u16 * 100;
@@ -236,17 +262,36 @@ fn the_master_deploys_itself_then_replaces_a_replica() {
         })
         .collect();
     for n in &mut nodes {
+        // Each node registers with the mini-master: its certificate stays
+        // valid in the cluster the mini-master hands over to.
+        let mut registration = None;
+        wait("the cluster's CA", Duration::from_secs(30), || {
+            registration = mini.admin(&["computer", "add", n.id]).ok();
+            registration.is_some()
+        });
+        let out = Command::new(workspace_bin("nodeagent"))
+            .args(["register", "--master", &mini.listen, "--computer-id", n.id])
+            .args(["--token", registration.unwrap().trim()])
+            .arg("--out")
+            .arg(n.dir.join("identity"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "register: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         n.start(std::slice::from_ref(&mini_url));
     }
     for n in &nodes {
         // Supplying succeeds once the node has registered its partitions.
         wait(&format!("{} to register", n.id), Duration::from_secs(60), || {
-            slapctl(&mini_url, &["supply", &release, n.id]).is_ok()
+            slapctl(&creds, &mini_url, &["supply", &release, n.id]).is_ok()
         });
     }
 
     let mut acknowledged = Vec::new();
-    write(&mini_url, 0, &mut acknowledged);
+    write(&creds, &mini_url, 0, &mut acknowledged);
 
     // The master tree: its root joins the mini-master's cluster, in eu; the
     // root requests the two other replicas, in us and asia.
@@ -263,15 +308,13 @@ fn the_master_deploys_itself_then_replaces_a_replica() {
         "--param",
         &tok,
         "--param",
-        "slap-tls=off",
-        "--param",
         "region-2=us",
         "--param",
         "region-3=asia",
         "--sla",
         "region=eu",
     ];
-    slapctl(&mini_url, &tree).unwrap();
+    slapctl(&creds, &mini_url, &tree).unwrap();
     wait("three replicas in partitions to join", Duration::from_secs(240), || {
         status(&mini.listen, &token).is_some_and(|s| voters(&s).len() == 4)
     });
@@ -281,28 +324,28 @@ fn the_master_deploys_itself_then_replaces_a_replica() {
         ("master-2", "NODE-US"),
         ("master-3", "NODE-ASIA"),
     ] {
-        let inst = instance(&mini_url, title).unwrap_or_else(|| panic!("no instance {title}"));
+        let inst = instance(&creds, &mini_url, title).unwrap_or_else(|| panic!("no instance {title}"));
         assert_eq!(inst["computer"], node, "{title} is not where its region says");
         let mut url = None;
         wait(
             &format!("{title} to publish its SLAP URL"),
             Duration::from_secs(60),
             || {
-                url = published(&mini_url, title, "slap-url");
+                url = published(&creds, &mini_url, title, "slap-url");
                 url.is_some()
             },
         );
         slap_urls.push(url.unwrap());
     }
-    assert!(published(&mini_url, "master", "join-token").is_some_and(|t| t == token));
-    write(&mini_url, 1, &mut acknowledged);
+    assert!(published(&creds, &mini_url, "master", "join-token").is_some_and(|t| t == token));
+    write(&creds, &mini_url, 1, &mut acknowledged);
 
     // The nodes are re-pointed to the new replicas, one at a time; the
     // replicas they supervise keep running across the agent's restart.
     for n in &mut nodes {
         n.agent.terminate();
         n.start(&slap_urls);
-        write(&slap_urls[0], acknowledged.len(), &mut acknowledged);
+        write(&creds, &slap_urls[0], acknowledged.len(), &mut acknowledged);
     }
 
     // The mini-master is retired.
@@ -312,25 +355,25 @@ fn the_master_deploys_itself_then_replaces_a_replica() {
         .unwrap();
     assert!(out.status.success(), "leave: {}", String::from_utf8_lossy(&out.stderr));
     mini.proc.terminate();
-    let root_cluster = published(&slap_urls[0], "master", "cluster").unwrap();
+    let root_cluster = published(&creds, &slap_urls[0], "master", "cluster").unwrap();
     wait("a leader among the three replicas", Duration::from_secs(60), || {
         status(&root_cluster, &token).is_some_and(|s| {
             voters(&s).len() == 3 && !voters(&s).contains(&mini.listen) && s["leader_id"].as_u64().is_some()
         })
     });
-    write(&slap_urls[1], acknowledged.len(), &mut acknowledged);
-    assert_all_there(&slap_urls[2], &acknowledged);
+    write(&creds, &slap_urls[1], acknowledged.len(), &mut acknowledged);
+    assert_all_there(&creds, &slap_urls[2], &acknowledged);
 
     // A replica replaced through the tree: the root now wants master-3b
     // instead of master-3; master-3 is destroyed (its replica leaves) and
     // master-3b joins, in asia again.
-    let old = published(&slap_urls[0], "master-3", "cluster").unwrap();
+    let old = published(&creds, &slap_urls[0], "master-3", "cluster").unwrap();
     let mut replaced = tree.to_vec();
     replaced.extend(["--param", "replica-3=3b"]);
-    slapctl(&slap_urls[0], &replaced).unwrap();
+    slapctl(&creds, &slap_urls[0], &replaced).unwrap();
     let mut fresh = None;
     wait("master-3b to publish its address", Duration::from_secs(120), || {
-        fresh = published(&slap_urls[0], "master-3b", "cluster");
+        fresh = published(&creds, &slap_urls[0], "master-3b", "cluster");
         fresh.is_some()
     });
     let fresh = fresh.unwrap();
@@ -341,9 +384,12 @@ fn the_master_deploys_itself_then_replaces_a_replica() {
             v.len() == 3 && v.contains(&fresh) && !v.contains(&old)
         })
     });
-    assert_eq!(instance(&slap_urls[0], "master-3b").unwrap()["computer"], "NODE-ASIA");
-    write(&slap_urls[0], acknowledged.len(), &mut acknowledged);
-    assert_all_there(&slap_urls[1], &acknowledged);
+    assert_eq!(
+        instance(&creds, &slap_urls[0], "master-3b").unwrap()["computer"],
+        "NODE-ASIA"
+    );
+    write(&creds, &slap_urls[0], acknowledged.len(), &mut acknowledged);
+    assert_all_there(&creds, &slap_urls[1], &acknowledged);
     for n in &mut nodes {
         n.agent.terminate();
     }
