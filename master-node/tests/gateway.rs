@@ -23,6 +23,10 @@ fn calls_through_the_gateway_survive_a_leader_kill() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = SlapCluster::start(dir.path());
     let gw_port = cluster.gateway_port;
+    // Ready: the gateway knows the leader.
+    common::wait_for("the gateway to know the leader", || {
+        http(gw_port, "GET", "/readyz", "").is_some_and(|(st, body)| st == 200 && body.starts_with("leader 127.0.0.1:"))
+    });
 
     // Format, supply and request through the gateway.
     let computer = dumps(&Value::str_dict(vec![

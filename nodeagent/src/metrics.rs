@@ -140,7 +140,8 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
+/// Serves `/metrics`, `/healthz` (the agent runs) and `/readyz` (it reached
+/// the Master at its last poll) on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, supervisor: Arc<Supervisor>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -154,7 +155,17 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, sup
                     let (status, ctype, body) = match req.uri().path() {
                         "/metrics" => (200, "text/plain; version=0.0.4", metrics.render(&supervisor).await),
                         "/healthz" => (200, "text/plain", "ok\n".to_string()),
-                        _ => (404, "text/plain", "not found: /metrics or /healthz\n".to_string()),
+                        // Ready: the last poll of the Master succeeded, so
+                        // the agent acts on a current plan.
+                        "/readyz" if metrics.master_reachable.load(std::sync::atomic::Ordering::Relaxed) == 1 => {
+                            (200, "text/plain", "ok\n".to_string())
+                        }
+                        "/readyz" => (503, "text/plain", "the Master is not reachable\n".to_string()),
+                        _ => (
+                            404,
+                            "text/plain",
+                            "not found: /metrics, /healthz or /readyz\n".to_string(),
+                        ),
                     };
                     Response::builder()
                         .status(status)

@@ -121,6 +121,8 @@ async fn kvstore_child_and_frontend_shared_instances() {
         "{metrics}"
     );
     assert!(metrics.contains("nodeagent_master_reachable 1"), "{metrics}");
+    let ready = http_get(&format!("http://127.0.0.1:{metrics_port}/readyz")).await;
+    assert_eq!(ready.map(|r| r.0), Some(200), "reachable Master, not ready");
     assert!(
         metrics.contains("nodeagent_processes{state=\"running\"} 3"),
         "{metrics}"

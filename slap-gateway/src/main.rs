@@ -255,6 +255,15 @@ async fn healthz(State(gw): State<Arc<Gateway>>) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, "no replica answers\n").into_response()
 }
 
+/// Ready to forward: a leader is known (so writes go straight to it).
+/// `/healthz` says a replica answers; this says the cluster has a leader.
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    match gw.discovery.leader() {
+        Some(l) => (StatusCode::OK, format!("leader {l}\n")).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no leader known\n").into_response(),
+    }
+}
+
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let c = &gw.counters;
     let body = format!(
@@ -336,6 +345,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let app = Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(forward)
         .with_state(gw);
