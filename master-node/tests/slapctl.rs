@@ -199,6 +199,27 @@ fn a_user_requests_lists_shows_and_destroys_with_slapctl() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--master"));
 
+    // Destroying what was never placed: forgotten at once.
+    let parked = slapctl(
+        slap,
+        &certs,
+        "alice",
+        &["request", "parked", SR, "--sla", "computer_guid=NOWHERE"],
+    );
+    assert!(
+        parked.ok && parked.stdout.contains("not placed yet"),
+        "{}",
+        parked.stdout
+    );
+    let forgotten = slapctl(slap, &certs, "alice", &["destroy", "parked"]);
+    assert!(
+        forgotten.ok && forgotten.stdout.contains("never placed"),
+        "{}{}",
+        forgotten.stdout,
+        forgotten.stderr
+    );
+    assert!(!slapctl(slap, &certs, "alice", &["show", "parked"]).ok);
+
     let gone = slapctl(slap, &certs, "alice", &["destroy", "blog"]);
     assert!(gone.ok, "{}", gone.stderr);
     let after = json(&slapctl(slap, &certs, "alice", &["--json", "show", "blog"]));

@@ -199,9 +199,29 @@ fn retryable(s: &tonic::Status) -> bool {
     )
 }
 
+/// A call the Master refused or could not answer, with what to do about it.
+#[derive(Debug)]
+struct Failure {
+    code: Code,
+    message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hint = match self.code {
+            Code::PermissionDenied => " (your certificate may not do this)",
+            Code::Unavailable => " (is the Master up and reachable, and does a majority of its replicas run?)",
+            _ => "",
+        };
+        write!(f, "{}{hint}", self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
 /// Calls until an answer or a definite refusal; the request (and so its
 /// request id) is the same on every attempt.
-async fn call<T, F, Fut>(patience: u64, mut f: F) -> anyhow::Result<T>
+async fn call<T, F, Fut>(patience: u64, mut f: F) -> Result<T, Failure>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -216,13 +236,10 @@ where
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
             Err(s) => {
-                let hint = match s.code() {
-                    Code::PermissionDenied => " (your certificate may not do this)",
-                    Code::NotFound => "",
-                    Code::Unavailable => " (is the Master up and reachable, and does a majority of its replicas run?)",
-                    _ => "",
-                };
-                bail!("{}{hint}", s.message());
+                return Err(Failure {
+                    code: s.code(),
+                    message: s.message().to_string(),
+                })
             }
         }
     }
@@ -426,9 +443,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await;
             match result {
                 Ok(_) => println!("{title}: destroyed (its node frees the partition)"),
-                // Never placed: gone at once.
-                Err(e) if e.to_string().contains("gone") => println!("{title}: destroyed"),
-                Err(e) => return Err(e),
+                // Never placed: the Master forgets it at once.
+                Err(e) if e.code == Code::NotFound => println!("{title}: destroyed (it was never placed)"),
+                Err(e) => return Err(e.into()),
             }
         }
         Cmd::Usage { period } => {
@@ -508,7 +525,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn get(client: &MasterClient<Channel>, patience: u64, title: &str) -> anyhow::Result<pb::Instance> {
+async fn get(client: &MasterClient<Channel>, patience: u64, title: &str) -> Result<pb::Instance, Failure> {
     call(patience, || {
         let mut c = client.clone();
         let title = title.to_string();
