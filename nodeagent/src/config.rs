@@ -19,7 +19,8 @@ pub enum Mode {
     /// As root: users, groups, taps and addresses per partition.
     Privileged,
     /// As anyone: directories only; every partition runs as the agent's user on
-    /// 127.0.0.1 with its own ports. For development and demos.
+    /// one address (127.0.0.1, or --unprivileged-address) with its own ports.
+    /// For development, demos and tests.
     Unprivileged,
 }
 
@@ -63,6 +64,11 @@ pub struct NodeConfig {
     /// Partition N owns the ten ports from BASE + 10 N.
     #[arg(long, env = "NODEAGENT_PORT_BASE", default_value_t = 20000)]
     pub port_base: u16,
+    /// Unprivileged mode: the address every partition serves on (this
+    /// machine's own, so other machines reach its instances; default
+    /// loopback, reachable from this machine only).
+    #[arg(long, env = "NODEAGENT_UNPRIVILEGED_ADDRESS", default_value = "127.0.0.1")]
+    pub unprivileged_address: Ipv4Addr,
     /// Allocation categories reported to the Master, as key=value
     /// (region=eu-west, cpu_type=x86_64, network_guid=...). Repeatable.
     #[arg(long = "category", env = "NODEAGENT_CATEGORIES", value_delimiter = ',', value_parser = parse_pair)]

@@ -8,7 +8,8 @@
 //! Every step first looks at what exists and only changes what differs, so a
 //! second run changes nothing (the report counts changes; tests check it is
 //! zero) and N can grow. Unprivileged mode makes the directories only, owned
-//! by the agent's user, with every partition on 127.0.0.1 and its own ports.
+//! by the agent's user, with every partition on one address (127.0.0.1 by
+//! default, `--unprivileged-address`) and its own ports.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -129,7 +130,7 @@ pub fn format(cfg: &NodeConfig) -> Result<(FormatReport, Vec<PartitionResource>)
                     uid,
                     gid,
                     tap: None,
-                    ipv4: "127.0.0.1".into(),
+                    ipv4: cfg.unprivileged_address.to_string(),
                     ipv6: None,
                     port: cfg.port_base + 10 * index as u16,
                     mode,

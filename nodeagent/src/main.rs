@@ -216,7 +216,8 @@ fn announce_mode(node: &NodeConfig) {
     if node.mode() == Mode::Unprivileged {
         eprintln!(
             "nodeagent: unprivileged mode: partitions are directories only (no users, taps or \
-             addresses); every instance runs as this user on 127.0.0.1"
+             addresses); every instance runs as this user on {}",
+            node.unprivileged_address
         );
     }
 }

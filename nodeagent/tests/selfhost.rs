@@ -11,24 +11,164 @@
 //! register with the mini-master and keep their certificates after the
 //! hand-over, as the cluster and its CA stay the same.
 //!
-//! The nodes run unprivileged on this machine's loopback (one port range
-//! each), not in namespaces: partitions of unprivileged nodes all use
-//! 127.0.0.1.
+//! Each node is its own network namespace, joined to a bridge by a veth
+//! pair, with its own address: its agent runs unprivileged there with
+//! `--unprivileged-address`, so the replicas in its partitions serve on that
+//! address and reach each other across the bridge, as on three machines.
+//! The mini-master and the test sit on the bridge, in the root namespace.
+//! Needs root (namespaces), as CI runs it.
 
 mod common;
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A bridge in the root namespace and one namespace per node, removed on drop.
+struct Machines {
+    bridge: String,
+    host_ip: Ipv4Addr,
+    netns: Vec<(String, String, Ipv4Addr)>,
+}
+
+impl Machines {
+    fn create(n: usize) -> Machines {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the self-hosting test puts each node in a network namespace: run it as root (CI does)"
+        );
+        let tag = format!("{:x}", std::process::id() % 0xfffff);
+        let subnet = (std::process::id() % 200) as u8 + 20;
+        let m = Machines {
+            bridge: format!("shs{tag}b"),
+            host_ip: Ipv4Addr::new(10, 79, subnet, 1),
+            netns: (1..=n)
+                .map(|i| {
+                    (
+                        format!("shself{tag}-n{i}"),
+                        format!("shs{tag}v{i}"),
+                        Ipv4Addr::new(10, 79, subnet, 10 + i as u8),
+                    )
+                })
+                .collect(),
+        };
+        ip(&["link", "add", &m.bridge, "type", "bridge"]);
+        ip(&["addr", "add", &format!("{}/24", m.host_ip), "dev", &m.bridge]);
+        ip(&["link", "set", &m.bridge, "up"]);
+        for (i, (ns, veth, addr)) in m.netns.iter().enumerate() {
+            let peer = format!("shs{tag}p{}", i + 1);
+            ip(&["netns", "add", ns]);
+            ip(&["link", "add", veth, "type", "veth", "peer", "name", &peer]);
+            ip(&["link", "set", &peer, "netns", ns]);
+            ip(&["link", "set", veth, "master", &m.bridge]);
+            ip(&["link", "set", veth, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "link", "set", &peer, "name", "eth0"]);
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", ns, "route", "add", "default", "via", &m.host_ip.to_string()]);
+        }
+        // A Docker engine on this machine sets the FORWARD policy to DROP,
+        // which also drops bridged traffic between the nodes: let ours pass.
+        let _ = m.iptables("-I");
+        m
+    }
+
+    /// Inserts (`-I`) or deletes (`-D`) the rule that forwards traffic
+    /// between the nodes' veths, where iptables exists.
+    fn iptables(&self, op: &str) -> std::io::Result<std::process::Output> {
+        Command::new("iptables")
+            .args([op, "FORWARD", "-i", &self.bridge, "-o", &self.bridge, "-j", "ACCEPT"])
+            .output()
+    }
+}
+
+impl Drop for Machines {
+    fn drop(&mut self) {
+        for (ns, veth, _) in &self.netns {
+            let _ = Command::new("ip").args(["link", "del", veth]).output();
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        let _ = self.iptables("-D");
+    }
+}
+
+/// The mini-master: one replica on the bridge, serving SLAP over mutual TLS.
+struct MiniMaster {
+    proc: Proc,
+    data_dir: PathBuf,
+    listen: String,
+    slap: String,
+    token: String,
+}
+
+impl MiniMaster {
+    fn init(dir: &Path, host: Ipv4Addr) -> MiniMaster {
+        let data_dir = dir.join("mini-master");
+        let listen = format!("{host}:{}", free_port());
+        let slap = format!("{host}:{}", free_port());
+        let proc = Proc::spawn(
+            &workspace_bin("master-node"),
+            &[
+                "init",
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--slap-listen",
+                &slap,
+            ],
+            &dir.join("mini-master.log"),
+        );
+        let token_file = data_dir.join("join-token");
+        wait("the mini-master", Duration::from_secs(30), || token_file.exists());
+        let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+        MiniMaster {
+            proc,
+            data_dir,
+            listen,
+            slap,
+            token,
+        }
+    }
+
+    /// `master-node ARGS --peer <it> --token <its token>`; stdout.
+    fn admin(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(workspace_bin("master-node"))
+            .args(args)
+            .args(["--peer", &self.listen, "--token", &self.token])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
 const PARKED: &str = "https://lab.example.invalid/parked/software.cfg";
 
 struct Node {
     id: &'static str,
     region: &'static str,
-    port_base: u16,
+    /// Its namespace and address.
+    netns: String,
+    addr: Ipv4Addr,
     dir: PathBuf,
     agent: Proc,
 }
@@ -44,7 +184,11 @@ impl Node {
     fn start(&mut self, masters: &[String]) {
         let log = self.dir.join("agent.log");
         let args = [
-            "run".to_string(),
+            "netns".to_string(),
+            "exec".into(),
+            self.netns.clone(),
+            workspace_bin("nodeagent").display().to_string(),
+            "run".into(),
             "--master".into(),
             masters.join(","),
             "--identity-dir".into(),
@@ -59,8 +203,8 @@ impl Node {
             self.dir.join("opt").display().to_string(),
             "--partitions".into(),
             "3".into(),
-            "--port-base".into(),
-            self.port_base.to_string(),
+            "--unprivileged-address".into(),
+            self.addr.to_string(),
             "--category".into(),
             format!("region={}", self.region),
             "--instance-interval".into(),
@@ -69,7 +213,7 @@ impl Node {
             "5s".into(),
         ];
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.agent = Proc::spawn(&workspace_bin("nodeagent"), &refs, &log);
+        self.agent = Proc::spawn(Path::new("ip"), &refs, &log);
     }
 }
 
@@ -230,13 +374,12 @@ fn make_release(dir: &Path) -> String {
 #[test]
 fn the_master_deploys_itself_then_replaces_a_replica() {
     let tmp = tempfile::tempdir().unwrap();
+    // Dropped in reverse: the processes are killed before the namespaces go.
+    let machines = Machines::create(3);
     let _sweep = Sweep(tmp.path().to_path_buf());
-    let mut mini = Master::init_secure(tmp.path());
-    let mini_url = mini.https_url();
-    let token = std::fs::read_to_string(mini.data_dir.join("join-token"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let mut mini = MiniMaster::init(tmp.path(), machines.host_ip);
+    let mini_url = format!("https://{}", mini.slap);
+    let token = mini.token.clone();
     let admin_dir = mini.data_dir.join("admin");
     let creds = Creds {
         cert: admin_dir.join("admin.crt"),
@@ -245,17 +388,17 @@ fn the_master_deploys_itself_then_replaces_a_replica() {
     };
     let release = make_release(&tmp.path().join("release"));
 
-    let base = 45000 + (std::process::id() % 50) as u16 * 100;
     let mut nodes: Vec<Node> = [("NODE-EU", "eu"), ("NODE-US", "us"), ("NODE-ASIA", "asia")]
         .into_iter()
-        .enumerate()
-        .map(|(i, (id, region))| {
+        .zip(&machines.netns)
+        .map(|((id, region), (netns, _, addr))| {
             let dir = tmp.path().join(id);
             std::fs::create_dir_all(&dir).unwrap();
             Node {
                 id,
                 region,
-                port_base: base + 30 * i as u16,
+                netns: netns.clone(),
+                addr: *addr,
                 dir,
                 agent: Proc(None),
             }
@@ -335,7 +478,11 @@ fn the_master_deploys_itself_then_replaces_a_replica() {
                 url.is_some()
             },
         );
-        slap_urls.push(url.unwrap());
+        // It serves on its node's own address, across the bridge.
+        let url = url.unwrap();
+        let addr = nodes.iter().find(|n| n.id == node).unwrap().addr;
+        assert!(url.starts_with(&format!("https://{addr}:")), "{title} serves at {url}");
+        slap_urls.push(url);
     }
     assert!(published(&creds, &mini_url, "master", "join-token").is_some_and(|t| t == token));
     write(&creds, &mini_url, 1, &mut acknowledged);
