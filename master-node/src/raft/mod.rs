@@ -119,7 +119,14 @@ impl Timing {
             install_snapshot_timeout: 10_000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.keep_log_after_snapshot,
-            max_payload_entries: 512,
+            // Entries carry whole batches of writes (up to 512 each, about
+            // 180 KB at 512 clients), and openraft gives one AppendEntries
+            // a heartbeat to answer: 512 entries per call meant ~90 MB
+            // that a follower catching up after heavy load could never
+            // take in time, so it kept timing out and elections waited
+            // for it (failovers of up to 15 s in write_bench). 32 entries
+            // keep one call to a few MB.
+            max_payload_entries: 32,
             // How close a learner must be before a join makes it a voter.
             // openraft's default (5000 entries) let a learner with an
             // empty log count as caught up and be promoted at once: a
