@@ -25,17 +25,15 @@ use std::sync::{Arc, RwLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use slap_proto::tls::{ClientIdentity, Expect, Trust};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
+use crate::client_certs::{Policy, StateVerifier};
 use crate::pki;
 use crate::state::{Master, Role};
 
@@ -144,7 +142,7 @@ impl ReplicaTls {
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(config_err)?
-            .with_client_cert_verifier(Arc::new(NotRevoked { chain, state }))
+            .with_client_cert_verifier(StateVerifier::new(chain, state, Policy::OptionalNotRevoked))
             .with_single_cert(certs, key)
             .map_err(config_err)?;
         config.alpn_protocols = vec![b"h2".to_vec()];
@@ -160,73 +158,6 @@ impl ReplicaTls {
 pub fn no_resumption(config: &mut rustls::ServerConfig) {
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-}
-
-/// Client certificates: chained to the CA (webpki), optional, and not
-/// revoked in this replica's state.
-#[derive(Debug)]
-struct NotRevoked {
-    chain: Arc<dyn ClientCertVerifier>,
-    state: Weak<RwLock<Master>>,
-}
-
-fn is_revoked(state: &Weak<RwLock<Master>>, fingerprint: &str) -> bool {
-    state.upgrade().is_some_and(|s| {
-        s.read()
-            .unwrap_or_else(|e| e.into_inner())
-            .certificates
-            .get(fingerprint)
-            .is_some_and(|c| c.revoked)
-    })
-}
-
-impl ClientCertVerifier for NotRevoked {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.chain.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.chain.verify_client_cert(end_entity, intermediates, now)?;
-        if is_revoked(&self.state, &pki::fingerprint(end_entity)) {
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
-        }
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
-    }
 }
 
 /// Who is on the other end of a cluster-port connection.

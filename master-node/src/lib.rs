@@ -11,6 +11,7 @@ pub mod accounting;
 pub mod api;
 pub mod certificates;
 pub mod client;
+pub mod client_certs;
 pub mod cluster_service;
 pub mod cluster_tls;
 pub mod dashboard;

@@ -15,73 +15,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::authz::Caller;
+use crate::client_certs::{Policy, StateVerifier};
 use crate::pki;
 use crate::replica::Replica;
 use crate::state::{Authority, Role};
-
-/// Checks the chain with webpki, then the Master's own record.
-#[derive(Debug)]
-struct RecordedClients {
-    chain: Arc<dyn ClientCertVerifier>,
-    replica: std::sync::Weak<Replica>,
-}
-
-impl ClientCertVerifier for RecordedClients {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.chain.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.chain.verify_client_cert(end_entity, intermediates, now)?;
-        let replica = self
-            .replica
-            .upgrade()
-            .ok_or_else(|| rustls::Error::General("the replica is stopping".into()))?;
-        let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
-        match state.certificates.get(&pki::fingerprint(end_entity)) {
-            Some(c) if c.revoked => Err(rustls::Error::InvalidCertificate(CertificateError::Revoked)),
-            Some(_) => Ok(ClientCertVerified::assertion()),
-            None => Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
-    }
-}
 
 /// Why HTTPS could not start.
 #[derive(Debug, thiserror::Error)]
@@ -146,10 +90,7 @@ pub fn server_config(replica: &Arc<Replica>, names: &[String]) -> Result<Option<
     let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(tls_err)?;
-    let verifier = Arc::new(RecordedClients {
-        chain,
-        replica: Arc::downgrade(replica),
-    });
+    let verifier = StateVerifier::new(chain, Arc::downgrade(&replica.state), Policy::RequiredRecorded);
     let (cert_pem, key_pem) = server_identity(replica, &ca, names)?;
     let key = {
         use rustls::pki_types::pem::PemObject;
