@@ -152,7 +152,9 @@ impl Writer {
     }
 }
 
-fn record_write<T>(
+/// Records one call of the history: its outcome, when it completed, through
+/// which door; returns the answer, if any.
+fn record_call<T>(
     rec: &Recorder,
     process: &str,
     key: &Key,
@@ -226,7 +228,7 @@ pub async fn request(
             async move { c.request(req).await }
         })
         .await;
-    record_write(rec, &w.name, key, Call::Request { v }, invoked, result, |i| {
+    record_call(rec, &w.name, key, Call::Request { v }, invoked, result, |i| {
         Some(seen(i))
     })
 }
@@ -258,7 +260,7 @@ pub async fn destroy(
             async move { c.request(req).await }
         })
         .await;
-    record_write(rec, &w.name, key, Call::Destroy, invoked, result, |_| None).is_some()
+    record_call(rec, &w.name, key, Call::Destroy, invoked, result, |_| None).is_some()
 }
 
 /// A linearizable read of `key`; `None` if the call got no answer.
@@ -281,46 +283,22 @@ pub async fn read(
             async move { c.get_instance(req).await }
         })
         .await;
-    let (outcome, completed, result) = match called {
-        Called::Answer(i) => {
-            let s = seen(&i);
-            (
-                Outcome::Ok {
-                    seen: Some(s.clone()),
-                    no_effect: false,
-                },
-                Some(now_us()),
-                Some(Some(s)),
-            )
-        }
-        // Not found is an answer: the key is absent.
-        Called::Refused(s) if s.code() == Code::NotFound => (
-            Outcome::Ok {
-                seen: None,
-                no_effect: false,
-            },
-            Some(now_us()),
-            Some(None),
-        ),
-        Called::Refused(s) => (
-            Outcome::Fail {
-                error: format!("{:?}: {}", s.code(), s.message()),
-            },
-            Some(now_us()),
-            None,
-        ),
-        Called::NoAnswer(e) => (Outcome::Unknown { error: e }, None, None),
+    // Not found is an answer: the key is absent.
+    let called = match called {
+        Called::Answer(i) => Called::Answer(Some(seen(&i))),
+        Called::Refused(s) if s.code() == Code::NotFound => Called::Answer(None),
+        Called::Refused(s) => Called::Refused(s),
+        Called::NoAnswer(e) => Called::NoAnswer(e),
     };
-    rec.push(Op {
-        process: process.to_string(),
-        key: Some(key.clone()),
-        call: Call::Read,
+    record_call(
+        rec,
+        process,
+        key,
+        Call::Read,
         invoked,
-        completed,
-        outcome,
-        via,
-    });
-    result
+        (called, via),
+        |s: &Option<Seen>| s.clone(),
+    )
 }
 
 /// Takes each of `keys` through its generations until `stop`, then
