@@ -5,9 +5,11 @@
 # - Debian packages: libclang-dev (RocksDB's bindings are generated at build
 #   time), clang, iproute2 (network namespaces for the chaos suite),
 #   chromium and chromium-driver (the dashboard's browser test), gdb (the
-#   chaos suite's stack dumps of a stuck replica).
+#   chaos suite's stack dumps of a stuck replica), patchelf (a Python every
+#   user can run, below).
 # - The real `slapos` client (PyPI slapos.core 1.26.1) in a Python 3.12 venv,
-#   for the conformance tests.
+#   for the conformance tests, and beside it the recipes of the buildout
+#   release those tests deploy (software/buildout-hello/recipe).
 #   protoc is not needed: it comes vendored with the protoc-bin-vendored crate.
 # - CARGO_TARGET_DIR defaults to /var/tmp/slapos-target, outside the checkout,
 #   so RocksDB's C++ (about 30 minutes cold on 2 cores) is compiled once per
@@ -16,7 +18,7 @@
 set -euo pipefail
 
 need_pkgs=()
-for pkg in libclang-dev clang iproute2 chromium chromium-driver gdb; do
+for pkg in libclang-dev clang iproute2 chromium chromium-driver gdb patchelf; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -33,8 +35,18 @@ fi
 
 # The unmodified SlapOS client (slapos.core 1.26.1, which needs Python 3.12
 # or newer) for the conformance tests, in a venv outside the checkout.
+#
+# `slapos node` runs buildout and the instances' services as unprivileged
+# users, so the venv's interpreter must run for them too. pyenv's Python
+# lives under /root (mode 0700) and finds its libpython through an absolute
+# RUNPATH there: it is copied to /var/tmp/slapos-python (readable by all)
+# with its RUNPATH made relative ($ORIGIN, patchelf), and the venv is built
+# from the copy.
 export SLAPOS_VENV="${SLAPOS_VENV:-/var/tmp/slapos-venv}"
-if [ ! -x "$SLAPOS_VENV/bin/slapos" ]; then
+runs_unprivileged() {
+  [ "$(id -u)" -ne 0 ] || runuser -u nobody -- "$1" -c pass >/dev/null 2>&1
+}
+if [ ! -x "$SLAPOS_VENV/bin/slapos" ] || ! runs_unprivileged "$SLAPOS_VENV/bin/python"; then
   py="${SLAPOS_PYTHON:-}"
   if [ -z "$py" ]; then
     # A pyenv shim exists for every installed version but fails unless that
@@ -53,12 +65,44 @@ if [ ! -x "$SLAPOS_VENV/bin/slapos" ]; then
     echo "       install one (e.g. pyenv install 3.12) or set SLAPOS_PYTHON=/path/to/python3.12" >&2
     exit 1
   fi
+  if ! runs_unprivileged "$py"; then
+    prefix=$("$py" -c 'import sys; print(sys.base_prefix)')
+    version=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    copy=/var/tmp/slapos-python
+    echo "setup: $py cannot run as an unprivileged user; copying $prefix to $copy"
+    rm -rf "$copy"
+    cp -a "$prefix" "$copy"
+    chmod -R a+rX "$copy"
+    patchelf --set-rpath '$ORIGIN/../lib' "$copy/bin/python$version"
+    py="$copy/bin/python$version"
+    if ! runs_unprivileged "$py"; then
+      echo "setup: $py still cannot run as user nobody; set SLAPOS_PYTHON to a Python 3.12+ every user can run" >&2
+      exit 1
+    fi
+  fi
   echo "setup: installing slapos.core 1.26.1 into $SLAPOS_VENV with $py"
   rm -rf "$SLAPOS_VENV"
   "$py" -m venv "$SLAPOS_VENV"
   "$SLAPOS_VENV/bin/pip" install -q slapos.core==1.26.1 slapos.libnetworkcache
+  chmod -R a+rX "$SLAPOS_VENV"
 fi
 export SLAPOS_BIN="$SLAPOS_VENV/bin/slapos"
+
+# The recipes of software/buildout-hello, the buildout release that
+# `slapos node` deploys in the slapgrid conformance test, go beside slapgrid
+# (buildout finds them there, offline). Built with the venv's own
+# setuptools (nothing downloaded), from a copy so the checkout stays clean;
+# reinstalled whenever their source changes.
+recipe_src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/software/buildout-hello/recipe"
+recipe_sum=$(cat "$recipe_src/pyproject.toml" "$recipe_src"/slapos_rs_recipe/*.py | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$SLAPOS_VENV/.slapos-rs-recipe.sha256" 2>/dev/null)" != "$recipe_sum" ]; then
+  echo "setup: installing the buildout recipes of software/buildout-hello into $SLAPOS_VENV"
+  recipe_tmp=$(mktemp -d)
+  cp -r "$recipe_src/." "$recipe_tmp"
+  "$SLAPOS_VENV/bin/pip" install -q --no-build-isolation --no-deps --force-reinstall "$recipe_tmp"
+  rm -rf "$recipe_tmp"
+  echo "$recipe_sum" >"$SLAPOS_VENV/.slapos-rs-recipe.sha256"
+fi
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/slapos-target}"
 mkdir -p "$CARGO_TARGET_DIR"

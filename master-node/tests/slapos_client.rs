@@ -5,8 +5,8 @@
 //! SIGKILLed in the middle. `scripts/setup.sh` installs the client and
 //! exports `SLAPOS_BIN`.
 //!
-//! Not covered yet: `slapos node software|instance|report` (they need a
-//! buildout software release and partitions the node agent prepares).
+//! `slapos node software|instance|report` with a buildout release are in
+//! `slapgrid.rs` (they run as root and make Unix users).
 
 mod common;
 
