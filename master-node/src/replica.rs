@@ -24,7 +24,7 @@ use crate::api::{self, Answer, ClientWrite, Query};
 use crate::cluster_tls::{ClusterTlsError, ReplicaTls};
 use crate::identity::{Identity, JoinToken};
 use crate::raft::network::Network;
-use crate::raft::{open_store, MasterTypes, Raft, ReplicaNode, Timing};
+use crate::raft::{open_store, LoggedBatch, MasterTypes, Raft, ReplicaNode, Timing};
 use crate::state::{Command, Master, Proposal, ProposalBatch, Reply, Role};
 
 /// How long a call waits for a leader before giving up.
@@ -174,7 +174,7 @@ async fn run_proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Pending
                     (proposal, p.done)
                 })
                 .unzip();
-            let result = raft.client_write(ProposalBatch(proposals)).await;
+            let result = raft.client_write(LoggedBatch::encode(&ProposalBatch(proposals))).await;
             drop(slot);
             match result {
                 Ok(r) => {

@@ -52,6 +52,13 @@ pub enum StoreError {
     #[error("store {store}: the log has a hole: entry {expected} is missing (next present entry is {found})")]
     LogHole { store: PathBuf, expected: u64, found: u64 },
 
+    /// A committed entry the application cannot apply (it cannot read it).
+    #[error(
+        "store {store}: the log entry at index {index} cannot be applied: {reason}; \
+         the replica stops rather than diverge from the others (was it written by a newer version?)"
+    )]
+    Unapplicable { store: PathBuf, index: u64, reason: String },
+
     /// A snapshot file is damaged or does not match what was announced.
     #[error("store {store}: snapshot {path} is invalid: {reason}")]
     BadSnapshot {

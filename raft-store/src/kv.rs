@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use openraft::{BasicNode, LogId, TokioRuntime};
 use serde::{Deserialize, Serialize};
 
-use crate::{RestoreError, StateMachine, Writes};
+use crate::{ApplyError, RestoreError, StateMachine, Writes};
 
 openraft::declare_raft_types!(
     /// openraft types of the key-value application.
@@ -46,21 +46,21 @@ pub struct KvApp {
 }
 
 impl StateMachine<KvTypes> for KvApp {
-    fn apply(&mut self, _log_id: &LogId<u64>, command: &KvCommand, writes: &mut Writes) -> KvReply {
-        match command {
+    fn apply(&mut self, _log_id: &LogId<u64>, command: KvCommand, writes: &mut Writes) -> Result<KvReply, ApplyError> {
+        Ok(match command {
             KvCommand::Set { key, value } => {
-                writes.put(key.as_bytes(), value);
+                writes.put(key.as_bytes(), &value);
                 KvReply {
-                    previous: self.data.insert(key.clone(), value.clone()),
+                    previous: self.data.insert(key, value),
                 }
             }
             KvCommand::Delete { key } => {
                 writes.delete(key.as_bytes());
                 KvReply {
-                    previous: self.data.remove(key),
+                    previous: self.data.remove(&key),
                 }
             }
-        }
+        })
     }
 
     fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Self, RestoreError> {

@@ -39,18 +39,19 @@ use std::path::Path;
 pub use codec::FORMAT_VERSION;
 pub use error::StoreError;
 pub use log_store::{LogStats, LogStore};
-pub use state_machine::{RestoreError, StateMachine, StateMachineStore, Writes};
+pub use state_machine::{ApplyError, RestoreError, StateMachine, StateMachineStore, Writes};
 
 /// The openraft type configurations this store serves: the standard log
-/// entry, snapshots as files, and a default answer for blank and membership
-/// entries.
+/// entry, snapshots as files, a default answer for blank and membership
+/// entries, and commands that can be cloned (the store keeps the newest
+/// entries in memory and hands out copies; make cloning cheap, e.g. bytes).
 pub trait StoreTypes:
-    openraft::RaftTypeConfig<Entry = openraft::Entry<Self>, SnapshotData = tokio::fs::File, R: Default>
+    openraft::RaftTypeConfig<Entry = openraft::Entry<Self>, SnapshotData = tokio::fs::File, R: Default, D: Clone>
 {
 }
 
 impl<C> StoreTypes for C where
-    C: openraft::RaftTypeConfig<Entry = openraft::Entry<C>, SnapshotData = tokio::fs::File, R: Default>
+    C: openraft::RaftTypeConfig<Entry = openraft::Entry<C>, SnapshotData = tokio::fs::File, R: Default, D: Clone>
 {
 }
 

@@ -11,13 +11,20 @@
 //! at that moment and covers them with a single `fsync`: appends that arrive
 //! while a sync is in flight share the next one (group commit). Truncation and
 //! purge are synced too; they are rare and must not come back after a crash.
+//!
+//! Reads: openraft reads every entry back soon after appending it (to send
+//! it to each follower, and to apply it once committed). The newest entries
+//! are kept in memory (`RecentEntries`, bounded by their encoded size), so
+//! those reads are clones instead of RocksDB reads and decodes; older ones
+//! (a follower far behind, a restart) come from RocksDB.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -49,8 +56,73 @@ pub struct LogStats {
     pub syncs: AtomicU64,
 }
 
-struct LogDb {
+/// The newest appended entries, contiguous, with their encoded sizes.
+struct RecentEntries<E> {
+    entries: VecDeque<(u64, E, usize)>,
+    bytes: usize,
+}
+
+/// At most this many encoded bytes of recent entries are kept in memory.
+const RECENT_BYTES: usize = 32 << 20;
+
+impl<E: Clone> RecentEntries<E> {
+    fn new() -> Self {
+        Self {
+            entries: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Adds an appended entry. Appends continue the log; anything else (an
+    /// overwrite after a conflict, a gap) restarts the window from it.
+    fn push(&mut self, index: u64, entry: E, size: usize) {
+        if self.entries.back().is_some_and(|(last, _, _)| last + 1 != index) {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.entries.push_back((index, entry, size));
+        self.bytes += size;
+        while self.bytes > RECENT_BYTES && self.entries.len() > 1 {
+            if let Some((_, _, s)) = self.entries.pop_front() {
+                self.bytes -= s;
+            }
+        }
+    }
+
+    /// Forgets entries from `index` on (a truncation).
+    fn truncate_from(&mut self, index: u64) {
+        while self.entries.back().is_some_and(|(i, _, _)| *i >= index) {
+            if let Some((_, _, s)) = self.entries.pop_back() {
+                self.bytes -= s;
+            }
+        }
+    }
+
+    /// Forgets entries up to `index` (a purge).
+    fn purge_upto(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|(i, _, _)| *i <= index) {
+            if let Some((_, _, s)) = self.entries.pop_front() {
+                self.bytes -= s;
+            }
+        }
+    }
+
+    /// The entries `[start, end)`, if every one of them is here.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<E>> {
+        let first = self.entries.front()?.0;
+        let last = self.entries.back()?.0;
+        if start < first || end > last + 1 || start > end {
+            return None;
+        }
+        let (from, to) = ((start - first) as usize, (end - first) as usize);
+        Some(self.entries.range(from..to).map(|(_, e, _)| e.clone()).collect())
+    }
+}
+
+struct LogDb<E> {
     db: Arc<DB>,
+    /// The newest entries, for openraft's reads right after appending.
+    recent: Mutex<RecentEntries<E>>,
     path: PathBuf,
     /// Appends waiting for the next sync; `None` once shutting down.
     sync_tx: Option<mpsc::Sender<OnDurable>>,
@@ -58,7 +130,7 @@ struct LogDb {
     stats: Arc<LogStats>,
 }
 
-impl Drop for LogDb {
+impl<E> Drop for LogDb<E> {
     fn drop(&mut self) {
         // Closing the channel ends the sync thread after it has served every
         // waiting append; joining it releases its handle on the database so a
@@ -72,12 +144,12 @@ impl Drop for LogDb {
 
 /// openraft's log storage (and log reader) on RocksDB. Cheap to clone: clones
 /// share one database.
-pub struct LogStore<C> {
-    inner: Arc<LogDb>,
+pub struct LogStore<C: StoreTypes> {
+    inner: Arc<LogDb<C::Entry>>,
     _types: std::marker::PhantomData<C>,
 }
 
-impl<C> Clone for LogStore<C> {
+impl<C: StoreTypes> Clone for LogStore<C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -111,6 +183,7 @@ impl<C: StoreTypes> LogStore<C> {
         let store = Self {
             inner: Arc::new(LogDb {
                 db,
+                recent: Mutex::new(RecentEntries::new()),
                 path: dir.to_path_buf(),
                 sync_tx: Some(tx),
                 syncer: Some(syncer),
@@ -141,14 +214,23 @@ impl<C: StoreTypes> LogStore<C> {
     {
         let cf = self.cf(CF_LOG);
         let mut batch = WriteBatch::default();
-        let mut n = 0;
+        let mut appended = Vec::new();
         for entry in entries {
-            batch.put_cf(cf, log_key(entry.get_log_id().index), codec::encode(&entry));
-            n += 1;
+            let index = entry.get_log_id().index;
+            let encoded = codec::encode(&entry);
+            batch.put_cf(cf, log_key(index), &encoded);
+            appended.push((index, entry, encoded.len()));
         }
+        let n = appended.len() as u64;
         let db = &self.inner.db;
         db.write_opt(batch, &WriteOptions::default())
             .map_err(|e| StoreError::rocks(&self.inner.path, "append", e))?;
+        {
+            let mut recent = self.recent();
+            for (index, entry, size) in appended {
+                recent.push(index, entry, size);
+            }
+        }
         self.inner.stats.entries.fetch_add(n, Ordering::Relaxed);
         self.inner.stats.appends.fetch_add(1, Ordering::Relaxed);
         match self.inner.sync_tx.as_ref() {
@@ -164,6 +246,10 @@ impl<C: StoreTypes> LogStore<C> {
             }
         }
         Ok(())
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries<C::Entry>> {
+        self.inner.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -268,6 +354,14 @@ impl<C: StoreTypes> LogStore<C> {
             Bound::Excluded(i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        if let Some(entries) = self.recent().get(start, end) {
+            return Ok(entries);
+        }
         let path = &self.inner.path;
         let key = log_key(start);
         let mut out = Vec::new();
@@ -288,6 +382,7 @@ impl<C: StoreTypes> LogStore<C> {
 
     /// Deletes entries from `index` on, synced.
     pub fn truncate_from(&self, index: u64) -> Result<(), StoreError> {
+        self.recent().truncate_from(index);
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.cf(CF_LOG), log_key(index), log_key(u64::MAX));
         batch.delete_cf(self.cf(CF_LOG), log_key(u64::MAX));
@@ -296,6 +391,7 @@ impl<C: StoreTypes> LogStore<C> {
 
     /// Records `log_id` as purged and deletes entries up to it, in one synced batch.
     pub fn purge_upto(&self, log_id: &LogId<C::NodeId>) -> Result<(), StoreError> {
+        self.recent().purge_upto(log_id.index);
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_META), KEY_LAST_PURGED, codec::encode(log_id));
         batch.delete_range_cf(self.cf(CF_LOG), log_key(0), log_key(log_id.index.saturating_add(1)));
@@ -436,5 +532,60 @@ impl<C: StoreTypes> RaftLogStorage<C> for LogStore<C> {
     async fn purge(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
         self.purge_upto(&log_id)
             .map_err(|e| e.into_raft(StorageIOError::write_logs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RecentEntries;
+
+    fn window(indexes: impl IntoIterator<Item = u64>) -> RecentEntries<u64> {
+        let mut w = RecentEntries::new();
+        for i in indexes {
+            w.push(i, i * 10, 1);
+        }
+        w
+    }
+
+    #[test]
+    fn serves_only_ranges_it_holds_whole() {
+        let w = window(5..10);
+        assert_eq!(w.get(5, 10), Some(vec![50, 60, 70, 80, 90]));
+        assert_eq!(w.get(7, 8), Some(vec![70]));
+        assert_eq!(w.get(4, 6), None, "entry 4 is not in memory");
+        assert_eq!(w.get(9, 11), None, "entry 10 does not exist");
+        assert_eq!(RecentEntries::<u64>::new().get(0, 1), None);
+    }
+
+    #[test]
+    fn a_gap_or_overwrite_restarts_the_window() {
+        let mut w = window(1..4);
+        w.push(7, 70, 1);
+        assert_eq!(w.get(1, 2), None);
+        assert_eq!(w.get(7, 8), Some(vec![70]));
+    }
+
+    #[test]
+    fn truncate_and_purge_forget_entries() {
+        let mut w = window(1..10);
+        w.truncate_from(6);
+        assert_eq!(w.get(5, 7), None, "6 was truncated");
+        w.push(6, 600, 1);
+        assert_eq!(w.get(5, 7), Some(vec![50, 600]), "the new 6, not the old one");
+        w.purge_upto(3);
+        assert_eq!(w.get(3, 5), None);
+        assert_eq!(w.get(4, 7), Some(vec![40, 50, 600]));
+    }
+
+    #[test]
+    fn stays_within_its_byte_bound() {
+        let mut w = RecentEntries::new();
+        let big = super::RECENT_BYTES / 4 + 1;
+        for i in 0..8u64 {
+            w.push(i, i, big);
+        }
+        assert!(w.bytes <= super::RECENT_BYTES);
+        assert_eq!(w.get(7, 8), Some(vec![7]));
+        assert_eq!(w.get(0, 1), None, "the oldest were dropped");
     }
 }

@@ -15,9 +15,11 @@
 //!   point leaves either the old or the new state, never a mix.
 //! - `snapshots/<id>.snap`: the latest snapshot file; older ones are removed.
 //!
-//! Writes to the state are not synced one by one: after a crash the log
-//! replays whatever the state lost. Before a snapshot is taken (after which
-//! the log may be purged) the state's WAL is synced.
+//! The state is written without RocksDB's write-ahead log (the Raft log is
+//! the state's log): after a crash openraft re-applies, from the log, the
+//! committed entries past the applied id the state kept. Before a snapshot is
+//! taken (after which the log may be purged) the state's memtables are
+//! flushed, so nothing the snapshot covers is only in memory.
 
 use std::fs;
 use std::io::{BufReader, Seek, SeekFrom};
@@ -30,7 +32,7 @@ use openraft::{
     EntryPayload, LogId, RaftSnapshotBuilder, RaftTypeConfig, SnapshotMeta, StorageError, StorageIOError,
     StoredMembership,
 };
-use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
 use crate::codec;
 use crate::error::StoreError;
@@ -52,12 +54,27 @@ const INSTALL_BATCH: usize = 4096;
 /// must reach the same state and give the same answers.
 pub trait StateMachine<C: RaftTypeConfig>: Send + Sync + Sized + 'static {
     /// Applies one committed command, records what changed in `writes`, and
-    /// returns the answer for the client that proposed it.
-    fn apply(&mut self, log_id: &LogId<C::NodeId>, command: &C::D, writes: &mut Writes) -> C::R;
+    /// returns the answer for the client that proposed it. The command is
+    /// handed over by value, so the application can keep what it carries
+    /// instead of copying it.
+    ///
+    /// An error means the entry cannot be applied at all (an application
+    /// that carries its commands encoded found bytes it cannot read): the
+    /// store stops applying, and openraft stops the replica, rather than let
+    /// it answer differently from the others. A command the application
+    /// merely refuses is an answer, not an error.
+    fn apply(&mut self, log_id: &LogId<C::NodeId>, command: C::D, writes: &mut Writes) -> Result<C::R, ApplyError>;
 
     /// Builds the state from its stored records, given in key order. Called at
     /// start-up and after a snapshot is installed.
     fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Self, RestoreError>;
+}
+
+/// Why a committed entry cannot be applied (see [`StateMachine::apply`]).
+#[derive(Debug)]
+pub struct ApplyError {
+    /// What is wrong with the entry.
+    pub reason: String,
 }
 
 /// A record the application could not read back.
@@ -128,11 +145,25 @@ impl<C: RaftTypeConfig, A> Clone for StateMachineStore<C, A> {
     }
 }
 
+/// Write options for the state: no write-ahead log (see
+/// [`StateMachineStore::apply_entries`]).
+fn unlogged() -> WriteOptions {
+    let mut opts = WriteOptions::default();
+    opts.disable_wal(true);
+    opts
+}
+
 fn open_state_db(store: &Path, dir: &Path) -> Result<DB, StoreError> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_paranoid_checks(true);
+    // Written without a WAL: both families are flushed together, so a
+    // crash leaves records and applied id from the same batch.
+    opts.set_atomic_flush(true);
+    // What a crash loses (and the log re-applies at start) is at most one
+    // memtable: keep it small enough to re-apply in a second or two.
+    opts.set_write_buffer_size(16 << 20);
     let cfs = [CF_STATE, CF_STATE_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| StoreError::rocks(store, "open state", e))
 }
@@ -325,6 +356,12 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
     }
 
     /// Applies entries and writes their changes with the applied id in one batch.
+    ///
+    /// The batch is written without RocksDB's write-ahead log: the Raft log
+    /// already holds every applied entry, and after a crash openraft
+    /// re-applies the committed entries past the applied id found on disk.
+    /// Atomic flush keeps the records and the applied id of one batch
+    /// together on disk, so that applied id always matches the records.
     pub fn apply_entries(&self, entries: impl IntoIterator<Item = C::Entry>) -> Result<Vec<C::R>, StoreError> {
         let db = self.db();
         let root = &self.shared.root;
@@ -337,11 +374,18 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
             let state = cf(&db, CF_STATE);
             for entry in entries {
                 let log_id = entry.log_id;
-                match &entry.payload {
+                match entry.payload {
                     EntryPayload::Blank => replies.push(C::R::default()),
                     EntryPayload::Normal(command) => {
                         let mut writes = Writes::new();
-                        replies.push(app.apply(&log_id, command, &mut writes));
+                        let reply = app
+                            .apply(&log_id, command, &mut writes)
+                            .map_err(|e| StoreError::Unapplicable {
+                                store: root.clone(),
+                                index: log_id.index,
+                                reason: e.reason,
+                            })?;
+                        replies.push(reply);
                         for (key, value) in writes.ops {
                             match value {
                                 Some(v) => batch.put_cf(state, key, v),
@@ -350,7 +394,7 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
                         }
                     }
                     EntryPayload::Membership(m) => {
-                        membership = Some(StoredMembership::new(Some(log_id.clone()), m.clone()));
+                        membership = Some(StoredMembership::new(Some(log_id.clone()), m));
                         replies.push(C::R::default());
                     }
                 }
@@ -363,8 +407,18 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
         if let Some(m) = membership {
             batch.put_cf(meta, KEY_MEMBERSHIP, codec::encode(&m));
         }
-        db.write(batch).map_err(|e| StoreError::rocks(root, "apply", e))?;
+        db.write_opt(batch, &unlogged())
+            .map_err(|e| StoreError::rocks(root, "apply", e))?;
         Ok(replies)
+    }
+
+    /// Writes the state's memtables to table files and waits: what was
+    /// applied so far is then on disk (the state has no write-ahead log).
+    fn flush_state(&self, db: &DB) -> Result<(), StoreError> {
+        let mut opts = rocksdb::FlushOptions::default();
+        opts.set_wait(true);
+        db.flush_cfs_opt(&[cf(db, CF_STATE), cf(db, CF_STATE_META)], &opts)
+            .map_err(|e| StoreError::rocks(&self.shared.root, "flush state", e))
     }
 
     /// Writes a snapshot of the current state to a file (blocking).
@@ -372,8 +426,7 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
         let db = self.db();
         let root = &self.shared.root;
         // The log may be purged up to this snapshot: what it covers must be on disk.
-        db.flush_wal(true)
-            .map_err(|e| StoreError::rocks(root, "sync state", e))?;
+        self.flush_state(&db)?;
         let view = db.snapshot();
         let read_meta = |key: &[u8]| -> Result<Option<Vec<u8>>, StoreError> {
             view.get_cf(cf(&db, CF_STATE_META), key)

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use openraft::{LogId, TokioRuntime};
-use raft_store::{LogStore, RestoreError, StateMachineStore, StoreError, Writes};
+use raft_store::{ApplyError, LogStore, RestoreError, StateMachineStore, StoreError, Writes};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{persist, Master, ProposalBatch, Reply};
@@ -17,7 +17,7 @@ use crate::state::{persist, Master, ProposalBatch, Reply};
 openraft::declare_raft_types!(
     /// openraft types of the Master.
     pub MasterTypes:
-        D = ProposalBatch,
+        D = LoggedBatch,
         R = Vec<Reply>,
         NodeId = u64,
         Node = ReplicaNode,
@@ -25,6 +25,64 @@ openraft::declare_raft_types!(
         SnapshotData = tokio::fs::File,
         AsyncRuntime = TokioRuntime,
 );
+
+/// What a log entry carries: a [`ProposalBatch`] as the leader encoded it.
+///
+/// An entry is written to the log, sent to every follower, written to their
+/// logs and read back to be applied; kept as bytes, each of those steps is a
+/// copy of bytes instead of a walk over every proposal's strings and maps
+/// (which is what made encoding and decoding the largest cost of a write).
+/// Each replica decodes an entry once, to apply it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct LoggedBatch(bytes::Bytes);
+
+impl LoggedBatch {
+    /// Encodes a batch for the log.
+    pub fn encode(batch: &ProposalBatch) -> Self {
+        LoggedBatch(postcard::to_allocvec(batch).expect("proposals encode").into())
+    }
+
+    /// The proposals, or why these bytes are not a batch.
+    pub fn decode(&self) -> Result<ProposalBatch, postcard::Error> {
+        postcard::from_bytes(&self.0)
+    }
+
+    /// Bytes of the encoded batch (from the log or a peer: not checked).
+    pub fn from_bytes(bytes: impl Into<bytes::Bytes>) -> Self {
+        LoggedBatch(bytes.into())
+    }
+}
+
+impl std::fmt::Debug for LoggedBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LoggedBatch({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for LoggedBatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for LoggedBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = LoggedBatch;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an encoded batch of proposals")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<LoggedBatch, E> {
+                Ok(LoggedBatch(bytes::Bytes::copy_from_slice(v)))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<LoggedBatch, E> {
+                Ok(LoggedBatch(v.into()))
+            }
+        }
+        d.deserialize_bytes(Visitor)
+    }
+}
 
 /// What the cluster knows of a replica: where it serves Raft and the
 /// cluster API (one gRPC address).
@@ -39,15 +97,27 @@ pub type Raft = openraft::Raft<MasterTypes>;
 pub type StateStore = StateMachineStore<MasterTypes, Master>;
 
 impl raft_store::StateMachine<MasterTypes> for Master {
-    fn apply(&mut self, log_id: &LogId<u64>, batch: &ProposalBatch, writes: &mut Writes) -> Vec<Reply> {
-        let replies = batch.0.iter().map(|p| Master::apply(self, log_id.index, p)).collect();
+    fn apply(
+        &mut self,
+        log_id: &LogId<u64>,
+        batch: LoggedBatch,
+        writes: &mut Writes,
+    ) -> Result<Vec<Reply>, ApplyError> {
+        let batch = batch.decode().map_err(|e| ApplyError {
+            reason: format!("its proposals do not decode ({e})"),
+        })?;
+        let replies = batch
+            .0
+            .into_iter()
+            .map(|p| Master::apply(self, log_id.index, p))
+            .collect();
         for dirty in self.take_dirty() {
             match persist::value(self, &dirty) {
                 Some(v) => writes.put(persist::key(&dirty), &v),
                 None => writes.delete(persist::key(&dirty)),
             }
         }
-        replies
+        Ok(replies)
     }
 
     fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Self, RestoreError> {

@@ -436,7 +436,7 @@ mod tests {
             let mut index = 0;
             let mut run = |m: &mut Master, command: Command| {
                 index += 1;
-                m.apply(index, &Proposal { request_id: None, time_us: 1_000_000 + index, command });
+                m.apply(index, Proposal { request_id: None, time_us: 1_000_000 + index, command });
             };
             run(&mut m, format(3));
             run(&mut m, Command::Supply { computer: "COMP-1".into(), url: SR.into(), state: SupplyState::Available });

@@ -629,8 +629,8 @@ async fn request(
         .applied_index_at_least(Some(index), "SLAP request answer")
         .await;
     let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
-    let current = state.instances.get(&inst.id).cloned().map(Box::new).unwrap_or(inst);
-    let doc = documents::software_instance(&state, &current);
+    let current = state.instances.get(&inst.id).unwrap_or(&inst);
+    let doc = documents::software_instance(&state, current);
     drop(state);
     marshal_response(&doc)
 }

@@ -180,8 +180,10 @@ pub enum RequestOrigin {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     Done,
-    /// The requested instance as it stands after the request.
-    Instance(Box<Instance>),
+    /// The requested instance as it stands after the request. Shared, so
+    /// the client's session can keep the same answer for a retry without a
+    /// copy.
+    Instance(std::sync::Arc<Instance>),
     /// The write was refused; nothing changed.
     Refused(Refusal),
     /// Something was noted, with a message for the caller (e.g. a root not

@@ -30,6 +30,7 @@ pub mod model;
 pub mod persist;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 pub use command::*;
 pub use model::*;
@@ -116,7 +117,7 @@ impl Master {
     }
 
     /// Applies one committed proposal carried by the log entry at `index`.
-    pub fn apply(&mut self, index: u64, proposal: &Proposal) -> Reply {
+    pub fn apply(&mut self, index: u64, proposal: Proposal) -> Reply {
         self.last_index = index;
         // Several proposals can share a log entry: identifiers and tie-breaks
         // use this per-proposal sequence number instead of the log index.
@@ -138,17 +139,20 @@ impl Master {
                 }
             }
         }
-        let reply = self.execute(seq, now, &proposal.command);
-        if let Some(rid) = &proposal.request_id {
+        let Proposal {
+            request_id, command, ..
+        } = proposal;
+        let reply = self.execute(seq, now, command);
+        if let Some(rid) = request_id {
+            self.dirty.insert(Dirty::Session(rid.client.clone()));
             self.sessions.insert(
-                rid.client.clone(),
+                rid.client,
                 Session {
                     seq: rid.seq,
                     reply: reply.clone(),
                     at: now,
                 },
             );
-            self.dirty.insert(Dirty::Session(rid.client.clone()));
         }
         if seq.is_multiple_of(1024) {
             self.expire_sessions(now);
@@ -174,7 +178,9 @@ impl Master {
         }
     }
 
-    fn execute(&mut self, seq: u64, now: u64, command: &Command) -> Reply {
+    /// Runs one command. It is owned, so what a command carries (a request's
+    /// parameters) moves into the state instead of being copied.
+    fn execute(&mut self, seq: u64, now: u64, command: Command) -> Reply {
         match command {
             Command::SetComputer {
                 id,
@@ -183,64 +189,71 @@ impl Master {
                 capacity,
                 categories,
                 partitions,
-            } => self.set_computer(seq, now, id, address, netmask, capacity, categories, partitions),
-            Command::Supply { computer, url, state } => self.supply(seq, now, computer, url, *state),
+            } => self.set_computer(seq, now, &id, &address, &netmask, &capacity, &categories, &partitions),
+            Command::Supply { computer, url, state } => self.supply(seq, now, &computer, &url, state),
             Command::Request(spec) => self.request(seq, now, spec),
             Command::SetConnection {
                 computer,
                 partition,
                 shared_reference,
                 connection,
-            } => self.set_connection(seq, now, computer, partition, shared_reference.as_deref(), connection),
+            } => self.set_connection(
+                seq,
+                now,
+                &computer,
+                &partition,
+                shared_reference.as_deref(),
+                &connection,
+            ),
             Command::ReportInstance {
                 computer,
                 partition,
                 shared_reference,
                 report,
-            } => self.report_instance(seq, now, computer, partition, shared_reference.as_deref(), report),
-            Command::ReportSoftware { computer, url, report } => self.report_software(seq, computer, url, report),
+            } => self.report_instance(seq, now, &computer, &partition, shared_reference.as_deref(), &report),
+            Command::ReportSoftware { computer, url, report } => self.report_software(seq, &computer, &url, &report),
             Command::Bang {
                 computer, partition, ..
-            } => self.bang(seq, now, computer, partition),
+            } => self.bang(seq, now, &computer, &partition),
             Command::DestroyedPartition { computer, partition } => {
-                self.destroyed_partition(seq, now, computer, partition)
+                self.destroyed_partition(seq, now, &computer, &partition)
             }
             Command::SetRelatedInstances {
                 computer,
                 partition,
                 titles,
-            } => self.set_related(seq, now, computer, partition, titles),
-            Command::InitCluster { id, token_sha256 } => self.init_cluster(id, token_sha256),
+            } => self.set_related(seq, now, &computer, &partition, &titles),
+            Command::InitCluster { id, token_sha256 } => self.init_cluster(&id, &token_sha256),
             Command::ReserveReplicaId { .. } => self.reserve_replica_id(),
             Command::BookUsage {
                 computer,
                 journal_sha256,
                 lines,
-            } => self.book_usage(seq, now, computer, journal_sha256, lines),
+            } => self.book_usage(seq, now, &computer, &journal_sha256, &lines),
             Command::SetPrice {
                 resource,
                 release,
                 price,
-            } => self.set_price(resource, release.as_deref(), price.as_ref()),
+            } => self.set_price(&resource, release.as_deref(), price.as_ref()),
             Command::AnnounceReplica { id, public_addr } => {
-                if self.replica_addrs.get(id) != Some(public_addr) {
-                    self.replica_addrs.insert(*id, public_addr.clone());
-                    self.dirty.insert(Dirty::ReplicaAddr(*id));
+                if self.replica_addrs.get(&id) != Some(&public_addr) {
+                    self.replica_addrs.insert(id, public_addr);
+                    self.dirty.insert(Dirty::ReplicaAddr(id));
                 }
                 Reply::Done
             }
-            Command::SetAuthority(a) => self.set_authority(a),
+            Command::SetAuthority(a) => self.set_authority(&a),
             Command::AddRegistration { computer, token_sha256 } => {
-                self.registrations.insert(token_sha256.clone(), computer.clone());
-                self.dirty.insert(Dirty::Registration(token_sha256.clone()));
+                self.registrations.insert(token_sha256.clone(), computer);
+                self.dirty.insert(Dirty::Registration(token_sha256));
                 Reply::Done
             }
             Command::RecordCertificate {
                 certificate,
                 registration,
-            } => self.record_certificate(certificate, registration.as_deref()),
-            Command::RevokeCertificate { serial } => self.revoke_certificate(serial),
-            Command::RevokeRole { role } => self.revoke_role(role),
+            } => self.record_certificate(&certificate, registration.as_deref()),
+            Command::RevokeCertificate { serial } => self.revoke_certificate(&serial),
+            Command::RevokeRole { role } => self.revoke_role(&role),
             Command::IfPartitionHolds {
                 computer,
                 partition,
@@ -253,7 +266,7 @@ impl Master {
                     .is_some_and(|p| p.instance.as_deref() == Some(instance.as_str()));
                 if holds {
                     // The inner command is applied as this same proposal.
-                    self.execute(seq, now, then)
+                    self.execute(seq, now, *then)
                 } else {
                     refused_not_found(format!(
                         "partition {partition} of {computer} no longer holds {instance}"
@@ -626,7 +639,7 @@ impl Master {
 
     // ----- requests ----------------------------------------------------
 
-    fn request(&mut self, seq: u64, now: u64, spec: &RequestSpec) -> Reply {
+    fn request(&mut self, seq: u64, now: u64, spec: RequestSpec) -> Reply {
         if spec.title.trim().is_empty() {
             return invalid("an instance needs a non-empty title (partition_reference)");
         }
@@ -668,7 +681,10 @@ impl Master {
             _ => wanted,
         };
         match self.titles.get(&(scope.clone(), spec.title.clone())).cloned() {
-            Some(id) => self.rerequest(seq, now, &id, spec, spec.state.map(effective)),
+            Some(id) => {
+                let state = spec.state.map(effective);
+                self.rerequest(seq, now, &id, spec, state)
+            }
             None => {
                 if spec.state == Some(RequestedState::Destroyed) {
                     return refused_not_found(format!("no instance titled {:?} to destroy", spec.title));
@@ -679,15 +695,15 @@ impl Master {
                 let timestamp = self.tick(now);
                 let instance = Instance {
                     id: id.clone(),
-                    title: spec.title.clone(),
+                    title: spec.title,
                     scope: scope.clone(),
                     requester: requester.clone(),
                     root,
                     owner,
-                    software_release: spec.software_release.clone(),
-                    software_type: spec.software_type.clone(),
-                    parameters: spec.parameters.clone(),
-                    sla: spec.sla.clone(),
+                    software_release: spec.software_release,
+                    software_type: spec.software_type,
+                    parameters: spec.parameters,
+                    sla: spec.sla,
                     shared: spec.shared,
                     requested_state: state,
                     connection: Params::new(),
@@ -702,7 +718,7 @@ impl Master {
                 self.instances.insert(id.clone(), instance);
                 self.dirty.insert(Dirty::Instance(id.clone()));
                 self.try_place(seq, now, &id);
-                Reply::Instance(Box::new(self.instances[&id].clone()))
+                Reply::Instance(Arc::new(self.instances[&id].clone()))
             }
         }
     }
@@ -721,7 +737,7 @@ impl Master {
         }
     }
 
-    fn rerequest(&mut self, seq: u64, now: u64, id: &str, spec: &RequestSpec, state: Option<RequestedState>) -> Reply {
+    fn rerequest(&mut self, seq: u64, now: u64, id: &str, spec: RequestSpec, state: Option<RequestedState>) -> Reply {
         let current = &self.instances[id];
         if current.shared != spec.shared {
             let kind = if current.shared { "a shared" } else { "a non-shared" };
@@ -740,10 +756,10 @@ impl Master {
             || current.software_type != spec.software_type;
         if changed || sla_changed {
             let inst = self.instance_mut(id);
-            inst.software_release = spec.software_release.clone();
-            inst.software_type = spec.software_type.clone();
-            inst.parameters = spec.parameters.clone();
-            inst.sla = spec.sla.clone();
+            inst.software_release = spec.software_release;
+            inst.software_type = spec.software_type;
+            inst.parameters = spec.parameters;
+            inst.sla = spec.sla;
             if let Some(s) = state {
                 inst.requested_state = s;
             }
@@ -771,7 +787,7 @@ impl Master {
             self.try_place(seq, now, id);
         }
         match self.instances.get(id) {
-            Some(inst) => Reply::Instance(Box::new(inst.clone())),
+            Some(inst) => Reply::Instance(Arc::new(inst.clone())),
             // Destroyed before it was ever placed: gone at once.
             None => Reply::Done,
         }

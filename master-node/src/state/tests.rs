@@ -2,6 +2,7 @@
 //! sequences against a simple model, with invariants after every step.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use proptest::prelude::*;
 
@@ -33,7 +34,7 @@ impl World {
         self.time += 10;
         let reply = self.m.apply(
             self.index,
-            &Proposal {
+            Proposal {
                 request_id: None,
                 time_us: self.time,
                 command,
@@ -120,7 +121,7 @@ impl World {
 
 fn instance(r: Reply) -> Instance {
     match r {
-        Reply::Instance(i) => *i,
+        Reply::Instance(i) => Arc::unwrap_or_clone(i),
         other => panic!("expected an instance, got {other:?}"),
     }
 }
@@ -457,9 +458,9 @@ fn retried_write_returns_the_recorded_answer_and_allocates_once() {
             state: None,
         }),
     };
-    let first = w.m.apply(100, &proposal);
+    let first = w.m.apply(100, proposal.clone());
     let busy = w.m.partitions.values().filter(|p| p.state == SlapState::Busy).count();
-    let retry = w.m.apply(101, &proposal);
+    let retry = w.m.apply(101, proposal.clone());
     assert_eq!(first, retry);
     assert_eq!(
         w.m.partitions.values().filter(|p| p.state == SlapState::Busy).count(),
@@ -473,7 +474,7 @@ fn retried_write_returns_the_recorded_answer_and_allocates_once() {
         ..proposal
     };
     assert!(matches!(
-        w.m.apply(102, &older),
+        w.m.apply(102, older),
         Reply::Refused(Refusal::StaleRequest { .. })
     ));
 }
