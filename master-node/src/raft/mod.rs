@@ -46,11 +46,6 @@ impl LoggedBatch {
     pub fn decode(&self) -> Result<ProposalBatch, postcard::Error> {
         postcard::from_bytes(&self.0)
     }
-
-    /// Bytes of the encoded batch (from the log or a peer: not checked).
-    pub fn from_bytes(bytes: impl Into<bytes::Bytes>) -> Self {
-        LoggedBatch(bytes.into())
-    }
 }
 
 impl std::fmt::Debug for LoggedBatch {
