@@ -96,9 +96,9 @@ async fn run_forwarder(replica: std::sync::Weak<Replica>, mut queue: tokio::sync
     while let Some((slot, batch)) = next_batch(&mut queue, &slots).await {
         let Some(replica) = replica.upgrade() else { return };
         tokio::spawn(async move {
-            let outcome = replica
-                .forward_batch(batch.iter().map(|f| f.write.clone()).collect())
-                .await;
+            let writes: Vec<&ClientWrite> = batch.iter().map(|f| &f.write).collect();
+            let outcome = replica.forward_batch(&writes).await;
+            drop(writes);
             drop(slot);
             match outcome {
                 Ok(results) => {
@@ -116,9 +116,29 @@ async fn run_forwarder(replica: std::sync::Weak<Replica>, mut queue: tokio::sync
     }
 }
 
-/// What proposing a write gives: the reply and its log index, or `Err(None)`
-/// when this replica was not (or no longer) the leader.
-pub type ProposeResult = Result<(Reply, u64), Option<Status>>;
+/// What proposing a write gives: the reply and its log index, or why it
+/// was not committed here.
+pub type ProposeResult = Result<(Reply, u64), NotProposed>;
+
+/// Why a proposal gave no reply.
+#[derive(Debug)]
+pub enum NotProposed {
+    /// This replica was not (or no longer) the leader, so the write never
+    /// entered its log: it comes back, to be sent to the new leader.
+    NotLeader(Box<ClientWrite>),
+    /// Raft failed (storage, shutdown): the caller gets this status.
+    Failed(Status),
+}
+
+impl NotProposed {
+    /// As a status for a caller that does not retry elsewhere.
+    pub fn into_status(self) -> Status {
+        match self {
+            NotProposed::NotLeader(_) => Status::unavailable("leadership moved during the write; retry"),
+            NotProposed::Failed(status) => status,
+        }
+    }
+}
 
 /// A write waiting for the proposer.
 pub struct Pending {
@@ -174,7 +194,8 @@ async fn run_proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Pending
                     (proposal, p.done)
                 })
                 .unzip();
-            let result = raft.client_write(LoggedBatch::encode(&ProposalBatch(proposals))).await;
+            let batch = ProposalBatch(proposals);
+            let result = raft.client_write(LoggedBatch::encode(&batch)).await;
             drop(slot);
             match result {
                 Ok(r) => {
@@ -184,14 +205,19 @@ async fn run_proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Pending
                     }
                 }
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                    for waiter in waiters {
-                        let _ = waiter.send(Err(None));
+                    // Never appended here: each write goes back to its caller.
+                    for (p, waiter) in batch.0.into_iter().zip(waiters) {
+                        let write = ClientWrite {
+                            request_id: p.request_id,
+                            command: p.command,
+                        };
+                        let _ = waiter.send(Err(NotProposed::NotLeader(Box::new(write))));
                     }
                 }
                 Err(e) => {
                     let message = e.to_string();
                     for waiter in waiters {
-                        let _ = waiter.send(Err(Some(write_error(&message))));
+                        let _ = waiter.send(Err(NotProposed::Failed(write_error(&message))));
                     }
                 }
             }
@@ -718,11 +744,11 @@ impl Replica {
     }
 
     /// Proposes a write on this replica, which must be the leader. Returns
-    /// the reply and its log index, or `Err(None)` when leadership was lost
-    /// before the write entered the log (safe to send to the new leader).
+    /// the reply and its log index, or the write itself when leadership was
+    /// lost before it entered the log (safe to send to the new leader).
     pub async fn propose(&self, write: ClientWrite) -> ProposeResult {
         let (done, answer) = oneshot::channel();
-        let closing = || Some(Status::unavailable("this replica is shutting down"));
+        let closing = || NotProposed::Failed(Status::unavailable("this replica is shutting down"));
         self.proposer
             .send(Pending { write, done })
             .await
@@ -732,14 +758,14 @@ impl Replica {
 
     /// A write from any replica: proposed here if leader, else forwarded
     /// (gathered with other writes) to the leader.
-    pub async fn write(&self, write: ClientWrite) -> Result<(Reply, u64), Status> {
+    pub async fn write(&self, mut write: ClientWrite) -> Result<(Reply, u64), Status> {
         let deadline = Instant::now() + LEADER_WAIT;
         loop {
             if self.leader().await?.is_none() {
-                match self.propose(write.clone()).await {
+                match self.propose(write).await {
                     Ok(done) => return Ok(done),
-                    Err(Some(status)) => return Err(status),
-                    Err(None) => {}
+                    Err(NotProposed::Failed(status)) => return Err(status),
+                    Err(NotProposed::NotLeader(back)) => write = *back,
                 }
             } else {
                 let (done, answer) = oneshot::channel();
@@ -759,13 +785,12 @@ impl Replica {
 
     /// Sends a batch of writes to the leader (or proposes them here if this
     /// replica has become the leader meanwhile); one result per write.
-    async fn forward_batch(&self, writes: Vec<ClientWrite>) -> Result<Vec<Result<(Reply, u64), Status>>, Status> {
+    async fn forward_batch(&self, writes: &[&ClientWrite]) -> Result<Vec<Result<(Reply, u64), Status>>, Status> {
         let Some(mut leader) = self.leader_client().await? else {
-            let local = writes.into_iter().map(|w| async move {
-                self.propose(w)
-                    .await
-                    .map_err(|e| e.unwrap_or_else(|| Status::unavailable("leadership moved during the write; retry")))
-            });
+            // Rare (leadership moved here meanwhile): copies are fine.
+            let local = writes
+                .iter()
+                .map(|w| async move { self.propose((*w).clone()).await.map_err(NotProposed::into_status) });
             return Ok(futures::future::join_all(local).await);
         };
         let proposals = writes
@@ -948,7 +973,10 @@ impl Replica {
                 command: Command::ReserveReplicaId { addr: addr.to_string() },
             })
             .await
-            .map_err(|e| e.unwrap_or_else(|| Status::unavailable("leadership lost; retry the join")))?;
+            .map_err(|e| match e {
+                NotProposed::NotLeader(_) => Status::unavailable("leadership lost; retry the join"),
+                NotProposed::Failed(status) => status,
+            })?;
         let id = match reply {
             Reply::ReplicaId(id) => id,
             other => {
@@ -978,7 +1006,10 @@ impl Replica {
                 },
             })
             .await
-            .map_err(|e| e.unwrap_or_else(|| Status::unavailable("leadership lost; retry the join")))?;
+            .map_err(|e| match e {
+                NotProposed::NotLeader(_) => Status::unavailable("leadership lost; retry the join"),
+                NotProposed::Failed(status) => status,
+            })?;
         if let Reply::Refused(r) = reply {
             return Err(Status::failed_precondition(format!(
                 "cannot record replica {id}'s certificate: {r}"
