@@ -5,7 +5,7 @@
 //! test and the benchmarks all run on it. It is also the shortest example of
 //! implementing [`StateMachine`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use openraft::{BasicNode, LogId, TokioRuntime};
 use serde::{Deserialize, Serialize};
@@ -43,24 +43,34 @@ pub struct KvReply {
 #[derive(Debug, Default)]
 pub struct KvApp {
     pub data: BTreeMap<String, Vec<u8>>,
+    /// Keys changed since the store last asked ([`StateMachine::changed_records`]).
+    changed: BTreeSet<String>,
 }
 
 impl StateMachine<KvTypes> for KvApp {
-    fn apply(&mut self, _log_id: &LogId<u64>, command: KvCommand, writes: &mut Writes) -> Result<KvReply, ApplyError> {
+    fn apply(&mut self, _log_id: &LogId<u64>, command: KvCommand) -> Result<KvReply, ApplyError> {
         Ok(match command {
             KvCommand::Set { key, value } => {
-                writes.put(key.as_bytes(), &value);
+                self.changed.insert(key.clone());
                 KvReply {
                     previous: self.data.insert(key, value),
                 }
             }
             KvCommand::Delete { key } => {
-                writes.delete(key.as_bytes());
-                KvReply {
-                    previous: self.data.remove(&key),
-                }
+                let previous = self.data.remove(&key);
+                self.changed.insert(key);
+                KvReply { previous }
             }
         })
+    }
+
+    fn changed_records(&mut self, writes: &mut Writes) {
+        for key in std::mem::take(&mut self.changed) {
+            match self.data.get(&key) {
+                Some(value) => writes.put(key.as_bytes(), value),
+                None => writes.delete(key.as_bytes()),
+            }
+        }
     }
 
     fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Self, RestoreError> {
@@ -72,6 +82,9 @@ impl StateMachine<KvTypes> for KvApp {
             })?;
             data.insert(key, value);
         }
-        Ok(Self { data })
+        Ok(Self {
+            data,
+            changed: BTreeSet::new(),
+        })
     }
 }

@@ -17,8 +17,9 @@
 //!   acknowledged after a WAL sync that covers every append waiting at that
 //!   moment (group commit).
 //! - [`StateMachineStore`]: `RaftStateMachine` around the application's
-//!   [`StateMachine`]. One RocksDB batch per apply call carries the
-//!   application's record changes and the last applied log id. Snapshots are
+//!   [`StateMachine`]. Applied changes are written every 100 ms, in one
+//!   RocksDB batch that carries the records the application changed (once
+//!   each, however often they changed) and the last applied log id. Snapshots are
 //!   streamed files built from a consistent RocksDB view and installed
 //!   atomically (new generation directory, fsync, rename).
 //! - Every record carries a format version; a record that is corrupt or of an

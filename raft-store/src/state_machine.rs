@@ -1,10 +1,13 @@
 //! The state machine side: the application's trait, and openraft's
 //! `RaftStateMachine` on RocksDB around it.
 //!
-//! The application keeps whatever in-memory form it likes and tells the store,
-//! for each command it applies, which records to write. The store writes those
-//! records, the last applied log id and the membership in one RocksDB batch
-//! per `apply` call, so the records on disk always match the applied id.
+//! The application keeps whatever in-memory form it likes and remembers which
+//! of its records changed. Every [`WRITE_EVERY`] (and before a snapshot, and
+//! when the store is dropped) the store asks it for those records as they
+//! stand and writes them with the last applied log id and the membership in
+//! one RocksDB batch, so the records on disk always match the applied id. A
+//! record changed by many commands in between (a client's session, the
+//! counters, an instance re-requested again and again) is written once.
 //!
 //! Layout under `<data dir>`:
 //! - `state/CURRENT` names the live generation; `state/<n>` is a RocksDB with
@@ -15,10 +18,11 @@
 //!   point leaves either the old or the new state, never a mix.
 //! - `snapshots/<id>.snap`: the latest snapshot file; older ones are removed.
 //!
-//! The state is written without RocksDB's write-ahead log (the Raft log is
-//! the state's log): after a crash openraft re-applies, from the log, the
-//! committed entries past the applied id the state kept. Before a snapshot is
-//! taken (after which the log may be purged) the state's memtables are
+//! The state is written without RocksDB's write-ahead log, and not after
+//! every entry: the Raft log is the state's log. After a crash openraft
+//! re-applies, from the log, the committed entries past the applied id the
+//! state kept. Before a snapshot is taken (after which the log may be
+//! purged) everything applied is written and the state's memtables are
 //! flushed, so nothing the snapshot covers is only in memory.
 
 use std::fs;
@@ -26,6 +30,7 @@ use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -46,6 +51,14 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_FORMAT: &[u8] = b"format";
 /// Records per RocksDB batch while installing a snapshot.
 const INSTALL_BATCH: usize = 4096;
+/// How long applied changes may wait in memory before they are written to
+/// the state DB. Longer gathers more rewrites of the same records into one;
+/// what waits is re-applied from the log after a crash.
+pub const WRITE_EVERY: Duration = Duration::from_millis(100);
+/// While the state is written, its memtables are flushed to table files at
+/// least this often: what a crash loses, and the log re-applies at the next
+/// start, stays a few seconds of writes.
+const FLUSH_EVERY: Duration = Duration::from_secs(5);
 
 /// The application's deterministic state machine.
 ///
@@ -53,9 +66,9 @@ const INSTALL_BATCH: usize = 4096;
 /// no clock, no randomness, no I/O. Every replica applies the same log and so
 /// must reach the same state and give the same answers.
 pub trait StateMachine<C: RaftTypeConfig>: Send + Sync + Sized + 'static {
-    /// Applies one committed command, records what changed in `writes`, and
-    /// returns the answer for the client that proposed it. The command is
-    /// handed over by value, so the application can keep what it carries
+    /// Applies one committed command, remembers which records it changed,
+    /// and returns the answer for the client that proposed it. The command
+    /// is handed over by value, so the application can keep what it carries
     /// instead of copying it.
     ///
     /// An error means the entry cannot be applied at all (an application
@@ -63,7 +76,12 @@ pub trait StateMachine<C: RaftTypeConfig>: Send + Sync + Sized + 'static {
     /// store stops applying, and openraft stops the replica, rather than let
     /// it answer differently from the others. A command the application
     /// merely refuses is an answer, not an error.
-    fn apply(&mut self, log_id: &LogId<C::NodeId>, command: C::D, writes: &mut Writes) -> Result<C::R, ApplyError>;
+    fn apply(&mut self, log_id: &LogId<C::NodeId>, command: C::D) -> Result<C::R, ApplyError>;
+
+    /// Puts in `writes` every record changed since the last call, as it
+    /// stands now (a value, or a deletion), and forgets them. The store
+    /// calls it when it writes the state, not after every command.
+    fn changed_records(&mut self, writes: &mut Writes);
 
     /// Builds the state from its stored records, given in key order. Called at
     /// start-up and after a snapshot is installed.
@@ -86,7 +104,7 @@ pub struct RestoreError {
     pub reason: String,
 }
 
-/// The record changes one command makes, written with the applied id.
+/// Record changes, written together with the applied id.
 #[derive(Debug, Default)]
 pub struct Writes {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
@@ -116,7 +134,18 @@ impl Writes {
     }
 }
 
-struct Shared<C: RaftTypeConfig, A> {
+/// What is applied, and since when part of it is only in memory.
+struct Progress<C: RaftTypeConfig> {
+    /// The last applied log id and membership (in memory; the state DB may
+    /// hold an older pair, with the records that match it).
+    applied: Applied<C>,
+    /// When the first entry not yet written to the state DB was applied.
+    unwritten_since: Option<Instant>,
+    /// When the state's memtables were last flushed (or the store opened).
+    flushed_at: Instant,
+}
+
+struct Shared<C: StoreTypes, A: StateMachine<C>> {
     /// The data dir, named in errors.
     root: PathBuf,
     state_dir: PathBuf,
@@ -124,6 +153,9 @@ struct Shared<C: RaftTypeConfig, A> {
     db: RwLock<Arc<DB>>,
     generation: Mutex<u64>,
     app: Arc<RwLock<A>>,
+    /// Taken before `app` by whatever applies or writes the state, so the
+    /// records written and the applied id written with them always match.
+    progress: Mutex<Progress<C>>,
     current: Mutex<Option<Meta<C>>>,
     /// Makes snapshot ids and temporary names unique within this process.
     seq: AtomicU64,
@@ -133,11 +165,11 @@ struct Shared<C: RaftTypeConfig, A> {
 
 /// openraft's state machine storage around the application `A`. Cheap to
 /// clone; clones share everything.
-pub struct StateMachineStore<C: RaftTypeConfig, A> {
+pub struct StateMachineStore<C: StoreTypes, A: StateMachine<C>> {
     shared: Arc<Shared<C, A>>,
 }
 
-impl<C: RaftTypeConfig, A> Clone for StateMachineStore<C, A> {
+impl<C: StoreTypes, A: StateMachine<C>> Clone for StateMachineStore<C, A> {
     fn clone(&self) -> Self {
         Self {
             shared: self.shared.clone(),
@@ -161,9 +193,8 @@ fn open_state_db(store: &Path, dir: &Path) -> Result<DB, StoreError> {
     // Written without a WAL: both families are flushed together, so a
     // crash leaves records and applied id from the same batch.
     opts.set_atomic_flush(true);
-    // What a crash loses (and the log re-applies at start) is at most one
-    // memtable: keep it small enough to re-apply in a second or two.
-    opts.set_write_buffer_size(16 << 20);
+    // What a crash loses (and the log re-applies at start) is what is not in
+    // table files yet: bounded in time by FLUSH_EVERY, not by the memtable.
     let cfs = [CF_STATE, CF_STATE_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| StoreError::rocks(store, "open state", e))
 }
@@ -292,9 +323,9 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
                 )
                 .map_err(|e| StoreError::rocks(root, "write state", e))?,
         }
-        let (applied, _) = read_applied::<C>(root, &db)?;
+        let (applied, membership) = read_applied::<C>(root, &db)?;
         let app = restore_app::<C, A>(root, &db)?;
-        let current = Self::pick_snapshot(root, &snap_dir, applied)?;
+        let current = Self::pick_snapshot(root, &snap_dir, applied.clone())?;
         Ok(Self {
             shared: Arc::new(Shared {
                 root: root.to_path_buf(),
@@ -303,6 +334,11 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
                 db: RwLock::new(Arc::new(db)),
                 generation: Mutex::new(generation),
                 app: Arc::new(RwLock::new(app)),
+                progress: Mutex::new(Progress {
+                    applied: (applied, membership),
+                    unwritten_since: None,
+                    flushed_at: Instant::now(),
+                }),
                 current: Mutex::new(current),
                 seq: AtomicU64::new(0),
                 receiving: Mutex::new(Vec::new()),
@@ -355,61 +391,69 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
         self.shared.snap_dir.join(snapshot::file_name(&meta.snapshot_id))
     }
 
-    /// Applies entries and writes their changes with the applied id in one batch.
+    /// Applies entries; writes what changed when the oldest unwritten change
+    /// is [`WRITE_EVERY`] old or the membership changed.
     ///
-    /// The batch is written without RocksDB's write-ahead log: the Raft log
+    /// The state is written without RocksDB's write-ahead log: the Raft log
     /// already holds every applied entry, and after a crash openraft
     /// re-applies the committed entries past the applied id found on disk.
     /// Atomic flush keeps the records and the applied id of one batch
     /// together on disk, so that applied id always matches the records.
     pub fn apply_entries(&self, entries: impl IntoIterator<Item = C::Entry>) -> Result<Vec<C::R>, StoreError> {
-        let db = self.db();
         let root = &self.shared.root;
-        let mut batch = WriteBatch::default();
+        let mut progress = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
         let mut replies = Vec::new();
-        let mut last = None;
-        let mut membership = None;
+        let mut membership_changed = false;
         {
             let mut app = self.shared.app.write().unwrap_or_else(|e| e.into_inner());
-            let state = cf(&db, CF_STATE);
             for entry in entries {
                 let log_id = entry.log_id;
                 match entry.payload {
                     EntryPayload::Blank => replies.push(C::R::default()),
                     EntryPayload::Normal(command) => {
-                        let mut writes = Writes::new();
-                        let reply = app
-                            .apply(&log_id, command, &mut writes)
-                            .map_err(|e| StoreError::Unapplicable {
-                                store: root.clone(),
-                                index: log_id.index,
-                                reason: e.reason,
-                            })?;
+                        let reply = app.apply(&log_id, command).map_err(|e| StoreError::Unapplicable {
+                            store: root.clone(),
+                            index: log_id.index,
+                            reason: e.reason,
+                        })?;
                         replies.push(reply);
-                        for (key, value) in writes.ops {
-                            match value {
-                                Some(v) => batch.put_cf(state, key, v),
-                                None => batch.delete_cf(state, key),
-                            }
-                        }
                     }
                     EntryPayload::Membership(m) => {
-                        membership = Some(StoredMembership::new(Some(log_id.clone()), m));
+                        progress.applied.1 = StoredMembership::new(Some(log_id.clone()), m);
+                        membership_changed = true;
                         replies.push(C::R::default());
                     }
                 }
-                last = Some(log_id);
+                progress.applied.0 = Some(log_id);
+                progress.unwritten_since.get_or_insert_with(Instant::now);
             }
         }
-        let Some(last) = last else { return Ok(replies) };
-        let meta = cf(&db, CF_STATE_META);
-        batch.put_cf(meta, KEY_APPLIED, codec::encode(&Some(last)));
-        if let Some(m) = membership {
-            batch.put_cf(meta, KEY_MEMBERSHIP, codec::encode(&m));
+        let due = progress.unwritten_since.is_some_and(|t| t.elapsed() >= WRITE_EVERY);
+        if due || membership_changed {
+            self.write_unwritten(&mut progress)?;
         }
-        db.write_opt(batch, &unlogged())
-            .map_err(|e| StoreError::rocks(root, "apply", e))?;
         Ok(replies)
+    }
+
+    /// Writes every applied change not yet in the state DB, with the applied
+    /// id and membership, in one batch. The caller holds `progress`.
+    fn write_unwritten(&self, progress: &mut Progress<C>) -> Result<(), StoreError> {
+        if progress.unwritten_since.is_none() {
+            return Ok(());
+        }
+        let db = self.db();
+        write_changes(&db, &self.shared.app, &progress.applied)
+            .map_err(|e| StoreError::rocks(&self.shared.root, "apply", e))?;
+        progress.unwritten_since = None;
+        if progress.flushed_at.elapsed() >= FLUSH_EVERY {
+            // In the background: applying goes on meanwhile.
+            let mut opts = rocksdb::FlushOptions::default();
+            opts.set_wait(false);
+            db.flush_cfs_opt(&[cf(&db, CF_STATE), cf(&db, CF_STATE_META)], &opts)
+                .map_err(|e| StoreError::rocks(&self.shared.root, "flush state", e))?;
+            progress.flushed_at = Instant::now();
+        }
+        Ok(())
     }
 
     /// Writes the state's memtables to table files and waits: what was
@@ -423,11 +467,16 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
 
     /// Writes a snapshot of the current state to a file (blocking).
     fn build_snapshot_file(&self) -> Result<Meta<C>, StoreError> {
-        let db = self.db();
         let root = &self.shared.root;
-        // The log may be purged up to this snapshot: what it covers must be on disk.
+        // The log may be purged up to this snapshot: what it covers must be
+        // on disk. Held until the view is taken, so nothing newer and
+        // unflushed gets into it.
+        let mut progress = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
+        self.write_unwritten(&mut progress)?;
+        let db = self.db();
         self.flush_state(&db)?;
         let view = db.snapshot();
+        drop(progress);
         let read_meta = |key: &[u8]| -> Result<Option<Vec<u8>>, StoreError> {
             view.get_cf(cf(&db, CF_STATE_META), key)
                 .map_err(|e| StoreError::rocks(root, "read state", e))
@@ -544,9 +593,16 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
 
         let db = open_state_db(root, &new_dir)?;
         {
+            // What was applied before is replaced, written or not.
+            let mut progress = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
             let mut app = self.shared.app.write().unwrap_or_else(|e| e.into_inner());
             *app = restore_app::<C, A>(root, &db)?;
             *self.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(db);
+            *progress = Progress {
+                applied: (meta.last_log_id.clone(), meta.last_membership.clone()),
+                unwritten_since: None,
+                flushed_at: Instant::now(),
+            };
         }
         let old_gen = std::mem::replace(
             &mut *self.shared.generation.lock().unwrap_or_else(|e| e.into_inner()),
@@ -554,6 +610,47 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
         );
         remove_path(root, &self.shared.state_dir.join(old_gen.to_string()))?;
         self.publish_snapshot(&tmp_snap, meta)
+    }
+}
+
+/// Writes the records `app` changed, with the applied id and membership,
+/// in one batch.
+fn write_changes<C: StoreTypes, A: StateMachine<C>>(
+    db: &DB,
+    app: &RwLock<A>,
+    applied: &Applied<C>,
+) -> Result<(), rocksdb::Error> {
+    let mut writes = Writes::new();
+    app.write()
+        .unwrap_or_else(|e| e.into_inner())
+        .changed_records(&mut writes);
+    let mut batch = WriteBatch::default();
+    let state = cf(db, CF_STATE);
+    for (key, value) in writes.ops {
+        match value {
+            Some(v) => batch.put_cf(state, key, v),
+            None => batch.delete_cf(state, key),
+        }
+    }
+    let meta = cf(db, CF_STATE_META);
+    batch.put_cf(meta, KEY_APPLIED, codec::encode(&applied.0));
+    batch.put_cf(meta, KEY_MEMBERSHIP, codec::encode(&applied.1));
+    db.write_opt(batch, &unlogged())
+}
+
+impl<C: StoreTypes, A: StateMachine<C>> Drop for Shared<C, A> {
+    /// A store closed cleanly keeps everything applied: nothing to re-apply
+    /// at the next start.
+    fn drop(&mut self) {
+        let progress = self.progress.get_mut().unwrap_or_else(|e| e.into_inner());
+        if progress.unwritten_since.is_none() {
+            return;
+        }
+        let db = self.db.get_mut().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Err(e) = write_changes(&db, &self.app, &progress.applied) {
+            // Not lost: re-applied from the log at the next start.
+            tracing::warn!(store = %self.root.display(), "state not written at close: {e}");
+        }
     }
 }
 
@@ -591,7 +688,13 @@ impl<C: StoreTypes, A: StateMachine<C>> RaftStateMachine<C> for StateMachineStor
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<Applied<C>, StorageError<C::NodeId>> {
-        read_applied::<C>(&self.shared.root, &self.db()).map_err(|e| e.into_raft(StorageIOError::read_state_machine))
+        Ok(self
+            .shared
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .applied
+            .clone())
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<C::R>, StorageError<C::NodeId>>

@@ -231,3 +231,18 @@ fn log_hole_is_refused() {
         .to_string();
     assert!(msg.contains("hole") && msg.contains("entry 3 is missing"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_changes_not_yet_written_are_reported_and_kept_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut sm) = raft_store::open::<KvTypes, KvApp>(dir.path()).unwrap();
+    // The same key rewritten many times, well within one write interval.
+    let entries: Vec<_> = (1..=1000).map(|i| set(i, "hot", &format!("v{i}"))).collect();
+    sm.apply(entries).await.unwrap();
+    assert_eq!(sm.applied_state().await.unwrap().0.unwrap().index, 1000);
+    assert_eq!(data(&sm), vec![("hot".to_string(), b"v1000".to_vec())]);
+    drop(sm);
+    let (_, mut reopened) = raft_store::open::<KvTypes, KvApp>(dir.path()).unwrap();
+    assert_eq!(data(&reopened), vec![("hot".to_string(), b"v1000".to_vec())]);
+    assert_eq!(reopened.applied_state().await.unwrap().0.unwrap().index, 1000);
+}

@@ -92,27 +92,24 @@ pub type Raft = openraft::Raft<MasterTypes>;
 pub type StateStore = StateMachineStore<MasterTypes, Master>;
 
 impl raft_store::StateMachine<MasterTypes> for Master {
-    fn apply(
-        &mut self,
-        log_id: &LogId<u64>,
-        batch: LoggedBatch,
-        writes: &mut Writes,
-    ) -> Result<Vec<Reply>, ApplyError> {
+    fn apply(&mut self, log_id: &LogId<u64>, batch: LoggedBatch) -> Result<Vec<Reply>, ApplyError> {
         let batch = batch.decode().map_err(|e| ApplyError {
             reason: format!("its proposals do not decode ({e})"),
         })?;
-        let replies = batch
+        Ok(batch
             .0
             .into_iter()
             .map(|p| Master::apply(self, log_id.index, p))
-            .collect();
+            .collect())
+    }
+
+    fn changed_records(&mut self, writes: &mut Writes) {
         for dirty in self.take_dirty() {
             match persist::value(self, &dirty) {
                 Some(v) => writes.put(persist::key(&dirty), &v),
                 None => writes.delete(persist::key(&dirty)),
             }
         }
-        Ok(replies)
     }
 
     fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Self, RestoreError> {
