@@ -56,6 +56,10 @@ struct Args {
     /// Where data dirs go (the disk being measured).
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
+    /// The master-node binary to measure (default: the one built beside this
+    /// example), e.g. a copy of an earlier build for a same-run comparison.
+    #[arg(long)]
+    master_bin: Option<PathBuf>,
 }
 
 const SR: &str = "https://lab.example.org/software/kvm/software.cfg";
@@ -599,13 +603,15 @@ fn median_max(mut v: Vec<Duration>) -> (f64, f64) {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("master-node");
+    let bin = args.master_bin.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("master-node")
+    });
     assert!(
         bin.exists(),
         "build the binary first: cargo build -p master-node ({} missing)",
