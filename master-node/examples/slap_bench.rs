@@ -3,17 +3,21 @@
 //!
 //! Both get the same HTTP requests (a new connection per call, as raw
 //! HTTP/1.1): `loadComputerConfigurationFromXML` with 200 partitions (and then
-//! 100), `requestComputerPartition` for 50 new instances, re-requests of an
-//! existing instance, and `getFullComputerInformation` of the 100-partition
-//! computer with 50 busy, at 1 and 8 concurrent clients.
+//! 100), `requestComputerPartition` for 50 new instances one at a time,
+//! re-requests of an existing instance, `getFullComputerInformation` of the
+//! 100-partition computer with 50 busy and of a 3-partition computer with 3
+//! busy, at 1 and 8 concurrent clients, and last new allocations from 8
+//! clients at once (on a third computer with room for all of them).
 //!
 //! ```text
 //! scripts/setup.sh   # installs the slapos client (with slapproxy)
 //! cargo build -p master-node && cargo run -p master-node --example slap_bench -- --seconds 5
 //! ```
 //!
-//! master-node is measured twice: one replica answering directly, and three
-//! replicas behind slap-gateway (what the targets are about).
+//! master-node is measured three times: one replica answering directly,
+//! three replicas behind slap-gateway (what the targets are about), and a
+//! fresh three-replica cluster called at its leader directly (to tell the
+//! gateway's share from replication's).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -89,7 +93,7 @@ fn form(fields: &[(&str, &str)]) -> String {
         .join("&")
 }
 
-fn computer_xml(partitions: usize) -> String {
+fn computer_xml(reference: &str, partitions: usize) -> String {
     let s = |v: &str| Value::str(v);
     let parts = (0..partitions)
         .map(|i| {
@@ -115,7 +119,7 @@ fn computer_xml(partitions: usize) -> String {
         })
         .collect();
     dumps(&Value::str_dict(vec![
-        ("reference", s("COMP-1")),
+        ("reference", s(reference)),
         ("address", s("10.0.0.1")),
         ("netmask", s("255.255.255.0")),
         ("partition_list", Value::List(parts)),
@@ -123,7 +127,9 @@ fn computer_xml(partitions: usize) -> String {
     .unwrap()
 }
 
-fn request_form(title: &str, value: &str) -> String {
+/// A request of `title` on `computer` (an SLA both systems honour, so each
+/// allocation lands on the computer the measurement is about).
+fn request_form(title: &str, value: &str, computer: &str) -> String {
     let params = dumps(&Value::str_dict(vec![
         ("foo", Value::str(value)),
         ("bar", Value::str("a<b&c")),
@@ -133,7 +139,10 @@ fn request_form(title: &str, value: &str) -> String {
         ("software_release", SR),
         ("partition_reference", title),
         ("partition_parameter_xml", &params),
-        ("filter_xml", "<marshal><dictionary id=\"i2\"/></marshal>"),
+        (
+            "filter_xml",
+            &dumps(&Value::str_dict(vec![("computer_guid", Value::str(computer))])).unwrap(),
+        ),
         ("software_type", "default"),
         ("state", "<marshal><none/></marshal>"),
         ("shared_xml", "<marshal><bool>0</bool></marshal>"),
@@ -224,8 +233,10 @@ fn start_master(dir: &Path) -> (Proc, u16) {
     (Proc(child), port)
 }
 
-/// Three replicas serving SLAP, and slap-gateway in front of them.
-fn start_cluster_with_gateway(dir: &Path) -> (Vec<Proc>, u16) {
+/// Three replicas serving SLAP (data under `dir/<name>-N`), and
+/// slap-gateway in front of them: the processes, the gateway's port and the
+/// first replica's SLAP port (the founder, which leads unless it is lost).
+fn start_cluster_with_gateway(dir: &Path, name: &str) -> (Vec<Proc>, u16, u16) {
     let bin_dir = std::env::current_exe()
         .unwrap()
         .parent()
@@ -238,12 +249,12 @@ fn start_cluster_with_gateway(dir: &Path) -> (Vec<Proc>, u16) {
     let slap: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut procs = Vec::new();
     for i in 0..3 {
-        let data = dir.join(format!("cluster-{i}"));
+        let data = dir.join(format!("{name}-{i}"));
         let mut cmd = Command::new(&bin);
         if i == 0 {
             cmd.arg("init");
         } else {
-            let token = std::fs::read_to_string(dir.join("cluster-0/join-token")).unwrap();
+            let token = std::fs::read_to_string(dir.join(format!("{name}-0/join-token"))).unwrap();
             cmd.args(["join", "--peer", &raft[0], "--token", token.trim()]);
         }
         cmd.arg("--data-dir").arg(&data);
@@ -263,7 +274,7 @@ fn start_cluster_with_gateway(dir: &Path) -> (Vec<Proc>, u16) {
         // Each replica is up (and, for joiners, promoted) before the next.
         wait_up(slap[i]);
         if i == 0 {
-            let token = dir.join("cluster-0/join-token");
+            let token = dir.join(format!("{name}-0/join-token"));
             let deadline = Instant::now() + Duration::from_secs(30);
             while !token.exists() {
                 assert!(Instant::now() < deadline, "no join token");
@@ -286,14 +297,56 @@ fn start_cluster_with_gateway(dir: &Path) -> (Vec<Proc>, u16) {
         .expect("start slap-gateway (cargo build --workspace)");
     procs.push(Proc(gateway));
     wait_up(gw_port);
-    (procs, gw_port)
+    (procs, gw_port, slap[0])
 }
 
 struct Figures {
     load_200: f64,
-    allocations: f64,
+    /// New allocations per second: one client, then 8 at once.
+    allocations: [f64; 2],
     rerequest: [f64; 2],
+    /// The 100-partition computer (50 busy), at 1 and 8 clients.
     poll: [f64; 2],
+    /// The 3-partition computer (3 busy), at 1 and 8 clients.
+    poll_small: [f64; 2],
+}
+
+/// Allocations made from 8 clients at once, 8 x this many.
+const PARALLEL_ALLOCATIONS_PER_CLIENT: usize = 40;
+
+fn load(port: u16, reference: &str, partitions: usize) {
+    let xml = computer_xml(reference, partitions);
+    assert_eq!(
+        http(
+            port,
+            "POST",
+            "/loadComputerConfigurationFromXML",
+            &form(&[("xml", &xml)])
+        ),
+        Some(200)
+    );
+    assert_eq!(
+        http(
+            port,
+            "POST",
+            "/supplySupply",
+            &form(&[("url", SR), ("computer_id", reference), ("state", "available")])
+        ),
+        Some(200)
+    );
+}
+
+fn allocate(port: u16, title: &str, computer: &str) {
+    assert_eq!(
+        http(
+            port,
+            "POST",
+            "/requestComputerPartition",
+            &request_form(title, "v", computer)
+        ),
+        Some(200),
+        "allocation of {title} on {computer}"
+    );
 }
 
 fn measure(port: u16, secs: u64) -> Figures {
@@ -304,46 +357,26 @@ fn measure(port: u16, secs: u64) -> Figures {
             port,
             "POST",
             "/loadComputerConfigurationFromXML",
-            &form(&[("xml", &computer_xml(200))])
+            &form(&[("xml", &computer_xml("COMP-1", 200))])
         ),
         Some(200)
     );
     let load_200 = t.elapsed().as_secs_f64();
-    // Back to 100 partitions for the rest.
-    assert_eq!(
-        http(
-            port,
-            "POST",
-            "/loadComputerConfigurationFromXML",
-            &form(&[("xml", &computer_xml(100))])
-        ),
-        Some(200)
-    );
-    assert_eq!(
-        http(
-            port,
-            "POST",
-            "/supplySupply",
-            &form(&[("url", SR), ("computer_id", "COMP-1"), ("state", "available")])
-        ),
-        Some(200)
-    );
+    // Back to 100 partitions for the rest, and a 3-partition computer, full.
+    load(port, "COMP-1", 100);
+    load(port, "COMP-3", 3);
+    for i in 0..3 {
+        allocate(port, &format!("small{i}"), "COMP-3");
+    }
     // 50 new allocations, one at a time.
     let t = Instant::now();
     for i in 0..50 {
-        assert_eq!(
-            http(
-                port,
-                "POST",
-                "/requestComputerPartition",
-                &request_form(&format!("inst{i}"), "v")
-            ),
-            Some(200)
-        );
+        allocate(port, &format!("inst{i}"), "COMP-1");
     }
-    let allocations = 50.0 / t.elapsed().as_secs_f64();
+    let one_client_allocations = 50.0 / t.elapsed().as_secs_f64();
     let mut rerequest = [0.0; 2];
     let mut poll = [0.0; 2];
+    let mut poll_small = [0.0; 2];
     for (slot, clients) in [1usize, 8].into_iter().enumerate() {
         // Identical re-requests of an existing instance.
         rerequest[slot] = rate(clients, secs, move |n| {
@@ -351,18 +384,39 @@ fn measure(port: u16, secs: u64) -> Figures {
                 port,
                 "POST",
                 "/requestComputerPartition",
-                &request_form(&format!("inst{}", n % 50), "v"),
+                &request_form(&format!("inst{}", n % 50), "v", "COMP-1"),
             ) == Some(200)
         });
         poll[slot] = rate(clients, secs, move |_| {
             http(port, "GET", "/getFullComputerInformation", "computer_id=COMP-1") == Some(200)
         });
+        poll_small[slot] = rate(clients, secs, move |_| {
+            http(port, "GET", "/getFullComputerInformation", "computer_id=COMP-3") == Some(200)
+        });
     }
+    // New allocations from 8 clients at once, on a computer with room for all.
+    let clients = 8;
+    load(port, "COMP-2", clients * PARALLEL_ALLOCATIONS_PER_CLIENT + 10);
+    let t = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            std::thread::spawn(move || {
+                for i in 0..PARALLEL_ALLOCATIONS_PER_CLIENT {
+                    allocate(port, &format!("parallel-{c}-{i}"), "COMP-2");
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+    let parallel_allocations = (clients * PARALLEL_ALLOCATIONS_PER_CLIENT) as f64 / t.elapsed().as_secs_f64();
     Figures {
         load_200,
-        allocations,
+        allocations: [one_client_allocations, parallel_allocations],
         rerequest,
         poll,
+        poll_small,
     }
 }
 
@@ -375,7 +429,7 @@ fn main() {
     );
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     println!(
-        "SLAP benchmark: {} s per point, 100 partitions with 50 busy",
+        "SLAP benchmark: {} s per point, 100 partitions with 50 busy, 3 with 3 busy",
         args.seconds
     );
 
@@ -385,64 +439,70 @@ fn main() {
         measure(port, args.seconds)
     };
     let cluster = {
-        let (_procs, port) = start_cluster_with_gateway(dir.path());
+        let (_procs, port, _) = start_cluster_with_gateway(dir.path(), "cluster");
         measure(port, args.seconds)
+    };
+    // Where the gateway's figures go: the same calls on a fresh 3-replica
+    // cluster, straight to its leader.
+    let leader = {
+        let (_procs, _, leader) = start_cluster_with_gateway(dir.path(), "leader");
+        measure(leader, args.seconds)
     };
     let theirs = {
         let (_p, port) = start_slapproxy(&args.slapos, dir.path());
         measure(port, args.seconds)
     };
     println!();
-    println!("| call | clients | 1 replica, direct | 3 replicas + gateway | slapproxy | direct / slapproxy | gateway / slapproxy |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    let row = |name: &str, clients: &str, a: f64, g: f64, b: f64| {
-        println!(
-            "| {name} | {clients} | {a:.1}/s | {g:.1}/s | {b:.1}/s | {:.1}x | {:.1}x |",
-            a / b,
-            g / b
-        );
-    };
-    row(
-        "getFullComputerInformation (100 partitions, 50 busy)",
-        "1",
-        ours.poll[0],
-        cluster.poll[0],
-        theirs.poll[0],
-    );
-    row(
-        "getFullComputerInformation (100 partitions, 50 busy)",
-        "8",
-        ours.poll[1],
-        cluster.poll[1],
-        theirs.poll[1],
-    );
-    row(
-        "requestComputerPartition, identical re-request",
-        "1",
-        ours.rerequest[0],
-        cluster.rerequest[0],
-        theirs.rerequest[0],
-    );
-    row(
-        "requestComputerPartition, identical re-request",
-        "8",
-        ours.rerequest[1],
-        cluster.rerequest[1],
-        theirs.rerequest[1],
-    );
-    row(
-        "requestComputerPartition, new allocation",
-        "1",
-        ours.allocations,
-        cluster.allocations,
-        theirs.allocations,
-    );
     println!(
-        "| loadComputerConfigurationFromXML, 200 partitions | 1 | {:.3} s | {:.3} s | {:.3} s | {:.1}x | {:.1}x |",
-        ours.load_200,
-        cluster.load_200,
-        theirs.load_200,
-        theirs.load_200 / ours.load_200,
-        theirs.load_200 / cluster.load_200
+        "| call | clients | 1 replica, direct | 3 replicas, leader direct | 3 replicas + gateway | slapproxy | \
+         direct / slapproxy | gateway / slapproxy |"
     );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    type Pick = fn(&Figures) -> f64;
+    let rows: [(&str, &str, Pick); 9] = [
+        ("getFullComputerInformation (100 partitions, 50 busy)", "1", |f| {
+            f.poll[0]
+        }),
+        ("getFullComputerInformation (100 partitions, 50 busy)", "8", |f| {
+            f.poll[1]
+        }),
+        ("getFullComputerInformation (3 partitions, 3 busy)", "1", |f| {
+            f.poll_small[0]
+        }),
+        ("getFullComputerInformation (3 partitions, 3 busy)", "8", |f| {
+            f.poll_small[1]
+        }),
+        ("requestComputerPartition, identical re-request", "1", |f| {
+            f.rerequest[0]
+        }),
+        ("requestComputerPartition, identical re-request", "8", |f| {
+            f.rerequest[1]
+        }),
+        ("requestComputerPartition, new allocation", "1", |f| f.allocations[0]),
+        ("requestComputerPartition, new allocation", "8", |f| f.allocations[1]),
+        // Seconds per call: the ratio is theirs over ours.
+        ("loadComputerConfigurationFromXML, 200 partitions", "1", |f| {
+            1.0 / f.load_200
+        }),
+    ];
+    for (name, clients, pick) in rows {
+        let (a, l, g, b) = (pick(&ours), pick(&leader), pick(&cluster), pick(&theirs));
+        if name.starts_with("load") {
+            println!(
+                "| {name} | {clients} | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.1}x | {:.1}x |",
+                1.0 / a,
+                1.0 / l,
+                1.0 / g,
+                1.0 / b,
+                a / b,
+                g / b
+            );
+        } else {
+            println!(
+                "| {name} | {clients} | {a:.1}/s | {l:.1}/s | {g:.1}/s | {b:.1}/s | {:.1}x | {:.1}x |",
+                a / b,
+                g / b
+            );
+        }
+    }
 }
