@@ -311,6 +311,32 @@ struct Figures {
     poll_small: [f64; 2],
 }
 
+impl Figures {
+    /// The table's rows: call, clients, calls per second (the load as its
+    /// inverse, so every ratio is ours over theirs).
+    fn rows(&self) -> [(&'static str, &'static str, f64); 9] {
+        const POLL_100: &str = "getFullComputerInformation (100 partitions, 50 busy)";
+        const POLL_3: &str = "getFullComputerInformation (3 partitions, 3 busy)";
+        const REREQUEST: &str = "requestComputerPartition, identical re-request";
+        const ALLOCATION: &str = "requestComputerPartition, new allocation";
+        [
+            (POLL_100, "1", self.poll[0]),
+            (POLL_100, "8", self.poll[1]),
+            (POLL_3, "1", self.poll_small[0]),
+            (POLL_3, "8", self.poll_small[1]),
+            (REREQUEST, "1", self.rerequest[0]),
+            (REREQUEST, "8", self.rerequest[1]),
+            (ALLOCATION, "1", self.allocations[0]),
+            (ALLOCATION, "8", self.allocations[1]),
+            (
+                "loadComputerConfigurationFromXML, 200 partitions",
+                "1",
+                1.0 / self.load_200,
+            ),
+        ]
+    }
+}
+
 /// Allocations made from 8 clients at once, 8 x this many.
 const PARALLEL_ALLOCATIONS_PER_CLIENT: usize = 40;
 
@@ -458,51 +484,24 @@ fn main() {
          direct / slapproxy | gateway / slapproxy |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    type Pick = fn(&Figures) -> f64;
-    let rows: [(&str, &str, Pick); 9] = [
-        ("getFullComputerInformation (100 partitions, 50 busy)", "1", |f| {
-            f.poll[0]
-        }),
-        ("getFullComputerInformation (100 partitions, 50 busy)", "8", |f| {
-            f.poll[1]
-        }),
-        ("getFullComputerInformation (3 partitions, 3 busy)", "1", |f| {
-            f.poll_small[0]
-        }),
-        ("getFullComputerInformation (3 partitions, 3 busy)", "8", |f| {
-            f.poll_small[1]
-        }),
-        ("requestComputerPartition, identical re-request", "1", |f| {
-            f.rerequest[0]
-        }),
-        ("requestComputerPartition, identical re-request", "8", |f| {
-            f.rerequest[1]
-        }),
-        ("requestComputerPartition, new allocation", "1", |f| f.allocations[0]),
-        ("requestComputerPartition, new allocation", "8", |f| f.allocations[1]),
-        // Seconds per call: the ratio is theirs over ours.
-        ("loadComputerConfigurationFromXML, 200 partitions", "1", |f| {
-            1.0 / f.load_200
-        }),
-    ];
-    for (name, clients, pick) in rows {
-        let (a, l, g, b) = (pick(&ours), pick(&leader), pick(&cluster), pick(&theirs));
-        if name.starts_with("load") {
-            println!(
-                "| {name} | {clients} | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.1}x | {:.1}x |",
-                1.0 / a,
-                1.0 / l,
-                1.0 / g,
-                1.0 / b,
-                a / b,
-                g / b
-            );
-        } else {
-            println!(
-                "| {name} | {clients} | {a:.1}/s | {l:.1}/s | {g:.1}/s | {b:.1}/s | {:.1}x | {:.1}x |",
-                a / b,
-                g / b
-            );
-        }
+    let (a, l, g, b) = (ours.rows(), leader.rows(), cluster.rows(), theirs.rows());
+    for (i, &(name, clients, _)) in a.iter().enumerate() {
+        let cell = |rate: f64| {
+            if name.starts_with("load") {
+                format!("{:.3} s", 1.0 / rate)
+            } else {
+                format!("{rate:.1}/s")
+            }
+        };
+        let (a, l, g, b) = (a[i].2, l[i].2, g[i].2, b[i].2);
+        println!(
+            "| {name} | {clients} | {} | {} | {} | {} | {:.1}x | {:.1}x |",
+            cell(a),
+            cell(l),
+            cell(g),
+            cell(b),
+            a / b,
+            g / b
+        );
     }
 }
