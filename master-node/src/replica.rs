@@ -25,7 +25,7 @@ use crate::cluster_tls::{ClusterTlsError, ReplicaTls};
 use crate::identity::{Identity, JoinToken};
 use crate::raft::network::Network;
 use crate::raft::{open_store, LoggedBatch, MasterTypes, Raft, ReplicaNode, Timing};
-use crate::state::{Command, Master, Proposal, ProposalBatch, Reply, Role};
+use crate::state::{Command, Instance, Master, Proposal, ProposalBatch, Reply, RequestSpec, Role};
 
 /// How long a call waits for a leader before giving up.
 pub const LEADER_WAIT: Duration = Duration::from_secs(15);
@@ -80,6 +80,8 @@ pub struct Replica {
     proposer: tokio::sync::mpsc::Sender<Pending>,
     /// Writes waiting to be forwarded, together, to the leader.
     forwarder: tokio::sync::mpsc::Sender<Forward>,
+    /// Reads waiting for the leader to confirm it still leads.
+    read_barrier: tokio::sync::mpsc::Sender<oneshot::Sender<Result<(), String>>>,
 }
 
 /// A write waiting for the forwarder.
@@ -225,6 +227,27 @@ async fn run_proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Pending
     }
 }
 
+/// Confirms leadership for the reads waiting, together.
+///
+/// A linearizable read on the leader needs a quorum to confirm, after the
+/// read arrived, that this replica still leads (openraft's
+/// `ensure_linearizable`: one heartbeat round, no disk write). Every read
+/// waiting when a round starts arrived before it, so one round serves them
+/// all, as one log entry serves many writes.
+async fn run_read_barrier(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<oneshot::Sender<Result<(), String>>>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some((slot, waiters)) = next_batch(&mut queue, &slots).await {
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let outcome = raft.ensure_linearizable().await.map(|_| ()).map_err(|e| e.to_string());
+            drop(slot);
+            for waiter in waiters {
+                let _ = waiter.send(outcome.clone());
+            }
+        });
+    }
+}
+
 /// Why a replica stopped by itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stopped {
@@ -293,6 +316,8 @@ impl Running {
         let (proposer, queue) = tokio::sync::mpsc::channel(4096);
         tokio::spawn(run_proposer(raft.clone(), queue));
         let (forwarder, forward_queue) = tokio::sync::mpsc::channel(4096);
+        let (read_barrier, read_queue) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(run_read_barrier(raft.clone(), read_queue));
         let replica = Arc::new(Replica {
             id: identity.node_id,
             cluster_id: identity.cluster_id.clone(),
@@ -308,6 +333,7 @@ impl Running {
             metrics: crate::metrics::Metrics::default(),
             proposer,
             forwarder,
+            read_barrier,
         });
         tokio::spawn(run_forwarder(Arc::downgrade(&replica), forward_queue));
         tokio::spawn(crate::certificates::run_issuer(Arc::downgrade(&replica)));
@@ -845,6 +871,37 @@ impl Replica {
                 postcard::from_bytes(&reply.answer).map_err(|e| Status::internal(format!("undecodable answer: {e}")))
             }
         }
+    }
+
+    /// Answers a request that would change nothing (an identical
+    /// re-request, which `slapos node` sends for every child at every run)
+    /// with a linearizable read instead of a log entry: `answer` sees the
+    /// state and the instance as they stand once leadership is confirmed.
+    /// `None` when the request must be written: it changes something, it is
+    /// refused, or this replica is not the leader (a follower's state may lag
+    /// the leader's, so it writes, which the leader answers).
+    pub async fn read_if_unchanged<T>(
+        &self,
+        spec: &RequestSpec,
+        answer: impl FnOnce(&Master, &Instance) -> T,
+    ) -> Option<T> {
+        let leading = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.current_leader == Some(self.id) && m.state == ServerState::Leader
+        };
+        // The local check first, so a request that changes something costs
+        // no confirmation round before its write.
+        if !leading || self.state.read().unwrap_or_else(|e| e.into_inner()).unchanged_by(spec).is_none() {
+            return None;
+        }
+        let (done, confirmed) = oneshot::channel();
+        self.read_barrier.send(done).await.ok()?;
+        // Not confirmed (leadership lost meanwhile): the write path waits for
+        // the new leader and answers.
+        confirmed.await.ok()?.ok()?;
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.unchanged_by(spec).map(|inst| answer(&state, inst))
     }
 
     /// A read of this replica's own state, whatever the leader knows.

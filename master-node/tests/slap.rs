@@ -761,3 +761,50 @@ async fn metrics_count_calls_polls_and_show_raft_and_the_state() {
         assert_eq!(resp.status(), status, "{path}");
     }
 }
+
+/// The index of this replica's last log entry.
+fn last_log_index(r: &Arc<Replica>) -> Option<u64> {
+    r.raft.metrics().borrow().last_log_index
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_rerequests_are_answered_without_a_log_entry() {
+    let (_dir, running) = master().await;
+    let r = &running.replica;
+    let a = call(r, "POST", "/loadComputerConfigurationFromXML", &[("xml", &computer_xml())], None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let a = call(r, "POST", "/supplySupply", &[("url", SR), ("computer_id", "COMP-1"), ("state", "available")], None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let params = dumps(&d(vec![("foo", s("bar"))])).unwrap();
+    let none = "<marshal><none/></marshal>";
+    let first = call(r, "POST", "/requestComputerPartition", &request_fields("web", &params, none), None).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let at = last_log_index(r);
+
+    // slapos node re-requests every child at every run: same answer, no entry.
+    for _ in 0..3 {
+        let again = call(r, "POST", "/requestComputerPartition", &request_fields("web", &params, none), None).await;
+        assert_eq!((again.status, &again.body), (StatusCode::OK, &first.body));
+    }
+    let started = "<marshal><string>started</string></marshal>";
+    let again = call(r, "POST", "/requestComputerPartition", &request_fields("web", &params, started), None).await;
+    assert_eq!((again.status, &again.body), (StatusCode::OK, &first.body), "the state it already has");
+    assert_eq!(last_log_index(r), at, "identical re-requests wrote to the log");
+
+    // A change is a write, and the answer shows it.
+    let changed = dumps(&d(vec![("foo", s("baz"))])).unwrap();
+    let a = call(r, "POST", "/requestComputerPartition", &request_fields("web", &changed, none), None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(get(dict(get(attrs(&loads(&a.body).unwrap()), "_parameter_dict")), "foo"), &s("baz"));
+    assert!(last_log_index(r) > at, "a changed request was not written");
+
+    // Two partitions: the third instance waits (408), also when re-requested.
+    let a = call(r, "POST", "/requestComputerPartition", &request_fields("db", &params, none), None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let a = call(r, "POST", "/requestComputerPartition", &request_fields("cache", &params, none), None).await;
+    assert_eq!(a.status, StatusCode::REQUEST_TIMEOUT, "{}", a.body);
+    let at = last_log_index(r);
+    let again = call(r, "POST", "/requestComputerPartition", &request_fields("cache", &params, none), None).await;
+    assert_eq!((again.status, &again.body), (StatusCode::REQUEST_TIMEOUT, &a.body));
+    assert_eq!(last_log_index(r), at);
+}

@@ -43,7 +43,7 @@ use slap_proto::marshal::{self, Value};
 use crate::api::ClientWrite;
 use crate::replica::Replica;
 use crate::state::{
-    Address, Command, InstanceReport, Params, PartitionSpec, Refusal, Reply, RequestOrigin, RequestSpec,
+    Address, Command, Instance, InstanceReport, Master, Params, PartitionSpec, Refusal, Reply, RequestOrigin, RequestSpec,
     RequestedState, SoftwareReport, SupplyState,
 };
 
@@ -612,6 +612,10 @@ async fn request(
         shared,
         state,
     };
+    // An identical re-request changes nothing: answered without a log entry.
+    if let Some(answer) = replica.read_if_unchanged(&spec, requested_instance).await {
+        return answer;
+    }
     let (reply, index) = run(&replica, Command::Request(spec)).await?;
     let inst = match reply {
         Reply::Instance(inst) => inst,
@@ -619,8 +623,7 @@ async fn request(
         _ => return Err(SlapError(StatusCode::NOT_FOUND, "the instance is gone".into())),
     };
     if !inst.is_placed() && inst.requested_state != RequestedState::Destroyed {
-        let why = inst.pending_reason.clone().unwrap_or_else(|| "not placed yet".into());
-        return Err(SlapError(StatusCode::REQUEST_TIMEOUT, why));
+        return requested_instance(&replica.state.read().unwrap_or_else(|e| e.into_inner()), &inst);
     }
     // Answer from a state that includes this write.
     let _ = replica
@@ -629,10 +632,17 @@ async fn request(
         .applied_index_at_least(Some(index), "SLAP request answer")
         .await;
     let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
-    let current = state.instances.get(&inst.id).unwrap_or(&inst);
-    let doc = documents::software_instance(&state, current);
-    drop(state);
-    marshal_response(&doc)
+    requested_instance(&state, state.instances.get(&inst.id).unwrap_or(&inst))
+}
+
+/// requestComputerPartition's answer about `inst`: its document, or 408
+/// while it waits for a partition (or a host).
+fn requested_instance(state: &Master, inst: &Instance) -> SlapResult {
+    if !inst.is_placed() && inst.requested_state != RequestedState::Destroyed {
+        let why = inst.pending_reason.clone().unwrap_or_else(|| "not placed yet".into());
+        return Err(SlapError(StatusCode::REQUEST_TIMEOUT, why));
+    }
+    marshal_response(&documents::software_instance(state, inst))
 }
 
 fn partition_of(headers: &HeaderMap, f: &Fields) -> Result<(String, String), SlapError> {

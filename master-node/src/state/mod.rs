@@ -639,30 +639,23 @@ impl Master {
 
     // ----- requests ----------------------------------------------------
 
-    fn request(&mut self, seq: u64, now: u64, spec: RequestSpec) -> Reply {
+    /// Who a request comes from, in the terms the state keys it by.
+    fn request_context(&self, spec: &RequestSpec) -> Result<RequestContext, Reply> {
         if spec.title.trim().is_empty() {
-            return invalid("an instance needs a non-empty title (partition_reference)");
+            return Err(invalid("an instance needs a non-empty title (partition_reference)"));
         }
         if spec.software_release.trim().is_empty() {
-            return invalid("a request needs a software release URL");
+            return Err(invalid("a request needs a software release URL"));
         }
         let (scope, requester, root_of_requester, owner) = match &spec.requester {
             RequestOrigin::User(user) => {
                 if user.is_empty() {
-                    return invalid("a user request needs a user name");
+                    return Err(invalid("a user request needs a user name"));
                 }
-                (
-                    Scope::User(user.clone()),
-                    Requester::User(user.clone()),
-                    None,
-                    user.clone(),
-                )
+                (Scope::User(user.clone()), Requester::User(user.clone()), None, user.clone())
             }
             RequestOrigin::Partition { computer, partition } => {
-                let parent = match self.partition_instance(computer, partition) {
-                    Ok(id) => self.instances[&id].clone(),
-                    Err(reply) => return reply,
-                };
+                let parent = &self.instances[&self.partition_instance(computer, partition)?];
                 (
                     Scope::Tree(parent.root.clone()),
                     Requester::Instance(parent.id.clone()),
@@ -676,20 +669,50 @@ impl Master {
             .as_ref()
             .and_then(|r| self.instances.get(r))
             .map(|r| r.requested_state);
-        let effective = |wanted: RequestedState| match root_state {
-            Some(rs) if rs != RequestedState::Started && wanted < rs => rs,
-            _ => wanted,
+        Ok(RequestContext {
+            scope,
+            requester,
+            root_of_requester,
+            owner,
+            root_state,
+        })
+    }
+
+    /// The instance an identical re-request of `spec` answers with, when
+    /// applying it would change nothing at all (no field, no state, no
+    /// placement attempt, no timestamp): such a request can be answered by a
+    /// linearizable read instead of a log entry. `None` when it must be
+    /// applied (new, changed, or refused).
+    pub fn unchanged_by(&self, spec: &RequestSpec) -> Option<&Instance> {
+        let ctx = self.request_context(spec).ok()?;
+        let id = self.titles.get(&(ctx.scope.clone(), spec.title.clone()))?;
+        let current = self.instances.get(id)?;
+        let state = spec.state.map(|s| ctx.effective(s));
+        (current.shared == spec.shared && RequestChanges::of(current, spec, state).none()).then_some(current)
+    }
+
+    fn request(&mut self, seq: u64, now: u64, spec: RequestSpec) -> Reply {
+        let ctx = match self.request_context(&spec) {
+            Ok(ctx) => ctx,
+            Err(reply) => return reply,
         };
-        match self.titles.get(&(scope.clone(), spec.title.clone())).cloned() {
+        match self.titles.get(&(ctx.scope.clone(), spec.title.clone())).cloned() {
             Some(id) => {
-                let state = spec.state.map(effective);
+                let state = spec.state.map(|s| ctx.effective(s));
                 self.rerequest(seq, now, &id, spec, state)
             }
             None => {
                 if spec.state == Some(RequestedState::Destroyed) {
                     return refused_not_found(format!("no instance titled {:?} to destroy", spec.title));
                 }
-                let state = effective(spec.state.unwrap_or(RequestedState::Started));
+                let state = ctx.effective(spec.state.unwrap_or(RequestedState::Started));
+                let RequestContext {
+                    scope,
+                    requester,
+                    root_of_requester,
+                    owner,
+                    ..
+                } = ctx;
                 let id = format!("{}-{seq}", if spec.shared { "SLAVEINST" } else { "SOFTINST" });
                 let root = root_of_requester.unwrap_or_else(|| id.clone());
                 let timestamp = self.tick(now);
@@ -743,17 +766,11 @@ impl Master {
             let kind = if current.shared { "a shared" } else { "a non-shared" };
             return invalid(format!("{:?} is {kind} instance; request it the same way", spec.title));
         }
-        let changed = current.software_release != spec.software_release
-            || current.software_type != spec.software_type
-            || current.parameters != spec.parameters
-            || state.is_some_and(|s| s != current.requested_state);
-        let sla_changed = current.sla != spec.sla;
-        // What placement depends on. Capacity events (a computer, a supply, a
-        // freed partition, a new host) already retry every pending instance,
-        // so a re-request that changes none of these has nothing to retry.
-        let placement_changed = sla_changed
-            || current.software_release != spec.software_release
-            || current.software_type != spec.software_type;
+        let RequestChanges {
+            changed,
+            sla_changed,
+            placement_changed,
+        } = RequestChanges::of(current, &spec, state);
         if changed || sla_changed {
             let inst = self.instance_mut(id);
             inst.software_release = spec.software_release;
@@ -1124,6 +1141,60 @@ impl Master {
 enum Place {
     Partition((ComputerId, PartitionId)),
     Host(InstanceId),
+}
+
+/// A request's origin resolved against the state: the scope its title lives
+/// in, who asks, and the state of the tree it belongs to.
+struct RequestContext {
+    scope: Scope,
+    requester: Requester,
+    root_of_requester: Option<InstanceId>,
+    owner: String,
+    root_state: Option<RequestedState>,
+}
+
+impl RequestContext {
+    /// The state an instance of this tree gets when `wanted` is asked: while
+    /// the root is not started, children follow its state.
+    fn effective(&self, wanted: RequestedState) -> RequestedState {
+        match self.root_state {
+            Some(rs) if rs != RequestedState::Started && wanted < rs => rs,
+            _ => wanted,
+        }
+    }
+}
+
+/// What a re-request changes in an existing instance.
+struct RequestChanges {
+    /// Release, type, parameters or requested state: a redeploy (timestamp bump).
+    changed: bool,
+    /// The SLA (shown in the document, no redeploy).
+    sla_changed: bool,
+    /// What placement depends on. Capacity events (a computer, a supply, a
+    /// freed partition, a new host) already retry every pending instance,
+    /// so a re-request that changes none of these has nothing to retry.
+    placement_changed: bool,
+}
+
+impl RequestChanges {
+    fn of(current: &Instance, spec: &RequestSpec, state: Option<RequestedState>) -> RequestChanges {
+        let changed = current.software_release != spec.software_release
+            || current.software_type != spec.software_type
+            || current.parameters != spec.parameters
+            || state.is_some_and(|s| s != current.requested_state);
+        let sla_changed = current.sla != spec.sla;
+        RequestChanges {
+            changed,
+            sla_changed,
+            placement_changed: sla_changed
+                || current.software_release != spec.software_release
+                || current.software_type != spec.software_type,
+        }
+    }
+
+    fn none(&self) -> bool {
+        !self.changed && !self.sla_changed && !self.placement_changed
+    }
 }
 
 use allocation::Filter;
