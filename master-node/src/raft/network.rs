@@ -6,8 +6,15 @@
 //! as `Unreachable`, so openraft backs off instead of hammering it; any
 //! other transport failure is a `Network` error and is retried at the next
 //! heartbeat.
+//!
+//! Channels are shared: openraft asks for a new client for every
+//! leadership check (each linearizable read) and every vote round, and a
+//! fresh channel there meant a fresh TCP connection and TLS handshake per
+//! read. A tonic channel multiplexes calls and reconnects by itself, so one
+//! per peer (and address) serves replication, checks and votes alike.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -28,12 +35,19 @@ use crate::cluster_tls::ReplicaTls;
 #[derive(Clone)]
 pub struct Network {
     tls: Arc<ReplicaTls>,
+    channels: Channels,
 }
+
+/// The channel to each peer, by node id and address.
+type Channels = Arc<Mutex<HashMap<(u64, String), RaftClient<Channel>>>>;
 
 impl Network {
     /// Peers are called with this replica's certificate.
     pub fn new(tls: ReplicaTls) -> Network {
-        Network { tls: Arc::new(tls) }
+        Network {
+            tls: Arc::new(tls),
+            channels: Arc::default(),
+        }
     }
 }
 
@@ -45,7 +59,7 @@ impl RaftNetworkFactory<MasterTypes> for Network {
             target,
             addr: node.addr.clone(),
             tls: self.tls.clone(),
-            client: None,
+            channels: self.channels.clone(),
         }
     }
 }
@@ -55,7 +69,7 @@ pub struct PeerClient {
     target: u64,
     addr: String,
     tls: Arc<ReplicaTls>,
-    client: Option<RaftClient<Channel>>,
+    channels: Channels,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<u64, ReplicaNode, RaftError<u64, E>>>;
@@ -65,16 +79,30 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 impl PeerClient {
+    fn key(&self) -> (u64, String) {
+        (self.target, self.addr.clone())
+    }
+
+    /// The shared channel to this peer, made on first use.
     fn client(&mut self) -> Result<RaftClient<Channel>, Unreachable> {
-        if self.client.is_none() {
-            let config = self
-                .tls
-                .client_config(slap_proto::tls::Expect::Replica(self.target))
-                .map_err(|e| Unreachable::new(&e))?;
-            let ch = slap_proto::tls::channel(&self.addr, config).map_err(|e| Unreachable::new(&e))?;
-            self.client = Some(RaftClient::new(ch).max_decoding_message_size(64 << 20));
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(&self.key()) {
+            return Ok(c.clone());
         }
-        Ok(self.client.clone().expect("set above"))
+        let config = self
+            .tls
+            .client_config(slap_proto::tls::Expect::Replica(self.target))
+            .map_err(|e| Unreachable::new(&e))?;
+        let ch = slap_proto::tls::channel(&self.addr, config).map_err(|e| Unreachable::new(&e))?;
+        let client = RaftClient::new(ch).max_decoding_message_size(64 << 20);
+        channels.insert(self.key(), client.clone());
+        Ok(client)
+    }
+
+    /// Drops the shared channel after a refused or reset connection, so the
+    /// next call dials afresh.
+    fn forget_channel(&self) {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key());
     }
 
     async fn call<Resp, E>(&mut self, method: Method, data: Vec<u8>, option: &RPCOption) -> RpcResult<Resp, E>
@@ -102,7 +130,7 @@ impl PeerClient {
             Ok(Err(status)) => {
                 // A refused or reset connection: let openraft back off.
                 if status.code() == tonic::Code::Unavailable {
-                    self.client = None;
+                    self.forget_channel();
                     return Err(RPCError::Unreachable(Unreachable::new(&status)));
                 }
                 return Err(RPCError::Network(NetworkError::new(&status)));
