@@ -25,7 +25,7 @@ use crate::cluster_tls::{ClusterTlsError, ReplicaTls};
 use crate::identity::{Identity, JoinToken};
 use crate::raft::network::Network;
 use crate::raft::{open_store, LoggedBatch, MasterTypes, Raft, ReplicaNode, Timing};
-use crate::state::{Command, Instance, Master, Proposal, ProposalBatch, Reply, RequestSpec, Role};
+use crate::state::{Command, Master, Proposal, ProposalBatch, Reply, Role};
 
 /// How long a call waits for a leader before giving up.
 pub const LEADER_WAIT: Duration = Duration::from_secs(15);
@@ -873,26 +873,24 @@ impl Replica {
         }
     }
 
-    /// Answers a request that would change nothing (an identical
-    /// re-request, which `slapos node` sends for every child at every run)
-    /// with a linearizable read instead of a log entry: `answer` sees the
-    /// state and the instance as they stand once leadership is confirmed.
-    /// `None` when the request must be written: it changes something, it is
-    /// refused, or this replica is not the leader (a follower's state may lag
-    /// the leader's, so it writes, which the leader answers).
-    pub async fn read_if_unchanged<T>(
-        &self,
-        spec: &RequestSpec,
-        answer: impl FnOnce(&Master, &Instance) -> T,
-    ) -> Option<T> {
+    /// Answers a write that would change nothing (an identical re-request,
+    /// which `slapos node` sends for every child at every run, or a
+    /// partition publishing what it already published) with a linearizable
+    /// read instead of a log entry. `unchanged` looks at the state and gives
+    /// the answer when the write would change nothing in it; it is asked
+    /// again once leadership is confirmed. `None` when the write must be
+    /// made: it changes something, it is refused, or this replica is not the
+    /// leader (a follower's state may lag the leader's, so it writes, and
+    /// the leader answers).
+    pub async fn read_if_unchanged<T>(&self, unchanged: impl Fn(&Master) -> Option<T>) -> Option<T> {
         let leading = {
             let m = self.raft.metrics();
             let m = m.borrow();
             m.current_leader == Some(self.id) && m.state == ServerState::Leader
         };
-        // The local check first, so a request that changes something costs
-        // no confirmation round before its write.
-        if !leading || self.state.read().unwrap_or_else(|e| e.into_inner()).unchanged_by(spec).is_none() {
+        // The local check first, so a write that changes something costs no
+        // confirmation round before it is proposed.
+        if !leading || unchanged(&self.state.read().unwrap_or_else(|e| e.into_inner())).is_none() {
             return None;
         }
         let (done, confirmed) = oneshot::channel();
@@ -900,8 +898,7 @@ impl Replica {
         // Not confirmed (leadership lost meanwhile): the write path waits for
         // the new leader and answers.
         confirmed.await.ok()?.ok()?;
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        state.unchanged_by(spec).map(|inst| answer(&state, inst))
+        unchanged(&self.state.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// A read of this replica's own state, whatever the leader knows.

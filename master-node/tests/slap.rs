@@ -771,40 +771,151 @@ fn last_log_index(r: &Arc<Replica>) -> Option<u64> {
 async fn identical_rerequests_are_answered_without_a_log_entry() {
     let (_dir, running) = master().await;
     let r = &running.replica;
-    let a = call(r, "POST", "/loadComputerConfigurationFromXML", &[("xml", &computer_xml())], None).await;
+    let a = call(
+        r,
+        "POST",
+        "/loadComputerConfigurationFromXML",
+        &[("xml", &computer_xml())],
+        None,
+    )
+    .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
-    let a = call(r, "POST", "/supplySupply", &[("url", SR), ("computer_id", "COMP-1"), ("state", "available")], None).await;
+    let a = call(
+        r,
+        "POST",
+        "/supplySupply",
+        &[("url", SR), ("computer_id", "COMP-1"), ("state", "available")],
+        None,
+    )
+    .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     let params = dumps(&d(vec![("foo", s("bar"))])).unwrap();
     let none = "<marshal><none/></marshal>";
-    let first = call(r, "POST", "/requestComputerPartition", &request_fields("web", &params, none), None).await;
+    let first = call(
+        r,
+        "POST",
+        "/requestComputerPartition",
+        &request_fields("web", &params, none),
+        None,
+    )
+    .await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.body);
     let at = last_log_index(r);
 
     // slapos node re-requests every child at every run: same answer, no entry.
     for _ in 0..3 {
-        let again = call(r, "POST", "/requestComputerPartition", &request_fields("web", &params, none), None).await;
+        let again = call(
+            r,
+            "POST",
+            "/requestComputerPartition",
+            &request_fields("web", &params, none),
+            None,
+        )
+        .await;
         assert_eq!((again.status, &again.body), (StatusCode::OK, &first.body));
     }
     let started = "<marshal><string>started</string></marshal>";
-    let again = call(r, "POST", "/requestComputerPartition", &request_fields("web", &params, started), None).await;
-    assert_eq!((again.status, &again.body), (StatusCode::OK, &first.body), "the state it already has");
+    let again = call(
+        r,
+        "POST",
+        "/requestComputerPartition",
+        &request_fields("web", &params, started),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (again.status, &again.body),
+        (StatusCode::OK, &first.body),
+        "the state it already has"
+    );
     assert_eq!(last_log_index(r), at, "identical re-requests wrote to the log");
+
+    // Buildout publishes at every run: the same connection parameters are no entry.
+    let partition = get(attrs(&loads(&first.body).unwrap()), "slap_computer_partition_id")
+        .as_str()
+        .unwrap()
+        .to_string();
+    let publish = |url: &str| {
+        let xml = dumps(&d(vec![("url", s(url))])).unwrap();
+        let partition = partition.clone();
+        async move {
+            let fields = [
+                ("computer_id", "COMP-1"),
+                ("computer_partition_id", partition.as_str()),
+                ("connection_xml", xml.as_str()),
+            ];
+            call(r, "POST", "/setComputerPartitionConnectionXml", &fields, None).await
+        }
+    };
+    let a = publish("http://[::1]:8080").await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "done"));
+    let at = last_log_index(r);
+    let a = publish("http://[::1]:8080").await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "done"));
+    assert_eq!(last_log_index(r), at, "an identical publication wrote to the log");
+    let a = publish("http://[::1]:8081").await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "done"));
+    assert!(last_log_index(r) > at, "a changed publication was not written");
+    let at = last_log_index(r);
+    // A re-request answered by a read shows the state as it is now.
+    let again = call(
+        r,
+        "POST",
+        "/requestComputerPartition",
+        &request_fields("web", &params, none),
+        None,
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    let connection = get(attrs(&loads(&again.body).unwrap()), "_connection_dict").clone();
+    assert_eq!(get(dict(&connection), "url"), &s("http://[::1]:8081"));
+    assert_eq!(last_log_index(r), at);
 
     // A change is a write, and the answer shows it.
     let changed = dumps(&d(vec![("foo", s("baz"))])).unwrap();
-    let a = call(r, "POST", "/requestComputerPartition", &request_fields("web", &changed, none), None).await;
+    let a = call(
+        r,
+        "POST",
+        "/requestComputerPartition",
+        &request_fields("web", &changed, none),
+        None,
+    )
+    .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
-    assert_eq!(get(dict(get(attrs(&loads(&a.body).unwrap()), "_parameter_dict")), "foo"), &s("baz"));
+    assert_eq!(
+        get(dict(get(attrs(&loads(&a.body).unwrap()), "_parameter_dict")), "foo"),
+        &s("baz")
+    );
     assert!(last_log_index(r) > at, "a changed request was not written");
 
     // Two partitions: the third instance waits (408), also when re-requested.
-    let a = call(r, "POST", "/requestComputerPartition", &request_fields("db", &params, none), None).await;
+    let a = call(
+        r,
+        "POST",
+        "/requestComputerPartition",
+        &request_fields("db", &params, none),
+        None,
+    )
+    .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
-    let a = call(r, "POST", "/requestComputerPartition", &request_fields("cache", &params, none), None).await;
+    let a = call(
+        r,
+        "POST",
+        "/requestComputerPartition",
+        &request_fields("cache", &params, none),
+        None,
+    )
+    .await;
     assert_eq!(a.status, StatusCode::REQUEST_TIMEOUT, "{}", a.body);
     let at = last_log_index(r);
-    let again = call(r, "POST", "/requestComputerPartition", &request_fields("cache", &params, none), None).await;
+    let again = call(
+        r,
+        "POST",
+        "/requestComputerPartition",
+        &request_fields("cache", &params, none),
+        None,
+    )
+    .await;
     assert_eq!((again.status, &again.body), (StatusCode::REQUEST_TIMEOUT, &a.body));
     assert_eq!(last_log_index(r), at);
 }

@@ -102,7 +102,10 @@ impl PeerClient {
     /// Drops the shared channel after a refused or reset connection, so the
     /// next call dials afresh.
     fn forget_channel(&self) {
-        self.channels.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key());
+        self.channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key());
     }
 
     async fn call<Resp, E>(&mut self, method: Method, data: Vec<u8>, option: &RPCOption) -> RpcResult<Resp, E>

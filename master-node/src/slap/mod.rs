@@ -43,8 +43,8 @@ use slap_proto::marshal::{self, Value};
 use crate::api::ClientWrite;
 use crate::replica::Replica;
 use crate::state::{
-    Address, Command, Instance, InstanceReport, Master, Params, PartitionSpec, Refusal, Reply, RequestOrigin, RequestSpec,
-    RequestedState, SoftwareReport, SupplyState,
+    Address, Command, Instance, InstanceReport, Master, Params, PartitionSpec, Refusal, Reply, RequestOrigin,
+    RequestSpec, RequestedState, SoftwareReport, SupplyState,
 };
 
 /// The user SLAP requests act for until identities (TLS) say who calls.
@@ -613,7 +613,10 @@ async fn request(
         state,
     };
     // An identical re-request changes nothing: answered without a log entry.
-    if let Some(answer) = replica.read_if_unchanged(&spec, requested_instance).await {
+    if let Some(answer) = replica
+        .read_if_unchanged(|state| state.unchanged_by(&spec).map(|inst| requested_instance(state, inst)))
+        .await
+    {
         return answer;
     }
     let (reply, index) = run(&replica, Command::Request(spec)).await?;
@@ -662,12 +665,22 @@ async fn set_connection(State(replica): State<Arc<Replica>>, headers: HeaderMap,
     let f = Fields::body(&body)?;
     let (computer, partition) = partition_of(&headers, &f)?;
     let connection = string_dict(f.marshalled("connection_xml")?, "connection_xml")?;
+    let shared_reference = shared_reference(&f);
+    // Buildout publishes at every run, mostly what it published before.
+    let unchanged = |state: &Master| {
+        state
+            .publication_unchanged(&computer, &partition, shared_reference.as_deref(), &connection)
+            .then_some(())
+    };
+    if replica.read_if_unchanged(unchanged).await.is_some() {
+        return Ok(text("done"));
+    }
     done(
         &replica,
         Command::SetConnection {
             computer,
             partition,
-            shared_reference: shared_reference(&f),
+            shared_reference,
             connection,
         },
     )

@@ -652,7 +652,12 @@ impl Master {
                 if user.is_empty() {
                     return Err(invalid("a user request needs a user name"));
                 }
-                (Scope::User(user.clone()), Requester::User(user.clone()), None, user.clone())
+                (
+                    Scope::User(user.clone()),
+                    Requester::User(user.clone()),
+                    None,
+                    user.clone(),
+                )
             }
             RequestOrigin::Partition { computer, partition } => {
                 let parent = &self.instances[&self.partition_instance(computer, partition)?];
@@ -1034,17 +1039,9 @@ impl Master {
         shared_reference: Option<&str>,
         connection: &Params,
     ) -> Reply {
-        let host = match self.partition_instance(computer, partition) {
+        let target = match self.publisher(computer, partition, shared_reference) {
             Ok(id) => id,
             Err(reply) => return reply,
-        };
-        let target = match shared_reference {
-            None => host.clone(),
-            Some(reference) => match self.instances.get(reference) {
-                Some(s) if s.host.as_deref() == Some(host.as_str()) => reference.to_string(),
-                Some(_) => return invalid(format!("shared instance {reference} is not hosted on {partition}")),
-                None => return refused_not_found(format!("shared instance {reference} does not exist")),
-            },
         };
         if self.instances[&target].connection == *connection {
             return Reply::Done;
@@ -1059,6 +1056,35 @@ impl Master {
             self.bump(seq, now, &parent);
         }
         Reply::Done
+    }
+
+    /// The instance a partition publishes for: its own, or a shared one it hosts.
+    fn publisher(&self, computer: &str, partition: &str, shared_reference: Option<&str>) -> Result<InstanceId, Reply> {
+        let host = self.partition_instance(computer, partition)?;
+        match shared_reference {
+            None => Ok(host),
+            Some(reference) => match self.instances.get(reference) {
+                Some(s) if s.host.as_deref() == Some(host.as_str()) => Ok(reference.to_string()),
+                Some(_) => Err(invalid(format!(
+                    "shared instance {reference} is not hosted on {partition}"
+                ))),
+                None => Err(refused_not_found(format!("shared instance {reference} does not exist"))),
+            },
+        }
+    }
+
+    /// Whether publishing `connection` would change nothing (the partition
+    /// publishes what it already did, as buildout does at every run): such a
+    /// publication can be answered without a log entry.
+    pub fn publication_unchanged(
+        &self,
+        computer: &str,
+        partition: &str,
+        shared_reference: Option<&str>,
+        connection: &Params,
+    ) -> bool {
+        self.publisher(computer, partition, shared_reference)
+            .is_ok_and(|target| self.instances[&target].connection == *connection)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -203,7 +203,11 @@ fn only_a_request_that_changes_nothing_is_answerable_by_a_read() {
     let same = spec(&[("x", "1")], &[], None, false);
     assert_eq!(w.m.unchanged_by(&same), Some(&a));
     let started = spec(&[("x", "1")], &[], Some(RequestedState::Started), false);
-    assert_eq!(w.m.unchanged_by(&started), Some(&a), "asking the state it has changes nothing");
+    assert_eq!(
+        w.m.unchanged_by(&started),
+        Some(&a),
+        "asking the state it has changes nothing"
+    );
     for (what, changing) in [
         ("parameters", spec(&[("x", "2")], &[], None, false)),
         ("SLA", spec(&[("x", "1")], &[("computer_guid", "COMP-1")], None, false)),
@@ -214,7 +218,11 @@ fn only_a_request_that_changes_nothing_is_answerable_by_a_read() {
     }
     let mut other_type = same.clone();
     other_type.software_type = "frontend".into();
-    assert_eq!(w.m.unchanged_by(&other_type), None, "a change of software type must be applied");
+    assert_eq!(
+        w.m.unchanged_by(&other_type),
+        None,
+        "a change of software type must be applied"
+    );
     let mut new_title = same.clone();
     new_title.title = "shop".into();
     assert_eq!(w.m.unchanged_by(&new_title), None, "a new instance must be applied");
@@ -246,6 +254,26 @@ fn only_a_request_that_changes_nothing_is_answerable_by_a_read() {
         state: None,
     };
     assert_eq!(w.m.unchanged_by(&child_spec), Some(&child));
+
+    // Publishing what was published already changes nothing.
+    let (c, p) = a.partition.clone().unwrap();
+    let url = params(&[("url", "http://[::1]:8080")]);
+    assert!(!w.m.publication_unchanged(&c, &p, None, &url));
+    w.run(Command::SetConnection {
+        computer: c.clone(),
+        partition: p.clone(),
+        shared_reference: None,
+        connection: url.clone(),
+    });
+    assert!(w.m.publication_unchanged(&c, &p, None, &url));
+    assert!(!w
+        .m
+        .publication_unchanged(&c, &p, None, &params(&[("url", "http://[::1]:8081")])));
+    assert!(
+        !w.m.publication_unchanged(&c, "slappart9", None, &url),
+        "a refusal comes from applying"
+    );
+    assert!(!w.m.publication_unchanged(&c, &p, Some("SLAVEINST-404"), &url));
 }
 
 #[test]
@@ -838,7 +866,11 @@ fn request_checking_read_answer(w: &mut World, spec: RequestSpec) -> Result<Repl
     let before = records(&w.m);
     let reply = w.run(Command::Request(spec));
     if let Some(inst) = read_answer {
-        prop_assert_eq!(&reply, &Reply::Instance(Arc::new(inst)), "a read answer differs from applying");
+        prop_assert_eq!(
+            &reply,
+            &Reply::Instance(Arc::new(inst)),
+            "a read answer differs from applying"
+        );
         prop_assert!(before == records(&w.m), "a request said unchanged changed the state");
     }
     Ok(reply)
@@ -907,7 +939,19 @@ proptest! {
                     if let Some(i) = nth_placed(&w.m, instance) {
                         let (c, p) = i.partition.clone().unwrap();
                         let ts = i.timestamp;
-                        w.run(Command::SetConnection { computer: c, partition: p, shared_reference: None, connection: params(&[("v", &value.to_string())]) });
+                        let connection = params(&[("v", &value.to_string())]);
+                        let unchanged = w.m.publication_unchanged(&c, &p, None, &connection);
+                        let before = persist::all_records(&w.m);
+                        w.run(Command::SetConnection { computer: c, partition: p, shared_reference: None, connection });
+                        if unchanged {
+                            let mut after = persist::all_records(&w.m);
+                            let mut before = before;
+                            for r in [&mut before, &mut after] {
+                                r.retain(|(k, _)| k.as_slice() != b"m");
+                                r.sort();
+                            }
+                            prop_assert!(before == after, "a publication said unchanged changed the state");
+                        }
                         prop_assert_eq!(w.m.instances[&i.id].timestamp, ts, "own publication never bumps");
                     }
                 }
