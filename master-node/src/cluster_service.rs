@@ -121,26 +121,21 @@ impl Cluster for ClusterService {
 
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
         self.replica_admin_or_token(&Peer::of(&req), &req.get_ref().token, "Write")?;
-        let write: ClientWrite = postcard::from_bytes(&req.into_inner().proposal)
-            .map_err(|e| Status::invalid_argument(format!("undecodable write: {e}")))?;
-        let (reply, log_index) = self.replica.write(write).await?;
-        Ok(Response::new(WriteReply {
-            reply: postcard::to_allocvec(&reply).expect("replies encode"),
-            log_index,
-        }))
+        // A follower passes the bytes to the leader and its answer back.
+        let (reply, log_index) = self.replica.write_encoded(req.into_inner().proposal).await?;
+        Ok(Response::new(WriteReply { reply, log_index }))
     }
 
     async fn write_batch(&self, req: Request<WriteBatchRequest>) -> Result<Response<WriteBatchReply>, Status> {
         Peer::of(&req).require_replica_or_admin(&self.replica.state, "WriteBatch")?;
-        let writes = req
-            .into_inner()
-            .proposals
-            .iter()
-            .map(|p| postcard::from_bytes::<ClientWrite>(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Status::invalid_argument(format!("undecodable write in a batch: {e}")))?;
+        // Decoded one by one: a follower passes its clients' bytes through,
+        // so one undecodable write is that client's error, not the batch's.
         // Proposed concurrently, so the proposer gathers them into one entry.
-        let results = futures::future::join_all(writes.into_iter().map(|w| self.replica.write(w))).await;
+        let results = futures::future::join_all(req.into_inner().proposals.iter().map(|p| async move {
+            let write = crate::replica::decode_write(p)?;
+            self.replica.write(write).await
+        }))
+        .await;
         let outcomes = results
             .into_iter()
             .map(|r| match r {

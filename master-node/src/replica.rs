@@ -84,10 +84,61 @@ pub struct Replica {
     read_barrier: tokio::sync::mpsc::Sender<oneshot::Sender<Result<(), String>>>,
 }
 
-/// A write waiting for the forwarder.
-pub struct Forward {
-    write: ClientWrite,
-    done: oneshot::Sender<Result<(Reply, u64), Status>>,
+/// A write waiting for the forwarder: decoded by a caller on this replica
+/// (SLAP, the native API), or still encoded as a cluster client sent it.
+/// Encoded writes go to the leader as they came and get the leader's encoded
+/// reply back: a follower decodes and re-encodes neither.
+pub enum Forward {
+    Decoded {
+        write: ClientWrite,
+        done: oneshot::Sender<Result<(Reply, u64), Status>>,
+    },
+    Encoded {
+        write: Vec<u8>,
+        done: oneshot::Sender<Result<(Vec<u8>, u64), Status>>,
+    },
+}
+
+/// An encoded reply and its log index, or why there is none.
+type EncodedOutcome = Result<(Vec<u8>, u64), Status>;
+
+impl Forward {
+    /// The write as the leader's `WriteBatch` takes it.
+    fn encoded(&self) -> Vec<u8> {
+        match self {
+            Forward::Decoded { write, .. } => postcard::to_allocvec(write).expect("writes encode"),
+            Forward::Encoded { write, .. } => write.clone(),
+        }
+    }
+
+    /// The write itself, to propose it here.
+    fn decoded(&self) -> Result<ClientWrite, Status> {
+        match self {
+            Forward::Decoded { write, .. } => Ok(write.clone()),
+            Forward::Encoded { write, .. } => decode_write(write),
+        }
+    }
+
+    /// Hands the caller its outcome, decoded if the caller gave a decoded write.
+    fn finish(self, outcome: EncodedOutcome) {
+        match self {
+            Forward::Decoded { done, .. } => {
+                let _ = done.send(outcome.and_then(|(reply, index)| {
+                    postcard::from_bytes(&reply)
+                        .map(|r| (r, index))
+                        .map_err(|e| Status::internal(format!("undecodable reply from the leader: {e}")))
+                }));
+            }
+            Forward::Encoded { done, .. } => {
+                let _ = done.send(outcome);
+            }
+        }
+    }
+}
+
+/// A write as a cluster client encodes it.
+pub fn decode_write(bytes: &[u8]) -> Result<ClientWrite, Status> {
+    postcard::from_bytes(bytes).map_err(|e| Status::invalid_argument(format!("undecodable write: {e}")))
 }
 
 /// Sends writes to the leader in batches, at most [`BATCHES_IN_FLIGHT`] at a
@@ -98,19 +149,17 @@ async fn run_forwarder(replica: std::sync::Weak<Replica>, mut queue: tokio::sync
     while let Some((slot, batch)) = next_batch(&mut queue, &slots).await {
         let Some(replica) = replica.upgrade() else { return };
         tokio::spawn(async move {
-            let writes: Vec<&ClientWrite> = batch.iter().map(|f| &f.write).collect();
-            let outcome = replica.forward_batch(&writes).await;
-            drop(writes);
+            let outcome = replica.forward_batch(&batch).await;
             drop(slot);
             match outcome {
                 Ok(results) => {
                     for (result, f) in results.into_iter().zip(batch) {
-                        let _ = f.done.send(result);
+                        f.finish(result);
                     }
                 }
                 Err(status) => {
                     for f in batch {
-                        let _ = f.done.send(Err(status.clone()));
+                        f.finish(Err(status.clone()));
                     }
                 }
             }
@@ -272,6 +321,10 @@ fn now_us() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("this replica is shutting down")
 }
 
 fn write_error<E: std::fmt::Display>(e: E) -> Status {
@@ -795,12 +848,11 @@ impl Replica {
                 }
             } else {
                 let (done, answer) = oneshot::channel();
-                let closing = || Status::unavailable("this replica is shutting down");
                 self.forwarder
-                    .send(Forward { write, done })
+                    .send(Forward::Decoded { write, done })
                     .await
-                    .map_err(|_| closing())?;
-                return answer.await.unwrap_or_else(|_| Err(closing()));
+                    .map_err(|_| shutting_down())?;
+                return answer.await.unwrap_or_else(|_| Err(shutting_down()));
             }
             if Instant::now() > deadline {
                 return Err(Status::unavailable("leadership kept moving; write not proposed"));
@@ -809,20 +861,33 @@ impl Replica {
         }
     }
 
+    /// A write as a cluster client encodes it, answered encoded: a follower
+    /// forwards the bytes to the leader and passes its reply back as it came.
+    pub async fn write_encoded(&self, write: Vec<u8>) -> EncodedOutcome {
+        if self.leader().await?.is_some() {
+            let (done, answer) = oneshot::channel();
+            self.forwarder
+                .send(Forward::Encoded { write, done })
+                .await
+                .map_err(|_| shutting_down())?;
+            return answer.await.unwrap_or_else(|_| Err(shutting_down()));
+        }
+        let (reply, index) = self.write(decode_write(&write)?).await?;
+        Ok((postcard::to_allocvec(&reply).expect("replies encode"), index))
+    }
+
     /// Sends a batch of writes to the leader (or proposes them here if this
     /// replica has become the leader meanwhile); one result per write.
-    async fn forward_batch(&self, writes: &[&ClientWrite]) -> Result<Vec<Result<(Reply, u64), Status>>, Status> {
+    async fn forward_batch(&self, writes: &[Forward]) -> Result<Vec<EncodedOutcome>, Status> {
         let Some(mut leader) = self.leader_client().await? else {
             // Rare (leadership moved here meanwhile): copies are fine.
-            let local = writes
-                .iter()
-                .map(|w| async move { self.propose((*w).clone()).await.map_err(NotProposed::into_status) });
+            let local = writes.iter().map(|w| async move {
+                let (reply, index) = self.propose(w.decoded()?).await.map_err(NotProposed::into_status)?;
+                Ok((postcard::to_allocvec(&reply).expect("replies encode"), index))
+            });
             return Ok(futures::future::join_all(local).await);
         };
-        let proposals = writes
-            .iter()
-            .map(|w| postcard::to_allocvec(w).expect("writes encode"))
-            .collect();
+        let proposals = writes.iter().map(Forward::encoded).collect();
         let reply = leader
             .write_batch(slap_proto::cluster::WriteBatchRequest { proposals })
             .await?
@@ -839,9 +904,7 @@ impl Replica {
                 if o.code != 0 {
                     return Err(Status::new(tonic::Code::from(o.code), o.error));
                 }
-                let reply = postcard::from_bytes(&o.reply)
-                    .map_err(|e| Status::internal(format!("undecodable reply from the leader: {e}")))?;
-                Ok((reply, o.log_index))
+                Ok((o.reply, o.log_index))
             })
             .collect())
     }

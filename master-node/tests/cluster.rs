@@ -285,6 +285,17 @@ async fn cluster_lifecycle_with_failover_membership_and_full_restart() {
         matches!(reply, Reply::Instance(ref i) if i.partition.is_some()),
         "{reply:?}"
     );
+    // A follower passes writes to the leader undecoded: an undecodable one is
+    // its sender's error (a 4xx-like code), not the error of the writes
+    // forwarded beside it.
+    let mut raw = slap_proto::cluster::cluster_client::ClusterClient::new(admin.channel(&a2).unwrap());
+    let bad = raw.write(slap_proto::cluster::WriteRequest {
+        proposal: vec![0xff; 16],
+        token: String::new(),
+    });
+    let (bad, good) = tokio::join!(bad, follower.write(request("beside-a-bad-write", "v0")));
+    assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert!(matches!(good.unwrap().0, Reply::Instance(_)));
 
     // SIGKILL the leader: another is elected and the write is still there.
     let old_leader = leader_id(&admin, &[&a1, &a2, &a3]).await.expect("a leader");
