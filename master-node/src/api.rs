@@ -55,7 +55,7 @@ pub fn answer(state: &Master, query: &Query) -> Answer {
                 .instances
                 .values()
                 .filter(|i| owner.as_ref().is_none_or(|o| &i.owner == o))
-                .cloned()
+                .map(|i| Instance::clone(i))
                 .collect(),
         ),
         Query::Usage {

@@ -140,7 +140,7 @@ pub fn computer_document(state: &Master, computer: &str) -> Option<pb::ComputerD
         .partitions_of(computer)
         .into_iter()
         .map(|p| {
-            let instance = p.instance.as_ref().and_then(|id| state.instances.get(id));
+            let instance = p.instance.as_ref().and_then(|id| state.instance(id));
             pb::PartitionDocument {
                 id: p.id.clone(),
                 slap_state: match p.state {

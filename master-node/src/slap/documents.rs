@@ -310,7 +310,12 @@ mod tests {
     }
 
     fn placed(m: &Master, n: u8) -> Option<Instance> {
-        let v: Vec<&Instance> = m.instances.values().filter(|i| i.partition.is_some()).collect();
+        let v: Vec<&Instance> = m
+            .instances
+            .values()
+            .map(|i| &**i)
+            .filter(|i| i.partition.is_some())
+            .collect();
         (!v.is_empty()).then(|| v[n as usize % v.len()].clone())
     }
 

@@ -55,7 +55,7 @@ fn quoted(rest: &str) -> Option<&str> {
 
 /// The user's instance trees (their roots), by title.
 fn roots<'a>(m: &'a Master, user: &'a str, title: Option<&'a str>) -> impl Iterator<Item = &'a Instance> + 'a {
-    m.instances.values().filter(move |i| {
+    m.instances.values().map(|i| &**i).filter(move |i| {
         matches!(&i.scope, Scope::User(u) if u == user)
             && i.requested_state != RequestedState::Destroyed
             && title.is_none_or(|t| i.title == t)

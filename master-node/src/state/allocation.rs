@@ -209,6 +209,7 @@ impl Master {
         let mut hosts: Vec<&Instance> = self
             .instances
             .values()
+            .map(|i| &**i)
             .filter(|i| usable(i) && i.software_release == release && i.software_type == software_type)
             .collect();
         hosts.sort_by(|a, b| a.partition.cmp(&b.partition));

@@ -66,7 +66,10 @@ pub struct Master {
     pub computers: BTreeMap<ComputerId, Computer>,
     pub partitions: BTreeMap<(ComputerId, PartitionId), Partition>,
     pub installations: BTreeMap<(ComputerId, SoftwareUrl), SoftwareInstallation>,
-    pub instances: BTreeMap<InstanceId, Instance>,
+    /// Shared with the replies and session records that show them: a reply
+    /// costs a reference count, and an instance is copied only when it
+    /// changes while an answer still holds it.
+    pub instances: BTreeMap<InstanceId, Arc<Instance>>,
     pub sessions: BTreeMap<String, Session>,
     /// Set by the first command of a cluster.
     pub cluster: Option<ClusterMeta>,
@@ -405,7 +408,12 @@ impl Master {
     pub fn instance_by_title(&self, scope: &Scope, title: &str) -> Option<&Instance> {
         self.titles
             .get(&(scope.clone(), title.to_string()))
-            .and_then(|id| self.instances.get(id))
+            .and_then(|id| self.instance(id))
+    }
+
+    /// The instance `id`.
+    pub fn instance(&self, id: &str) -> Option<&Instance> {
+        self.instances.get(id).map(|i| &**i)
     }
 
     /// The (non-shared) instance on a partition.
@@ -413,7 +421,7 @@ impl Master {
         self.partitions
             .get(&(computer.to_string(), partition.to_string()))
             .and_then(|p| p.instance.as_ref())
-            .and_then(|id| self.instances.get(id))
+            .and_then(|id| self.instance(id))
     }
 
     /// Shared instances hosted by `host`, in id order.
@@ -422,7 +430,7 @@ impl Master {
             .get(host)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.instances.get(id))
+            .filter_map(|id| self.instance(id))
     }
 
     /// Instances requested by `requester`.
@@ -431,7 +439,7 @@ impl Master {
             .get(requester)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.instances.get(id))
+            .filter_map(|id| self.instance(id))
     }
 
     /// Partitions of a computer in the order the node reported them.
@@ -455,7 +463,7 @@ impl Master {
 
     /// Instances not placed yet.
     pub fn pending(&self) -> impl Iterator<Item = &Instance> {
-        self.pending.iter().filter_map(|(_, id)| self.instances.get(id))
+        self.pending.iter().filter_map(|(_, id)| self.instance(id))
     }
 
     // ----- helpers -----------------------------------------------------
@@ -476,7 +484,9 @@ impl Master {
     /// Makes the node redeploy `id` (and tells its computer's document).
     fn bump(&mut self, seq: u64, now: u64, id: &str) {
         let ts = self.tick(now);
-        let Some(inst) = self.instances.get_mut(id) else { return };
+        let Some(inst) = self.instances.get_mut(id).map(Arc::make_mut) else {
+            return;
+        };
         inst.timestamp = ts;
         self.dirty.insert(Dirty::Instance(id.to_string()));
         let (partition, host) = (inst.partition.clone(), inst.host.clone());
@@ -496,7 +506,7 @@ impl Master {
 
     fn instance_mut(&mut self, id: &str) -> &mut Instance {
         self.dirty.insert(Dirty::Instance(id.to_string()));
-        self.instances.get_mut(id).expect("instance ids in indexes exist")
+        Arc::make_mut(self.instances.get_mut(id).expect("instance ids in indexes exist"))
     }
 
     /// Checks a partition exists and returns the (non-shared) instance on it.
@@ -743,10 +753,10 @@ impl Master {
                     created_at: now,
                 };
                 self.index_instance(&instance);
-                self.instances.insert(id.clone(), instance);
+                self.instances.insert(id.clone(), Arc::new(instance));
                 self.dirty.insert(Dirty::Instance(id.clone()));
                 self.try_place(seq, now, &id);
-                Reply::Instance(Arc::new(self.instances[&id].clone()))
+                Reply::Instance(self.instances[&id].clone())
             }
         }
     }
@@ -809,7 +819,7 @@ impl Master {
             self.try_place(seq, now, id);
         }
         match self.instances.get(id) {
-            Some(inst) => Reply::Instance(Arc::new(inst.clone())),
+            Some(inst) => Reply::Instance(inst.clone()),
             // Destroyed before it was ever placed: gone at once.
             None => Reply::Done,
         }
@@ -963,7 +973,7 @@ impl Master {
             self.touch_computer(seq, c);
         }
         for guest in self.hosted.remove(id).unwrap_or_default() {
-            if let Some(g) = self.instances.get_mut(&guest) {
+            if let Some(g) = self.instances.get_mut(&guest).map(Arc::make_mut) {
                 g.host = None;
                 g.pending_reason = Some(format!("its host {id} was destroyed"));
                 self.dirty.insert(Dirty::Instance(guest.clone()));
@@ -1152,7 +1162,7 @@ impl Master {
         self.children.clear();
         self.hosted.clear();
         self.pending.clear();
-        let all: Vec<Instance> = self.instances.values().cloned().collect();
+        let all: Vec<Arc<Instance>> = self.instances.values().cloned().collect();
         for inst in &all {
             self.index_instance(inst);
         }

@@ -180,7 +180,7 @@ pub fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<
             }
             Some(b'i') => {
                 let i: Instance = dec(&k, &v)?;
-                m.instances.insert(i.id.clone(), i);
+                m.instances.insert(i.id.clone(), std::sync::Arc::new(i));
             }
             Some(b'u') => {
                 let mv: super::ledger::Movement = dec(&k, &v)?;

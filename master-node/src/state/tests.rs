@@ -844,7 +844,12 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn nth_placed(m: &Master, n: u8) -> Option<Instance> {
-    let placed: Vec<&Instance> = m.instances.values().filter(|i| i.partition.is_some()).collect();
+    let placed: Vec<&Instance> = m
+        .instances
+        .values()
+        .map(|i| &**i)
+        .filter(|i| i.partition.is_some())
+        .collect();
     if placed.is_empty() {
         None
     } else {
