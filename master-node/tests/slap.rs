@@ -857,6 +857,21 @@ async fn identical_rerequests_are_answered_without_a_log_entry() {
     assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "done"));
     assert!(last_log_index(r) > at, "a changed publication was not written");
     let at = last_log_index(r);
+    // So are repeated reports: the partition started, the release available.
+    let fields = [("computer_id", "COMP-1"), ("computer_partition_id", partition.as_str())];
+    let a = call(r, "POST", "/startedComputerPartition", &fields, None).await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "done"));
+    let sr = [("computer_id", "COMP-1"), ("url", SR)];
+    let a = call(r, "POST", "/availableSoftwareRelease", &sr, None).await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "done"));
+    let at = last_log_index(r);
+    for _ in 0..2 {
+        let a = call(r, "POST", "/startedComputerPartition", &fields, None).await;
+        assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "done"));
+        let a = call(r, "POST", "/availableSoftwareRelease", &sr, None).await;
+        assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "done"));
+    }
+    assert_eq!(last_log_index(r), at, "repeated reports wrote to the log");
     // A re-request answered by a read shows the state as it is now.
     let again = call(
         r,

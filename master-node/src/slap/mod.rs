@@ -302,7 +302,16 @@ async fn run(replica: &Replica, command: Command) -> Result<(Reply, u64), SlapEr
     }
 }
 
+/// Runs a command answered "done". What a node repeats at every run (the
+/// same publication, the same report) changes nothing: a read answers it.
 async fn done(replica: &Replica, command: Command) -> SlapResult {
+    if replica
+        .read_if_unchanged(|state| state.changes_nothing(&command).then_some(()))
+        .await
+        .is_some()
+    {
+        return Ok(text("done"));
+    }
     Ok(match run(replica, command).await?.0 {
         Reply::Note(n) => text(&n),
         _ => text("done"),
@@ -665,22 +674,12 @@ async fn set_connection(State(replica): State<Arc<Replica>>, headers: HeaderMap,
     let f = Fields::body(&body)?;
     let (computer, partition) = partition_of(&headers, &f)?;
     let connection = string_dict(f.marshalled("connection_xml")?, "connection_xml")?;
-    let shared_reference = shared_reference(&f);
-    // Buildout publishes at every run, mostly what it published before.
-    let unchanged = |state: &Master| {
-        state
-            .publication_unchanged(&computer, &partition, shared_reference.as_deref(), &connection)
-            .then_some(())
-    };
-    if replica.read_if_unchanged(unchanged).await.is_some() {
-        return Ok(text("done"));
-    }
     done(
         &replica,
         Command::SetConnection {
             computer,
             partition,
-            shared_reference,
+            shared_reference: shared_reference(&f),
             connection,
         },
     )

@@ -1083,18 +1083,69 @@ impl Master {
         }
     }
 
-    /// Whether publishing `connection` would change nothing (the partition
-    /// publishes what it already did, as buildout does at every run): such a
-    /// publication can be answered without a log entry.
-    pub fn publication_unchanged(
-        &self,
-        computer: &str,
-        partition: &str,
-        shared_reference: Option<&str>,
-        connection: &Params,
-    ) -> bool {
-        self.publisher(computer, partition, shared_reference)
-            .is_ok_and(|target| self.instances[&target].connection == *connection)
+    /// Whether applying `command` would change nothing and answer
+    /// `Reply::Done`: a node repeating at every run what it already
+    /// published or reported, an operator re-supplying what is supplied.
+    /// Such a write can be answered by a linearizable read instead of a log
+    /// entry. `false` when in doubt: the command is then applied.
+    pub fn changes_nothing(&self, command: &Command) -> bool {
+        match command {
+            Command::SetConnection {
+                computer,
+                partition,
+                shared_reference,
+                connection,
+            } => self
+                .publisher(computer, partition, shared_reference.as_deref())
+                .is_ok_and(|target| self.instances[&target].connection == *connection),
+            Command::ReportInstance {
+                computer,
+                partition,
+                shared_reference,
+                report,
+            } => self
+                .reporter(computer, partition, shared_reference.as_deref())
+                .is_ok_and(|target| {
+                    let hosting_as_reported = shared_reference.is_some()
+                        || match report {
+                            InstanceReport::Started => self.ledger.spans.contains_key(&target),
+                            InstanceReport::Stopped => !self.ledger.spans.contains_key(&target),
+                            InstanceReport::Error(_) => true,
+                        };
+                    self.instances[&target].reported.as_ref() == Some(report) && hosting_as_reported
+                }),
+            Command::ReportSoftware { computer, url, report } => {
+                *report != SoftwareReport::Destroyed
+                    && self
+                        .installations
+                        .get(&(computer.clone(), url.clone()))
+                        .is_some_and(|i| i.reported.as_ref() == Some(report))
+            }
+            Command::Supply { computer, url, state } => self
+                .installations
+                .get(&(computer.clone(), url.clone()))
+                .is_some_and(|i| i.requested == *state && self.computers.contains_key(computer)),
+            _ => false,
+        }
+    }
+
+    /// The instance a partition reports for: its own, or a shared one it hosts.
+    fn reporter(&self, computer: &str, partition: &str, shared_reference: Option<&str>) -> Result<InstanceId, Reply> {
+        let host = self.partition_instance(computer, partition)?;
+        match shared_reference {
+            None => Ok(host),
+            Some(r)
+                if self
+                    .instances
+                    .get(r)
+                    .is_some_and(|s| s.host.as_deref() == Some(host.as_str())) =>
+            {
+                Ok(r.to_string())
+            }
+            Some(r) => Err(refused_not_found(format!(
+                "shared instance {r} is not hosted on {partition}"
+            ))),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1107,21 +1158,9 @@ impl Master {
         shared_reference: Option<&str>,
         report: &InstanceReport,
     ) -> Reply {
-        let host = match self.partition_instance(computer, partition) {
+        let target = match self.reporter(computer, partition, shared_reference) {
             Ok(id) => id,
             Err(reply) => return reply,
-        };
-        let target = match shared_reference {
-            None => host,
-            Some(r)
-                if self
-                    .instances
-                    .get(r)
-                    .is_some_and(|s| s.host.as_deref() == Some(host.as_str())) =>
-            {
-                r.to_string()
-            }
-            Some(r) => return refused_not_found(format!("shared instance {r} is not hosted on {partition}")),
         };
         if self.instances[&target].reported.as_ref() != Some(report) {
             self.instance_mut(&target).reported = Some(report.clone());

@@ -258,22 +258,62 @@ fn only_a_request_that_changes_nothing_is_answerable_by_a_read() {
     // Publishing what was published already changes nothing.
     let (c, p) = a.partition.clone().unwrap();
     let url = params(&[("url", "http://[::1]:8080")]);
-    assert!(!w.m.publication_unchanged(&c, &p, None, &url));
-    w.run(Command::SetConnection {
+    let publish = |partition: &str, shared: Option<&str>, connection: &Params| Command::SetConnection {
+        computer: c.clone(),
+        partition: partition.into(),
+        shared_reference: shared.map(String::from),
+        connection: connection.clone(),
+    };
+    assert!(!w.m.changes_nothing(&publish(&p, None, &url)));
+    w.run(publish(&p, None, &url));
+    assert!(w.m.changes_nothing(&publish(&p, None, &url)));
+    let other = params(&[("url", "http://[::1]:8081")]);
+    assert!(!w.m.changes_nothing(&publish(&p, None, &other)));
+    assert!(
+        !w.m.changes_nothing(&publish("slappart9", None, &url)),
+        "a refusal comes from applying"
+    );
+    assert!(!w.m.changes_nothing(&publish(&p, Some("SLAVEINST-404"), &url)));
+
+    // A node reporting what it reported: nothing, once hosting is as reported.
+    let report = |report: InstanceReport| Command::ReportInstance {
         computer: c.clone(),
         partition: p.clone(),
         shared_reference: None,
-        connection: url.clone(),
-    });
-    assert!(w.m.publication_unchanged(&c, &p, None, &url));
-    assert!(!w
-        .m
-        .publication_unchanged(&c, &p, None, &params(&[("url", "http://[::1]:8081")])));
-    assert!(
-        !w.m.publication_unchanged(&c, "slappart9", None, &url),
-        "a refusal comes from applying"
-    );
-    assert!(!w.m.publication_unchanged(&c, &p, Some("SLAVEINST-404"), &url));
+        report,
+    };
+    assert!(!w.m.changes_nothing(&report(InstanceReport::Started)));
+    w.run(report(InstanceReport::Started));
+    assert!(w.m.changes_nothing(&report(InstanceReport::Started)));
+    assert!(!w.m.changes_nothing(&report(InstanceReport::Stopped)));
+    assert!(!w.m.changes_nothing(&report(InstanceReport::Error("disk full".into()))));
+    // Reported started but no hosting open (a state written before accounting
+    // existed): the report must be applied, to open it.
+    let span = w.m.ledger.spans.remove(&a.id).expect("started opens hosting");
+    assert!(!w.m.changes_nothing(&report(InstanceReport::Started)));
+    w.m.ledger.spans.insert(a.id.clone(), span);
+    let software = |report: SoftwareReport| Command::ReportSoftware {
+        computer: c.clone(),
+        url: SR.into(),
+        report,
+    };
+    assert!(!w.m.changes_nothing(&software(SoftwareReport::Available)));
+    w.run(software(SoftwareReport::Available));
+    assert!(w.m.changes_nothing(&software(SoftwareReport::Available)));
+    assert!(!w.m.changes_nothing(&software(SoftwareReport::Building)));
+    let supply = |state: SupplyState| Command::Supply {
+        computer: c.clone(),
+        url: SR.into(),
+        state,
+    };
+    assert!(w.m.changes_nothing(&supply(SupplyState::Available)));
+    assert!(!w.m.changes_nothing(&supply(SupplyState::Destroyed)));
+    let bang = Command::Bang {
+        computer: c.clone(),
+        partition: p.clone(),
+        message: String::new(),
+    };
+    assert!(!w.m.changes_nothing(&bang), "a bang always bumps");
 }
 
 #[test]
@@ -829,6 +869,18 @@ enum Op {
     Bang {
         instance: u8,
     },
+    Report {
+        instance: u8,
+        kind: u8,
+    },
+    SoftwareReport {
+        computer: u8,
+        kind: u8,
+    },
+    Supply {
+        computer: u8,
+        available: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -840,6 +892,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<u8>().prop_map(|instance| Op::NodeDestroyed { instance }),
         1 => (0..3u8, 0..5u8).prop_map(|(computer, partitions)| Op::Format { computer, partitions }),
         1 => any::<u8>().prop_map(|instance| Op::Bang { instance }),
+        2 => (any::<u8>(), 0..3u8).prop_map(|(instance, kind)| Op::Report { instance, kind }),
+        1 => (0..3u8, 0..4u8).prop_map(|(computer, kind)| Op::SoftwareReport { computer, kind }),
+        1 => (0..3u8, any::<bool>()).prop_map(|(computer, available)| Op::Supply { computer, available }),
     ]
 }
 
@@ -862,13 +917,7 @@ fn nth_placed(m: &Master, n: u8) -> Option<Instance> {
 /// indeed answers that instance and leaves every record as it was.
 fn request_checking_read_answer(w: &mut World, spec: RequestSpec) -> Result<Reply, TestCaseError> {
     let read_answer = w.m.unchanged_by(&spec).cloned();
-    let records = |m: &Master| {
-        let mut r = persist::all_records(m);
-        r.retain(|(k, _)| k.as_slice() != b"m"); // the applied counter moves with every entry
-        r.sort();
-        r
-    };
-    let before = records(&w.m);
+    let before = records_but_meta(&w.m);
     let reply = w.run(Command::Request(spec));
     if let Some(inst) = read_answer {
         prop_assert_eq!(
@@ -876,9 +925,36 @@ fn request_checking_read_answer(w: &mut World, spec: RequestSpec) -> Result<Repl
             &Reply::Instance(Arc::new(inst)),
             "a read answer differs from applying"
         );
-        prop_assert!(before == records(&w.m), "a request said unchanged changed the state");
+        prop_assert!(
+            before == records_but_meta(&w.m),
+            "a request said unchanged changed the state"
+        );
     }
     Ok(reply)
+}
+
+/// Applies `command`; when `changes_nothing` said beforehand that it would
+/// change nothing, checks that it answered done and left every record as it was.
+fn apply_checking_changes_nothing(w: &mut World, command: Command) -> Result<Reply, TestCaseError> {
+    let nothing = w.m.changes_nothing(&command);
+    let before = records_but_meta(&w.m);
+    let reply = w.run(command);
+    if nothing {
+        prop_assert_eq!(&reply, &Reply::Done);
+        prop_assert!(
+            before == records_but_meta(&w.m),
+            "a command said to change nothing changed the state"
+        );
+    }
+    Ok(reply)
+}
+
+/// Every record but the applied counter, which moves with every entry.
+fn records_but_meta(m: &Master) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut r = persist::all_records(m);
+    r.retain(|(k, _)| k.as_slice() != b"m");
+    r.sort();
+    r
 }
 
 proptest! {
@@ -945,18 +1021,7 @@ proptest! {
                         let (c, p) = i.partition.clone().unwrap();
                         let ts = i.timestamp;
                         let connection = params(&[("v", &value.to_string())]);
-                        let unchanged = w.m.publication_unchanged(&c, &p, None, &connection);
-                        let before = persist::all_records(&w.m);
-                        w.run(Command::SetConnection { computer: c, partition: p, shared_reference: None, connection });
-                        if unchanged {
-                            let mut after = persist::all_records(&w.m);
-                            let mut before = before;
-                            for r in [&mut before, &mut after] {
-                                r.retain(|(k, _)| k.as_slice() != b"m");
-                                r.sort();
-                            }
-                            prop_assert!(before == after, "a publication said unchanged changed the state");
-                        }
+                        apply_checking_changes_nothing(&mut w, Command::SetConnection { computer: c, partition: p, shared_reference: None, connection })?;
                         prop_assert_eq!(w.m.instances[&i.id].timestamp, ts, "own publication never bumps");
                     }
                 }
@@ -980,6 +1045,21 @@ proptest! {
                         let (c, p) = i.partition.clone().unwrap();
                         w.run(Command::Bang { computer: c, partition: p, message: String::new() });
                     }
+                }
+                Op::Report { instance, kind } => {
+                    if let Some(i) = nth_placed(&w.m, instance) {
+                        let (c, p) = i.partition.clone().unwrap();
+                        let report = [InstanceReport::Started, InstanceReport::Stopped, InstanceReport::Error("e".into())][kind as usize].clone();
+                        apply_checking_changes_nothing(&mut w, Command::ReportInstance { computer: c, partition: p, shared_reference: None, report })?;
+                    }
+                }
+                Op::SoftwareReport { computer, kind } => {
+                    let report = [SoftwareReport::Building, SoftwareReport::Available, SoftwareReport::Error("e".into()), SoftwareReport::Destroyed][kind as usize].clone();
+                    apply_checking_changes_nothing(&mut w, Command::ReportSoftware { computer: format!("COMP-{computer}"), url: SR.into(), report })?;
+                }
+                Op::Supply { computer, available } => {
+                    let state = if available { SupplyState::Available } else { SupplyState::Destroyed };
+                    apply_checking_changes_nothing(&mut w, Command::Supply { computer: format!("COMP-{computer}"), url: SR.into(), state })?;
                 }
             }
             // Timestamps never go back.
