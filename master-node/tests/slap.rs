@@ -856,7 +856,6 @@ async fn identical_rerequests_are_answered_without_a_log_entry() {
     let a = publish("http://[::1]:8081").await;
     assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "done"));
     assert!(last_log_index(r) > at, "a changed publication was not written");
-    let at = last_log_index(r);
     // So are repeated reports: the partition started, the release available.
     let fields = [("computer_id", "COMP-1"), ("computer_partition_id", partition.as_str())];
     let a = call(r, "POST", "/startedComputerPartition", &fields, None).await;
