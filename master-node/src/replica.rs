@@ -939,13 +939,17 @@ impl Replica {
     /// Answers a write that would change nothing (an identical re-request,
     /// which `slapos node` sends for every child at every run, or a
     /// partition publishing what it already published) with a linearizable
-    /// read instead of a log entry. `unchanged` looks at the state and gives
-    /// the answer when the write would change nothing in it; it is asked
-    /// again once leadership is confirmed. `None` when the write must be
-    /// made: it changes something, it is refused, or this replica is not the
-    /// leader (a follower's state may lag the leader's, so it writes, and
-    /// the leader answers).
-    pub async fn read_if_unchanged<T>(&self, unchanged: impl Fn(&Master) -> Option<T>) -> Option<T> {
+    /// read instead of a log entry. `unchanged` says whether the write would
+    /// change nothing in the state; it is asked again once leadership is
+    /// confirmed, and `answer` then reads the answer under the same lock.
+    /// `None` when the write must be made: it changes something, it is
+    /// refused, or this replica is not the leader (a follower's state may lag
+    /// the leader's, so it writes, and the leader answers).
+    pub async fn read_if_unchanged<T>(
+        &self,
+        unchanged: impl Fn(&Master) -> bool,
+        answer: impl FnOnce(&Master) -> T,
+    ) -> Option<T> {
         let leading = {
             let m = self.raft.metrics();
             let m = m.borrow();
@@ -953,7 +957,7 @@ impl Replica {
         };
         // The local check first, so a write that changes something costs no
         // confirmation round before it is proposed.
-        if !leading || unchanged(&self.state.read().unwrap_or_else(|e| e.into_inner())).is_none() {
+        if !leading || !unchanged(&self.state.read().unwrap_or_else(|e| e.into_inner())) {
             return None;
         }
         let (done, confirmed) = oneshot::channel();
@@ -961,7 +965,8 @@ impl Replica {
         // Not confirmed (leadership lost meanwhile): the write path waits for
         // the new leader and answers.
         confirmed.await.ok()?.ok()?;
-        unchanged(&self.state.read().unwrap_or_else(|e| e.into_inner()))
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        unchanged(&state).then(|| answer(&state))
     }
 
     /// A read of this replica's own state, whatever the leader knows.

@@ -306,7 +306,7 @@ async fn run(replica: &Replica, command: Command) -> Result<(Reply, u64), SlapEr
 /// same publication, the same report) changes nothing: a read answers it.
 async fn done(replica: &Replica, command: Command) -> SlapResult {
     if replica
-        .read_if_unchanged(|state| state.changes_nothing(&command).then_some(()))
+        .read_if_unchanged(|state| state.changes_nothing(&command), |_| ())
         .await
         .is_some()
     {
@@ -622,10 +622,9 @@ async fn request(
         state,
     };
     // An identical re-request changes nothing: answered without a log entry.
-    if let Some(answer) = replica
-        .read_if_unchanged(|state| state.unchanged_by(&spec).map(|inst| requested_instance(state, inst)))
-        .await
-    {
+    let unchanged = |state: &Master| state.unchanged_by(&spec).is_some();
+    let answer = |state: &Master| state.unchanged_by(&spec).map(|inst| requested_instance(state, inst));
+    if let Some(Some(answer)) = replica.read_if_unchanged(unchanged, answer).await {
         return answer;
     }
     let (reply, index) = run(&replica, Command::Request(spec)).await?;
