@@ -135,11 +135,8 @@ fn request_fields<'a>(title: &'a str, params: &'a str, state: &'a str) -> Vec<(&
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn format_supply_request_poll_publish_destroy() {
-    let (_dir, running) = master().await;
-    let r = &running.replica;
-
+/// `slapos node format` for COMP-1 (two partitions), then `slapos supply` of SR.
+async fn format_and_supply(r: &Arc<Replica>) {
     let a = call(
         r,
         "POST",
@@ -158,6 +155,14 @@ async fn format_supply_request_poll_publish_destroy() {
     )
     .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn format_supply_request_poll_publish_destroy() {
+    let (_dir, running) = master().await;
+    let r = &running.replica;
+
+    format_and_supply(r).await;
 
     // A user request with parameters that need escaping (the client's own encoding).
     let params = dumps(&d(vec![("baz", s("a<b&c \"q\" é")), ("foo", s("bar"))])).unwrap();
@@ -771,24 +776,7 @@ fn last_log_index(r: &Arc<Replica>) -> Option<u64> {
 async fn identical_rerequests_are_answered_without_a_log_entry() {
     let (_dir, running) = master().await;
     let r = &running.replica;
-    let a = call(
-        r,
-        "POST",
-        "/loadComputerConfigurationFromXML",
-        &[("xml", &computer_xml())],
-        None,
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
-    let a = call(
-        r,
-        "POST",
-        "/supplySupply",
-        &[("url", SR), ("computer_id", "COMP-1"), ("state", "available")],
-        None,
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    format_and_supply(r).await;
     let params = dumps(&d(vec![("foo", s("bar"))])).unwrap();
     let none = "<marshal><none/></marshal>";
     let first = call(

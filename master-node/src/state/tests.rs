@@ -89,20 +89,7 @@ impl World {
     }
 
     fn child(&mut self, parent: &Instance, title: &str, shared: bool) -> Reply {
-        let (c, p) = parent.partition.clone().unwrap();
-        self.run(Command::Request(RequestSpec {
-            requester: RequestOrigin::Partition {
-                computer: c,
-                partition: p,
-            },
-            title: title.into(),
-            software_release: SR.into(),
-            software_type: "default".into(),
-            parameters: Params::new(),
-            sla: Params::new(),
-            shared,
-            state: None,
-        }))
+        self.run(Command::Request(child_spec(parent, title, shared)))
     }
 
     fn destroy(&mut self, user: &str, title: &str) -> Reply {
@@ -116,6 +103,21 @@ impl World {
             shared: false,
             state: Some(RequestedState::Destroyed),
         }))
+    }
+}
+
+/// A request from `parent`'s partition for a child instance.
+fn child_spec(parent: &Instance, title: &str, shared: bool) -> RequestSpec {
+    let (computer, partition) = parent.partition.clone().unwrap();
+    RequestSpec {
+        requester: RequestOrigin::Partition { computer, partition },
+        title: title.into(),
+        software_release: SR.into(),
+        software_type: "default".into(),
+        parameters: Params::new(),
+        sla: Params::new(),
+        shared,
+        state: None,
     }
 }
 
@@ -238,22 +240,8 @@ fn only_a_request_that_changes_nothing_is_answerable_by_a_read() {
     again.parameters = Params::new();
     assert_eq!(w.m.unchanged_by(&again), Some(&pending));
     // A child re-requested from its parent's partition.
-    let (c, p) = a.partition.clone().unwrap();
     let child = instance(w.child(&a, "db", false));
-    let child_spec = RequestSpec {
-        requester: RequestOrigin::Partition {
-            computer: c,
-            partition: p,
-        },
-        title: "db".into(),
-        software_release: SR.into(),
-        software_type: "default".into(),
-        parameters: Params::new(),
-        sla: Params::new(),
-        shared: false,
-        state: None,
-    };
-    assert_eq!(w.m.unchanged_by(&child_spec), Some(&child));
+    assert_eq!(w.m.unchanged_by(&child_spec(&a, "db", false)), Some(&child));
 
     // Publishing what was published already changes nothing.
     let (c, p) = a.partition.clone().unwrap();
@@ -1003,17 +991,7 @@ proptest! {
                 }
                 Op::Child { parent, title, shared } => {
                     if let Some(parent) = nth_placed(&w.m, parent) {
-                        let (computer, partition) = parent.partition.clone().unwrap();
-                        request_checking_read_answer(&mut w, RequestSpec {
-                            requester: RequestOrigin::Partition { computer, partition },
-                            title: format!("c{title}"),
-                            software_release: SR.into(),
-                            software_type: "default".into(),
-                            parameters: Params::new(),
-                            sla: Params::new(),
-                            shared,
-                            state: None,
-                        })?;
+                        request_checking_read_answer(&mut w, child_spec(&parent, &format!("c{title}"), shared))?;
                     }
                 }
                 Op::Publish { instance, value } => {
