@@ -847,12 +847,7 @@ impl Replica {
                     Err(NotProposed::NotLeader(back)) => write = *back,
                 }
             } else {
-                let (done, answer) = oneshot::channel();
-                self.forwarder
-                    .send(Forward::Decoded { write, done })
-                    .await
-                    .map_err(|_| shutting_down())?;
-                return answer.await.unwrap_or_else(|_| Err(shutting_down()));
+                return self.forward(|done| Forward::Decoded { write, done }).await;
             }
             if Instant::now() > deadline {
                 return Err(Status::unavailable("leadership kept moving; write not proposed"));
@@ -865,15 +860,20 @@ impl Replica {
     /// forwards the bytes to the leader and passes its reply back as it came.
     pub async fn write_encoded(&self, write: Vec<u8>) -> EncodedOutcome {
         if self.leader().await?.is_some() {
-            let (done, answer) = oneshot::channel();
-            self.forwarder
-                .send(Forward::Encoded { write, done })
-                .await
-                .map_err(|_| shutting_down())?;
-            return answer.await.unwrap_or_else(|_| Err(shutting_down()));
+            return self.forward(|done| Forward::Encoded { write, done }).await;
         }
         let (reply, index) = self.write(decode_write(&write)?).await?;
         Ok((postcard::to_allocvec(&reply).expect("replies encode"), index))
+    }
+
+    /// Queues a write for the forwarder and waits for its outcome.
+    async fn forward<T>(
+        &self,
+        forward: impl FnOnce(oneshot::Sender<Result<T, Status>>) -> Forward,
+    ) -> Result<T, Status> {
+        let (done, answer) = oneshot::channel();
+        self.forwarder.send(forward(done)).await.map_err(|_| shutting_down())?;
+        answer.await.unwrap_or_else(|_| Err(shutting_down()))
     }
 
     /// Sends a batch of writes to the leader (or proposes them here if this
