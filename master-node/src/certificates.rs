@@ -11,6 +11,7 @@
 //! `getComputerPartitionCertificate` before it deploys the instance. A freed
 //! partition's certificates are revoked inside `apply`.
 
+use openraft::rt::WatchReceiver;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,7 +83,7 @@ pub async fn issue_for_hosts(
 }
 
 fn is_leader(replica: &Replica) -> bool {
-    let m = replica.raft.metrics().borrow().clone();
+    let m = replica.raft.metrics().borrow_watched().clone();
     m.state == ServerState::Leader && m.current_leader == Some(replica.id)
 }
 

@@ -6,6 +6,7 @@
 //! gauges (Raft's term and indexes, each follower's lag, the state's
 //! computers, partitions and instances) are read when scraped.
 
+use openraft::rt::WatchReceiver;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,7 +88,7 @@ fn escape(v: &str) -> String {
 /// The text exposition of a replica's metrics.
 pub fn render(replica: &Replica) -> String {
     let mut out = String::new();
-    let m = replica.raft.metrics().borrow().clone();
+    let m = replica.raft.metrics().borrow_watched().clone();
     let is_leader = m.state == ServerState::Leader;
     let gauges: [(&str, &str, u64); 6] = [
         ("slapos_raft_term", "Current Raft term.", m.current_term),
@@ -260,7 +261,7 @@ async fn metrics(State(replica): State<Arc<Replica>>) -> Response {
 
 /// 200 while Raft runs on this replica.
 async fn healthz(State(replica): State<Arc<Replica>>) -> Response {
-    match &replica.raft.metrics().borrow().running_state {
+    match &replica.raft.metrics().borrow_watched().running_state {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("raft stopped: {e}\n")).into_response(),
     }

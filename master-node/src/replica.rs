@@ -6,6 +6,7 @@
 //! instead of failing, so a client sees a slow answer, not an error, across a
 //! leader change.
 
+use openraft::rt::WatchReceiver;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -221,13 +222,14 @@ async fn next_batch<T>(
     Some((slot, batch))
 }
 
-/// Gathers concurrent writes into log entries.
+/// Gathers concurrent writes into log entries (leader-side batching).
 ///
-/// openraft 0.9's leader syncs each log entry to disk before it takes the
-/// next, so one entry per write caps the leader at one write per fsync. The
-/// proposer instead puts every write that arrived while the previous entries
-/// were being committed into one entry: a lone client still gets its write
-/// proposed at once, and under load one fsync serves many writes.
+/// Every write that arrived while the previous entries were being proposed
+/// goes into one entry: a lone client's write is proposed at once, and under
+/// load one entry (one log record, one item to replicate, one apply call, one
+/// answer from the state machine) carries many writes. openraft then groups
+/// the entries proposed together into one append, which raft-store covers
+/// with one fsync (group commit), and pipelines them to the followers.
 async fn run_proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Pending>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     while let Some((slot, batch)) = next_batch(&mut queue, &slots).await {
@@ -288,7 +290,11 @@ async fn run_read_barrier(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<one
     while let Some((slot, waiters)) = next_batch(&mut queue, &slots).await {
         let raft = raft.clone();
         tokio::spawn(async move {
-            let outcome = raft.ensure_linearizable().await.map(|_| ()).map_err(|e| e.to_string());
+            let outcome = raft
+                .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
             drop(slot);
             for waiter in waiters {
                 let _ = waiter.send(outcome.clone());
@@ -357,9 +363,15 @@ impl Running {
         let (log, sm) = open_store(data_dir)?;
         let state = sm.app();
         let server_tls = Arc::new(tls.server_config(Arc::downgrade(&state))?);
-        let raft = Raft::new(identity.node_id, config, Network::new(tls.clone()), log.clone(), sm)
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            identity.node_id,
+            config,
+            Network::new(tls.clone()),
+            log.clone(),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
         let listener = tokio::net::TcpListener::bind(&identity.listen)
             .await
             .map_err(|source| StartError::Listen {
@@ -401,8 +413,10 @@ impl Running {
                 slap_proto::cluster::raft_server::RaftServer::new(crate::raft::service::RaftService::new(
                     raft.clone(),
                     replica.state.clone(),
+                    sm,
                 ))
-                .max_decoding_message_size(64 << 20),
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
             )
             .add_service(slap_proto::cluster::cluster_server::ClusterServer::new(
                 crate::cluster_service::ClusterService::new(replica.clone()),
@@ -915,7 +929,7 @@ impl Replica {
         match self.leader_client().await? {
             None => {
                 self.raft
-                    .ensure_linearizable()
+                    .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
                     .await
                     .map_err(|e| Status::unavailable(format!("cannot confirm leadership for a read: {e}")))?;
                 let state = self.state.read().unwrap_or_else(|e| e.into_inner());
@@ -952,7 +966,7 @@ impl Replica {
     ) -> Option<T> {
         let leading = {
             let m = self.raft.metrics();
-            let m = m.borrow();
+            let m = m.borrow_watched();
             m.current_leader == Some(self.id) && m.state == ServerState::Leader
         };
         // The local check first, so a write that changes something costs no
@@ -1001,7 +1015,7 @@ impl Replica {
 
     /// Members with their addresses and roles.
     pub fn members(&self) -> Vec<Member> {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
         let replication: BTreeMap<u64, Option<u64>> = m
@@ -1037,7 +1051,7 @@ impl Replica {
 
     /// This replica's own view of the cluster.
     pub fn local_status(&self) -> StatusReply {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft.metrics().borrow_watched().clone();
         let leader_addr = m
             .current_leader
             .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()))

@@ -161,7 +161,8 @@ async fn foreign_and_revoked_certificates_are_refused_at_the_handshake() {
 /// A Raft vote request from `candidate`, postcard-encoded as replicas send it.
 fn vote_from(candidate: u64) -> Vec<u8> {
     // Term 0: the replica refuses the vote, so the test disturbs nothing.
-    let rpc = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(0, candidate), None);
+    let rpc =
+        openraft::raft::VoteRequest::<master_node::raft::MasterTypes>::new(openraft::Vote::new(0, candidate), None);
     postcard::to_allocvec(&rpc).unwrap()
 }
 

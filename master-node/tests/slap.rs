@@ -769,7 +769,7 @@ async fn metrics_count_calls_polls_and_show_raft_and_the_state() {
 
 /// The index of this replica's last log entry.
 fn last_log_index(r: &Arc<Replica>) -> Option<u64> {
-    r.raft.metrics().borrow().last_log_index
+    openraft::rt::WatchReceiver::borrow_watched(&r.raft.metrics()).last_log_index
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

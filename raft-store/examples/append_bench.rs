@@ -20,8 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
-use raft_store::kv::{KvCommand, KvTypes};
+use raft_store::kv::{set_entry, KvEntry, KvTypes};
 use raft_store::LogStore;
 use rocksdb::{statistics::Ticker, Options, WriteBatch, WriteOptions, DB};
 
@@ -45,15 +44,9 @@ struct Figures {
     syncs_per_s: f64,
 }
 
-fn entry(index: u64) -> Entry<KvTypes> {
-    Entry {
-        log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
-        // 256 bytes of value; the encoded entry adds a few bytes of framing.
-        payload: EntryPayload::Normal(KvCommand::Set {
-            key: String::new(),
-            value: vec![0xab; ENTRY_BYTES],
-        }),
-    }
+fn entry(index: u64) -> KvEntry {
+    // 256 bytes of value; the encoded entry adds a few bytes of framing.
+    set_entry(1, index, String::new(), vec![0xab; ENTRY_BYTES])
 }
 
 fn bench_store(dir: &std::path::Path, writers: usize, secs: u64) -> Figures {

@@ -21,10 +21,10 @@ pub fn log_key(index: u64) -> [u8; 8] {
 }
 
 /// Index of a log key, or a corruption error naming the key.
-pub fn log_index(store: &Path, key: &[u8]) -> Result<u64, StoreError> {
+pub fn log_index(store: &Path, cf: &'static str, key: &[u8]) -> Result<u64, StoreError> {
     let bytes: [u8; 8] = key.try_into().map_err(|_| StoreError::Corrupt {
         store: store.to_path_buf(),
-        cf: crate::log_store::CF_LOG,
+        cf,
         key: show_key(key),
         reason: format!("a log key is 8 bytes, this one is {}", key.len()),
     })?;

@@ -87,12 +87,14 @@ impl StoreError {
     }
 }
 
-impl StoreError {
-    /// Wraps this error for openraft, keeping the whole message as the source.
-    pub(crate) fn into_raft<NID: openraft::NodeId>(
-        self,
-        kind: impl FnOnce(anyerror::AnyError) -> openraft::StorageIOError<NID>,
-    ) -> openraft::StorageError<NID> {
-        kind(anyerror::AnyError::new(&self)).into()
+/// openraft 0.10's storage traits speak `io::Error`: the whole message,
+/// store and key included, travels as its source.
+impl From<StoreError> for io::Error {
+    fn from(e: StoreError) -> io::Error {
+        match e {
+            // Keep the kind of a plain I/O failure (disk full, permission).
+            StoreError::Io { ref source, .. } => io::Error::new(source.kind(), e),
+            other => io::Error::other(other),
+        }
     }
 }

@@ -7,7 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use openraft::{BasicNode, LogId, TokioRuntime};
+use openraft::alias::LogIdOf;
+use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
 use crate::{ApplyError, RestoreError, StateMachine, Writes};
@@ -19,10 +20,29 @@ openraft::declare_raft_types!(
         R = KvReply,
         NodeId = u64,
         Node = BasicNode,
-        Entry = openraft::Entry<KvTypes>,
-        SnapshotData = tokio::fs::File,
-        AsyncRuntime = TokioRuntime,
 );
+
+/// A log entry of the key-value application.
+pub type KvEntry = openraft::alias::EntryOf<KvTypes>;
+/// A vote in the key-value application's cluster.
+pub type KvVote = openraft::alias::VoteOf<KvTypes>;
+
+/// The id of the entry at `index` written by leader `node` in `term` (for
+/// tests and tools that write the log themselves).
+pub fn log_id(term: u64, node: u64, index: u64) -> LogIdOf<KvTypes> {
+    openraft::LogId::new(openraft::impls::leader_id_adv::LeaderId { term, node_id: node }, index)
+}
+
+/// An entry setting `key` to `value`, at `index` of `term` (leader 0).
+pub fn set_entry(term: u64, index: u64, key: impl Into<String>, value: impl Into<Vec<u8>>) -> KvEntry {
+    openraft::Entry {
+        log_id: log_id(term, 0, index),
+        payload: openraft::EntryPayload::Normal(KvCommand::Set {
+            key: key.into(),
+            value: value.into(),
+        }),
+    }
+}
 
 /// A write to the key-value map.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +51,15 @@ pub enum KvCommand {
     Set { key: String, value: Vec<u8> },
     /// Removes `key`.
     Delete { key: String },
+}
+
+impl std::fmt::Display for KvCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvCommand::Set { key, value } => write!(f, "set {key} ({} bytes)", value.len()),
+            KvCommand::Delete { key } => write!(f, "delete {key}"),
+        }
+    }
 }
 
 /// The answer to a command: what the key held before.
@@ -48,7 +77,7 @@ pub struct KvApp {
 }
 
 impl StateMachine<KvTypes> for KvApp {
-    fn apply(&mut self, _log_id: &LogId<u64>, command: KvCommand) -> Result<KvReply, ApplyError> {
+    fn apply(&mut self, _log_id: &LogIdOf<KvTypes>, command: KvCommand) -> Result<KvReply, ApplyError> {
         Ok(match command {
             KvCommand::Set { key, value } => {
                 self.changed.insert(key.clone());

@@ -1,4 +1,4 @@
-//! Raft storage on RocksDB for openraft 0.9, generic over the application.
+//! Raft storage on RocksDB for openraft 0.10, generic over the application.
 //!
 //! # Why this crate exists
 //!
@@ -43,16 +43,27 @@ pub use log_store::{LogStats, LogStore};
 pub use state_machine::{ApplyError, RestoreError, StateMachine, StateMachineStore, Writes};
 
 /// The openraft type configurations this store serves: the standard log
-/// entry, snapshots as files, a default answer for blank and membership
-/// entries, and commands that can be cloned (the store keeps the newest
-/// entries in memory and hands out copies; make cloning cheap, e.g. bytes).
+/// entry and payload, a default answer for blank and membership entries,
+/// and commands that can be cloned (the store keeps the newest entries in
+/// memory and hands out copies; make cloning cheap, e.g. bytes). Snapshots
+/// are files (`tokio::fs::File`).
 pub trait StoreTypes:
-    openraft::RaftTypeConfig<Entry = openraft::Entry<Self>, SnapshotData = tokio::fs::File, R: Default, D: Clone>
+    openraft::RaftTypeConfig<
+    Payload = openraft::alias::EntryPayloadOf<Self>,
+    Entry = openraft::Entry<openraft::alias::CommittedLeaderIdOf<Self>, openraft::alias::EntryPayloadOf<Self>>,
+    R: Default,
+    D: Clone,
+>
 {
 }
 
 impl<C> StoreTypes for C where
-    C: openraft::RaftTypeConfig<Entry = openraft::Entry<C>, SnapshotData = tokio::fs::File, R: Default, D: Clone>
+    C: openraft::RaftTypeConfig<
+        Payload = openraft::alias::EntryPayloadOf<C>,
+        Entry = openraft::Entry<openraft::alias::CommittedLeaderIdOf<C>, openraft::alias::EntryPayloadOf<C>>,
+        R: Default,
+        D: Clone,
+    >
 {
 }
 

@@ -27,16 +27,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
-use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{LogId, LogState, RaftLogId, RaftLogReader, StorageError, StorageIOError, Vote};
+use openraft::alias::{LogIdOf, VoteOf};
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::{LogState, RaftLogReader};
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
 use crate::codec::{self, log_key};
 use crate::error::StoreError;
 use crate::StoreTypes;
 
-pub(crate) const CF_LOG: &str = "log";
-pub(crate) const CF_META: &str = "meta";
+const CF_LOG: &str = "log";
+const CF_META: &str = "meta";
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
@@ -119,10 +120,14 @@ impl<E: Clone> RecentEntries<E> {
     }
 }
 
-struct LogDb<E> {
+struct LogDb<C: StoreTypes> {
     db: Arc<DB>,
     /// The newest entries, for openraft's reads right after appending.
-    recent: Mutex<RecentEntries<E>>,
+    recent: Mutex<RecentEntries<C::Entry>>,
+    /// The saved vote: openraft reads it before and after every batch of
+    /// entries it replicates (to check leadership did not move meanwhile),
+    /// so it is served from memory, not decoded from RocksDB each time.
+    vote: Mutex<Option<VoteOf<C>>>,
     path: PathBuf,
     /// Appends waiting for the next sync; `None` once shutting down.
     sync_tx: Option<mpsc::Sender<OnDurable>>,
@@ -130,7 +135,7 @@ struct LogDb<E> {
     stats: Arc<LogStats>,
 }
 
-impl<E> Drop for LogDb<E> {
+impl<C: StoreTypes> Drop for LogDb<C> {
     fn drop(&mut self) {
         // Closing the channel ends the sync thread after it has served every
         // waiting append; joining it releases its handle on the database so a
@@ -145,7 +150,7 @@ impl<E> Drop for LogDb<E> {
 /// openraft's log storage (and log reader) on RocksDB. Cheap to clone: clones
 /// share one database.
 pub struct LogStore<C: StoreTypes> {
-    inner: Arc<LogDb<C::Entry>>,
+    inner: Arc<LogDb<C>>,
     _types: std::marker::PhantomData<C>,
 }
 
@@ -184,6 +189,7 @@ impl<C: StoreTypes> LogStore<C> {
             inner: Arc::new(LogDb {
                 db,
                 recent: Mutex::new(RecentEntries::new()),
+                vote: Mutex::new(None),
                 path: dir.to_path_buf(),
                 sync_tx: Some(tx),
                 syncer: Some(syncer),
@@ -192,7 +198,8 @@ impl<C: StoreTypes> LogStore<C> {
             _types: std::marker::PhantomData,
         };
         store.check_format()?;
-        store.verify()?;
+        let vote = store.verify()?;
+        *store.inner.vote.lock().unwrap_or_else(|e| e.into_inner()) = vote;
         Ok(store)
     }
 
@@ -216,7 +223,7 @@ impl<C: StoreTypes> LogStore<C> {
         let mut batch = WriteBatch::default();
         let mut appended = Vec::new();
         for entry in entries {
-            let index = entry.get_log_id().index;
+            let index = entry.log_id.index;
             let encoded = codec::encode(&entry);
             batch.put_cf(cf, log_key(index), &encoded);
             appended.push((index, entry, encoded.len()));
@@ -291,23 +298,23 @@ impl<C: StoreTypes> LogStore<C> {
     }
 
     /// Reads every record once: metadata and entries decode, entries are
-    /// contiguous and lie after the purged point.
-    fn verify(&self) -> Result<(), StoreError> {
-        let _vote: Option<Vote<C::NodeId>> = self.get_meta(KEY_VOTE)?;
-        let _committed: Option<LogId<C::NodeId>> = self.get_meta(KEY_COMMITTED)?;
-        let purged: Option<LogId<C::NodeId>> = self.get_meta(KEY_LAST_PURGED)?;
+    /// contiguous and lie after the purged point. Returns the saved vote.
+    fn verify(&self) -> Result<Option<VoteOf<C>>, StoreError> {
+        let vote: Option<VoteOf<C>> = self.get_meta(KEY_VOTE)?;
+        let _committed: Option<LogIdOf<C>> = self.get_meta(KEY_COMMITTED)?;
+        let purged: Option<LogIdOf<C>> = self.get_meta(KEY_LAST_PURGED)?;
         let path = &self.inner.path;
         let mut expected: Option<u64> = None;
         for item in self.inner.db.iterator_cf(self.cf(CF_LOG), IteratorMode::Start) {
             let (key, value) = item.map_err(|e| StoreError::rocks(path, "scan log", e))?;
-            let index = codec::log_index(path, &key)?;
+            let index = codec::log_index(path, CF_LOG, &key)?;
             let entry: C::Entry = codec::decode(path, CF_LOG, &key, &value)?;
-            if entry.get_log_id().index != index {
+            if entry.log_id.index != index {
                 return Err(StoreError::Corrupt {
                     store: path.clone(),
                     cf: CF_LOG,
                     key: codec::show_key(&key),
-                    reason: format!("holds the entry of index {}", entry.get_log_id().index),
+                    reason: format!("holds the entry of index {}", entry.log_id.index),
                 });
             }
             if let Some(p) = &purged {
@@ -331,10 +338,10 @@ impl<C: StoreTypes> LogStore<C> {
                 _ => expected = Some(index + 1),
             }
         }
-        Ok(())
+        Ok(vote)
     }
 
-    fn last_entry_id(&self) -> Result<Option<LogId<C::NodeId>>, StoreError> {
+    fn last_entry_id(&self) -> Result<Option<LogIdOf<C>>, StoreError> {
         let path = &self.inner.path;
         let mut it = self.inner.db.iterator_cf(self.cf(CF_LOG), IteratorMode::End);
         match it.next() {
@@ -342,7 +349,7 @@ impl<C: StoreTypes> LogStore<C> {
             Some(item) => {
                 let (key, value) = item.map_err(|e| StoreError::rocks(path, "read log", e))?;
                 let entry: C::Entry = codec::decode(path, CF_LOG, &key, &value)?;
-                Ok(Some(entry.get_log_id().clone()))
+                Ok(Some(entry.log_id))
             }
         }
     }
@@ -371,7 +378,7 @@ impl<C: StoreTypes> LogStore<C> {
             .iterator_cf(self.cf(CF_LOG), IteratorMode::From(&key, Direction::Forward))
         {
             let (key, value) = item.map_err(|e| StoreError::rocks(path, "read log", e))?;
-            let index = codec::log_index(path, &key)?;
+            let index = codec::log_index(path, CF_LOG, &key)?;
             if !range.contains(&index) {
                 break;
             }
@@ -390,7 +397,7 @@ impl<C: StoreTypes> LogStore<C> {
     }
 
     /// Records `log_id` as purged and deletes entries up to it, in one synced batch.
-    pub fn purge_upto(&self, log_id: &LogId<C::NodeId>) -> Result<(), StoreError> {
+    pub fn purge_upto(&self, log_id: &LogIdOf<C>) -> Result<(), StoreError> {
         self.recent().purge_upto(log_id.index);
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_META), KEY_LAST_PURGED, codec::encode(log_id));
@@ -400,7 +407,7 @@ impl<C: StoreTypes> LogStore<C> {
 
     /// The last purged and last present log ids.
     pub fn log_state(&self) -> Result<LogState<C>, StoreError> {
-        let last_purged_log_id: Option<LogId<C::NodeId>> = self.get_meta(KEY_LAST_PURGED)?;
+        let last_purged_log_id: Option<LogIdOf<C>> = self.get_meta(KEY_LAST_PURGED)?;
         let last_log_id = self.last_entry_id()?.or_else(|| last_purged_log_id.clone());
         Ok(LogState {
             last_purged_log_id,
@@ -409,18 +416,23 @@ impl<C: StoreTypes> LogStore<C> {
     }
 
     /// Saves the vote with a synced write.
-    pub fn write_vote(&self, vote: &Vote<C::NodeId>) -> Result<(), StoreError> {
-        self.put_meta_synced(KEY_VOTE, vote)
+    pub fn write_vote(&self, vote: &VoteOf<C>) -> Result<(), StoreError> {
+        // Held across the write, so readers never see a vote that is not
+        // on disk, nor an older one after a newer was saved.
+        let mut saved = self.inner.vote.lock().unwrap_or_else(|e| e.into_inner());
+        self.put_meta_synced(KEY_VOTE, vote)?;
+        *saved = Some(vote.clone());
+        Ok(())
     }
 
     /// The last committed log id openraft saved (a hint; may trail the real one).
-    pub fn committed(&self) -> Result<Option<LogId<C::NodeId>>, StoreError> {
+    pub fn committed(&self) -> Result<Option<LogIdOf<C>>, StoreError> {
         self.get_meta(KEY_COMMITTED)
     }
 
     /// The saved vote.
-    pub fn vote(&self) -> Result<Option<Vote<C::NodeId>>, StoreError> {
-        self.get_meta(KEY_VOTE)
+    pub fn vote(&self) -> Option<VoteOf<C>> {
+        self.inner.vote.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -430,9 +442,10 @@ const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_micros(150);
 /// The group-commit loop: wait for one pending append, take all others that
 /// are pending too, sync the WAL once, acknowledge them all.
 ///
-/// A writer that hands over its entries one at a time (openraft 0.9's leader
-/// appends each client write on its own) would otherwise get one fsync per
-/// entry whenever each sync finishes before the next append arrives. So, as
+/// A writer that hands over its entries one at a time (a follower receiving
+/// a stream of small appends, or a leader proposing each write as it comes)
+/// would otherwise get one fsync per entry whenever each sync finishes
+/// before the next append arrives. So, as
 /// PostgreSQL's `commit_delay` does, when appends kept arriving during the
 /// previous sync (the sign of concurrent writers), the next sync first waits
 /// up to [`COMMIT_DELAY`] for more to join it. An idle or single writer never
@@ -474,33 +487,31 @@ impl<C: StoreTypes> RaftLogReader<C> for LogStore<C> {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<C::Entry>, StorageError<C::NodeId>> {
-        self.read_entries(range)
-            .map_err(|e| e.into_raft(StorageIOError::read_logs))
+    ) -> Result<Vec<C::Entry>, io::Error> {
+        Ok(self.read_entries(range)?)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
+        Ok(self.vote())
     }
 }
 
 impl<C: StoreTypes> RaftLogStorage<C> for LogStore<C> {
     type LogReader = Self;
 
-    async fn get_log_state(&mut self) -> Result<LogState<C>, StorageError<C::NodeId>> {
-        self.log_state().map_err(|e| e.into_raft(StorageIOError::read_logs))
+    async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
+        Ok(self.log_state()?)
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
-        self.write_vote(vote)
-            .map_err(|e| e.into_raft(StorageIOError::write_vote))
+    async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
+        Ok(self.write_vote(vote)?)
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote<C::NodeId>>, StorageError<C::NodeId>> {
-        self.vote().map_err(|e| e.into_raft(StorageIOError::read_vote))
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId<C::NodeId>>) -> Result<(), StorageError<C::NodeId>> {
+    async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
         // Not synced: openraft treats the committed index as a hint that saves
         // re-applying; the next append's sync makes it durable anyway.
         let cf = self.cf(CF_META);
@@ -508,30 +519,28 @@ impl<C: StoreTypes> RaftLogStorage<C> for LogStore<C> {
             Some(c) => self.inner.db.put_cf(cf, KEY_COMMITTED, codec::encode(&c)),
             None => self.inner.db.delete_cf(cf, KEY_COMMITTED),
         };
-        result.map_err(|e| StoreError::rocks(&self.inner.path, "save committed", e).into_raft(StorageIOError::write))
+        Ok(result.map_err(|e| StoreError::rocks(&self.inner.path, "save committed", e))?)
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
-        self.committed().map_err(|e| e.into_raft(StorageIOError::read))
+    async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
+        Ok(self.committed()?)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), StorageError<C::NodeId>>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = C::Entry> + Send,
         I::IntoIter: Send,
     {
-        self.append_with(entries, move |result| callback.log_io_completed(result))
-            .map_err(|e| e.into_raft(StorageIOError::write_logs))
+        Ok(self.append_with(entries, move |result| callback.io_completed(result))?)
     }
 
-    async fn truncate(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
-        self.truncate_from(log_id.index)
-            .map_err(|e| e.into_raft(StorageIOError::write_logs))
+    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
+        let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
+        Ok(self.truncate_from(from)?)
     }
 
-    async fn purge(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
-        self.purge_upto(&log_id)
-            .map_err(|e| e.into_raft(StorageIOError::write_logs))
+    async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
+        Ok(self.purge_upto(&log_id)?)
     }
 }
 

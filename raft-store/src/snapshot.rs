@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use openraft::{RaftTypeConfig, SnapshotMeta};
+use openraft::RaftTypeConfig;
 
 use crate::codec;
 use crate::error::StoreError;
@@ -30,7 +30,7 @@ const MAX_FIELD: u32 = 256 << 20;
 /// One record: key and value.
 pub(crate) type Record = (Vec<u8>, Vec<u8>);
 
-pub(crate) type Meta<C> = SnapshotMeta<<C as RaftTypeConfig>::NodeId, <C as RaftTypeConfig>::Node>;
+pub(crate) type Meta<C> = openraft::alias::SnapshotMetaOf<C>;
 
 /// Writes a snapshot file record by record, keeping its checksum.
 pub(crate) struct SnapshotWriter {
@@ -184,9 +184,14 @@ pub(crate) fn read_meta<C: RaftTypeConfig>(store: &Path, path: &Path) -> Result<
     Ok(meta)
 }
 
-/// A file name made only of safe characters from a snapshot id.
-pub(crate) fn file_name(snapshot_id: &str) -> String {
-    let safe: String = snapshot_id
+/// The file name of a snapshot: the log id it covers (index first, so
+/// names sort by it), made only of safe characters.
+pub(crate) fn file_name<C: RaftTypeConfig>(meta: &Meta<C>) -> String {
+    let covers = match &meta.last_log_id {
+        Some(l) => format!("{:020}-{}", l.index, l.committed_leader_id()),
+        None => "empty".to_string(),
+    };
+    let safe: String = covers
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {

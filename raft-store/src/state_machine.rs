@@ -26,17 +26,16 @@
 //! flushed, so nothing the snapshot covers is only in memory.
 
 use std::fs;
-use std::io::{BufReader, Seek, SeekFrom};
+use std::io::{self, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{
-    EntryPayload, LogId, RaftSnapshotBuilder, RaftTypeConfig, SnapshotMeta, StorageError, StorageIOError,
-    StoredMembership,
-};
+use futures::StreamExt;
+use openraft::alias::{LogIdOf, SnapshotOf, StoredMembershipOf};
+use openraft::storage::{ApplyResponder, EntryResponder, RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, RaftSnapshotBuilder, RaftTypeConfig, SnapshotMeta, StoredMembership};
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
 use crate::codec;
@@ -51,6 +50,8 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_FORMAT: &[u8] = b"format";
 /// Records per RocksDB batch while installing a snapshot.
 const INSTALL_BATCH: usize = 4096;
+/// Most committed entries applied under one lock (what the stream has ready).
+const APPLY_CHUNK: usize = 1024;
 /// How long applied changes may wait in memory before they are written to
 /// the state DB. Longer gathers more rewrites of the same records into one;
 /// what waits is re-applied from the log after a crash.
@@ -76,7 +77,7 @@ pub trait StateMachine<C: RaftTypeConfig>: Send + Sync + Sized + 'static {
     /// store stops applying, and openraft stops the replica, rather than let
     /// it answer differently from the others. A command the application
     /// merely refuses is an answer, not an error.
-    fn apply(&mut self, log_id: &LogId<C::NodeId>, command: C::D) -> Result<C::R, ApplyError>;
+    fn apply(&mut self, log_id: &LogIdOf<C>, command: C::D) -> Result<C::R, ApplyError>;
 
     /// Puts in `writes` every record changed since the last call, as it
     /// stands now (a value, or a deletion), and forgets them. The store
@@ -157,7 +158,7 @@ struct Shared<C: StoreTypes, A: StateMachine<C>> {
     /// records written and the applied id written with them always match.
     progress: Mutex<Progress<C>>,
     current: Mutex<Option<Meta<C>>>,
-    /// Makes snapshot ids and temporary names unique within this process.
+    /// Makes temporary names unique within this process.
     seq: AtomicU64,
     /// Files handed to openraft to receive snapshots; removed after an install.
     receiving: Mutex<Vec<PathBuf>>,
@@ -210,10 +211,7 @@ fn meta_get<T: serde::de::DeserializeOwned>(store: &Path, db: &DB, key: &[u8]) -
     raw.map(|v| codec::decode(store, CF_STATE_META, key, &v)).transpose()
 }
 
-type Applied<C> = (
-    Option<LogId<<C as RaftTypeConfig>::NodeId>>,
-    StoredMembership<<C as RaftTypeConfig>::NodeId, <C as RaftTypeConfig>::Node>,
-);
+type Applied<C> = (Option<LogIdOf<C>>, StoredMembershipOf<C>);
 
 fn read_applied<C: RaftTypeConfig>(store: &Path, db: &DB) -> Result<Applied<C>, StoreError> {
     let applied = meta_get(store, db, KEY_APPLIED)?.flatten();
@@ -348,11 +346,7 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
 
     /// Keeps the newest snapshot not ahead of the applied state; removes the
     /// rest (partial files and snapshots whose install never switched over).
-    fn pick_snapshot(
-        root: &Path,
-        snap_dir: &Path,
-        applied: Option<LogId<C::NodeId>>,
-    ) -> Result<Option<Meta<C>>, StoreError> {
+    fn pick_snapshot(root: &Path, snap_dir: &Path, applied: Option<LogIdOf<C>>) -> Result<Option<Meta<C>>, StoreError> {
         let mut best: Option<(Meta<C>, PathBuf)> = None;
         for entry in fs::read_dir(snap_dir).map_err(io_err(root, "list", snap_dir))? {
             let path = entry.map_err(io_err(root, "list", snap_dir))?.path();
@@ -388,11 +382,34 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
     }
 
     fn snap_path(&self, meta: &Meta<C>) -> PathBuf {
-        self.shared.snap_dir.join(snapshot::file_name(&meta.snapshot_id))
+        self.shared.snap_dir.join(snapshot::file_name::<C>(meta))
+    }
+
+    /// A new file to receive a snapshot sent by the leader into; hand it,
+    /// written and with its metadata, to openraft
+    /// (`Raft::install_full_snapshot`). Files received are removed once a
+    /// snapshot is installed, and at the next start if none was.
+    pub async fn receive_snapshot(&self) -> Result<tokio::fs::File, StoreError> {
+        let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.shared.snap_dir.join(format!("receiving-{seq}.part"));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| StoreError::io(&self.shared.root, "create", &path, e))?;
+        self.shared
+            .receiving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path);
+        Ok(file)
     }
 
     /// Applies entries; writes what changed when the oldest unwritten change
-    /// is [`WRITE_EVERY`] old or the membership changed.
+    /// is [`WRITE_EVERY`] old or the membership changed. Returns the answers.
     ///
     /// The state is written without RocksDB's write-ahead log: the Raft log
     /// already holds every applied entry, and after a crash openraft
@@ -400,28 +417,36 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
     /// Atomic flush keeps the records and the applied id of one batch
     /// together on disk, so that applied id always matches the records.
     pub fn apply_entries(&self, entries: impl IntoIterator<Item = C::Entry>) -> Result<Vec<C::R>, StoreError> {
+        let answered = self.apply_tagged(entries.into_iter().map(|e| (e, ())))?;
+        Ok(answered.into_iter().map(|((), reply)| reply).collect())
+    }
+
+    /// [`Self::apply_entries`] for entries that each carry a tag (who waits
+    /// for the answer); returns every tag with its entry's answer, to be
+    /// handed out once the state's locks are released.
+    fn apply_tagged<T>(&self, entries: impl IntoIterator<Item = (C::Entry, T)>) -> Result<Vec<(T, C::R)>, StoreError> {
         let root = &self.shared.root;
         let mut progress = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
-        let mut replies = Vec::new();
+        let mut answered = Vec::new();
         let mut membership_changed = false;
         {
             let mut app = self.shared.app.write().unwrap_or_else(|e| e.into_inner());
-            for entry in entries {
+            for (entry, tag) in entries {
                 let log_id = entry.log_id;
                 match entry.payload {
-                    EntryPayload::Blank => replies.push(C::R::default()),
+                    EntryPayload::Blank => answered.push((tag, C::R::default())),
                     EntryPayload::Normal(command) => {
                         let reply = app.apply(&log_id, command).map_err(|e| StoreError::Unapplicable {
                             store: root.clone(),
                             index: log_id.index,
                             reason: e.reason,
                         })?;
-                        replies.push(reply);
+                        answered.push((tag, reply));
                     }
                     EntryPayload::Membership(m) => {
                         progress.applied.1 = StoredMembership::new(Some(log_id.clone()), m);
                         membership_changed = true;
-                        replies.push(C::R::default());
+                        answered.push((tag, C::R::default()));
                     }
                 }
                 progress.applied.0 = Some(log_id);
@@ -432,7 +457,7 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
         if due || membership_changed {
             self.write_unwritten(&mut progress)?;
         }
-        Ok(replies)
+        Ok(answered)
     }
 
     /// Writes every applied change not yet in the state DB, with the applied
@@ -481,7 +506,7 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
             view.get_cf(cf(&db, CF_STATE_META), key)
                 .map_err(|e| StoreError::rocks(root, "read state", e))
         };
-        let applied: Option<LogId<C::NodeId>> = match read_meta(KEY_APPLIED)? {
+        let applied: Option<LogIdOf<C>> = match read_meta(KEY_APPLIED)? {
             Some(v) => codec::decode(root, CF_STATE_META, KEY_APPLIED, &v)?,
             None => None,
         };
@@ -490,15 +515,11 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
             None => StoredMembership::default(),
         };
         let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        let index = applied.as_ref().map(|l| l.index).unwrap_or(0);
+        // openraft 0.10 names a snapshot by what it covers: two snapshots up
+        // to the same log id hold the same state.
         let meta = SnapshotMeta {
             last_log_id: applied,
             last_membership: membership,
-            snapshot_id: format!("{index}-{stamp}-{seq}"),
         };
         let tmp = self.shared.snap_dir.join(format!("building-{seq}.tmp"));
         let file = fs::File::create(&tmp).map_err(io_err(root, "create", &tmp))?;
@@ -526,8 +547,9 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
             return remove_path(root, &path);
         }
         if let Some(old) = current.replace(meta.clone()) {
-            if old.snapshot_id != meta.snapshot_id {
-                remove_path(root, &self.snap_path(&old))?;
+            let old_path = self.snap_path(&old);
+            if old_path != path {
+                remove_path(root, &old_path)?;
             }
         }
         Ok(())
@@ -543,14 +565,11 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
             .map_err(io_err(root, "seek", &incoming))?;
         let (mut reader, header) =
             SnapshotReader::open::<C>(BufReader::with_capacity(1 << 20, input), root, &incoming)?;
-        if header.snapshot_id != meta.snapshot_id || header.last_log_id != meta.last_log_id {
+        if header != *meta {
             return Err(StoreError::BadSnapshot {
                 store: root.clone(),
                 path: incoming,
-                reason: format!(
-                    "holds snapshot {} up to {:?}, but {} up to {:?} was announced",
-                    header.snapshot_id, header.last_log_id, meta.snapshot_id, meta.last_log_id
-                ),
+                reason: format!("holds the snapshot {header}, but {meta} was announced"),
             });
         }
 
@@ -667,27 +686,32 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
-impl<C: StoreTypes, A: StateMachine<C>> RaftSnapshotBuilder<C> for StateMachineStore<C, A> {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<C>, StorageError<C::NodeId>> {
-        let this = self.clone();
-        let meta = blocking(move || this.build_snapshot_file())
-            .await
-            .map_err(|e| e.into_raft(|a| StorageIOError::write_snapshot(None, a)))?;
+impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
+    /// The current snapshot file, opened for reading.
+    async fn open_snapshot(&self, meta: Meta<C>) -> Result<SnapshotOf<C, tokio::fs::File>, io::Error> {
         let path = self.snap_path(&meta);
-        let file = tokio::fs::File::open(&path).await.map_err(|e| {
-            StoreError::io(&self.shared.root, "open", &path, e).into_raft(|a| StorageIOError::read_snapshot(None, a))
-        })?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(file),
-        })
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| StoreError::io(&self.shared.root, "open", &path, e))?;
+        Ok(Snapshot { meta, snapshot: file })
+    }
+}
+
+impl<C: StoreTypes, A: StateMachine<C>> RaftSnapshotBuilder<C> for StateMachineStore<C, A> {
+    type SnapshotData = tokio::fs::File;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, tokio::fs::File>, io::Error> {
+        let this = self.clone();
+        let meta = blocking(move || this.build_snapshot_file()).await?;
+        self.open_snapshot(meta).await
     }
 }
 
 impl<C: StoreTypes, A: StateMachine<C>> RaftStateMachine<C> for StateMachineStore<C, A> {
+    type SnapshotData = tokio::fs::File;
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> Result<Applied<C>, StorageError<C::NodeId>> {
+    async fn applied_state(&mut self) -> Result<Applied<C>, io::Error> {
         Ok(self
             .shared
             .progress
@@ -697,71 +721,46 @@ impl<C: StoreTypes, A: StateMachine<C>> RaftStateMachine<C> for StateMachineStor
             .clone())
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<C::R>, StorageError<C::NodeId>>
+    /// Applies what is ready of the stream in one go (one lock, at most one
+    /// state write), then answers each entry's waiter directly.
+    async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), io::Error>
     where
-        I: IntoIterator<Item = C::Entry> + Send,
-        I::IntoIter: Send,
+        Strm: futures::Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + Send,
     {
-        self.apply_entries(entries)
-            .map_err(|e| e.into_raft(StorageIOError::write_state_machine))
+        let mut ready = entries.ready_chunks(APPLY_CHUNK);
+        while let Some(chunk) = ready.next().await {
+            let chunk: Vec<(C::Entry, Option<ApplyResponder<C>>)> = chunk.into_iter().collect::<Result<_, _>>()?;
+            for (responder, reply) in self.apply_tagged(chunk)? {
+                if let Some(responder) = responder {
+                    responder.send(reply);
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<C::SnapshotData>, StorageError<C::NodeId>> {
-        let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
-        let path = self.shared.snap_dir.join(format!("receiving-{seq}.part"));
-        let file = tokio::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .await
-            .map_err(|e| {
-                StoreError::io(&self.shared.root, "create", &path, e)
-                    .into_raft(|a| StorageIOError::write_snapshot(None, a))
-            })?;
-        self.shared
-            .receiving
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(path);
-        Ok(Box::new(file))
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &Meta<C>,
-        snapshot: Box<C::SnapshotData>,
-    ) -> Result<(), StorageError<C::NodeId>> {
+    async fn install_snapshot(&mut self, meta: &Meta<C>, snapshot: tokio::fs::File) -> Result<(), io::Error> {
         let file = snapshot.into_std().await;
         let this = self.clone();
         let m = meta.clone();
-        let signature = meta.signature();
-        blocking(move || this.install_snapshot_file(&m, file))
-            .await
-            .map_err(|e| e.into_raft(|a| StorageIOError::write_snapshot(Some(signature), a)))?;
+        blocking(move || this.install_snapshot_file(&m, file)).await?;
         // The received data now lives in our own snapshot file.
         let received = std::mem::take(&mut *self.shared.receiving.lock().unwrap_or_else(|e| e.into_inner()));
         for path in received {
-            remove_path(&self.shared.root, &path).map_err(|e| e.into_raft(StorageIOError::write))?;
+            remove_path(&self.shared.root, &path)?;
         }
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<C>>, StorageError<C::NodeId>> {
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<C, tokio::fs::File>>, io::Error> {
         let meta = self.shared.current.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(meta) = meta else { return Ok(None) };
-        let path = self.snap_path(&meta);
-        let file = tokio::fs::File::open(&path).await.map_err(|e| {
-            StoreError::io(&self.shared.root, "open", &path, e).into_raft(|a| StorageIOError::read_snapshot(None, a))
-        })?;
-        Ok(Some(Snapshot {
-            meta,
-            snapshot: Box::new(file),
-        }))
+        match meta {
+            Some(meta) => self.open_snapshot(meta).await.map(Some),
+            None => Ok(None),
+        }
     }
 }

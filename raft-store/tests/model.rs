@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+use openraft::alias::LogIdOf;
 use proptest::prelude::*;
-use raft_store::kv::{KvCommand, KvTypes};
+use raft_store::kv::{set_entry, KvEntry, KvTypes, KvVote};
 use raft_store::LogStore;
 
 #[derive(Debug, Clone)]
@@ -39,16 +39,16 @@ fn op() -> impl Strategy<Value = Op> {
 
 #[derive(Default)]
 struct Model {
-    entries: BTreeMap<u64, Entry<KvTypes>>,
-    purged: Option<LogId<u64>>,
-    vote: Option<Vote<u64>>,
+    entries: BTreeMap<u64, KvEntry>,
+    purged: Option<LogIdOf<KvTypes>>,
+    vote: Option<KvVote>,
 }
 
 impl Model {
-    fn last(&self) -> Option<LogId<u64>> {
+    fn last(&self) -> Option<LogIdOf<KvTypes>> {
         self.entries.values().next_back().map(|e| e.log_id).or(self.purged)
     }
-    fn nth(&self, k: usize) -> Option<LogId<u64>> {
+    fn nth(&self, k: usize) -> Option<LogIdOf<KvTypes>> {
         if self.entries.is_empty() {
             return None;
         }
@@ -56,7 +56,7 @@ impl Model {
     }
 }
 
-fn append_and_wait(store: &LogStore<KvTypes>, entries: Vec<Entry<KvTypes>>) {
+fn append_and_wait(store: &LogStore<KvTypes>, entries: Vec<KvEntry>) {
     let (tx, rx) = std::sync::mpsc::channel();
     store.append_with(entries, move |r| tx.send(r).unwrap()).unwrap();
     rx.recv().unwrap().unwrap();
@@ -69,7 +69,7 @@ fn check(store: &LogStore<KvTypes>, model: &Model) -> Result<(), TestCaseError> 
     let stored = store.read_entries(..).unwrap();
     let expected: Vec<_> = model.entries.values().cloned().collect();
     prop_assert_eq!(stored, expected);
-    prop_assert_eq!(store.vote().unwrap(), model.vote);
+    prop_assert_eq!(store.vote(), model.vote);
     Ok(())
 }
 
@@ -83,12 +83,13 @@ fn run(dir: &Path, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let term = term.max(model.last().map(|l| l.leader_id.term).unwrap_or(0));
                 let first = model.last().map(|l| l.index + 1).unwrap_or(1);
                 let batch: Vec<_> = (first..first + count)
-                    .map(|index| Entry {
-                        log_id: LogId::new(CommittedLeaderId::new(term, 0), index),
-                        payload: EntryPayload::Normal(KvCommand::Set {
-                            key: format!("k{index}"),
-                            value: vec![index as u8; (index % 7) as usize],
-                        }),
+                    .map(|index| {
+                        set_entry(
+                            term,
+                            index,
+                            format!("k{index}"),
+                            vec![index as u8; (index % 7) as usize],
+                        )
                     })
                     .collect();
                 for e in &batch {
@@ -110,7 +111,7 @@ fn run(dir: &Path, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::SaveVote { term, node } => {
-                let vote = Vote::new(term, node);
+                let vote = KvVote::new(term, node);
                 store.write_vote(&vote).unwrap();
                 model.vote = Some(vote);
             }

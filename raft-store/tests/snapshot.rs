@@ -4,21 +4,15 @@
 use std::path::Path;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
-use raft_store::kv::{KvApp, KvCommand, KvTypes};
+use openraft::RaftSnapshotBuilder;
+use raft_store::kv::{set_entry, KvApp, KvEntry, KvTypes};
 use raft_store::{LogStore, StateMachineStore};
 use tokio::io::AsyncWriteExt;
 
 type Sm = StateMachineStore<KvTypes, KvApp>;
 
-fn set(index: u64, key: &str, value: &str) -> Entry<KvTypes> {
-    Entry {
-        log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
-        payload: EntryPayload::Normal(KvCommand::Set {
-            key: key.into(),
-            value: value.as_bytes().to_vec(),
-        }),
-    }
+fn set(index: u64, key: &str, value: &str) -> KvEntry {
+    set_entry(1, index, key, value.as_bytes())
 }
 
 fn data(sm: &Sm) -> Vec<(String, Vec<u8>)> {
@@ -40,7 +34,7 @@ async fn fill(sm: &mut Sm, from: u64, to: u64) {
     let entries: Vec<_> = (from..to)
         .map(|i| set(i, &format!("key{i:06}"), &format!("v{i}")))
         .collect();
-    sm.apply(entries).await.unwrap();
+    sm.apply_entries(entries).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,12 +48,12 @@ async fn snapshot_transfer_install_and_restart() {
     fill(&mut leader, 20_001, 20_101).await;
     let snap = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
     assert_eq!(snap.meta.last_log_id.unwrap().index, 20_100);
-    assert_ne!(first.meta.snapshot_id, snap.meta.snapshot_id);
+    assert_ne!(first.meta.last_log_id, snap.meta.last_log_id);
     assert_eq!(snap_files(leader_dir.path()).len(), 1, "older snapshot removed");
 
     // Stream the file to the follower in small chunks, as openraft does.
     let (_, mut follower) = raft_store::open::<KvTypes, KvApp>(follower_dir.path()).unwrap();
-    let mut incoming = follower.begin_receiving_snapshot().await.unwrap();
+    let mut incoming = follower.receive_snapshot().await.unwrap();
     let Snapshot { meta, snapshot } = leader.get_current_snapshot().await.unwrap().unwrap();
     let mut src = snapshot.into_std().await;
     let mut buf = vec![0u8; 4096];
@@ -116,7 +110,7 @@ async fn damaged_snapshot_is_refused_and_state_unchanged() {
     let (_, mut follower) = raft_store::open::<KvTypes, KvApp>(b.path()).unwrap();
     fill(&mut follower, 1, 3).await;
     let before = data(&follower);
-    let mut incoming = follower.begin_receiving_snapshot().await.unwrap();
+    let mut incoming = follower.receive_snapshot().await.unwrap();
     incoming.write_all(&bytes).await.unwrap();
     incoming.flush().await.unwrap();
     let err = follower.install_snapshot(&snap.meta, incoming).await.unwrap_err();
@@ -238,7 +232,7 @@ async fn applied_changes_not_yet_written_are_reported_and_kept_at_close() {
     let (_, mut sm) = raft_store::open::<KvTypes, KvApp>(dir.path()).unwrap();
     // The same key rewritten many times, well within one write interval.
     let entries: Vec<_> = (1..=1000).map(|i| set(i, "hot", &format!("v{i}"))).collect();
-    sm.apply(entries).await.unwrap();
+    sm.apply_entries(entries).unwrap();
     assert_eq!(sm.applied_state().await.unwrap().0.unwrap().index, 1000);
     assert_eq!(data(&sm), vec![("hot".to_string(), b"v1000".to_vec())]);
     drop(sm);

@@ -1,6 +1,7 @@
 //! Between the native API's messages and the Master's domain types. The
 //! domain knows nothing of protobuf; this is the only place that knows both.
 
+use openraft::rt::WatchReceiver;
 use openraft::ServerState;
 use slap_proto::master as pb;
 use tonic::Status;
@@ -215,7 +216,7 @@ pub fn usage_report(r: &crate::state::ledger::Report) -> pb::UsageReport {
 /// The replicas with their public addresses and roles, and the leader, as
 /// this replica sees them.
 pub fn cluster_view(replica: &Replica, with_digest: bool) -> pb::ClusterView {
-    let m = replica.raft.metrics().borrow().clone();
+    let m = replica.raft.metrics().borrow_watched().clone();
     let membership = m.membership_config.membership();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
     let state = replica.state.read().unwrap_or_else(|e| e.into_inner());

@@ -13,6 +13,7 @@
 
 mod convert;
 
+use openraft::rt::WatchReceiver;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;

@@ -8,7 +8,7 @@ pub mod service;
 use std::path::Path;
 use std::sync::Arc;
 
-use openraft::{LogId, TokioRuntime};
+use openraft::alias::LogIdOf;
 use raft_store::{ApplyError, LogStore, RestoreError, StateMachineStore, StoreError, Writes};
 use serde::{Deserialize, Serialize};
 
@@ -21,9 +21,6 @@ openraft::declare_raft_types!(
         R = Vec<Reply>,
         NodeId = u64,
         Node = ReplicaNode,
-        Entry = openraft::Entry<MasterTypes>,
-        SnapshotData = tokio::fs::File,
-        AsyncRuntime = TokioRuntime,
 );
 
 /// What a log entry carries: a [`ProposalBatch`] as the leader encoded it.
@@ -51,6 +48,13 @@ impl LoggedBatch {
 impl std::fmt::Debug for LoggedBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "LoggedBatch({} bytes)", self.0.len())
+    }
+}
+
+/// How openraft names an entry's data in its logs.
+impl std::fmt::Display for LoggedBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a batch of writes ({} bytes)", self.0.len())
     }
 }
 
@@ -86,13 +90,15 @@ pub struct ReplicaNode {
     pub addr: String,
 }
 
-/// The Raft handle of a replica.
-pub type Raft = openraft::Raft<MasterTypes>;
 /// The state-machine storage of a replica.
 pub type StateStore = StateMachineStore<MasterTypes, Master>;
+/// The Raft handle of a replica.
+pub type Raft = openraft::Raft<MasterTypes, StateStore>;
+/// A log id of the Master's log.
+pub type LogId = LogIdOf<MasterTypes>;
 
 impl raft_store::StateMachine<MasterTypes> for Master {
-    fn apply(&mut self, log_id: &LogId<u64>, batch: LoggedBatch) -> Result<Vec<Reply>, ApplyError> {
+    fn apply(&mut self, log_id: &LogId, batch: LoggedBatch) -> Result<Vec<Reply>, ApplyError> {
         let batch = batch.decode().map_err(|e| ApplyError {
             reason: format!("its proposals do not decode ({e})"),
         })?;
@@ -119,7 +125,7 @@ impl raft_store::StateMachine<MasterTypes> for Master {
 
 /// Raft timing.
 ///
-/// openraft (0.9) gives a leader a lease as long as the largest election
+/// openraft gives a leader a lease as long as the largest election
 /// timeout: a follower calls an election only after `election-max-ms` plus
 /// its own random timeout in [`election-min-ms`, `election-max-ms`) without
 /// hearing from the leader. The defaults (heartbeat 100 ms, 250 to 400 ms)
@@ -176,8 +182,10 @@ impl Timing {
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_min_ms,
             election_timeout_max: self.election_max_ms,
-            // openraft's 200 ms default is too short for a snapshot chunk
-            // written with fsync on a busy disk.
+            // How long one snapshot chunk may take to be taken by a
+            // follower (the whole transfer has no bound: it goes on while
+            // chunks keep moving). openraft's 200 ms is too short on a busy
+            // disk.
             install_snapshot_timeout: 10_000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.keep_log_after_snapshot,
@@ -195,6 +203,10 @@ impl Timing {
             // voter that holds nothing weakens the quorum it joins.
             replication_lag_threshold: 64,
             snapshot_max_chunk_size: 1 << 20,
+            // A replica cut off for a while asks whether it could win before
+            // it raises its term, so coming back does not depose a healthy
+            // leader (a cut link used to cost an election on return).
+            enable_pre_vote: Some(true),
             ..Default::default()
         };
         config.validate().map(Arc::new).map_err(|e| e.to_string())

@@ -26,8 +26,9 @@ pub struct Proposal {
 }
 
 /// What one Raft log entry carries: proposals the leader gathered while the
-/// previous entry was being written, applied in order. Batching amortizes
-/// the leader's fsync (openraft 0.9 syncs each entry before the next).
+/// previous entries were being proposed, applied in order. Batching pays the
+/// per-entry costs (a log record, replication, an apply call) once for many
+/// writes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProposalBatch(pub Vec<Proposal>);
 
