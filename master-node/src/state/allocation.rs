@@ -2,12 +2,21 @@
 //! a partition among those that match.
 //!
 //! The choice is deterministic, because every replica makes it inside
-//! `apply`: it depends only on the state and the log index. To spread load it
-//! prefers the matching computer with the fewest busy partitions, and breaks
-//! ties by rotating through the tied computers with the log index, so equal
-//! computers fill evenly instead of the first one filling up.
+//! `apply`: it depends only on the state and the proposal's sequence
+//! number. To spread load it prefers the matching computer with the fewest
+//! busy partitions; among equally loaded ones it takes the first at or after
+//! a point that the sequence number picks on a fixed hash of computer ids,
+//! so equal computers fill evenly instead of the first one filling up.
+//!
+//! A cloud has thousands of computers, so the choice does not scan them: the
+//! [`PlacementIndex`] keeps, per software release, the computers that have
+//! it supplied and a free partition, ordered by load. An unconstrained
+//! request, or one naming its computer, takes the first entry that fits; a
+//! request with other SLA keys walks the entries in load order until one
+//! matches.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 use super::model::*;
 use super::Master;
@@ -98,9 +107,14 @@ impl Filter {
     /// capability must be declared; partitions declaring capabilities take
     /// only instances that ask for one of them.
     pub fn accepts_partition(&self, partition: &Partition) -> bool {
+        self.accepts_capabilities(&partition.capabilities)
+    }
+
+    /// [`Filter::accepts_partition`] for a partition declaring `capabilities`.
+    pub fn accepts_capabilities(&self, capabilities: &[String]) -> bool {
         match &self.capability {
-            Some(c) => partition.capabilities.contains(c),
-            None => partition.capabilities.is_empty(),
+            Some(c) => capabilities.contains(c),
+            None => capabilities.is_empty(),
         }
     }
 }
@@ -125,59 +139,57 @@ impl Master {
         root: &str,
         seq: u64,
     ) -> Result<(ComputerId, PartitionId), String> {
-        let used_networks: BTreeSet<String> = if filter.unique_by_network {
-            self.instances
-                .values()
-                .filter(|i| i.root == root)
-                .filter_map(|i| i.partition.as_ref())
-                .filter_map(|(c, _)| self.computers.get(c))
-                .map(network_of)
-                .collect()
+        let used_networks = if filter.unique_by_network {
+            self.networks_of_tree(root)
         } else {
             BTreeSet::new()
         };
-        let mut best: Vec<(usize, &Computer, &Partition)> = Vec::new();
-        let mut best_busy = usize::MAX;
-        let mut supplied_anywhere = false;
-        for computer in self.computers.values() {
-            let supplied = self
-                .installations
-                .get(&(computer.id.clone(), release.to_string()))
-                .is_some_and(|s| s.requested == SupplyState::Available);
-            supplied_anywhere |= supplied;
-            if !supplied || !filter.accepts_computer(computer) || used_networks.contains(&network_of(computer)) {
-                continue;
+        // The first free partition of `slot`'s computer that the filter takes.
+        let fits = |slot: &Slot| -> Option<(ComputerId, PartitionId)> {
+            let computer = self.computers.get(&slot.computer)?;
+            if !filter.accepts_computer(computer) || used_networks.contains(&network_of(computer)) {
+                return None;
             }
-            let mut busy = 0;
-            let mut first_free = None;
-            for pid in &computer.partitions {
-                let Some(p) = self.partitions.get(&(computer.id.clone(), pid.clone())) else {
-                    continue;
-                };
-                match p.state {
-                    SlapState::Busy => busy += 1,
-                    SlapState::Free if first_free.is_none() && filter.accepts_partition(p) => first_free = Some(p),
-                    SlapState::Free => {}
-                }
-            }
-            let Some(free) = first_free else { continue };
-            if busy < best_busy {
-                best_busy = busy;
-                best.clear();
-            }
-            if busy == best_busy {
-                best.push((busy, computer, free));
-            }
-        }
-        if best.is_empty() {
-            return Err(if supplied_anywhere {
+            let room = self.placement.rooms.get(&slot.computer)?;
+            let position = room
+                .free
+                .iter()
+                .filter(|(caps, _)| filter.accepts_capabilities(caps))
+                .filter_map(|(_, positions)| positions.first())
+                .min()?;
+            Some((computer.id.clone(), computer.partitions.get(*position)?.clone()))
+        };
+        let chosen = match &filter.computer_guid {
+            Some(id) => self
+                .placement
+                .rooms
+                .get(id)
+                .filter(|room| room.releases.contains(release) && room.has_free())
+                .and_then(|room| fits(&room.slot(id))),
+            None => self.placement.first_fitting(release, spread_point(seq), fits),
+        };
+        chosen.ok_or_else(|| {
+            if self.placement.supplied.get(release).is_some_and(|n| *n > 0) {
                 format!("no free partition matches the SLA on the computers that have {release} supplied")
             } else {
                 format!("no computer has {release} supplied")
-            });
+            }
+        })
+    }
+
+    /// The networks the placed instances of tree `root` are on.
+    fn networks_of_tree(&self, root: &str) -> BTreeSet<String> {
+        let mut networks = BTreeSet::new();
+        let mut stack = vec![root.to_string()];
+        while let Some(id) = stack.pop() {
+            if let Some((c, _)) = self.instances.get(&id).and_then(|i| i.partition.as_ref()) {
+                if let Some(computer) = self.computers.get(c) {
+                    networks.insert(network_of(computer));
+                }
+            }
+            stack.extend(self.children_ids(&id).cloned());
         }
-        let (_, computer, partition) = best[(seq % best.len() as u64) as usize];
-        Ok((computer.id.clone(), partition.id.clone()))
+        networks
     }
 
     /// Finds the host of a new shared instance: the instance named by
@@ -216,6 +228,236 @@ impl Master {
         hosts.first().map(|h| h.id.clone()).ok_or_else(|| {
             format!("no started instance of {release} (type {software_type:?}) can host this shared instance")
         })
+    }
+}
+
+/// Free room for placement, indexed so that choosing a partition does not
+/// scan every computer.
+///
+/// Derived from computers, partitions and installations, never stored: it is
+/// rebuilt at restore ([`PlacementIndex::build`]) and kept up to date by the
+/// few commands that change what it reflects: a format or a supply
+/// ([`PlacementIndex::refresh`]), a placement and a freed partition
+/// ([`PlacementIndex::occupy`], [`PlacementIndex::vacate`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct PlacementIndex {
+    /// Per release: the computers that have it supplied and at least one
+    /// free partition, by load.
+    candidates: BTreeMap<SoftwareUrl, BTreeSet<Slot>>,
+    /// How many computers have each release supplied, with room or not (to
+    /// tell "supplied nowhere" from "no room").
+    supplied: BTreeMap<SoftwareUrl, usize>,
+    /// Per computer: its load, its free partitions, its supplied releases.
+    rooms: BTreeMap<ComputerId, Room>,
+}
+
+/// A computer's place among the candidates of a release: by load, then by
+/// a fixed hash of its id (where equally loaded computers take turns), then
+/// by id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Slot {
+    busy: usize,
+    spread: u64,
+    computer: ComputerId,
+}
+
+/// What the index knows of one computer.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Room {
+    /// Busy partitions.
+    busy: usize,
+    /// Free partitions by position in the computer's list, grouped by the
+    /// capabilities they declare (usually one group: none). No empty group.
+    free: BTreeMap<Vec<String>, BTreeSet<usize>>,
+    /// Releases supplied to it (requested available).
+    releases: BTreeSet<SoftwareUrl>,
+}
+
+impl Room {
+    fn has_free(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    fn slot(&self, computer: &str) -> Slot {
+        Slot {
+            busy: self.busy,
+            spread: spread_of(computer),
+            computer: computer.to_string(),
+        }
+    }
+}
+
+/// Where a computer sits among equally loaded computers: FNV-1a of its id,
+/// then mixed (ids that differ in one character, COMP-1 and COMP-2, would
+/// otherwise land side by side). Spelled out, not std's hasher, so every
+/// replica and every version of this program computes the same value.
+pub(crate) fn spread_of(computer: &str) -> u64 {
+    let fnv = computer.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    mix(fnv)
+}
+
+/// Where, among equally loaded computers, the proposal numbered `seq`
+/// starts looking: consecutive proposals land far apart.
+pub(crate) fn spread_point(seq: u64) -> u64 {
+    mix(seq)
+}
+
+/// splitmix64's finalizer: every input bit moves about half the output bits.
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl PlacementIndex {
+    /// The index of a whole state.
+    pub(crate) fn build(
+        computers: &BTreeMap<ComputerId, Computer>,
+        partitions: &BTreeMap<(ComputerId, PartitionId), Partition>,
+        installations: &BTreeMap<(ComputerId, SoftwareUrl), SoftwareInstallation>,
+    ) -> Self {
+        let mut index = Self::default();
+        for id in computers.keys() {
+            index.refresh(id, computers, partitions, installations);
+        }
+        index
+    }
+
+    /// Re-reads computer `id` (its partitions and supplies) from the state.
+    pub(crate) fn refresh(
+        &mut self,
+        id: &str,
+        computers: &BTreeMap<ComputerId, Computer>,
+        partitions: &BTreeMap<(ComputerId, PartitionId), Partition>,
+        installations: &BTreeMap<(ComputerId, SoftwareUrl), SoftwareInstallation>,
+    ) {
+        if let Some(old) = self.rooms.remove(id) {
+            self.unlist(id, &old);
+            for release in &old.releases {
+                if let Some(n) = self.supplied.get_mut(release) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.supplied.remove(release);
+                    }
+                }
+            }
+        }
+        let Some(computer) = computers.get(id) else { return };
+        let mut room = Room::default();
+        for (position, pid) in computer.partitions.iter().enumerate() {
+            let Some(p) = partitions.get(&(id.to_string(), pid.clone())) else {
+                continue;
+            };
+            match p.state {
+                SlapState::Busy => room.busy += 1,
+                SlapState::Free => {
+                    room.free.entry(p.capabilities.clone()).or_default().insert(position);
+                }
+            }
+        }
+        room.releases = installations
+            .range((id.to_string(), String::new())..)
+            .take_while(|((c, _), _)| c == id)
+            .filter(|(_, s)| s.requested == SupplyState::Available)
+            .map(|((_, url), _)| url.clone())
+            .collect();
+        for release in &room.releases {
+            *self.supplied.entry(release.clone()).or_default() += 1;
+        }
+        self.list(id, &room);
+        self.rooms.insert(id.to_string(), room);
+    }
+
+    /// Partition `position` of `computer` (declaring `capabilities`) took an instance.
+    pub(crate) fn occupy(&mut self, computer: &str, position: usize, capabilities: &[String]) {
+        self.change(computer, |room| {
+            if let Some(free) = room.free.get_mut(capabilities) {
+                if free.remove(&position) {
+                    room.busy += 1;
+                }
+                if free.is_empty() {
+                    room.free.remove(capabilities);
+                }
+            }
+        });
+    }
+
+    /// Partition `position` of `computer` (declaring `capabilities`) is free again.
+    pub(crate) fn vacate(&mut self, computer: &str, position: usize, capabilities: &[String]) {
+        self.change(computer, |room| {
+            if room.free.entry(capabilities.to_vec()).or_default().insert(position) {
+                room.busy = room.busy.saturating_sub(1);
+            }
+        });
+    }
+
+    fn change(&mut self, computer: &str, f: impl FnOnce(&mut Room)) {
+        let Some(mut room) = self.rooms.remove(computer) else {
+            return;
+        };
+        self.unlist(computer, &room);
+        f(&mut room);
+        self.list(computer, &room);
+        self.rooms.insert(computer.to_string(), room);
+    }
+
+    fn list(&mut self, computer: &str, room: &Room) {
+        if !room.has_free() {
+            return;
+        }
+        for release in &room.releases {
+            self.candidates
+                .entry(release.clone())
+                .or_default()
+                .insert(room.slot(computer));
+        }
+    }
+
+    fn unlist(&mut self, computer: &str, room: &Room) {
+        let slot = room.slot(computer);
+        for release in &room.releases {
+            if let Some(set) = self.candidates.get_mut(release) {
+                set.remove(&slot);
+                if set.is_empty() {
+                    self.candidates.remove(release);
+                }
+            }
+        }
+    }
+
+    /// The first candidate of `release` that `fits` accepts, least loaded
+    /// first; among equally loaded ones, from `point` on, wrapping around.
+    fn first_fitting<T>(&self, release: &str, point: u64, fits: impl Fn(&Slot) -> Option<T>) -> Option<T> {
+        let set = self.candidates.get(release)?;
+        let mut level = set.first()?.busy;
+        loop {
+            let at = |spread: u64| Slot {
+                busy: level,
+                spread,
+                computer: String::new(),
+            };
+            let after_point = set.range((Bound::Included(at(point)), Bound::Excluded(at_next_level(level))));
+            let before_point = set.range((Bound::Included(at(0)), Bound::Excluded(at(point))));
+            if let Some(found) = after_point.chain(before_point).find_map(&fits) {
+                return Some(found);
+            }
+            level = set
+                .range((Bound::Included(at_next_level(level)), Bound::Unbounded))
+                .next()?
+                .busy;
+        }
+    }
+}
+
+/// The smallest slot of the level after `level`.
+fn at_next_level(level: usize) -> Slot {
+    Slot {
+        busy: level + 1,
+        spread: 0,
+        computer: String::new(),
     }
 }
 

@@ -97,6 +97,8 @@ pub struct Master {
     hosted: BTreeMap<InstanceId, BTreeSet<InstanceId>>,
     /// Instances waiting for a place, by creation sequence number.
     pending: BTreeSet<(u64, InstanceId)>,
+    /// Free partitions by release and load, for placement.
+    placement: allocation::PlacementIndex,
     dirty: BTreeSet<Dirty>,
 }
 
@@ -594,6 +596,7 @@ impl Master {
             },
         );
         self.dirty.insert(Dirty::Computer(id.to_string()));
+        self.refresh_placement(id);
         self.place_pending(seq, now);
         Reply::Done
     }
@@ -619,6 +622,7 @@ impl Master {
                 });
             entry.requested = state;
             self.dirty.insert(Dirty::Installation(key.0, key.1));
+            self.refresh_placement(computer);
             self.touch_computer(seq, computer);
             if state == SupplyState::Available {
                 self.place_pending(seq, now);
@@ -637,6 +641,7 @@ impl Master {
                 return invalid(format!("{url} on {computer} is not requested destroyed"));
             }
             self.installations.remove(&key);
+            self.refresh_placement(computer);
         } else if inst.reported.as_ref() != Some(report) {
             inst.reported = Some(report.clone());
         } else {
@@ -867,6 +872,10 @@ impl Master {
                             .expect("chosen partition exists");
                         part.state = SlapState::Busy;
                         part.instance = Some(id.to_string());
+                        let capabilities = part.capabilities.clone();
+                        if let Some(position) = self.position_of(&c, &p) {
+                            self.placement.occupy(&c, position, &capabilities);
+                        }
                         self.dirty.insert(Dirty::Partition(c.clone(), p));
                         self.bump(seq, now, id);
                         // A new instance may be the host waiting shared ones need.
@@ -967,6 +976,10 @@ impl Master {
             if let Some(part) = self.partitions.get_mut(&(c.clone(), p.clone())) {
                 part.state = SlapState::Free;
                 part.instance = None;
+                let capabilities = part.capabilities.clone();
+                if let Some(position) = self.position_of(c, p) {
+                    self.placement.vacate(c, position, &capabilities);
+                }
                 self.dirty.insert(Dirty::Partition(c.clone(), p.clone()));
             }
             self.revoke_partition_certificates(c, p);
@@ -1210,6 +1223,27 @@ impl Master {
         for cert in &certs {
             self.index_certificate(cert);
         }
+        self.placement = allocation::PlacementIndex::build(&self.computers, &self.partitions, &self.installations);
+    }
+
+    /// Re-reads a computer's partitions and supplies into the placement index.
+    fn refresh_placement(&mut self, computer: &str) {
+        self.placement
+            .refresh(computer, &self.computers, &self.partitions, &self.installations);
+    }
+
+    /// Where a partition is in its computer's list.
+    fn position_of(&self, computer: &str, partition: &str) -> Option<usize> {
+        self.computers
+            .get(computer)?
+            .partitions
+            .iter()
+            .position(|p| p == partition)
+    }
+
+    /// Ids of the instances `requester` requested.
+    fn children_ids(&self, requester: &str) -> impl Iterator<Item = &InstanceId> {
+        self.children.get(requester).into_iter().flatten()
     }
 }
 

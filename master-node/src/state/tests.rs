@@ -1,7 +1,7 @@
 //! Tests of the SlapOS rules, and a property test of random command
 //! sequences against a simple model, with invariants after every step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -163,6 +163,100 @@ fn check_invariants(m: &Master) {
         }
         assert!(inst.timestamp <= m.clock);
     }
+    check_placement_index(m);
+}
+
+/// The placement index kept up command by command is the one a restart
+/// would build, and it chooses what the rule, spelled out over every
+/// computer, chooses.
+fn check_placement_index(m: &Master) {
+    let rebuilt = allocation::PlacementIndex::build(&m.computers, &m.partitions, &m.installations);
+    assert_eq!(m.placement, rebuilt, "the placement index drifted from the state");
+    let roots: BTreeSet<&str> = m.instances.values().map(|i| i.root.as_str()).collect();
+    let filters = [
+        Filter::default(),
+        Filter {
+            capability: Some("gpu".into()),
+            ..Filter::default()
+        },
+        Filter {
+            categories: vec![("region".into(), "eu".into())],
+            ..Filter::default()
+        },
+        Filter {
+            computer_guid: Some("COMP-1".into()),
+            ..Filter::default()
+        },
+        Filter {
+            unique_by_network: true,
+            ..Filter::default()
+        },
+    ];
+    for filter in &filters {
+        for root in roots.iter().copied().chain(["SOFTINST-none"]) {
+            for seq in [0, 1, 7, m.applied] {
+                assert_eq!(
+                    m.choose_partition(filter, SR, root, seq).ok(),
+                    reference_choice(m, filter, SR, root, seq),
+                    "placement differs from the rule for {filter:?} in tree {root} at {seq}"
+                );
+            }
+        }
+    }
+}
+
+/// The placement rule over every computer: among the computers that have
+/// `release` supplied, pass the filter, are on a network the tree does not
+/// use yet (`unique_by_network`) and have a free partition the filter takes,
+/// the least loaded; among those, the first at or after the sequence
+/// number's point on the computers' spread, wrapping around; its first such
+/// partition.
+fn reference_choice(
+    m: &Master,
+    filter: &Filter,
+    release: &str,
+    root: &str,
+    seq: u64,
+) -> Option<(ComputerId, PartitionId)> {
+    let used: BTreeSet<String> = if filter.unique_by_network {
+        m.instances
+            .values()
+            .filter(|i| i.root == root)
+            .filter_map(|i| i.partition.as_ref())
+            .filter_map(|(c, _)| m.computers.get(c))
+            .map(allocation::network_of)
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let mut eligible = Vec::new();
+    for c in m.computers.values() {
+        let supplied = m
+            .installations
+            .get(&(c.id.clone(), release.to_string()))
+            .is_some_and(|s| s.requested == SupplyState::Available);
+        if !supplied || !filter.accepts_computer(c) || used.contains(&allocation::network_of(c)) {
+            continue;
+        }
+        let parts: Vec<&Partition> = c
+            .partitions
+            .iter()
+            .map(|p| &m.partitions[&(c.id.clone(), p.clone())])
+            .collect();
+        let busy = parts.iter().filter(|p| p.state == SlapState::Busy).count();
+        let free = parts
+            .iter()
+            .find(|p| p.state == SlapState::Free && filter.accepts_partition(p));
+        if let Some(free) = free {
+            eligible.push((busy, allocation::spread_of(&c.id), c.id.clone(), free.id.clone()));
+        }
+    }
+    let least = eligible.iter().map(|e| e.0).min()?;
+    let mut tied: Vec<_> = eligible.into_iter().filter(|e| e.0 == least).collect();
+    tied.sort();
+    let point = allocation::spread_point(seq);
+    let chosen = tied.iter().find(|e| e.1 >= point).or(tied.first())?;
+    Some((chosen.2.clone(), chosen.3.clone()))
 }
 
 #[test]
@@ -319,6 +413,28 @@ fn allocation_spreads_across_computers() {
         per_computer.values().copied().collect::<Vec<_>>(),
         vec![2, 2, 2],
         "{per_computer:?}"
+    );
+}
+
+#[test]
+fn equally_loaded_computers_take_turns_by_sequence_number() {
+    let mut w = World::new();
+    for c in 0..5 {
+        w.computer(&format!("COMP-{c}"), 2, &[]);
+    }
+    let mut chosen = BTreeSet::new();
+    for seq in 0..64 {
+        let place = w.m.choose_partition(&Filter::default(), SR, "SOFTINST-none", seq);
+        assert_eq!(
+            place.clone().ok(),
+            reference_choice(&w.m, &Filter::default(), SR, "SOFTINST-none", seq)
+        );
+        chosen.insert(place.unwrap().0);
+    }
+    assert_eq!(
+        chosen.len(),
+        5,
+        "every idle computer is first for some sequence number: {chosen:?}"
     );
 }
 
