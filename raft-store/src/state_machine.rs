@@ -111,6 +111,25 @@ pub struct Writes {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
+/// A value being encoded for [`Writes::put_buffer`]: it already holds the
+/// store's format byte, so the encoded value is written as it is, without
+/// another copy. Encoders that take an `Extend<u8>` (postcard's
+/// `to_extend`) write into it directly.
+#[derive(Debug)]
+pub struct ValueBuffer(Vec<u8>);
+
+impl Extend<u8> for ValueBuffer {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+        self.0.extend(bytes)
+    }
+}
+
+impl<'a> Extend<&'a u8> for ValueBuffer {
+    fn extend<I: IntoIterator<Item = &'a u8>>(&mut self, bytes: I) {
+        self.0.extend(bytes)
+    }
+}
+
 impl Writes {
     /// An empty set of changes.
     pub fn new() -> Self {
@@ -120,6 +139,18 @@ impl Writes {
     /// Sets `key` to `value`.
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: &[u8]) {
         self.ops.push((key.into(), Some(codec::wrap_raw(value))));
+    }
+
+    /// A buffer to encode a value into, with room for `hint` bytes.
+    pub fn buffer(&self, hint: usize) -> ValueBuffer {
+        let mut bytes = Vec::with_capacity(hint + 1);
+        bytes.push(codec::FORMAT_VERSION);
+        ValueBuffer(bytes)
+    }
+
+    /// Sets `key` to the value encoded in `value` (from [`Writes::buffer`]).
+    pub fn put_buffer(&mut self, key: impl Into<Vec<u8>>, value: ValueBuffer) {
+        self.ops.push((key.into(), Some(value.0)));
     }
 
     /// Removes `key`.

@@ -83,6 +83,10 @@ impl<'de> Deserialize<'de> for LoggedBatch {
     }
 }
 
+/// Room reserved for a record being encoded: most (an instance with its
+/// parameters, a session) fit, so encoding rarely grows the buffer.
+const RECORD_HINT: usize = 1024;
+
 /// What the cluster knows of a replica: where it serves Raft and the
 /// cluster API (one gRPC address).
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -111,8 +115,8 @@ impl raft_store::StateMachine<MasterTypes> for Master {
 
     fn changed_records(&mut self, writes: &mut Writes) {
         for dirty in self.take_dirty() {
-            match persist::value(self, &dirty) {
-                Some(v) => writes.put(persist::key(&dirty), &v),
+            match persist::value_into(self, &dirty, writes.buffer(RECORD_HINT)) {
+                Some(v) => writes.put_buffer(persist::key(&dirty), v),
                 None => writes.delete(persist::key(&dirty)),
             }
         }

@@ -29,7 +29,7 @@ pub mod ledger;
 pub mod model;
 pub mod persist;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 pub use command::*;
@@ -90,7 +90,9 @@ pub struct Master {
     /// Proposals applied so far; numbers each one (ids, tie-breaks, revisions).
     pub applied: u64,
     // Indexes derived from the entities above, rebuilt at restore.
-    titles: BTreeMap<(Scope, String), InstanceId>,
+    /// Instances by scope, then title: looked up on every request, by
+    /// reference (no key is built for a lookup).
+    titles: HashMap<Scope, HashMap<String, InstanceId>>,
     /// The live certificate of each partition, by fingerprint.
     partition_certs: BTreeMap<(ComputerId, PartitionId), String>,
     children: BTreeMap<InstanceId, BTreeSet<InstanceId>>,
@@ -408,9 +410,12 @@ impl Master {
 
     /// The instance known by `title` in `scope`.
     pub fn instance_by_title(&self, scope: &Scope, title: &str) -> Option<&Instance> {
-        self.titles
-            .get(&(scope.clone(), title.to_string()))
-            .and_then(|id| self.instance(id))
+        self.title_id(scope, title).and_then(|id| self.instance(id))
+    }
+
+    /// The id of the instance known by `title` in `scope`.
+    fn title_id(&self, scope: &Scope, title: &str) -> Option<&InstanceId> {
+        self.titles.get(scope)?.get(title)
     }
 
     /// The instance `id`.
@@ -705,7 +710,7 @@ impl Master {
     /// applied (new, changed, or refused).
     pub fn unchanged_by(&self, spec: &RequestSpec) -> Option<&Instance> {
         let ctx = self.request_context(spec).ok()?;
-        let id = self.titles.get(&(ctx.scope.clone(), spec.title.clone()))?;
+        let id = self.title_id(&ctx.scope, &spec.title)?;
         let current = self.instances.get(id)?;
         let state = spec.state.map(|s| ctx.effective(s));
         (current.shared == spec.shared && RequestChanges::of(current, spec, state).none()).then_some(current)
@@ -716,7 +721,7 @@ impl Master {
             Ok(ctx) => ctx,
             Err(reply) => return reply,
         };
-        match self.titles.get(&(ctx.scope.clone(), spec.title.clone())).cloned() {
+        match self.title_id(&ctx.scope, &spec.title).cloned() {
             Some(id) => {
                 let state = spec.state.map(|s| ctx.effective(s));
                 self.rerequest(seq, now, &id, spec, state)
@@ -768,7 +773,9 @@ impl Master {
 
     fn index_instance(&mut self, inst: &Instance) {
         self.titles
-            .insert((inst.scope.clone(), inst.title.clone()), inst.id.clone());
+            .entry(inst.scope.clone())
+            .or_default()
+            .insert(inst.title.clone(), inst.id.clone());
         if let Requester::Instance(parent) = &inst.requester {
             self.children.entry(parent.clone()).or_default().insert(inst.id.clone());
         }
@@ -951,7 +958,12 @@ impl Master {
     fn remove_instance(&mut self, seq: u64, id: &str) {
         let Some(inst) = self.instances.remove(id) else { return };
         self.dirty.insert(Dirty::Instance(id.to_string()));
-        self.titles.remove(&(inst.scope.clone(), inst.title.clone()));
+        if let Some(titles) = self.titles.get_mut(&inst.scope) {
+            titles.remove(&inst.title);
+            if titles.is_empty() {
+                self.titles.remove(&inst.scope);
+            }
+        }
         self.pending.remove(&(creation_index(id), id.to_string()));
         if let Requester::Instance(parent) = &inst.requester {
             if let Some(set) = self.children.get_mut(parent) {

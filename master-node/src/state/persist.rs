@@ -56,44 +56,56 @@ pub fn key(d: &Dirty) -> Vec<u8> {
     }
 }
 
-fn enc<T: Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_allocvec(v).expect("postcard encodes the Master's entities")
+fn enc<T: Serialize, W: Extend<u8>>(v: &T, out: W) -> W {
+    postcard::to_extend(v, out).expect("postcard encodes the Master's entities")
 }
 
 /// The record of an entity as it stands now, or `None` if it is gone.
 pub fn value(m: &Master, d: &Dirty) -> Option<Vec<u8>> {
+    value_into(m, d, Vec::new())
+}
+
+/// [`value`], encoded into `out` (the store's own buffer, so the record is
+/// not copied again on its way to the disk).
+pub fn value_into<W: Extend<u8>>(m: &Master, d: &Dirty, out: W) -> Option<W> {
     match d {
         // A computer's revision changes on most writes; it is stored apart so
         // those writes do not rewrite the computer with its partition list.
         Dirty::Computer(c) => m.computers.get(c).map(|c| {
-            enc(&Computer {
-                revision: 0,
-                ..c.clone()
-            })
+            enc(
+                &Computer {
+                    revision: 0,
+                    ..c.clone()
+                },
+                out,
+            )
         }),
-        Dirty::Revision(c) => m.computers.get(c).map(|c| enc(&c.revision)),
-        Dirty::Partition(c, p) => m.partitions.get(&(c.clone(), p.clone())).map(enc),
-        Dirty::Installation(c, u) => m.installations.get(&(c.clone(), u.clone())).map(enc),
-        Dirty::Instance(i) => m.instances.get(i).map(enc),
-        Dirty::Session(s) => m.sessions.get(s).map(enc),
-        Dirty::Meta => Some(enc(&MetaRecord {
-            clock: m.clock,
-            last_index: m.last_index,
-            applied: m.applied,
-        })),
-        Dirty::Cluster => m.cluster.as_ref().map(enc),
-        Dirty::Authority => m.authority.as_ref().map(enc),
-        Dirty::Certificate(f) => m.certificates.get(f).map(enc),
-        Dirty::Registration(t) => m.registrations.get(t).map(enc),
-        Dirty::ReplicaAddr(n) => m.replica_addrs.get(n).map(|a| enc(&(*n, a))),
-        Dirty::Movement(id) => m.ledger.movements.get(id).map(enc),
-        Dirty::Span(i) => m.ledger.spans.get(i).map(enc),
-        Dirty::Journal(j) => m.ledger.journals.get(j).map(|seq| enc(&(j, seq))),
+        Dirty::Revision(c) => m.computers.get(c).map(|c| enc(&c.revision, out)),
+        Dirty::Partition(c, p) => m.partitions.get(&(c.clone(), p.clone())).map(|v| enc(v, out)),
+        Dirty::Installation(c, u) => m.installations.get(&(c.clone(), u.clone())).map(|v| enc(v, out)),
+        Dirty::Instance(i) => m.instances.get(i).map(|v| enc(v, out)),
+        Dirty::Session(s) => m.sessions.get(s).map(|v| enc(v, out)),
+        Dirty::Meta => Some(enc(
+            &MetaRecord {
+                clock: m.clock,
+                last_index: m.last_index,
+                applied: m.applied,
+            },
+            out,
+        )),
+        Dirty::Cluster => m.cluster.as_ref().map(|v| enc(v, out)),
+        Dirty::Authority => m.authority.as_ref().map(|v| enc(v, out)),
+        Dirty::Certificate(f) => m.certificates.get(f).map(|v| enc(v, out)),
+        Dirty::Registration(t) => m.registrations.get(t).map(|v| enc(v, out)),
+        Dirty::ReplicaAddr(n) => m.replica_addrs.get(n).map(|a| enc(&(*n, a), out)),
+        Dirty::Movement(id) => m.ledger.movements.get(id).map(|v| enc(v, out)),
+        Dirty::Span(i) => m.ledger.spans.get(i).map(|v| enc(v, out)),
+        Dirty::Journal(j) => m.ledger.journals.get(j).map(|seq| enc(&(j, seq), out)),
         Dirty::Price(r, release) => m
             .ledger
             .prices
             .get(&(r.clone(), release.clone()))
-            .map(|p| enc(&(r, release, p))),
+            .map(|p| enc(&(r, release, p), out)),
     }
 }
 
