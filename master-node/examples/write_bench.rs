@@ -19,6 +19,9 @@
 //!     --clients 1,64,512 --seconds 10 --failovers 10
 //! ```
 //! etcd comes from Debian's `etcd-server` (`--etcd /usr/bin/etcd`); `--no-etcd` skips it.
+//! etcd runs twice: in plaintext, and with mutual TLS on its client and peer
+//! ports (certificates from a CA made for the run), which is what the
+//! Master's cluster port always is; the ratios are given against both.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -407,64 +410,133 @@ impl Master {
 
 struct Etcd {
     members: Vec<Member>,
+    /// How clients reach it over TLS, when it serves TLS.
+    tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+/// Certificates for an etcd cluster with mutual TLS: a CA made for the run,
+/// one certificate (server and client) for every member and for the clients.
+struct EtcdTls {
+    files: Vec<String>,
+    client: tonic::transport::ClientTlsConfig,
+}
+
+impl EtcdTls {
+    fn make(dir: &Path) -> EtcdTls {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(vec![]).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let path = |name: &str| dir.join(name).display().to_string();
+        std::fs::write(path("etcd-ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(path("etcd.pem"), cert.pem()).unwrap();
+        std::fs::write(path("etcd.key"), key.serialize_pem()).unwrap();
+        let files = [
+            ("--cert-file", "etcd.pem"),
+            ("--key-file", "etcd.key"),
+            ("--trusted-ca-file", "etcd-ca.pem"),
+            ("--peer-cert-file", "etcd.pem"),
+            ("--peer-key-file", "etcd.key"),
+            ("--peer-trusted-ca-file", "etcd-ca.pem"),
+        ]
+        .iter()
+        .flat_map(|(flag, file)| [flag.to_string(), path(file)])
+        .chain(["--client-cert-auth".to_string(), "--peer-client-cert-auth".to_string()])
+        .collect();
+        let client = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca_cert.pem()))
+            .identity(tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem()))
+            .domain_name("localhost");
+        EtcdTls { files, client }
+    }
 }
 
 impl Etcd {
-    async fn start(bin: &Path, base: &Path) -> Etcd {
+    async fn start(bin: &Path, base: &Path, tls: Option<&EtcdTls>) -> Etcd {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let peers: Vec<(String, u16, u16)> = (1..=3).map(|i| (format!("e{i}"), free_port(), free_port())).collect();
         let cluster = peers
             .iter()
-            .map(|(n, _, p)| format!("{n}=http://127.0.0.1:{p}"))
+            .map(|(n, _, p)| format!("{n}={scheme}://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",");
         let mut members = Vec::new();
+        let run = if tls.is_some() { "etcd-tls" } else { "etcd" };
         for (name, client, peer) in &peers {
+            let mut args: Vec<String> = vec![
+                "--name".into(),
+                name.clone(),
+                "--data-dir".into(),
+                base.join(format!("{run}-{name}")).display().to_string(),
+                "--listen-client-urls".into(),
+                format!("{scheme}://127.0.0.1:{client}"),
+                "--advertise-client-urls".into(),
+                format!("{scheme}://127.0.0.1:{client}"),
+                "--listen-peer-urls".into(),
+                format!("{scheme}://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls".into(),
+                format!("{scheme}://127.0.0.1:{peer}"),
+                "--initial-cluster".into(),
+                cluster.clone(),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                "--initial-cluster-token".into(),
+                "bench".into(),
+                "--log-level".into(),
+                "error".into(),
+            ];
+            args.extend(tls.iter().flat_map(|t| t.files.clone()));
             let mut m = Member {
                 child: None,
-                args: vec![
-                    "--name".into(),
-                    name.clone(),
-                    "--data-dir".into(),
-                    base.join(format!("etcd-{name}")).display().to_string(),
-                    "--listen-client-urls".into(),
-                    format!("http://127.0.0.1:{client}"),
-                    "--advertise-client-urls".into(),
-                    format!("http://127.0.0.1:{client}"),
-                    "--listen-peer-urls".into(),
-                    format!("http://127.0.0.1:{peer}"),
-                    "--initial-advertise-peer-urls".into(),
-                    format!("http://127.0.0.1:{peer}"),
-                    "--initial-cluster".into(),
-                    cluster.clone(),
-                    "--initial-cluster-state".into(),
-                    "new".into(),
-                    "--initial-cluster-token".into(),
-                    "bench".into(),
-                    "--log-level".into(),
-                    "error".into(),
-                ],
+                args,
                 bin: bin.into(),
                 addr: format!("127.0.0.1:{client}"),
-                log: base.join(format!("etcd-{name}.log")),
+                log: base.join(format!("{run}-{name}.log")),
             };
             m.start();
             members.push(m);
         }
-        let etcd = Etcd { members };
-        let a = etcd.members[0].addr.clone();
+        let etcd = Etcd {
+            members,
+            tls: tls.map(|t| t.client.clone()),
+        };
+        let ch = etcd.channel(&etcd.members[0].addr);
         wait_async(|| {
-            let a = a.clone();
-            async move { etcd_status(&a).await.is_some_and(|s| s.leader != 0) }
+            let ch = ch.clone();
+            async move { etcd_status(ch).await.is_some_and(|s| s.leader != 0) }
         })
         .await;
         etcd
+    }
+
+    /// A channel to one member, with TLS when etcd serves it.
+    fn channel(&self, addr: &str) -> Channel {
+        match &self.tls {
+            None => plain_channel(addr),
+            Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+                .unwrap()
+                .tls_config(tls.clone())
+                .unwrap()
+                .connect_timeout(Duration::from_millis(500))
+                .tcp_nodelay(true)
+                .connect_lazy(),
+        }
     }
 
     async fn load(&self, clients: usize, secs: u64, value_len: usize) -> Point {
         let channels: Vec<etcd::kv_client::KvClient<Channel>> = self
             .members
             .iter()
-            .map(|m| etcd::kv_client::KvClient::new(plain_channel(&m.addr)))
+            .map(|m| etcd::kv_client::KvClient::new(self.channel(&m.addr)))
             .collect();
         let cpu0: f64 = self.members.iter().map(|m| cpu_ms(m.pid())).sum();
         let start = Instant::now();
@@ -503,7 +575,7 @@ impl Etcd {
         let leader = loop {
             let mut found = None;
             for (i, m) in self.members.iter().enumerate() {
-                if let Some(s) = etcd_status(&m.addr).await {
+                if let Some(s) = etcd_status(self.channel(&m.addr)).await {
                     if s.leader != 0 && s.header.as_ref().is_some_and(|h| h.member_id == s.leader) {
                         found = Some(i);
                     }
@@ -519,7 +591,7 @@ impl Etcd {
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != leader)
-            .map(|(_, m)| etcd::kv_client::KvClient::new(plain_channel(&m.addr)))
+            .map(|(_, m)| etcd::kv_client::KvClient::new(self.channel(&m.addr)))
             .collect();
         self.members[leader].kill();
         let t0 = Instant::now();
@@ -538,10 +610,10 @@ impl Etcd {
         }
         let took = t0.elapsed();
         self.members[leader].start();
-        let addr = self.members[leader].addr.clone();
+        let ch = self.channel(&self.members[leader].addr);
         wait_async(|| {
-            let a = addr.clone();
-            async move { etcd_status(&a).await.is_some_and(|s| s.leader != 0) }
+            let ch = ch.clone();
+            async move { etcd_status(ch).await.is_some_and(|s| s.leader != 0) }
         })
         .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -549,8 +621,8 @@ impl Etcd {
     }
 }
 
-async fn etcd_status(addr: &str) -> Option<etcd::StatusResponse> {
-    let mut c = etcd::maintenance_client::MaintenanceClient::new(plain_channel(addr));
+async fn etcd_status(channel: Channel) -> Option<etcd::StatusResponse> {
+    let mut c = etcd::maintenance_client::MaintenanceClient::new(channel);
     tokio::time::timeout(Duration::from_secs(1), c.status(etcd::StatusRequest {}))
         .await
         .ok()?
@@ -650,15 +722,21 @@ async fn main() {
     }
     drop(master);
 
-    let mut theirs = Vec::new();
-    let mut their_failovers = Vec::new();
+    // etcd in plaintext, then with mutual TLS on client and peer ports.
+    let mut etcds: Vec<(&str, Vec<Point>, Vec<Duration>)> = Vec::new();
     if !args.no_etcd {
-        let mut etcd = Etcd::start(&args.etcd, base.path()).await;
-        for &clients in &args.clients {
-            theirs.push(etcd.load(clients, args.seconds, value_len).await);
-        }
-        for _ in 0..args.failovers {
-            their_failovers.push(etcd.failover().await);
+        let tls = EtcdTls::make(base.path());
+        for (name, tls) in [("etcd 3.4", None), ("etcd 3.4, TLS", Some(&tls))] {
+            let mut etcd = Etcd::start(&args.etcd, base.path(), tls).await;
+            let mut points = Vec::new();
+            for &clients in &args.clients {
+                points.push(etcd.load(clients, args.seconds, value_len).await);
+            }
+            let mut failovers = Vec::new();
+            for _ in 0..args.failovers {
+                failovers.push(etcd.failover().await);
+            }
+            etcds.push((name, points, failovers));
         }
     }
 
@@ -671,24 +749,27 @@ async fn main() {
             "| {clients} | master-node | {:.0} | {:.2} | {:.2} | {:.3} |",
             o.writes_per_s, o.p50_ms, o.p99_ms, o.cpu_ms_per_write
         );
-        if let Some(t) = theirs.get(i) {
+        for (name, points, _) in &etcds {
+            let t = &points[i];
             println!(
-                "| {clients} | etcd 3.4 | {:.0} | {:.2} | {:.2} | {:.3} |",
+                "| {clients} | {name} | {:.0} | {:.2} | {:.2} | {:.3} |",
                 t.writes_per_s, t.p50_ms, t.p99_ms, t.cpu_ms_per_write
             );
         }
     }
-    if !theirs.is_empty() {
+    if !etcds.is_empty() {
         println!();
-        println!("| clients | master-node / etcd writes/s | master-node / etcd CPU per write |");
-        println!("|---:|---:|---:|");
+        println!("| clients | against | master-node / etcd writes/s | master-node / etcd CPU per write |");
+        println!("|---:|---|---:|---:|");
         for (i, &clients) in args.clients.iter().enumerate() {
-            let (o, t) = (&ours[i], &theirs[i]);
-            println!(
-                "| {clients} | {:.2}x | {:.2}x |",
-                o.writes_per_s / t.writes_per_s,
-                o.cpu_ms_per_write / t.cpu_ms_per_write
-            );
+            for (name, points, _) in &etcds {
+                let (o, t) = (&ours[i], &points[i]);
+                println!(
+                    "| {clients} | {name} | {:.2}x | {:.2}x |",
+                    o.writes_per_s / t.writes_per_s,
+                    o.cpu_ms_per_write / t.cpu_ms_per_write
+                );
+            }
         }
     }
     if args.failovers > 0 {
@@ -697,9 +778,9 @@ async fn main() {
         println!("|---|---:|---:|");
         let (med, max) = median_max(our_failovers);
         println!("| master-node | {med:.2} | {max:.2} |");
-        if !their_failovers.is_empty() {
-            let (med, max) = median_max(their_failovers);
-            println!("| etcd 3.4 | {med:.2} | {max:.2} |");
+        for (name, _, failovers) in etcds {
+            let (med, max) = median_max(failovers);
+            println!("| {name} | {med:.2} | {max:.2} |");
         }
     }
 }

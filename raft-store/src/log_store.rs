@@ -171,7 +171,15 @@ impl<C: StoreTypes> LogStore<C> {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_paranoid_checks(true);
-        let cfs = [CF_LOG, CF_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        // Entries live until the next snapshot lets them go (seconds to
+        // minutes): compressing them when memtables are flushed costs CPU
+        // on every write for disk space that is soon freed.
+        let mut log_opts = Options::default();
+        log_opts.set_compression_type(rocksdb::DBCompressionType::None);
+        let cfs = [
+            ColumnFamilyDescriptor::new(CF_LOG, log_opts),
+            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ];
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| StoreError::rocks(dir, "open", e))?;
         let db = Arc::new(db);
 
