@@ -19,17 +19,17 @@
 //! fresh three-replica cluster called at its leader directly (to tell the
 //! gateway's share from replication's).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use slap_proto::form::encode;
-use slap_proto::marshal::{dumps, Value};
+use support::{computer_xml, form, free_port, http, start_cluster_with_gateway, start_master, wait_up, Proc};
+
+#[path = "support/mod.rs"]
+mod support;
 
 #[derive(Parser)]
 struct Args {
@@ -42,112 +42,6 @@ struct Args {
 }
 
 const SR: &str = "/srv/bench/software.cfg";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One HTTP/1.1 call on a new connection; the status.
-fn http(port: u16, method: &str, path: &str, form: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_nodelay(true).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    if method == "GET" {
-        write!(
-            s,
-            "GET {path}?{form} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-    } else {
-        write!(
-            s,
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
-            form.len()
-        )
-        .ok()?;
-    }
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let head = String::from_utf8_lossy(&raw[..raw.len().min(32)]).to_string();
-    head.split(' ').nth(1)?.parse().ok()
-}
-
-fn form(fields: &[(&str, &str)]) -> String {
-    fields
-        .iter()
-        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-fn computer_xml(reference: &str, partitions: usize) -> String {
-    let s = |v: &str| Value::str(v);
-    let parts = (0..partitions)
-        .map(|i| {
-            Value::str_dict(vec![
-                ("reference", s(&format!("slappart{i}"))),
-                ("path", s(&format!("/srv/slapgrid/slappart{i}"))),
-                (
-                    "address_list",
-                    Value::List(vec![
-                        Value::str_dict(vec![
-                            ("addr", s(&format!("10.0.{}.{}", i / 250, i % 250 + 1))),
-                            ("netmask", s("255.255.255.255")),
-                        ]),
-                        Value::str_dict(vec![
-                            ("addr", s(&format!("fd00::{i:x}"))),
-                            ("netmask", s("ffff:ffff:ffff:ffff::")),
-                        ]),
-                    ]),
-                ),
-                ("tap", Value::str_dict(vec![("name", s(&format!("slaptap{i}")))])),
-                ("user", Value::str_dict(vec![("name", s(&format!("slapuser{i}")))])),
-            ])
-        })
-        .collect();
-    dumps(&Value::str_dict(vec![
-        ("reference", s(reference)),
-        ("address", s("10.0.0.1")),
-        ("netmask", s("255.255.255.0")),
-        ("partition_list", Value::List(parts)),
-    ]))
-    .unwrap()
-}
-
-/// A request of `title` on `computer` (an SLA both systems honour, so each
-/// allocation lands on the computer the measurement is about).
-fn request_form(title: &str, value: &str, computer: &str) -> String {
-    let params = dumps(&Value::str_dict(vec![
-        ("foo", Value::str(value)),
-        ("bar", Value::str("a<b&c")),
-    ]))
-    .unwrap();
-    form(&[
-        ("software_release", SR),
-        ("partition_reference", title),
-        ("partition_parameter_xml", &params),
-        (
-            "filter_xml",
-            &dumps(&Value::str_dict(vec![("computer_guid", Value::str(computer))])).unwrap(),
-        ),
-        ("software_type", "default"),
-        ("state", "<marshal><none/></marshal>"),
-        ("shared_xml", "<marshal><bool>0</bool></marshal>"),
-    ])
-}
 
 /// Calls per second of `call` from `clients` threads for `secs` seconds.
 fn rate(clients: usize, secs: u64, call: impl Fn(u64) -> bool + Send + Sync + 'static) -> f64 {
@@ -176,14 +70,6 @@ fn rate(clients: usize, secs: u64, call: impl Fn(u64) -> bool + Send + Sync + 's
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
-fn wait_up(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http(port, "GET", "/getHateoasUrl", "").is_none() {
-        assert!(Instant::now() < deadline, "port {port} never answered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn start_slapproxy(slapos: &Path, dir: &Path) -> (Proc, u16) {
     let port = free_port();
     let cfg = dir.join("proxy.cfg");
@@ -204,100 +90,6 @@ fn start_slapproxy(slapos: &Path, dir: &Path) -> (Proc, u16) {
         .expect("start slapproxy");
     wait_up(port);
     (Proc(child), port)
-}
-
-fn start_master(dir: &Path) -> (Proc, u16) {
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("master-node");
-    let port = free_port();
-    let child = Command::new(bin)
-        .args(["init", "--data-dir"])
-        .arg(dir.join("master"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--slap-listen",
-            &format!("127.0.0.1:{port}"),
-            "--insecure-http",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start master-node (cargo build -p master-node first)");
-    wait_up(port);
-    (Proc(child), port)
-}
-
-/// Three replicas serving SLAP (data under `dir/<name>-N`), and
-/// slap-gateway in front of them: the processes, the gateway's port and the
-/// first replica's SLAP port (the founder, which leads unless it is lost).
-fn start_cluster_with_gateway(dir: &Path, name: &str) -> (Vec<Proc>, u16, u16) {
-    let bin_dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let bin = bin_dir.join("master-node");
-    let raft: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    let slap: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut procs = Vec::new();
-    for i in 0..3 {
-        let data = dir.join(format!("{name}-{i}"));
-        let mut cmd = Command::new(&bin);
-        if i == 0 {
-            cmd.arg("init");
-        } else {
-            let token = std::fs::read_to_string(dir.join(format!("{name}-0/join-token"))).unwrap();
-            cmd.args(["join", "--peer", &raft[0], "--token", token.trim()]);
-        }
-        cmd.arg("--data-dir").arg(&data);
-        cmd.args([
-            "--listen",
-            &raft[i],
-            "--slap-listen",
-            &format!("127.0.0.1:{}", slap[i]),
-            "--insecure-http",
-        ]);
-        procs.push(Proc(
-            cmd.stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start master-node"),
-        ));
-        // Each replica is up (and, for joiners, promoted) before the next.
-        wait_up(slap[i]);
-        if i == 0 {
-            let token = dir.join(format!("{name}-0/join-token"));
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !token.exists() {
-                assert!(Instant::now() < deadline, "no join token");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let gw_port = free_port();
-    let list = slap
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let gateway = Command::new(bin_dir.join("slap-gateway"))
-        .args(["--replicas", &list, "--listen", &format!("127.0.0.1:{gw_port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start slap-gateway (cargo build --workspace)");
-    procs.push(Proc(gateway));
-    wait_up(gw_port);
-    (procs, gw_port, slap[0])
 }
 
 struct Figures {
@@ -368,7 +160,7 @@ fn allocate(port: u16, title: &str, computer: &str) {
             port,
             "POST",
             "/requestComputerPartition",
-            &request_form(title, "v", computer)
+            &support::request_form(SR, title, "v", Some(computer))
         ),
         Some(200),
         "allocation of {title} on {computer}"
@@ -410,7 +202,7 @@ fn measure(port: u16, secs: u64) -> Figures {
                 port,
                 "POST",
                 "/requestComputerPartition",
-                &request_form(&format!("inst{}", n % 50), "v", "COMP-1"),
+                &support::request_form(SR, &format!("inst{}", n % 50), "v", Some("COMP-1")),
             ) == Some(200)
         });
         poll[slot] = rate(clients, secs, move |_| {
@@ -465,14 +257,14 @@ fn main() {
         measure(port, args.seconds)
     };
     let cluster = {
-        let (_procs, port, _) = start_cluster_with_gateway(dir.path(), "cluster");
-        measure(port, args.seconds)
+        let cluster = start_cluster_with_gateway(dir.path(), "cluster");
+        measure(cluster.gateway_port, args.seconds)
     };
     // Where the gateway's figures go: the same calls on a fresh 3-replica
     // cluster, straight to its leader.
     let leader = {
-        let (_procs, _, leader) = start_cluster_with_gateway(dir.path(), "leader");
-        measure(leader, args.seconds)
+        let cluster = start_cluster_with_gateway(dir.path(), "leader");
+        measure(cluster.leader_port, args.seconds)
     };
     let theirs = {
         let (_p, port) = start_slapproxy(&args.slapos, dir.path());
