@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use master_node::raft::Timing;
-use master_node::replica::Running;
+use master_node::server::Running;
 use master_node::state::Role;
 use slap_proto::form::encode;
 use slap_proto::marshal::{dumps, Value};
@@ -186,7 +186,7 @@ async fn main() {
         .await
         .unwrap();
     assert!(
-        running.wait_for_authority(Duration::from_secs(30)).await,
+        running.replica.wait_for_authority(Duration::from_secs(30)).await,
         "no CA was created"
     );
     let (plain, tls) = (free_port(), free_port());

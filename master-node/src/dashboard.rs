@@ -21,8 +21,8 @@ use axum::routing::get;
 use axum::{Extension, Router};
 
 use crate::api::ClientWrite;
+use crate::authz::Caller;
 use crate::replica::Replica;
-use crate::slap::authz::Caller;
 use crate::state::ledger::{format_money, Period, ReportFor};
 use crate::state::{
     Command, Instance, InstanceReport, Master, Reply, RequestOrigin, RequestSpec, RequestedState, Role, SlapState,
@@ -477,7 +477,7 @@ async fn request_submit(
     let role = viewer(&caller);
     let user = match &role {
         Some(Role::User(u)) => u.clone(),
-        None | Some(Role::Admin) => crate::slap::DEFAULT_USER.to_string(),
+        None | Some(Role::Admin) => crate::authz::DEFAULT_USER.to_string(),
         _ => return page("Request", &role, "<p class=\"bad\">Only users request instances.</p>"),
     };
     let fields = match slap_proto::form::parse(&String::from_utf8_lossy(&body)) {

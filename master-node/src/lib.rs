@@ -9,18 +9,22 @@
 
 pub mod accounting;
 pub mod api;
+pub mod authz;
 pub mod certificates;
 pub mod client;
 pub mod client_certs;
 pub mod cluster_service;
 pub mod cluster_tls;
+pub mod counters;
 pub mod dashboard;
 pub mod founding;
 pub mod identity;
+pub mod membership;
 pub mod metrics;
 pub mod native;
 pub mod pki;
 pub mod raft;
 pub mod replica;
+pub mod server;
 pub mod slap;
 pub mod state;

@@ -2,16 +2,18 @@
 //! replica, served on `--http-listen` (plain HTTP, for monitoring on a
 //! trusted network; nothing there changes anything).
 //!
-//! Counters are kept by the SLAP and native API layers as calls complete;
+//! Counters are kept by the SLAP and native API layers as calls complete
+//! (in [`crate::counters`], below the replica handle that holds them);
 //! gauges (Raft's term and indexes, each follower's lag, the state's
 //! computers, partitions and instances) are read when scraped.
+//!
+//! Must not import the servers that mount it (`server`).
 
 use openraft::rt::WatchReceiver;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -20,62 +22,9 @@ use axum::routing::get;
 use axum::Router;
 use openraft::ServerState;
 
+use crate::counters::BUCKETS;
 use crate::replica::Replica;
 use crate::state::{RequestedState, SlapState};
-
-/// Upper bounds (seconds) of the latency histogram's buckets.
-const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
-
-/// A latency histogram.
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; 12],
-    over: u64,
-    sum_us: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, d: Duration) {
-        let s = d.as_secs_f64();
-        match BUCKETS.iter().position(|b| s <= *b) {
-            Some(i) => self.counts[i] += 1,
-            None => self.over += 1,
-        }
-        self.sum_us += d.as_micros() as u64;
-    }
-}
-
-/// Calls by API and operation, with their outcomes and latencies.
-#[derive(Default)]
-pub struct Metrics {
-    /// (api, operation) -> latency histogram.
-    calls: Mutex<BTreeMap<(&'static str, String), Histogram>>,
-    /// (api, status class) -> count.
-    outcomes: Mutex<BTreeMap<(&'static str, String), u64>>,
-    /// Node polls answered 304 (unchanged), held, and with a document.
-    pub polls_unchanged: AtomicU64,
-    pub polls_held: AtomicU64,
-    pub polls_document: AtomicU64,
-}
-
-impl Metrics {
-    /// Records one call of `api` (`slap`, `native`): its operation, its
-    /// outcome (an HTTP status, a gRPC code name) and how long it took.
-    pub fn call(&self, api: &'static str, operation: &str, outcome: &str, took: Duration) {
-        self.calls
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((api, operation.to_string()))
-            .or_default()
-            .observe(took);
-        *self
-            .outcomes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((api, outcome.to_string()))
-            .or_insert(0) += 1;
-    }
-}
 
 fn family(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -8,7 +8,7 @@ use master_node::client::{Client, Credentials};
 use master_node::founding::Founding;
 use master_node::pki;
 use master_node::raft::Timing;
-use master_node::replica::Running;
+use master_node::server::Running;
 use master_node::state::{Command, Reply, Role};
 use slap_proto::cluster::raft_client::RaftClient;
 use slap_proto::cluster::RaftPayload;

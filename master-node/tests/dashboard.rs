@@ -13,9 +13,10 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use master_node::api::ClientWrite;
+use master_node::authz::Caller;
 use master_node::raft::Timing;
-use master_node::replica::{Replica, Running};
-use master_node::slap::authz::Caller;
+use master_node::replica::Replica;
+use master_node::server::Running;
 use master_node::state::{
     Command as MasterCommand, Params, PartitionSpec, RequestOrigin, RequestSpec, Role, SupplyState,
 };
@@ -123,7 +124,7 @@ async fn populate(r: &Replica) {
 }
 
 async fn get_as(r: &Arc<Replica>, role: Option<&Role>, path: &str, form: Option<&str>) -> (StatusCode, String) {
-    let mut router = master_node::slap::router(r.clone());
+    let mut router = master_node::server::http::app(r.clone());
     if let Some(role) = role {
         router = router.layer(axum::Extension(Caller(role.clone())));
     }

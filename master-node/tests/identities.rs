@@ -8,11 +8,12 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use master_node::api::ClientWrite;
+use master_node::authz::Caller;
 use master_node::certificates::issue;
 use master_node::pki;
 use master_node::raft::Timing;
-use master_node::replica::{Replica, Running};
-use master_node::slap::authz::Caller;
+use master_node::replica::Replica;
+use master_node::server::Running;
 use master_node::state::{Command, Master, Role};
 use slap_proto::form::encode;
 use slap_proto::marshal::{dumps, Value};
@@ -33,7 +34,7 @@ async fn master() -> (tempfile::TempDir, Running) {
         .unwrap();
     // The leader creates the CA on its own.
     assert!(
-        running.wait_for_authority(Duration::from_secs(10)).await,
+        running.replica.wait_for_authority(Duration::from_secs(10)).await,
         "no CA was created"
     );
     (dir, running)
@@ -100,7 +101,7 @@ async fn call(
             .body(Body::from(form))
     }
     .unwrap();
-    let mut router = master_node::slap::router(replica.clone());
+    let mut router = master_node::server::http::app(replica.clone());
     if let Some(role) = caller {
         router = router.layer(axum::Extension(Caller(role.clone())));
     }

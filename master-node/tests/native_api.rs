@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+use master_node::authz::Caller;
 use master_node::native::MasterService;
 use master_node::raft::Timing;
-use master_node::replica::Running;
-use master_node::slap::authz::Caller;
+use master_node::server::Running;
 use master_node::state::{Master, Role};
 use slap_proto::master as pb;
 use slap_proto::master::master_server::Master as _;

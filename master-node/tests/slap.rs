@@ -11,7 +11,8 @@ use axum::http::{Request, StatusCode};
 use common::{attrs, get};
 use http_body_util::BodyExt;
 use master_node::raft::Timing;
-use master_node::replica::{Replica, Running};
+use master_node::replica::Replica;
+use master_node::server::Running;
 use slap_proto::form::encode;
 use slap_proto::marshal::{dumps, loads, Value};
 use tower::ServiceExt;
@@ -31,7 +32,10 @@ async fn master() -> (tempfile::TempDir, Running) {
     // The leader creates the cluster's CA in the background: wait for it, so
     // tests comparing states before and after a call see only that call.
     assert!(
-        running.wait_for_authority(std::time::Duration::from_secs(10)).await,
+        running
+            .replica
+            .wait_for_authority(std::time::Duration::from_secs(10))
+            .await,
         "no CA was created"
     );
     (dir, running)
@@ -73,7 +77,7 @@ async fn call(
     } else {
         Body::from(form)
     };
-    let resp = master_node::slap::router(replica.clone())
+    let resp = master_node::server::http::app(replica.clone())
         .oneshot(req.body(body).unwrap())
         .await
         .unwrap();
@@ -518,7 +522,7 @@ async fn poll(replica: &Arc<Replica>, etag: Option<&str>, wait: Option<u64>) -> 
     if let Some(secs) = wait {
         req = req.header("x-slap-wait", secs.to_string());
     }
-    let resp = master_node::slap::router(replica.clone())
+    let resp = master_node::server::http::app(replica.clone())
         .oneshot(req.body(Body::empty()).unwrap())
         .await
         .unwrap();

@@ -4,7 +4,7 @@
 //! It is served on the SLAP port (HTTP/2 next to SLAP's HTTP/1.1, same
 //! TLS), so a node, a user or a gateway has one address per replica. Every
 //! call is checked against the caller's certificate with the same table as
-//! SLAP (`slap::authz`); without TLS (`--insecure-http`) nothing is checked.
+//! SLAP (`authz`); without TLS (`--insecure-http`) nothing is checked.
 //!
 //! Writes go through [`Replica::write`] with the caller's request id, so a
 //! retry after a lost answer (a gateway moving to another replica, a client
@@ -24,8 +24,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::api::{Answer, ClientWrite, Query};
+use crate::authz::{self, Caller, Need};
 use crate::replica::Replica;
-use crate::slap::authz::{self, Caller, Need};
 use crate::state::{
     Command, Instance, InstanceReport, Refusal, Reply, RequestOrigin, Role, Scope, SoftwareReport, SupplyState,
 };
@@ -149,7 +149,7 @@ fn user_for(role: &Option<Role>, named: &str) -> Result<String, Status> {
             "forbidden: user {u} may not act for user {named}"
         ))),
         Some(Role::Admin) | None if !named.is_empty() => Ok(named.to_string()),
-        _ => Ok(crate::slap::DEFAULT_USER.to_string()),
+        _ => Ok(crate::authz::DEFAULT_USER.to_string()),
     }
 }
 

@@ -19,8 +19,8 @@ use slap_proto::instance_xml;
 
 use axum::Extension;
 
-use super::authz::Caller;
-use super::{SlapError, DEFAULT_USER};
+use super::SlapError;
+use crate::authz::{Caller, DEFAULT_USER};
 use crate::replica::Replica;
 use crate::state::Role;
 use crate::state::{Instance, Master, RequestedState, Scope};

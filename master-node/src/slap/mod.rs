@@ -23,10 +23,8 @@
 //! yet booked), and getHateoasUrl (404). Polls honour `If-None-Match` (304)
 //! and `X-Slap-Wait` (held until the document changes: a node's watch).
 
-pub mod authz;
 pub mod documents;
 pub mod hateoas;
-pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,14 +39,12 @@ use slap_proto::form;
 use slap_proto::marshal::{self, Value};
 
 use crate::api::ClientWrite;
+use crate::authz;
 use crate::replica::Replica;
 use crate::state::{
     Address, Command, Instance, InstanceReport, Master, Params, PartitionSpec, Refusal, Reply, RequestOrigin,
     RequestSpec, RequestedState, SoftwareReport, SupplyState,
 };
-
-/// The user SLAP requests act for until identities (TLS) say who calls.
-pub const DEFAULT_USER: &str = "user";
 
 /// An HTTP answer with a status and a plain-text message.
 #[derive(Debug)]
@@ -116,7 +112,9 @@ impl axum::extract::FromRef<SlapState> for Arc<DocumentCache> {
     }
 }
 
-/// The SLAP routes of one replica.
+/// The SLAP routes of one replica (classic calls and the HATEOAS subset),
+/// without the authorization, the limits and the counters the server puts
+/// around them (`server::http`).
 pub fn router(replica: Arc<Replica>) -> Router {
     let state = SlapState {
         replica,
@@ -150,28 +148,6 @@ pub fn router(replica: Arc<Replica>) -> Router {
         .route("/hateoas/partitions/{title}", get(hateoas::partition))
         .route("/hateoas/shared/{title}", get(hateoas::shared))
         .route("/hateoas/computers/{reference}", get(hateoas::computer))
-        .merge(crate::dashboard::router())
-        // A node with thousands of partitions posts a large computer
-        // document; the gateway accepts the same size.
-        .layer(axum::middleware::from_fn_with_state(
-            state.replica.clone(),
-            authz::authorize,
-        ))
-        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
-        // The native API (HTTP/2), checked by its own handlers against the
-        // same table: the SLAP middleware above is for form bodies.
-        .route_service(
-            "/slapos.master.v1.Master/{*method}",
-            slap_proto::master::master_server::MasterServer::new(crate::native::MasterService::new(
-                state.replica.clone(),
-            ))
-            .max_decoding_message_size(64 << 20),
-        )
-        // Outermost: every call, SLAP or native, allowed or not, is counted.
-        .layer(axum::middleware::from_fn_with_state(
-            state.replica.clone(),
-            crate::metrics::observe_slap,
-        ))
         .with_state(state)
 }
 

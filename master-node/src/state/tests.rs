@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
+use super::allocation::Filter;
 use super::*;
 
 struct World {

@@ -1,4 +1,4 @@
-//! Who may call what, over SLAP.
+//! Who may call what, over SLAP and the native API.
 //!
 //! With TLS, every connection carries the [`Caller`] its client certificate
 //! names (the record found by the certificate's fingerprint). One
@@ -19,6 +19,9 @@
 //! here, so revocation holds through gateways); by itself a gateway may only
 //! ask `getHateoasUrl` (its health check). Without TLS (`--insecure-http`) there is
 //! no caller and nothing is checked: a development mode, logged at start.
+//!
+//! Shared by the SLAP handlers, the native API and the dashboard, so it
+//! sits below all three and imports none of them (nor the servers).
 
 use axum::body::{to_bytes, Body};
 use axum::extract::Request;
@@ -32,9 +35,22 @@ use std::sync::Arc;
 
 use axum::extract::State;
 
-use super::SlapError;
 use crate::replica::Replica;
 use crate::state::Role;
+
+/// The user SLAP requests act for when no certificate says who calls (plain
+/// HTTP, or an administrator acting for nobody in particular).
+pub const DEFAULT_USER: &str = "user";
+
+/// A refusal as SLAP clients read it: a status and a plain-text reason.
+fn refuse(status: StatusCode, reason: String) -> Response {
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        reason,
+    )
+        .into_response()
+}
 
 /// The identity a verified client certificate names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,13 +188,13 @@ pub async fn authorize(State(replica): State<Arc<Replica>>, mut req: Request, ne
     };
     let role = match effective_role(&replica, role, req.headers()) {
         Ok(r) => r,
-        Err(reason) => return SlapError(StatusCode::FORBIDDEN, format!("forbidden: {reason}")).into_response(),
+        Err(reason) => return refuse(StatusCode::FORBIDDEN, format!("forbidden: {reason}")),
     };
     req.extensions_mut().insert(Caller(role.clone()));
     let (parts, body) = req.into_parts();
     let bytes = match to_bytes(body, 64 << 20).await {
         Ok(b) => b,
-        Err(e) => return SlapError(StatusCode::BAD_REQUEST, format!("unreadable body: {e}")).into_response(),
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("unreadable body: {e}")),
     };
     let text = if parts.method == Method::GET {
         parts.uri.query().unwrap_or("").to_string()
@@ -187,7 +203,7 @@ pub async fn authorize(State(replica): State<Arc<Replica>>, mut req: Request, ne
     };
     let fields = match form::parse(&text) {
         Ok(f) => f,
-        Err(e) => return SlapError(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let decision = need_of(parts.uri.path(), &fields).and_then(|need| {
         allows(&role, &need).map_err(|reason| {
@@ -197,8 +213,8 @@ pub async fn authorize(State(replica): State<Arc<Replica>>, mut req: Request, ne
     });
     match decision {
         Ok(()) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
-        Err(reason) if reason.starts_with("forbidden: ") => SlapError(StatusCode::FORBIDDEN, reason).into_response(),
-        Err(reason) => SlapError(StatusCode::BAD_REQUEST, reason).into_response(),
+        Err(reason) if reason.starts_with("forbidden: ") => refuse(StatusCode::FORBIDDEN, reason),
+        Err(reason) => refuse(StatusCode::BAD_REQUEST, reason),
     }
 }
 

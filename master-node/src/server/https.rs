@@ -1,4 +1,5 @@
-//! SLAP over HTTPS with mutual TLS (rustls, ring).
+//! The HTTPS listener of a replica's SLAP port (SLAP, the native API, the
+//! dashboard), with mutual TLS (rustls, ring).
 //!
 //! Every client presents a certificate. A handshake succeeds only when the
 //! certificate chains to the cluster's CA, is within its validity, and is a
@@ -21,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::authz::Caller;
+use crate::authz::Caller;
 use crate::client_certs::{Policy, StateVerifier};
 use crate::pki;
 use crate::replica::Replica;
@@ -114,9 +115,15 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Serves SLAP over HTTPS on `listener` until `stop` turns true. Waits for the
-/// cluster's CA first (a new cluster creates it within a second).
-pub async fn serve(replica: Arc<Replica>, listener: TcpListener, names: Vec<String>, mut stop: watch::Receiver<bool>) {
+/// Serves `app` over HTTPS on `listener` until `stop` turns true. Waits for
+/// the cluster's CA first (a new cluster creates it within a second).
+pub async fn serve(
+    replica: Arc<Replica>,
+    app: axum::Router,
+    listener: TcpListener,
+    names: Vec<String>,
+    mut stop: watch::Receiver<bool>,
+) {
     let config = loop {
         match server_config(&replica, &names) {
             Ok(Some(c)) => break Arc::new(c),
@@ -129,7 +136,7 @@ pub async fn serve(replica: Arc<Replica>, listener: TcpListener, names: Vec<Stri
         }
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let router = super::router(replica.clone());
+    let router = app;
     info!(addr = ?listener.local_addr().ok(), "serving SLAP over HTTPS (client certificates required)");
     loop {
         let (tcp, peer) = tokio::select! {

@@ -1,0 +1,319 @@
+//! The command line of `master-node`: every command, its flags and their
+//! help. `init`, `join` and `run` share one set of serving flags
+//! ([`Serving`]); administrative commands reach the cluster through
+//! [`Admin`] (a replica and the join token) or recognize it through
+//! [`TrustArgs`].
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use master_node::client::{Client, Credentials};
+use master_node::identity::JoinToken;
+use master_node::raft::Timing;
+
+use crate::fail::Fail;
+
+#[derive(Parser)]
+#[command(
+    name = "master-node",
+    version,
+    about = "A replica of the replicated SlapOS Master",
+    long_about = "A replica of the replicated SlapOS Master. Replicas keep one state through Raft \
+                  (openraft) over RocksDB. One replica alone is a complete Master; more replicas \
+                  (3 or 5, in different regions) keep it available when some fail."
+)]
+pub struct Cli {
+    /// Log as JSON lines instead of readable text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Create a new cluster with this replica as its first member, print the
+    /// join token, and serve.
+    Init(InitArgs),
+    /// Join an existing cluster through any of its replicas, and serve.
+    Join(JoinArgs),
+    /// Restart an existing replica from its data dir.
+    Run(RunArgs),
+    /// Remove a replica from its cluster.
+    Leave(LeaveArgs),
+    /// Show members, roles, leader, term, commit and applied indexes and lag.
+    Status(StatusArgs),
+    /// Users: `user add NAME` issues a user certificate (or an administrator's with --admin).
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Computers: `computer add ID` creates a one-time registration token for `nodeagent register`.
+    #[command(subcommand)]
+    Computer(ComputerCmd),
+    /// Certificates: list and revoke.
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// Gateways: `gateway add NAME --host H` issues a slap-gateway's certificate.
+    #[command(subcommand)]
+    Gateway(GatewayCmd),
+    /// Usage and invoices: what a subscriber used in a month, or what a computer provided.
+    Usage(UsageArgs),
+    /// Prices: `price set RESOURCE AMOUNT --currency C [--release URL]`, `price remove`.
+    #[command(subcommand)]
+    Price(PriceCmd),
+}
+
+#[derive(Args)]
+pub struct UsageArgs {
+    /// The subscriber (a user name)...
+    #[arg(long, required_unless_present = "computer", conflicts_with = "computer")]
+    pub subscriber: Option<String>,
+    /// ...or the providing computer.
+    #[arg(long)]
+    pub computer: Option<String>,
+    /// The month, YYYY-MM.
+    #[arg(long)]
+    pub period: String,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub admin: Admin,
+}
+
+#[derive(Subcommand)]
+pub enum PriceCmd {
+    /// Set the unit price of RESOURCE (hosting per hour; cpu per second;
+    /// memory, disk, network per byte; or a release's own resource per unit).
+    Set {
+        resource: String,
+        /// Per unit, e.g. 0.02 (up to six decimals).
+        #[arg(allow_negative_numbers = true)]
+        amount: String,
+        /// Currency code, e.g. EUR.
+        #[arg(long)]
+        currency: String,
+        /// Only for this software release (default: every release).
+        #[arg(long)]
+        release: Option<String>,
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Remove a price.
+    Remove {
+        resource: String,
+        #[arg(long)]
+        release: Option<String>,
+        #[command(flatten)]
+        admin: Admin,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum GatewayCmd {
+    /// Issue slap-gateway NAME's certificate; writes gateway.crt, gateway.key (0600) and ca.crt into --out.
+    Add {
+        name: String,
+        #[command(flatten)]
+        admin: Admin,
+        /// Host names or addresses the gateway serves on (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+/// How an administrative command reaches the cluster.
+#[derive(Args, Clone)]
+pub struct Admin {
+    /// Any replica of the cluster, host:port (its cluster API).
+    #[arg(long)]
+    pub peer: String,
+    /// The cluster's join token (it also pins the cluster's CA).
+    #[arg(long, env = "MASTER_JOIN_TOKEN")]
+    pub token: String,
+}
+
+impl Admin {
+    pub fn client(&self) -> Result<Client, Fail> {
+        let credentials = Credentials::token(&JoinToken::parse(&self.token)?)?;
+        Ok(Client::new(std::slice::from_ref(&self.peer), &credentials)?)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Issue a certificate for user NAME; writes NAME.crt, NAME.key (mode 0600) and ca.crt into --out.
+    Add {
+        name: String,
+        #[command(flatten)]
+        admin: Admin,
+        /// Where to write the files.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// An administrator's certificate (everything is allowed) instead of a user's.
+        #[arg(long)]
+        admin_role: bool,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ComputerCmd {
+    /// Create a one-time token with which `nodeagent register` obtains computer ID's certificate.
+    Add {
+        id: String,
+        #[command(flatten)]
+        admin: Admin,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CertCmd {
+    /// Every certificate the cluster issued: serial, role, expiry, revoked.
+    List {
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Revoke a certificate; every replica refuses it from the next handshake on.
+    Revoke {
+        serial: String,
+        #[command(flatten)]
+        admin: Admin,
+    },
+}
+
+/// How a replica serves clients, the same for `init`, `join` and `run`.
+#[derive(Args)]
+pub struct Serving {
+    /// host:port to serve SLAP on (the `slapos` client, slapgrid, nodeagent):
+    /// HTTPS with client certificates, unless --insecure-http.
+    #[arg(long)]
+    pub slap_listen: Option<String>,
+    /// host:port clients and gateways use to reach --slap-listen (default:
+    /// --slap-listen); every replica learns it through the log.
+    #[arg(long)]
+    pub slap_advertise: Option<String>,
+    /// Serve SLAP over plain HTTP, where no caller is authenticated and every
+    /// call is allowed. For local development only; logged at every start.
+    #[arg(long)]
+    pub insecure_http: bool,
+    /// host:port to serve /metrics (Prometheus), /healthz and /readyz on,
+    /// over plain HTTP (read-only; for monitoring).
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    #[command(flatten)]
+    pub timing: Timing,
+}
+
+/// Where a new replica keeps its data and serves.
+#[derive(Args)]
+pub struct NewReplica {
+    /// Where this replica keeps its data (created; must be empty).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// host:port to serve Raft and the cluster API on.
+    #[arg(long)]
+    pub listen: String,
+    /// host:port the other replicas use to reach this one (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    #[command(flatten)]
+    pub serving: Serving,
+}
+
+impl NewReplica {
+    pub fn advertise(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.clone())
+    }
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub replica: NewReplica,
+}
+
+#[derive(Args)]
+pub struct JoinArgs {
+    /// Any replica of the cluster (leader or follower), host:port.
+    #[arg(long)]
+    pub peer: String,
+    /// The join token printed by `master-node init`.
+    #[arg(long, env = "MASTER_JOIN_TOKEN")]
+    pub token: String,
+    #[command(flatten)]
+    pub replica: NewReplica,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The replica's data dir, as created by init or join.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub serving: Serving,
+}
+
+#[derive(Args)]
+pub struct LeaveArgs {
+    /// Remove the replica of this data dir (asks it through its own address).
+    #[arg(long, conflicts_with = "id")]
+    pub data_dir: Option<PathBuf>,
+    /// Remove replica N (with --peer and --token).
+    #[arg(long, requires_all = ["peer", "token"])]
+    pub id: Option<u64>,
+    /// Any replica of the cluster, host:port.
+    #[arg(long)]
+    pub peer: Option<String>,
+    /// The cluster's join token.
+    #[arg(long, env = "MASTER_JOIN_TOKEN")]
+    pub token: Option<String>,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Any replica of the cluster, host:port.
+    #[arg(long)]
+    pub peer: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// How a command recognizes the cluster's replicas (their certificates
+/// chain to the cluster's CA): give one of these.
+#[derive(Args, Clone)]
+pub struct TrustArgs {
+    /// The join token (it carries the CA's hash).
+    #[arg(long, env = "MASTER_JOIN_TOKEN")]
+    pub token: Option<String>,
+    /// The cluster's CA certificate (ca.crt, as `user add` writes it).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// A replica's data dir on this machine (its tls/ca.crt).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl TrustArgs {
+    pub fn credentials(&self) -> Result<Credentials, Fail> {
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Fail(format!("{}: {e}", p.display())));
+        if let Some(t) = &self.token {
+            return Ok(Credentials::token(&JoinToken::parse(t)?)?);
+        }
+        if let Some(ca) = &self.ca {
+            return Ok(Credentials::ca(&read(ca)?)?);
+        }
+        if let Some(dir) = &self.data_dir {
+            return Ok(Credentials::ca(&read(&dir.join("tls/ca.crt"))?)?);
+        }
+        Err(Fail(
+            "say how to recognize the cluster: --token T (or MASTER_JOIN_TOKEN), --ca ca.crt, or --data-dir of a replica".into(),
+        ))
+    }
+}

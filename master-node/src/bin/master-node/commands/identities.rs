@@ -1,0 +1,118 @@
+//! `master-node user|gateway|computer|cert`: certificates the cluster
+//! issues (users, administrators, gateways), one-time registration tokens
+//! for computers, and listing and revoking certificates.
+
+use std::path::Path;
+
+use crate::cli::Admin;
+use crate::commands::Fail;
+
+/// `user add`: a user's (or administrator's) certificate, its key and the CA, into `out`.
+pub async fn add_user(admin: &Admin, name: &str, out: &Path, admin_role: bool, days: u64) -> Result<(), Fail> {
+    let action = if admin_role { "admin" } else { "user" };
+    let reply = certificates(admin, action, name, "", days, vec![]).await?;
+    std::fs::create_dir_all(out).map_err(|e| Fail(format!("{}: {e}", out.display())))?;
+    let write = |file: String, content: &str, private: bool| -> Result<(), Fail> {
+        let path = out.join(&file);
+        let res = if private {
+            master_node::pki::write_private(&path, content)
+        } else {
+            std::fs::write(&path, content)
+        };
+        res.map_err(|e| Fail(format!("writing {}: {e}", path.display())))
+    };
+    write(format!("{name}.crt"), &reply.certificate_pem, false)?;
+    write(format!("{name}.key"), &reply.key_pem, true)?;
+    write("ca.crt".into(), &reply.ca_pem, false)?;
+    println!(
+        "{} certificate for {name} written to {}/{name}.crt and {name}.key (mode 0600); the CA is in ca.crt",
+        if admin_role { "administrator" } else { "user" },
+        out.display()
+    );
+    Ok(())
+}
+
+/// `gateway add`: a slap-gateway's certificate for `hosts`, its key and the CA, into `out`.
+pub async fn add_gateway(admin: &Admin, name: &str, hosts: Vec<String>, out: &Path) -> Result<(), Fail> {
+    let reply = certificates(admin, "gateway", name, "", 0, hosts).await?;
+    std::fs::create_dir_all(out).map_err(|e| Fail(format!("{}: {e}", out.display())))?;
+    let fail = |e: std::io::Error| Fail(format!("writing into {}: {e}", out.display()));
+    master_node::pki::write_private(&out.join("gateway.key"), &reply.key_pem).map_err(fail)?;
+    std::fs::write(out.join("gateway.crt"), &reply.certificate_pem).map_err(fail)?;
+    std::fs::write(out.join("ca.crt"), &reply.ca_pem).map_err(fail)?;
+    println!(
+        "gateway {name}: {}/gateway.crt, gateway.key (mode 0600), ca.crt; run slap-gateway --tls-dir {}",
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// `computer add`: a one-time token for `nodeagent register`.
+pub async fn add_computer(admin: &Admin, id: &str) -> Result<(), Fail> {
+    let reply = certificates(admin, "computer-token", id, "", 0, vec![]).await?;
+    println!("{}", reply.registration);
+    eprintln!(
+        "on the node: nodeagent register --master {} --computer-id {id} --token {}",
+        admin.peer, reply.registration
+    );
+    Ok(())
+}
+
+/// `cert list`: serial, expiry, state and role of every certificate issued.
+pub async fn list_certificates(admin: &Admin) -> Result<(), Fail> {
+    let reply = certificates(admin, "list", "", "", 0, vec![]).await?;
+    println!("{:<34} {:<12} {:<8} role", "serial", "expires", "state");
+    for c in reply.certificates {
+        let days = (c.not_after as i64 - master_node::pki::now_secs() as i64) / 86400;
+        let state = if c.revoked {
+            "revoked"
+        } else if days < 0 {
+            "expired"
+        } else {
+            "valid"
+        };
+        println!(
+            "{:<34} {:<12} {:<8} {}",
+            c.serial,
+            format!("in {days} d"),
+            state,
+            c.role
+        );
+    }
+    Ok(())
+}
+
+/// `cert revoke`: every replica refuses the certificate from its next handshake on.
+pub async fn revoke(admin: &Admin, serial: &str) -> Result<(), Fail> {
+    certificates(admin, "revoke", "", serial, 0, vec![]).await?;
+    println!("certificate {serial} revoked");
+    Ok(())
+}
+
+async fn certificates(
+    admin: &Admin,
+    action: &str,
+    name: &str,
+    serial: &str,
+    days: u64,
+    hosts: Vec<String>,
+) -> Result<slap_proto::cluster::CertificatesReply, Fail> {
+    let client = admin.client()?;
+    let req = slap_proto::cluster::CertificatesRequest {
+        token: admin.token.clone(),
+        action: action.into(),
+        name: name.into(),
+        serial: serial.into(),
+        registration: String::new(),
+        days,
+        hosts,
+    };
+    Ok(client
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.certificates(req).await }
+        })
+        .await?
+        .into_inner())
+}

@@ -1,0 +1,128 @@
+//! The cluster's own facts and its identities: the cluster's creation,
+//! the certificate authority, issued and revoked certificates (and the one
+//! live certificate of each partition), replica ids.
+//!
+//! Part of the state machine: no I/O, no clock; imports only the state.
+
+use super::*;
+
+impl Master {
+    pub(super) fn init_cluster(&mut self, id: &str, token_sha256: &str) -> Reply {
+        if let Some(c) = &self.cluster {
+            return invalid(format!("this state already belongs to cluster {}", c.id));
+        }
+        self.cluster = Some(ClusterMeta {
+            id: id.to_string(),
+            token_sha256: token_sha256.to_string(),
+            // The founding replica is 1.
+            next_replica_id: 2,
+        });
+        self.dirty.insert(Dirty::Cluster);
+        Reply::Done
+    }
+
+    pub(super) fn set_authority(&mut self, a: &Authority) -> Reply {
+        if self.authority.is_some() {
+            return invalid("the cluster already has a certificate authority");
+        }
+        self.authority = Some(a.clone());
+        self.dirty.insert(Dirty::Authority);
+        Reply::Done
+    }
+
+    pub(super) fn record_certificate(&mut self, cert: &Certificate, registration: Option<&str>) -> Reply {
+        if let Some(token) = registration {
+            match (self.registrations.get(token), &cert.role) {
+                (Some(c), Role::Computer(want)) if c == want => {
+                    self.registrations.remove(token);
+                    self.dirty.insert(Dirty::Registration(token.to_string()));
+                }
+                _ => return Reply::Refused(Refusal::Forbidden("unknown or already used registration token".into())),
+            }
+        }
+        if self.certificates.contains_key(&cert.fingerprint) {
+            return invalid("this certificate is already recorded");
+        }
+        // One live certificate per partition: a second one (a retried or
+        // a former leader's issuance) is refused, so the partition's index
+        // rebuilt at restore is the one kept while running, on every
+        // replica, and freeing the partition revokes all it had.
+        if let (Role::Partition(c, p), false) = (&cert.role, cert.revoked) {
+            if self.partition_certs.contains_key(&(c.clone(), p.clone())) {
+                return invalid(format!("partition {p} of {c} already has a live certificate"));
+            }
+        }
+        self.index_certificate(cert);
+        self.certificates.insert(cert.fingerprint.clone(), cert.clone());
+        self.dirty.insert(Dirty::Certificate(cert.fingerprint.clone()));
+        Reply::Done
+    }
+
+    pub(super) fn index_certificate(&mut self, cert: &Certificate) {
+        if let (Role::Partition(c, p), false) = (&cert.role, cert.revoked) {
+            self.partition_certs
+                .insert((c.clone(), p.clone()), cert.fingerprint.clone());
+        }
+    }
+
+    pub(super) fn revoke_certificate(&mut self, serial: &str) -> Reply {
+        let serial = serial.to_ascii_lowercase();
+        let Some(cert) = self.certificates.values_mut().find(|c| c.serial == serial) else {
+            return refused_not_found(format!("no certificate has serial {serial}"));
+        };
+        if !cert.revoked {
+            cert.revoked = true;
+            self.dirty.insert(Dirty::Certificate(cert.fingerprint.clone()));
+            if let Role::Partition(c, p) = &cert.role {
+                let key = (c.clone(), p.clone());
+                if self.partition_certs.get(&key) == Some(&cert.fingerprint) {
+                    self.partition_certs.remove(&key);
+                }
+            }
+        }
+        Reply::Done
+    }
+
+    pub(super) fn revoke_role(&mut self, role: &Role) -> Reply {
+        let serials: Vec<String> = self
+            .certificates
+            .values()
+            .filter(|c| &c.role == role && !c.revoked)
+            .map(|c| c.serial.clone())
+            .collect();
+        for serial in serials {
+            self.revoke_certificate(&serial);
+        }
+        Reply::Done
+    }
+
+    /// Revokes the live certificate of a partition whose instance is gone,
+    /// so the old instance can no longer act for it.
+    pub(super) fn revoke_partition_certificates(&mut self, computer: &str, partition: &str) {
+        let key = (computer.to_string(), partition.to_string());
+        if let Some(fp) = self.partition_certs.remove(&key) {
+            if let Some(cert) = self.certificates.get_mut(&fp) {
+                cert.revoked = true;
+                self.dirty.insert(Dirty::Certificate(fp));
+            }
+        }
+    }
+
+    /// The live certificate of a partition, if one was issued.
+    pub fn partition_certificate(&self, computer: &str, partition: &str) -> Option<&Certificate> {
+        let fp = self
+            .partition_certs
+            .get(&(computer.to_string(), partition.to_string()))?;
+        self.certificates.get(fp)
+    }
+
+    pub(super) fn reserve_replica_id(&mut self) -> Reply {
+        let Some(c) = self.cluster.as_mut() else {
+            return invalid("the cluster is not initialized");
+        };
+        let id = c.next_replica_id;
+        c.next_replica_id += 1;
+        self.dirty.insert(Dirty::Cluster);
+        Reply::ReplicaId(id)
+    }
+}
