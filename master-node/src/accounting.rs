@@ -4,7 +4,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::state::ledger::UsageLine;
+use crate::state::ledger::{Quantity, UsageLine};
 use crate::state::Command;
 
 /// The command that books `journal` (TioXML, reference section 7) for
@@ -23,14 +23,17 @@ pub fn book_command(computer: &str, journal: &str) -> Result<Command, String> {
                 .reference
                 .clone()
                 .ok_or_else(|| format!("movement {:?} names no partition (<reference>)", m.resource))?;
-            if m.quantity < 0.0 {
-                return Err(format!("movement {:?} has a negative quantity", m.resource));
-            }
+            let quantity = Quantity::from_decimal(m.quantity).ok_or_else(|| {
+                format!(
+                    "movement {:?} has a quantity that is negative, not a number or too large ({})",
+                    m.resource, m.quantity
+                )
+            })?;
             lines.push(UsageLine {
                 partition,
                 resource: m.resource.clone(),
                 category: m.categories.first().cloned(),
-                quantity: m.quantity,
+                quantity,
                 stop_us,
             });
         }

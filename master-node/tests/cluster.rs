@@ -667,7 +667,7 @@ async fn prices_and_usage_reports_through_the_command_line() {
                 partition,
                 resource: "CPU Consumption".into(),
                 category: Some("cpu".into()),
-                quantity: 1500.0,
+                quantity: master_node::state::ledger::Quantity::units(1500),
                 stop_us: Some(nov_25),
             }],
         })

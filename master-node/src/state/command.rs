@@ -42,8 +42,7 @@ pub struct PartitionSpec {
     pub capabilities: Vec<String>,
 }
 
-/// Everything that changes the Master's state. (Not `Eq`: usage
-/// quantities are floating-point, as TioXML has them.)
+/// Everything that changes the Master's state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// `loadComputerConfigurationFromXML` / capacity report: create or update a

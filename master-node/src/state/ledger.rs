@@ -17,8 +17,10 @@
 //! freed; a usage journal becomes movements once, whatever the number of
 //! times a node sends it (journals are known by their sha256). Prices are
 //! set by an administrator per resource, optionally per release, with a
-//! currency; money is counted in millionths of the currency unit, so
-//! totals are sums of integers and a report is the same on every replica.
+//! currency. Money is counted in millionths of the currency unit and
+//! quantities in millionths of their unit ([`Quantity`]): nothing
+//! replicated is floating point, totals are sums of integers, and a report
+//! is the same on every replica and every machine.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +30,40 @@ use super::model::{ComputerId, InstanceId, PartitionId, SoftwareUrl};
 
 /// Money, in millionths of the currency unit.
 pub type Micros = i64;
+
+/// A quantity of a resource in millionths of its unit (an hour, a second,
+/// a byte): fixed point, so every replica adds, splits and prices it the
+/// same way. Wide, so a month of bytes summed over a fleet does not wrap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Quantity(pub i128);
+
+impl Quantity {
+    /// Millionths in one unit.
+    const ONE: i128 = 1_000_000;
+
+    /// `units` whole units.
+    pub fn units(units: i64) -> Quantity {
+        Quantity(i128::from(units) * Self::ONE)
+    }
+
+    /// A decimal read off the wire (TioXML), rounded to the millionth;
+    /// `None` unless it is a finite, non-negative number that fits.
+    pub fn from_decimal(value: f64) -> Option<Quantity> {
+        let scaled = (value * Self::ONE as f64).round();
+        (value.is_finite() && value >= 0.0 && scaled < 1e36).then_some(Quantity(scaled as i128))
+    }
+
+    /// The hours from `start_us` to `stop_us` (microseconds).
+    pub fn hours_between(start_us: u64, stop_us: u64) -> Quantity {
+        // Millionths of an hour are 3,600 microseconds each.
+        Quantity(i128::from(stop_us.saturating_sub(start_us)) / 3_600)
+    }
+
+    /// As a number, for display and the wire (never for the state).
+    pub fn as_f64(self) -> f64 {
+        self.0 as f64 / Self::ONE as f64
+    }
+}
 
 /// The resource key of hosting movements (priced per hour).
 pub const HOSTING: &str = "hosting";
@@ -64,7 +100,7 @@ pub struct Movement {
     /// movement is booked at the journal's stop date.
     pub start_us: u64,
     pub stop_us: u64,
-    pub quantity: f64,
+    pub quantity: Quantity,
     pub unit: String,
 }
 
@@ -93,7 +129,7 @@ pub struct UsageLine {
     pub partition: PartitionId,
     pub resource: String,
     pub category: Option<String>,
-    pub quantity: f64,
+    pub quantity: Quantity,
     /// Its transaction's stop date (the leader's time when it has none).
     pub stop_us: Option<u64>,
 }
@@ -169,30 +205,36 @@ impl Period {
     }
 }
 
-/// The part of a movement that falls in a period.
-fn portion(m: &Movement, p: &Period) -> f64 {
+/// The part of a movement that falls in a period (a hosting movement pro
+/// rata of its time in the period, rounded down to the millionth).
+fn portion(m: &Movement, p: &Period) -> Quantity {
     match m.kind {
         MovementKind::Hosting => {
             let span = m.stop_us.saturating_sub(m.start_us);
             if span == 0 {
-                return 0.0;
+                return Quantity::default();
             }
-            m.quantity * p.overlap(m.start_us, m.stop_us) as f64 / span as f64
+            let inside = p.overlap(m.start_us, m.stop_us);
+            Quantity(m.quantity.0 * i128::from(inside) / i128::from(span))
         }
         MovementKind::Resource => {
             if (p.start_us..p.end_us).contains(&m.stop_us) {
                 m.quantity
             } else {
-                0.0
+                Quantity::default()
             }
         }
     }
 }
 
-/// Money for `quantity` at `price` (rounded to the micro unit).
-fn amount(quantity: f64, price: Option<&Price>) -> Micros {
+/// Money for `quantity` at `price`, rounded half up to the micro unit.
+fn amount(quantity: Quantity, price: Option<&Price>) -> Micros {
     price
-        .map(|p| (quantity * p.unit_price as f64).round() as Micros)
+        .map(|p| {
+            let exact = quantity.0 * i128::from(p.unit_price);
+            let rounded = (exact + Quantity::ONE / 2).div_euclid(Quantity::ONE);
+            Micros::try_from(rounded).unwrap_or(if rounded < 0 { Micros::MIN } else { Micros::MAX })
+        })
         .unwrap_or(0)
 }
 
@@ -206,6 +248,8 @@ pub struct Line {
     pub computer: ComputerId,
     /// The subscriber, in a provider's report; "" in a subscriber's.
     pub subscriber: String,
+    /// The sum of the movements' quantities, as a number (the sum itself is
+    /// made in fixed point).
     pub quantity: f64,
     pub unit: String,
     pub unit_price: Option<Micros>,
@@ -234,6 +278,9 @@ pub enum ReportFor {
     Computer(ComputerId),
 }
 
+/// What a report line gathers: subscription, resource, release, provider, subscriber.
+type LineKey = (InstanceId, String, SoftwareUrl, ComputerId, String);
+
 /// The report of `who` for `period`. Open hosting spans count up to `now_us`
 /// (the Master's own clock, the same on every replica at one log position).
 pub fn report(ledger: &Ledger, who: &ReportFor, period: &Period, now_us: u64) -> Report {
@@ -242,7 +289,7 @@ pub fn report(ledger: &Ledger, who: &ReportFor, period: &Period, now_us: u64) ->
         .values()
         .map(|s| hosting_movement(0, s, now_us.max(s.started_us)))
         .collect();
-    let mut lines: BTreeMap<(InstanceId, String, SoftwareUrl, ComputerId, String), Line> = BTreeMap::new();
+    let mut lines: BTreeMap<LineKey, (Line, Quantity)> = BTreeMap::new();
     for m in ledger.movements.values().chain(open.iter()) {
         let mine = match who {
             ReportFor::Subscriber(u) => &m.destination == u,
@@ -252,7 +299,7 @@ pub fn report(ledger: &Ledger, who: &ReportFor, period: &Period, now_us: u64) ->
             continue;
         }
         let q = portion(m, period);
-        if q == 0.0 && m.kind == MovementKind::Hosting {
+        if q == Quantity::default() && m.kind == MovementKind::Hosting {
             continue;
         }
         if m.kind == MovementKind::Resource && !(period.start_us..period.end_us).contains(&m.stop_us) {
@@ -270,24 +317,33 @@ pub fn report(ledger: &Ledger, who: &ReportFor, period: &Period, now_us: u64) ->
             computer.clone(),
             subscriber.clone(),
         );
-        let line = lines.entry(key).or_insert_with(|| Line {
-            subscription: m.subscription.clone(),
-            resource: m.resource.clone(),
-            release: m.release.clone(),
-            computer,
-            subscriber,
-            quantity: 0.0,
-            unit: m.unit.clone(),
-            unit_price: price.map(|p| p.unit_price),
-            currency: price.map(|p| p.currency.clone()),
-            amount: 0,
-            movements: 0,
+        let (line, sum) = lines.entry(key).or_insert_with(|| {
+            let line = Line {
+                subscription: m.subscription.clone(),
+                resource: m.resource.clone(),
+                release: m.release.clone(),
+                computer,
+                subscriber,
+                quantity: 0.0,
+                unit: m.unit.clone(),
+                unit_price: price.map(|p| p.unit_price),
+                currency: price.map(|p| p.currency.clone()),
+                amount: 0,
+                movements: 0,
+            };
+            (line, Quantity::default())
         });
-        line.quantity += q;
+        sum.0 += q.0;
         line.amount += amount(q, price);
         line.movements += 1;
     }
-    let lines: Vec<Line> = lines.into_values().collect();
+    let lines: Vec<Line> = lines
+        .into_values()
+        .map(|(mut line, sum)| {
+            line.quantity = sum.as_f64();
+            line
+        })
+        .collect();
     let mut totals = BTreeMap::new();
     for l in &lines {
         if let Some(c) = &l.currency {
@@ -317,7 +373,7 @@ pub fn hosting_movement(id: u64, s: &HostingSpan, stop_us: u64) -> Movement {
         partition: s.partition.clone(),
         start_us: s.started_us,
         stop_us,
-        quantity: stop_us.saturating_sub(s.started_us) as f64 / 3.6e9,
+        quantity: Quantity::hours_between(s.started_us, stop_us),
         unit: "hour".into(),
     }
 }
@@ -501,7 +557,7 @@ mod tests {
         }
     }
 
-    fn movement(id: u64, kind: MovementKind, sub: &str, res: &str, start: u64, stop: u64, q: f64) -> Movement {
+    fn movement(id: u64, kind: MovementKind, sub: &str, res: &str, start: u64, stop: u64, q: Quantity) -> Movement {
         Movement {
             id,
             kind,
@@ -536,7 +592,15 @@ mod tests {
         // 48 hours straddling midnight of the 1st of December.
         let start = dec.start_us - 24 * 3_600_000_000;
         let stop = dec.start_us + 24 * 3_600_000_000;
-        let mut m = movement(2, MovementKind::Hosting, "T1", HOSTING, start, stop, 48.0);
+        let mut m = movement(
+            2,
+            MovementKind::Hosting,
+            "T1",
+            HOSTING,
+            start,
+            stop,
+            Quantity::units(48),
+        );
         m.destination = "alice".into();
         l.movements.insert(2, m);
         l.prices.insert(
@@ -549,12 +613,49 @@ mod tests {
         let alice = ReportFor::Subscriber("alice".into());
         let r = report(&l, &alice, &nov, 0);
         assert_eq!(r.lines.len(), 1);
-        assert!((r.lines[0].quantity - 24.0).abs() < 1e-9);
+        assert_eq!(r.lines[0].quantity, 24.0);
         assert_eq!(r.totals["EUR"], 240_000);
         assert_eq!(report(&l, &alice, &dec, 0).totals["EUR"], 240_000);
         assert!(report(&l, &ReportFor::Subscriber("bob".into()), &nov, 0)
             .lines
             .is_empty());
+    }
+
+    #[test]
+    fn quantities_are_fixed_point() {
+        assert_eq!(Quantity::from_decimal(42.5), Some(Quantity(42_500_000)));
+        assert_eq!(
+            Quantity::from_decimal(0.1 + 0.2),
+            Some(Quantity(300_000)),
+            "rounded to the millionth"
+        );
+        for bad in [-1.0, f64::NAN, f64::INFINITY, 1e40] {
+            assert_eq!(Quantity::from_decimal(bad), None, "{bad}");
+        }
+        // 90 minutes, and one hour split by a month boundary: no drift.
+        assert_eq!(Quantity::hours_between(0, 5_400_000_000), Quantity(1_500_000));
+        let q = Quantity::units(1);
+        assert_eq!(
+            amount(
+                q,
+                Some(&Price {
+                    unit_price: 333_333,
+                    currency: "EUR".into()
+                })
+            ),
+            333_333
+        );
+        // A third of a unit at 1.000001: 0.333333667 rounds to 0.333334.
+        assert_eq!(
+            amount(
+                Quantity(333_333),
+                Some(&Price {
+                    unit_price: 1_000_001,
+                    currency: "EUR".into()
+                })
+            ),
+            333_333
+        );
     }
 
     proptest! {
@@ -573,7 +674,7 @@ mod tests {
                 let start = nov.start_us - 500 * hour + start_h * hour;
                 let stop = start + len_h * hour;
                 let kind = if *kind == 0 { MovementKind::Hosting } else { MovementKind::Resource };
-                let q = if kind == MovementKind::Hosting { *len_h as f64 } else { *q as f64 };
+                let q = if kind == MovementKind::Hosting { Quantity::units(*len_h as i64) } else { Quantity(i128::from(*q) * 1_000) };
                 l.movements.insert(i as u64, movement(i as u64, kind, &format!("T{sub}"), res[*r as usize], start, stop, q));
             }
             for (r, p, per_release) in prices {

@@ -848,6 +848,7 @@ fn a_guarded_command_applies_only_while_the_partition_holds_the_instance() {
 }
 
 fn usage(computer: &str, sha: &str, partition: &str, quantity: f64) -> Command {
+    let quantity = ledger::Quantity::from_decimal(quantity).unwrap();
     Command::BookUsage {
         computer: computer.into(),
         journal_sha256: sha.into(),
@@ -880,7 +881,7 @@ fn usage_is_booked_once_and_attributed_to_the_subscriber() {
     );
     assert_eq!(
         (m.resource.as_str(), m.quantity, m.source.as_str()),
-        ("cpu", 42.5, c.as_str())
+        ("cpu", ledger::Quantity(42_500_000), c.as_str())
     );
     // Refused whole, nothing stored: an unknown computer, a partition of another.
     assert!(matches!(
