@@ -1,6 +1,8 @@
 //! Usage in, reports out: between the wire (a node's TioXML journal, the
 //! APIs' report requests) and the ledger (`state::ledger`), which knows
 //! neither.
+//!
+//! Below the replica handle: imports only the state.
 
 use sha2::{Digest, Sha256};
 

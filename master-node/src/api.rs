@@ -1,5 +1,7 @@
 //! What travels in the cluster API's `Write` and `Read` calls (postcard):
 //! a write before the leader stamps it, and the linearizable queries.
+//!
+//! Imports only the state: no transport, no Raft.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

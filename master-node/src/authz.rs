@@ -22,6 +22,8 @@
 //!
 //! Shared by the SLAP handlers, the native API and the dashboard, so it
 //! sits below all three and imports none of them (nor the servers).
+//!
+//! Must not import `slap`, `native`, `dashboard` or `server`.
 
 use axum::body::{to_bytes, Body};
 use axum::extract::Request;

@@ -10,6 +10,9 @@
 //! certificate, so a node can fetch it with
 //! `getComputerPartitionCertificate` before it deploys the instance. A freed
 //! partition's certificates are revoked inside `apply`.
+//!
+//! Built on the replica handle; must not import the handlers and the server
+//! that call it (`cluster_service`, `server`).
 
 use openraft::rt::WatchReceiver;
 use std::sync::Arc;

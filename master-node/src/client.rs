@@ -10,6 +10,9 @@
 //! in a join token) and may present a certificate of its own. Writes and
 //! reads need an administrator's (or a replica's) certificate; membership and
 //! certificate calls can be made with the join token instead.
+//!
+//! Must not import the replica handle or anything above it: the CLI links it
+//! without running a replica.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -3,6 +3,8 @@
 //! CA, then the certificate is looked up in the replicated state at every
 //! handshake, so a revocation holds on every replica as soon as it applies.
 //! The two ports differ only in their [`Policy`].
+//!
+//! Imports only `pki` and the state.
 
 use std::sync::{Arc, RwLock, Weak};
 

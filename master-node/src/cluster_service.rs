@@ -10,6 +10,8 @@
 //! | `Write`, `WriteBatch`, `Read` | replicas (forwarding) and administrators |
 //! | `Join`, `Promote`, `Leave`, `Certificates` | the join token, or an administrator |
 //! | `Certificates` action `register` | a one-time computer registration token |
+//!
+//! A handler: must not import the server that mounts it (`server`).
 
 use std::sync::Arc;
 

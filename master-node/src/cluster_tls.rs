@@ -17,6 +17,8 @@
 //! Files, in `<data dir>/tls/`: `ca.crt`, `replica.crt`, `replica.key`
 //! (mode 0600). `master-node init` also writes an administrator's
 //! certificate to `<data dir>/admin/` for the operator.
+//!
+//! Below Raft and the replica handle: must not import either.
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -9,6 +9,9 @@
 //! user their own trees and usage, a computer its own computer; the form
 //! requests as the calling user. Without TLS (`--insecure-http`) the
 //! dashboard shows everything and requests for the development user.
+//!
+//! A handler: must not import `slap`, `native`, `metrics` or the server that
+//! mounts it.
 
 use std::fmt::Write as _;
 use std::sync::Arc;

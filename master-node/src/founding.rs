@@ -7,6 +7,8 @@
 //! certificate to serve, and the join token carries the CA's hash. The CA
 //! and both certificates are then recorded through the log, so every replica
 //! that joins later knows them.
+//!
+//! Must not import the replica handle or anything above it.
 
 use std::path::Path;
 

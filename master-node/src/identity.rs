@@ -7,6 +7,8 @@
 //! secret's sha256, so any leader can check it, and the joiner pins the
 //! cluster's CA by the hash (as `kubeadm join` does), so it never talks to a
 //! Master that is not the one the token is for.
+//!
+//! Imports nothing else of this crate.
 
 use std::fs;
 use std::io::Write;

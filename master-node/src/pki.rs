@@ -12,6 +12,8 @@
 //! certificate the Master never recorded is refused even if the CA signed it.
 //!
 //! [`Command::RecordCertificate`]: crate::state::Command::RecordCertificate
+//!
+//! Imports only the state's identity types.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,

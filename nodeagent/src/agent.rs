@@ -1,4 +1,6 @@
-//! `nodeagent run`: the daemon's loops.
+//! `nodeagent run`: the daemon's loops. [`run`] formats the partitions and
+//! re-adopts running processes, then runs each step below as its own loop
+//! (a method of `Agent`, which holds what they share):
 //!
 //! - **capacity**: format (idempotent) and report the computer to the Master
 //!   at start and every 24 hours; retried with backoff until it lands.
@@ -16,6 +18,7 @@
 //! everything running keeps running, and nothing is destroyed because a poll
 //! failed (only an explicit `destroyed` state from the Master destroys).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,7 +138,22 @@ pub fn cgroups_for(cfg: &NodeConfig) -> crate::cgroups::Cgroups {
     }
 }
 
-/// Runs the daemon until `shutdown` resolves.
+/// What the agent's steps share.
+struct Agent {
+    cfg: NodeConfig,
+    master: Arc<MasterClient>,
+    intervals: Intervals,
+    metrics: Arc<crate::metrics::Metrics>,
+    supervisor: Arc<Supervisor>,
+    instances: Arc<Mutex<Instances>>,
+    /// The computer's latest document, shared, not copied (a 300-partition
+    /// plan is a few megabytes); `None` until the first poll answers.
+    plans: watch::Receiver<Option<Arc<ComputerPlan>>>,
+}
+
+/// Runs the daemon until `shutdown` resolves: formats the partitions,
+/// re-adopts running processes, then runs each step of the module's list as
+/// its own loop.
 pub async fn run(
     cfg: NodeConfig,
     master: Arc<MasterClient>,
@@ -144,8 +162,6 @@ pub async fn run(
     metrics_listen: Option<String>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    use std::sync::atomic::Ordering;
-    let metrics = Arc::new(crate::metrics::Metrics::default());
     let (report, resources) = format::format(&cfg)?;
     info!(partitions = resources.len(), changed = ?report, "partitions formatted");
     let supervisor = Arc::new(Supervisor::new(cfg.agent_dir().join("run")).with_cgroups(cgroups_for(&cfg)));
@@ -159,194 +175,42 @@ pub async fn run(
         supervisor.clone(),
         resources.clone(),
     )));
-    // Shared, not copied: a 300-partition plan is a few megabytes.
-    let (plan_tx, plan_rx) = watch::channel::<Option<Arc<ComputerPlan>>>(None);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let (plan_tx, plans) = watch::channel::<Option<Arc<ComputerPlan>>>(None);
+    let agent = Arc::new(Agent {
+        cfg,
+        master,
+        intervals,
+        metrics,
+        supervisor: supervisor.clone(),
+        instances: instances.clone(),
+        plans,
+    });
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = metrics_listen {
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics: {e}"))?;
         info!(%addr, "serving /metrics and /healthz");
-        tasks.spawn(crate::metrics::serve(listener, metrics.clone(), supervisor.clone()));
-    }
-
-    // Capacity, now and every day.
-    {
-        let (cfg, master, resources, every) = (cfg.clone(), master.clone(), resources.clone(), intervals.capacity);
+        let serve = crate::metrics::serve(listener, agent.metrics.clone(), supervisor.clone());
         tasks.spawn(async move {
-            loop {
-                let mut backoff = Duration::from_secs(1);
-                loop {
-                    match report_capacity(&cfg, &master, &resources).await {
-                        Ok(()) => {
-                            info!(computer = %cfg.computer_id, "capacity reported to the master");
-                            break;
-                        }
-                        Err(e) => {
-                            warn!(error = %e, retry_in = ?backoff, "cannot report capacity");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(60));
-                        }
-                    }
-                }
-                tokio::time::sleep(every).await;
-            }
+            serve.await;
+            "metrics"
         });
     }
-
-    // Watch: long polls; a new document wakes the loops.
-    {
-        let (computer, master, hold) = (cfg.computer_id.clone(), master.clone(), intervals.watch_hold);
-        let metrics = metrics.clone();
-        tasks.spawn(async move {
-            let mut etag: Option<String> = None;
-            let mut backoff = Duration::from_millis(500);
-            loop {
-                let started = std::time::Instant::now();
-                match master.computer_plan(&computer, etag.as_deref(), Some(hold)).await {
-                    Ok(Some((plan, tag))) => {
-                        backoff = Duration::from_millis(500);
-                        etag = tag;
-                        metrics.master_reachable.store(1, Ordering::Relaxed);
-                        metrics.observe_plan(&plan);
-                        plan_tx.send_replace(Some(Arc::new(plan)));
-                    }
-                    Ok(None) => {
-                        backoff = Duration::from_millis(500);
-                        metrics.master_reachable.store(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        metrics.master_reachable.store(0, Ordering::Relaxed);
-                        warn!(error = %e, retry_in = ?backoff, "cannot read this computer's plan");
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                        tokio::time::sleep(backoff).await;
-                    }
-                }
-                // A Master that does not hold polls answers at once: poll
-                // every second at most rather than spin.
-                if started.elapsed() < Duration::from_secs(1) {
-                    tokio::time::sleep(Duration::from_secs(1) - started.elapsed()).await;
-                }
-            }
-        });
-    }
-
-    // Software.
-    {
-        let (cfg, master, every) = (cfg.clone(), master.clone(), intervals.software);
-        let mut plans = plan_rx.clone();
-        let metrics = metrics.clone();
-        tasks.spawn(async move {
-            loop {
-                let plan = plans.borrow_and_update().clone();
-                if let Some(plan) = plan {
-                    let run = software::process(&cfg, &master, &plan).await;
-                    metrics.software_installed.fetch_add(run.installed.len() as u64, Ordering::Relaxed);
-                    metrics.software_failed.fetch_add(run.failed.len() as u64, Ordering::Relaxed);
-                    if !run.installed.is_empty() || !run.failed.is_empty() || !run.removed.is_empty() {
-                        info!(installed = ?run.installed, failed = run.failed.len(), removed = ?run.removed, "software run");
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = plans.changed() => {}
-                }
-            }
-        });
-    }
-
-    // Instances.
-    {
-        let (instances, every) = (instances.clone(), intervals.instance);
-        let mut plans = plan_rx.clone();
-        let metrics = metrics.clone();
-        tasks.spawn(async move {
-            loop {
-                let plan = plans.borrow_and_update().clone();
-                let mut retry = false;
-                if let Some(plan) = plan {
-                    let started = std::time::Instant::now();
-                    let outcomes = instances.lock().await.process(&plan.partitions, false).await;
-                    let failed = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Failed(_))).count();
-                    metrics.instance_runs.fetch_add(1, Ordering::Relaxed);
-                    metrics
-                        .instance_run_us
-                        .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    metrics.partitions_failed.store(failed as u64, Ordering::Relaxed);
-                    retry = failed > 0;
-                    let done: Vec<_> = outcomes
-                        .iter()
-                        .filter(|(_, o)| !matches!(o, Outcome::Free | Outcome::Unchanged))
-                        .collect();
-                    if !done.is_empty() {
-                        info!(partitions = ?done, "instance run");
-                    }
-                }
-                let wait = if retry {
-                    every.min(Duration::from_secs(30))
-                } else {
-                    every
-                };
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = plans.changed() => {}
-                }
-            }
-        });
-    }
-
-    // Promises.
-    {
-        let (instances, every, plans) = (instances.clone(), intervals.promise, plan_rx.clone());
-        tasks.spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let plan = plans.borrow().clone();
-                if let Some(plan) = plan {
-                    for (partition, result) in instances.lock().await.check_promises(&plan.partitions).await {
-                        if let Err(e) = result {
-                            warn!(%partition, error = %e, "promise failing");
-                        }
-                    }
-                }
-            }
-        });
-    }
-
-    // Usage.
-    {
-        let (instances, every, plans) = (instances.clone(), intervals.usage, plan_rx.clone());
-        tasks.spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let plan = plans.borrow().clone();
-                if let Some(plan) = plan {
-                    match report_usage(&*instances.lock().await, &plan).await {
-                        Ok(n) => info!(partitions = n, "usage reported"),
-                        Err(e) => warn!(error = %e, "cannot report usage"),
-                    }
-                }
-            }
-        });
-    }
-
-    // Supervisor.
-    {
-        let supervisor = supervisor.clone();
-        tasks.spawn(async move {
-            loop {
-                supervisor.tick().await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
-    }
+    tasks.spawn(named("capacity", agent.clone().capacity(resources)));
+    tasks.spawn(named("watch", agent.clone().watch(plan_tx)));
+    tasks.spawn(named("software", agent.clone().software()));
+    tasks.spawn(named("instances", agent.clone().instances()));
+    tasks.spawn(named("promises", agent.clone().promises()));
+    tasks.spawn(named("usage", agent.clone().usage()));
+    tasks.spawn(named("supervisor", agent.clone().supervise()));
 
     tokio::select! {
         _ = shutdown => info!("shutting down"),
-        Some(res) = tasks.join_next() => {
-            if let Err(e) = res {
-                warn!(error = %e, "a loop ended unexpectedly");
-            }
+        Some(res) = tasks.join_next() => match res {
+            Ok(step) => warn!(step, "a loop ended unexpectedly"),
+            Err(e) => warn!(error = %e, "a loop ended unexpectedly"),
         }
     }
     // Wait for an in-flight partition to finish before leaving.
@@ -361,6 +225,172 @@ pub async fn run(
         info!("partition processes keep running; the next agent re-adopts them");
     }
     Ok(())
+}
+
+/// A step that names itself when it ends (its loop never should).
+async fn named(name: &'static str, step: impl std::future::Future<Output = ()>) -> &'static str {
+    step.await;
+    name
+}
+
+impl Agent {
+    /// Capacity: reported now and every day, retried with backoff.
+    async fn capacity(self: Arc<Self>, resources: Vec<crate::config::PartitionResource>) {
+        loop {
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                match report_capacity(&self.cfg, &self.master, &resources).await {
+                    Ok(()) => {
+                        info!(computer = %self.cfg.computer_id, "capacity reported to the master");
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?backoff, "cannot report capacity");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(60));
+                    }
+                }
+            }
+            tokio::time::sleep(self.intervals.capacity).await;
+        }
+    }
+
+    /// Watch: long polls of the computer's document; a new one wakes the
+    /// software and instance steps.
+    async fn watch(self: Arc<Self>, plan_tx: watch::Sender<Option<Arc<ComputerPlan>>>) {
+        let mut etag: Option<String> = None;
+        let mut backoff = Duration::from_millis(500);
+        let computer = &self.cfg.computer_id;
+        loop {
+            let started = std::time::Instant::now();
+            match self
+                .master
+                .computer_plan(computer, etag.as_deref(), Some(self.intervals.watch_hold))
+                .await
+            {
+                Ok(Some((plan, tag))) => {
+                    backoff = Duration::from_millis(500);
+                    etag = tag;
+                    self.metrics.master_reachable.store(1, Ordering::Relaxed);
+                    self.metrics.observe_plan(&plan);
+                    plan_tx.send_replace(Some(Arc::new(plan)));
+                }
+                Ok(None) => {
+                    backoff = Duration::from_millis(500);
+                    self.metrics.master_reachable.store(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.metrics.master_reachable.store(0, Ordering::Relaxed);
+                    warn!(error = %e, retry_in = ?backoff, "cannot read this computer's plan");
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+            // A Master that does not hold polls answers at once: poll
+            // every second at most rather than spin.
+            if started.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_secs(1) - started.elapsed()).await;
+            }
+        }
+    }
+
+    /// Software: install and remove releases, on every new document and at
+    /// least every interval.
+    async fn software(self: Arc<Self>) {
+        let mut plans = self.plans.clone();
+        loop {
+            let plan = plans.borrow_and_update().clone();
+            if let Some(plan) = plan {
+                let run = software::process(&self.cfg, &self.master, &plan).await;
+                let m = &self.metrics;
+                m.software_installed
+                    .fetch_add(run.installed.len() as u64, Ordering::Relaxed);
+                m.software_failed.fetch_add(run.failed.len() as u64, Ordering::Relaxed);
+                if !run.installed.is_empty() || !run.failed.is_empty() || !run.removed.is_empty() {
+                    info!(installed = ?run.installed, failed = run.failed.len(), removed = ?run.removed, "software run");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.intervals.software) => {}
+                _ = plans.changed() => {}
+            }
+        }
+    }
+
+    /// Instances: reconfigure the partitions whose timestamp moved, on every
+    /// new document and at least every interval; failed ones after 30 s.
+    async fn instances(self: Arc<Self>) {
+        let mut plans = self.plans.clone();
+        let every = self.intervals.instance;
+        loop {
+            let plan = plans.borrow_and_update().clone();
+            let mut retry = false;
+            if let Some(plan) = plan {
+                let started = std::time::Instant::now();
+                let outcomes = self.instances.lock().await.process(&plan.partitions, false).await;
+                let failed = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Failed(_))).count();
+                let m = &self.metrics;
+                m.instance_runs.fetch_add(1, Ordering::Relaxed);
+                m.instance_run_us
+                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                m.partitions_failed.store(failed as u64, Ordering::Relaxed);
+                retry = failed > 0;
+                let done: Vec<_> = outcomes
+                    .iter()
+                    .filter(|(_, o)| !matches!(o, Outcome::Free | Outcome::Unchanged))
+                    .collect();
+                if !done.is_empty() {
+                    info!(partitions = ?done, "instance run");
+                }
+            }
+            let wait = if retry {
+                every.min(Duration::from_secs(30))
+            } else {
+                every
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = plans.changed() => {}
+            }
+        }
+    }
+
+    /// Promises: the health of started partitions, every interval.
+    async fn promises(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.intervals.promise).await;
+            let plan = self.plans.borrow().clone();
+            if let Some(plan) = plan {
+                for (partition, result) in self.instances.lock().await.check_promises(&plan.partitions).await {
+                    if let Err(e) = result {
+                        warn!(%partition, error = %e, "promise failing");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Usage: TioXML through `useComputer`, every interval.
+    async fn usage(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.intervals.usage).await;
+            let plan = self.plans.borrow().clone();
+            if let Some(plan) = plan {
+                match report_usage(&*self.instances.lock().await, &plan).await {
+                    Ok(n) => info!(partitions = n, "usage reported"),
+                    Err(e) => warn!(error = %e, "cannot report usage"),
+                }
+            }
+        }
+    }
+
+    /// Supervisor: reaps, restarts with backoff, rotates logs.
+    async fn supervise(self: Arc<Self>) {
+        loop {
+            self.supervisor.tick().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
 }
 
 #[cfg(test)]

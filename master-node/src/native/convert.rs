@@ -1,5 +1,7 @@
 //! Between the native API's messages and the Master's domain types. The
 //! domain knows nothing of protobuf; this is the only place that knows both.
+//!
+//! Part of the native API's handlers: must not import the server.
 
 use openraft::rt::WatchReceiver;
 use openraft::ServerState;

@@ -10,6 +10,9 @@
 //! retry after a lost answer (a gateway moving to another replica, a client
 //! timing out across an election) gets the first answer back.
 //! `GetInstance` and `ListInstances` are linearizable reads.
+//!
+//! A handler: must not import `slap`, `dashboard`, `metrics` or the server
+//! that mounts it.
 
 mod convert;
 

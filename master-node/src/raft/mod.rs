@@ -1,6 +1,9 @@
 //! Raft for the Master: openraft's types for our state machine, the glue
 //! between [`Master`] and raft-store, the timeouts, and the gRPC transport
 //! between replicas ([`network`] is the client side, [`service`] the server).
+//!
+//! Must not import the replica handle or anything above it: the transport is
+//! given the replica's TLS, nothing more.
 
 pub mod network;
 pub mod service;

@@ -23,6 +23,8 @@
 //! a fresh TCP connection and TLS handshake per read. A tonic channel
 //! multiplexes calls and reconnects by itself, so one per peer (and
 //! address) serves replication, checks, votes and snapshots alike.
+//!
+//! Must not import the replica handle or anything above it.
 
 use std::collections::HashMap;
 use std::future::Future;

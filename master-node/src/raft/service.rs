@@ -6,6 +6,8 @@
 //! replica the message says it comes from (the candidate of a vote, the
 //! leader of an append or a snapshot). In a stream, every message is
 //! checked, not only the first.
+//!
+//! Must not import the replica handle or anything above it.
 
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};

@@ -3,6 +3,8 @@
 //! port), with the authorization check, the body limit and the call
 //! counters around them. Served over HTTPS by [`super::https`], or over
 //! plain HTTP in development.
+//!
+//! Part of the process assembly.
 
 use std::sync::Arc;
 

@@ -11,6 +11,8 @@
 //!
 //! Everything else is a handler or a core piece that knows nothing of how
 //! it is mounted; nothing imports this module but the binary and tests.
+//!
+//! It may import every module; none imports it.
 
 pub mod http;
 pub mod https;

@@ -1,5 +1,7 @@
 //! The objects SLAP clients read (reference section 1.4), built from the
 //! Master's state as xml_marshaller values.
+//!
+//! Part of the SLAP handlers: must not import the server.
 
 use slap_proto::marshal::{Object, Value, SLAP_MODULE};
 

@@ -7,6 +7,8 @@
 //! - `?mode=traverse&relative_url=...`: a redirect to the document;
 //! - `/hateoas/partitions/<title>`, `/hateoas/shared/<title>`,
 //!   `/hateoas/computers/<reference>`: ERP5 form renderings.
+//!
+//! Part of the SLAP handlers: must not import the server.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -14,6 +14,8 @@
 //! request, or one naming its computer, takes the first entry that fits; a
 //! request with other SLA keys walks the entries in load order until one
 //! matches.
+//!
+//! Part of the state machine: imports only the state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;

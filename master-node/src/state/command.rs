@@ -2,6 +2,8 @@
 //! (replies). Commands are what the log carries: the leader wraps each one in
 //! a [`Proposal`] with the time and the client's request id, so that `apply`
 //! needs neither a clock nor any randomness.
+//!
+//! Part of the state machine: imports only the state.
 
 use serde::{Deserialize, Serialize};
 

@@ -21,6 +21,8 @@
 //! quantities in millionths of their unit ([`Quantity`]): nothing
 //! replicated is floating point, totals are sums of integers, and a report
 //! is the same on every replica and every machine.
+//!
+//! Part of the state machine: imports only the state.
 
 use std::collections::BTreeMap;
 

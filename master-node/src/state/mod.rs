@@ -22,6 +22,9 @@
 //!   child's or a shared instance's publication (bumping the requester), and
 //!   on bang (the whole tree); never on a partition's own publication;
 //! - each write carries a request id; a retry returns the recorded answer.
+//!
+//! The state machine imports nothing else of this crate: no Raft, no network,
+//! no clock.
 
 pub mod allocation;
 mod authority;

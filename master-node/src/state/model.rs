@@ -1,5 +1,7 @@
 //! The Master's entities, in SlapOS words. Plain data: no wire format, no
 //! storage, no clock.
+//!
+//! Part of the state machine: imports nothing.
 
 use std::collections::BTreeMap;
 

@@ -9,6 +9,9 @@
 //! for replicas' public addresses, and for accounting `u/<id>` (movements),
 //! `h/<instance>` (open hosting spans), `j/<sha256>` (booked journals) and
 //! `$/<resource>\0<release>` (prices). Values are postcard.
+//!
+//! Part of the state machine: imports only the state (the store's format is
+//! raft-store's business).
 
 use serde::{Deserialize, Serialize};
 
