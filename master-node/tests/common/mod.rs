@@ -15,12 +15,25 @@ use slap_proto::marshal::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_master-node");
 
+/// A port nothing listens on, for a process the test starts next.
+///
+/// Taken below Linux's ephemeral range (32768 and up): a port the kernel
+/// handed out with `bind(0)` and released can be picked again as the source
+/// port of any outgoing connection before the child binds it, and the child
+/// then fails to start. Outgoing connections never use ports below the
+/// range, and a counter spread by pid keeps parallel tests apart.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 15_000;
+    const SPAN: u32 = 17_000;
+    let start = std::process::id().wrapping_mul(97) % SPAN;
+    loop {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -36,6 +49,28 @@ impl Proc {
                 .spawn()
                 .unwrap(),
         ))
+    }
+
+    /// Spawns with stdout and stderr appended to `log`, so a failure can
+    /// say what the process printed.
+    pub fn spawn_logged(bin: &Path, args: &[String], log: &Path) -> Proc {
+        if let Some(dir) = log.parent() {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        Proc(Some(
+            Command::new(bin)
+                .args(args)
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
+    /// Whether the process has exited (and so will never become ready).
+    pub fn exited(&mut self) -> bool {
+        self.0.as_mut().is_none_or(|c| c.try_wait().ok().flatten().is_some())
     }
 
     pub fn kill(&mut self) {
@@ -88,6 +123,30 @@ pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// Waits like [`wait_for`] for a process to become ready, but fails at once
+/// with the end of its log when it exits first.
+pub fn wait_for_child(what: &str, child: &mut Proc, log: &Path, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ok() {
+        if child.exited() {
+            panic!("{what} exited before it was ready; its log:\n{}", log_tail(log));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; its log:\n{}",
+            log_tail(log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The last lines of a process log, for failure messages.
+pub fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
 pub fn gateway_bin() -> PathBuf {
     let path = PathBuf::from(BIN).with_file_name("slap-gateway");
     assert!(
@@ -116,7 +175,8 @@ impl SlapCluster {
         let slap: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let data = |i: usize| dir.join(format!("r{i}")).display().to_string();
         let s = |v: &str| v.to_string();
-        let mut replicas = vec![Proc::spawn(
+        let log = |i: usize| dir.join(format!("r{i}.log"));
+        let mut replicas = vec![Proc::spawn_logged(
             Path::new(BIN),
             &[
                 s("init"),
@@ -128,13 +188,14 @@ impl SlapCluster {
                 format!("127.0.0.1:{}", slap[0]),
                 s("--insecure-http"),
             ],
+            &log(0),
         )];
         let token_file = dir.join("r0/join-token");
-        wait_for("the first replica", || token_file.exists());
+        wait_for_child("the first replica", &mut replicas[0], &log(0), || token_file.exists());
         let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
         let admin = Credentials::admin_of(&dir.join("r0")).unwrap();
         for i in 1..3 {
-            replicas.push(Proc::spawn(
+            replicas.push(Proc::spawn_logged(
                 Path::new(BIN),
                 &[
                     s("join"),
@@ -150,13 +211,16 @@ impl SlapCluster {
                     format!("127.0.0.1:{}", slap[i]),
                     s("--insecure-http"),
                 ],
+                &log(i),
             ));
             let voters = |rt: &tokio::runtime::Runtime| {
                 rt.block_on(Client::status_of(&raft[0], &admin))
                     .map(|s| s.members.iter().filter(|m| m.role == "voter").count())
                     .unwrap_or(0)
             };
-            wait_for("the joiner to vote", || voters(&runtime) == i + 1);
+            wait_for_child("the joiner to vote", &mut replicas[i], &log(i), || {
+                voters(&runtime) == i + 1
+            });
         }
         let gateway_port = free_port();
         let list = slap
@@ -164,7 +228,8 @@ impl SlapCluster {
             .map(|p| format!("127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",");
-        let gateway = Proc::spawn(
+        let gateway_log = dir.join("gateway.log");
+        let mut gateway = Proc::spawn_logged(
             &gateway_bin(),
             &[
                 s("--replicas"),
@@ -172,8 +237,9 @@ impl SlapCluster {
                 s("--listen"),
                 format!("127.0.0.1:{gateway_port}"),
             ],
+            &gateway_log,
         );
-        wait_for("the gateway", || {
+        wait_for_child("the gateway", &mut gateway, &gateway_log, || {
             http(gateway_port, "GET", "/healthz", "").is_some_and(|(st, _)| st == 200)
         });
         SlapCluster {
