@@ -31,6 +31,8 @@ pub enum Query {
         period_start_us: u64,
         period_end_us: u64,
     },
+    /// The cluster's limits.
+    Limits,
 }
 
 /// The answer to a [`Query`].
@@ -44,6 +46,7 @@ pub enum Answer {
     },
     Instances(Vec<Instance>),
     Usage(Report),
+    Limits(crate::state::limits::Limits),
 }
 
 /// Answers `query` from `state`.
@@ -73,6 +76,7 @@ pub fn answer(state: &Master, query: &Query) -> Answer {
             // same on every replica at one log position.
             Answer::Usage(ledger::report(&state.ledger, who, &period, state.clock))
         }
+        Query::Limits => Answer::Limits(state.limits.clone()),
         Query::StateDigest => Answer::StateDigest {
             last_index: state.last_index,
             sha256: digest(state),

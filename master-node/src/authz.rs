@@ -194,7 +194,8 @@ pub async fn authorize(State(replica): State<Arc<Replica>>, mut req: Request, ne
     };
     req.extensions_mut().insert(Caller(role.clone()));
     let (parts, body) = req.into_parts();
-    let bytes = match to_bytes(body, 64 << 20).await {
+    // Bounded by the body limits already (`server::http`).
+    let bytes = match to_bytes(body, usize::MAX).await {
         Ok(b) => b,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("unreadable body: {e}")),
     };

@@ -39,6 +39,9 @@ pub struct Counters {
     pub(crate) calls: Mutex<BTreeMap<(&'static str, String), Histogram>>,
     /// (api, status class) -> count.
     pub(crate) outcomes: Mutex<BTreeMap<(&'static str, String), u64>>,
+    /// Calls refused before reaching a handler, by reason (`too_large`,
+    /// `rate_limited`).
+    pub(crate) rejected: Mutex<BTreeMap<&'static str, u64>>,
     /// Node polls answered 304 (unchanged), held, and with a document.
     pub polls_unchanged: AtomicU64,
     pub polls_held: AtomicU64,
@@ -46,6 +49,16 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Counts a call refused before any handler (over a limit, too many).
+    pub fn rejected(&self, reason: &'static str) {
+        *self
+            .rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_insert(0) += 1;
+    }
+
     /// Records one call of `api` (`slap`, `native`): its operation, its
     /// outcome (an HTTP status, a gRPC code name) and how long it took.
     pub fn call(&self, api: &'static str, operation: &str, outcome: &str, took: Duration) {

@@ -175,6 +175,22 @@ pub fn render(replica: &Replica) -> String {
     }
     family(
         &mut out,
+        "slapos_calls_rejected_total",
+        "Calls refused before any handler: over a size limit (too_large) or over the caller's rate (rate_limited).",
+        "counter",
+    );
+    for reason in ["too_large", "rate_limited"] {
+        let n = metrics
+            .rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(reason)
+            .copied()
+            .unwrap_or(0);
+        let _ = writeln!(out, "slapos_calls_rejected_total{{reason=\"{reason}\"}} {n}");
+    }
+    family(
+        &mut out,
         "slapos_call_duration_seconds",
         "Latency of SLAP and native API calls by operation.",
         "histogram",

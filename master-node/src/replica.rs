@@ -34,7 +34,8 @@ use crate::cluster_tls::{ClusterTlsError, ReplicaTls};
 use crate::counters::Counters;
 use crate::identity::{Identity, JoinToken};
 use crate::raft::{LoggedBatch, MasterTypes, Raft};
-use crate::state::{Master, Proposal, ProposalBatch, Reply};
+use crate::state::limits::approximate_size;
+use crate::state::{Master, Proposal, ProposalBatch, Refusal, Reply};
 
 /// How long a call waits for a leader before giving up.
 pub const LEADER_WAIT: Duration = Duration::from_secs(15);
@@ -95,6 +96,14 @@ impl Forward {
         }
     }
 
+    /// About how many bytes it takes in a batch.
+    fn size(&self) -> usize {
+        match self {
+            Forward::Decoded { write, .. } => approximate_size(&write.command),
+            Forward::Encoded { write, .. } => write.len(),
+        }
+    }
+
     /// The write itself, to propose it here.
     fn decoded(&self) -> Result<ClientWrite, Status> {
         match self {
@@ -128,9 +137,15 @@ pub fn decode_write(bytes: &[u8]) -> Result<ClientWrite, Status> {
 /// Sends writes to the leader in batches, at most [`BATCHES_IN_FLIGHT`] at a
 /// time: a follower that forwarded each write in its own call spent more CPU
 /// on gRPC than the leader spent applying them.
-async fn run_forwarder(replica: std::sync::Weak<Replica>, mut queue: tokio::sync::mpsc::Receiver<Forward>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some((slot, batch)) = next_batch(&mut queue, &slots).await {
+async fn run_forwarder(replica: std::sync::Weak<Replica>, queue: tokio::sync::mpsc::Receiver<Forward>) {
+    let mut batches = Batches::new(queue);
+    loop {
+        let Some(budget) = replica.upgrade().map(|r| r.entry_budget()) else {
+            return;
+        };
+        let Some((slot, batch)) = batches.next(budget, Forward::size).await else {
+            return;
+        };
         let Some(replica) = replica.upgrade() else { return };
         tokio::spawn(async move {
             let outcome = replica.forward_batch(&batch).await;
@@ -186,23 +201,51 @@ const MAX_BATCH: usize = 512;
 /// Log entries proposed and not yet applied, at most.
 const BATCHES_IN_FLIGHT: usize = 2;
 
-/// Waits for the next queued item and a free slot, then takes every item
-/// that queued meanwhile (up to [`MAX_BATCH`]): one batch and its slot.
-/// `None` once the queue is closed.
-async fn next_batch<T>(
-    queue: &mut tokio::sync::mpsc::Receiver<T>,
-    slots: &Arc<tokio::sync::Semaphore>,
-) -> Option<(tokio::sync::OwnedSemaphorePermit, Vec<T>)> {
-    let first = queue.recv().await?;
-    let slot = slots.clone().acquire_owned().await.ok()?;
-    let mut batch = vec![first];
-    while batch.len() < MAX_BATCH {
-        match queue.try_recv() {
-            Ok(item) => batch.push(item),
-            Err(_) => break,
+/// A queue drained in batches: what was taken from it but did not fit the
+/// last batch's byte budget opens the next one.
+struct Batches<T> {
+    queue: tokio::sync::mpsc::Receiver<T>,
+    slots: Arc<tokio::sync::Semaphore>,
+    carried: Option<T>,
+}
+
+impl<T> Batches<T> {
+    fn new(queue: tokio::sync::mpsc::Receiver<T>) -> Self {
+        Batches {
+            queue,
+            slots: Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT)),
+            carried: None,
         }
     }
-    Some((slot, batch))
+
+    /// Waits for the next item and a free slot (at most
+    /// [`BATCHES_IN_FLIGHT`] batches at once), then takes every item that
+    /// queued meanwhile, up to [`MAX_BATCH`] items and `budget` bytes as
+    /// `size` counts them (the first item goes in whatever its size). One
+    /// batch and its slot; `None` once the queue is closed.
+    async fn next(
+        &mut self,
+        budget: usize,
+        size: impl Fn(&T) -> usize,
+    ) -> Option<(tokio::sync::OwnedSemaphorePermit, Vec<T>)> {
+        let first = match self.carried.take() {
+            Some(item) => item,
+            None => self.queue.recv().await?,
+        };
+        let slot = self.slots.clone().acquire_owned().await.ok()?;
+        let mut bytes = size(&first);
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            let Ok(item) = self.queue.try_recv() else { break };
+            bytes += size(&item);
+            if bytes > budget {
+                self.carried = Some(item);
+                break;
+            }
+            batch.push(item);
+        }
+        Some((slot, batch))
+    }
 }
 
 /// Gathers concurrent writes into log entries (leader-side batching).
@@ -213,9 +256,16 @@ async fn next_batch<T>(
 /// answer from the state machine) carries many writes. openraft then groups
 /// the entries proposed together into one append, which raft-store covers
 /// with one fsync (group commit), and pipelines them to the followers.
-async fn run_proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Pending>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some((slot, batch)) = next_batch(&mut queue, &slots).await {
+async fn run_proposer(raft: Raft, state: Arc<RwLock<Master>>, queue: tokio::sync::mpsc::Receiver<Pending>) {
+    let mut batches = Batches::new(queue);
+    loop {
+        let budget = entry_budget(&state);
+        let Some((slot, batch)) = batches
+            .next(budget, |p: &Pending| approximate_size(&p.write.command))
+            .await
+        else {
+            return;
+        };
         let raft = raft.clone();
         tokio::spawn(async move {
             let time_us = now_us();
@@ -268,9 +318,9 @@ async fn run_proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Pending
 /// `ensure_linearizable`: one heartbeat round, no disk write). Every read
 /// waiting when a round starts arrived before it, so one round serves them
 /// all, as one log entry serves many writes.
-async fn run_read_barrier(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<oneshot::Sender<Result<(), String>>>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some((slot, waiters)) = next_batch(&mut queue, &slots).await {
+async fn run_read_barrier(raft: Raft, queue: tokio::sync::mpsc::Receiver<oneshot::Sender<Result<(), String>>>) {
+    let mut batches = Batches::new(queue);
+    while let Some((slot, waiters)) = batches.next(usize::MAX, |_| 0).await {
         let raft = raft.clone();
         tokio::spawn(async move {
             let outcome = raft
@@ -284,6 +334,12 @@ async fn run_read_barrier(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<one
             }
         });
     }
+}
+
+/// Bytes one log entry (or one forwarded batch) may take, as the cluster's
+/// limits say.
+fn entry_budget(state: &RwLock<Master>) -> usize {
+    state.read().unwrap_or_else(|e| e.into_inner()).limits.entry_bytes as usize
 }
 
 fn now_us() -> u64 {
@@ -317,7 +373,7 @@ impl Replica {
     ) -> Result<Arc<Replica>, ClusterTlsError> {
         let peer_tls = tls.client_config(slap_proto::tls::Expect::AnyReplica)?;
         let (proposer, queue) = tokio::sync::mpsc::channel(4096);
-        tokio::spawn(run_proposer(raft.clone(), queue));
+        tokio::spawn(run_proposer(raft.clone(), state.clone(), queue));
         let (forwarder, forward_queue) = tokio::sync::mpsc::channel(4096);
         let (read_barrier, read_queue) = tokio::sync::mpsc::channel(4096);
         tokio::spawn(run_read_barrier(raft.clone(), read_queue));
@@ -340,6 +396,21 @@ impl Replica {
         });
         tokio::spawn(run_forwarder(Arc::downgrade(&replica), forward_queue));
         Ok(replica)
+    }
+
+    /// Whether a write stays within the cluster's limits; else its refusal
+    /// (not in the log: index 0).
+    fn within_limits(&self, write: &ClientWrite) -> Result<(), (Reply, u64)> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state
+            .limits
+            .check(&write.command)
+            .map_err(|reason| (Reply::Refused(Refusal::TooLarge(reason)), 0))
+    }
+
+    /// Bytes one forwarded batch may take.
+    fn entry_budget(&self) -> usize {
+        entry_budget(&self.state)
     }
 
     /// Says this replica is now a member (a joiner, once promoted).
@@ -413,6 +484,9 @@ impl Replica {
     /// the reply and its log index, or the write itself when leadership was
     /// lost before it entered the log (safe to send to the new leader).
     pub async fn propose(&self, write: ClientWrite) -> ProposeResult {
+        if let Err(refused) = self.within_limits(&write) {
+            return Ok(refused);
+        }
         let (done, answer) = oneshot::channel();
         let closing = || NotProposed::Failed(Status::unavailable("this replica is shutting down"));
         self.proposer
@@ -425,6 +499,11 @@ impl Replica {
     /// A write from any replica: proposed here if leader, else forwarded
     /// (gathered with other writes) to the leader.
     pub async fn write(&self, mut write: ClientWrite) -> Result<(Reply, u64), Status> {
+        // An over-limit write is answered here, before it is proposed or
+        // forwarded: it never reaches the log.
+        if let Err(refused) = self.within_limits(&write) {
+            return Ok(refused);
+        }
         let deadline = Instant::now() + LEADER_WAIT;
         loop {
             if self.leader().await?.is_none() {

@@ -3,9 +3,9 @@
 //! a full restart, and refused joins.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use master_node::api::{Answer, Query};
@@ -25,9 +25,10 @@ fn test_dir() -> tempfile::TempDir {
     dir
 }
 
+mod common;
+
 fn free_port() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    format!("127.0.0.1:{}", common::free_port())
 }
 
 /// One replica process.
@@ -747,4 +748,93 @@ async fn prices_and_usage_reports_through_the_command_line() {
     assert!(!wrong.status.success());
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("YYYY-MM"));
     drop(r1);
+}
+
+/// Heartbeats and elections do not depend on what the log carries: three
+/// replicas under a steady write load, then a burst of the largest writes
+/// the limits allow (each its own log entry), keep their leader and term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_maximum_size_writes_changes_no_leader() {
+    let base = test_dir();
+    let (r1, token) = Replica::init(base.path(), "r1");
+    let admin = Credentials::admin_of(&r1.dir).unwrap();
+    let a1 = r1.addr.clone();
+    wait_until("r1 to lead", Duration::from_secs(20), || async {
+        leader_id(&admin, &[&a1]).await == Some(1)
+    })
+    .await;
+    let r2 = Replica::join(base.path(), "r2", &a1, &token);
+    let r3 = Replica::join(base.path(), "r3", &a1, &token);
+    let (a2, a3) = (r2.addr.clone(), r3.addr.clone());
+    wait_until("three voters", Duration::from_secs(60), || async {
+        voters(&admin, &a1).await == vec![1, 2, 3]
+    })
+    .await;
+    let addrs = [a1.clone(), a2.clone(), a3.clone()];
+    // A client numbers its writes as one session: one client per task.
+    let new_client = || Client::new(&addrs, &admin).unwrap();
+    let client = new_client();
+    supply_computer(&client).await;
+    let term = status(&admin, &a1).await.unwrap().term;
+
+    // Steady small writes from four clients for the whole test.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let steady: Vec<_> = (0..4)
+        .map(|c| {
+            let (client, stop) = (new_client(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    client
+                        .write(request(&format!("steady-{c}"), &format!("v{n}")))
+                        .await
+                        .unwrap();
+                }
+                n
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The burst: 40 writes at once, each with parameters just under the
+    // cluster's parameters_bytes (256 KiB), so each is a log entry of its own
+    // near entry_bytes: 10 MB through Raft in a second or two.
+    let value = "x".repeat((256 << 10) - 64);
+    let burst: Vec<_> = (0..40)
+        .map(|i| {
+            let (client, value) = (new_client(), value.clone());
+            tokio::spawn(async move { client.write(request(&format!("big-{i}"), &value)).await })
+        })
+        .collect();
+    for b in burst {
+        let (reply, _) = b.await.unwrap().unwrap();
+        assert!(
+            matches!(reply, Reply::Instance(_)),
+            "a maximum-size write is accepted: {reply:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut steady_writes = 0;
+    for s in steady {
+        steady_writes += s.await.unwrap();
+    }
+    assert!(steady_writes > 40, "the steady load ran ({steady_writes} writes)");
+    for a in &addrs {
+        let st = status(&admin, a).await.unwrap();
+        assert_eq!(
+            (st.term, st.leader_id),
+            (term, Some(1)),
+            "replica at {a}: no election during the burst"
+        );
+    }
+    // One write over the limit is refused, and it is the last word: nothing moved.
+    let over = "x".repeat(300 << 10);
+    let (reply, index) = client.write(request("too-big", &over)).await.unwrap();
+    assert!(
+        matches!(&reply, Reply::Refused(state::Refusal::TooLarge(m)) if m.contains("parameters_bytes")),
+        "{reply:?}"
+    );
+    assert_eq!(index, 0, "refused before the log");
+    converged(&admin, &[&a1, &a2, &a3]).await;
 }

@@ -124,7 +124,7 @@ async fn populate(r: &Replica) {
 }
 
 async fn get_as(r: &Arc<Replica>, role: Option<&Role>, path: &str, form: Option<&str>) -> (StatusCode, String) {
-    let mut router = master_node::server::http::app(r.clone());
+    let mut router = master_node::server::http::app(r.clone(), None);
     if let Some(role) = role {
         router = router.layer(axum::Extension(Caller(role.clone())));
     }

@@ -101,7 +101,7 @@ async fn call(
             .body(Body::from(form))
     }
     .unwrap();
-    let mut router = master_node::server::http::app(replica.clone());
+    let mut router = master_node::server::http::app(replica.clone(), None);
     if let Some(role) = caller {
         router = router.layer(axum::Extension(Caller(role.clone())));
     }

@@ -77,7 +77,7 @@ async fn call(
     } else {
         Body::from(form)
     };
-    let resp = master_node::server::http::app(replica.clone())
+    let resp = master_node::server::http::app(replica.clone(), None)
         .oneshot(req.body(body).unwrap())
         .await
         .unwrap();
@@ -522,7 +522,7 @@ async fn poll(replica: &Arc<Replica>, etag: Option<&str>, wait: Option<u64>) -> 
     if let Some(secs) = wait {
         req = req.header("x-slap-wait", secs.to_string());
     }
-    let resp = master_node::server::http::app(replica.clone())
+    let resp = master_node::server::http::app(replica.clone(), None)
         .oneshot(req.body(Body::empty()).unwrap())
         .await
         .unwrap();

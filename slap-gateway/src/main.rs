@@ -20,6 +20,13 @@
 //!
 //! With `--tls-dir`, callers and replicas speak mutual TLS and the caller's
 //! verified identity travels to the replica (see [`tls`]).
+//!
+//! Before forwarding, the gateway holds each caller (a certificate; without
+//! TLS, an address) to `--rate-limit` calls per second (429 with
+//! `Retry-After` beyond it) and refuses a body over `--max-body-bytes`
+//! (`--max-document-bytes` for a computer's document or a usage journal)
+//! with 413: an oversized call never reaches a replica. Replicas check
+//! again against the cluster's own limits.
 
 mod discovery;
 mod tls;
@@ -71,6 +78,19 @@ struct Args {
     /// replicas run with --insecure-http.
     #[arg(long)]
     tls_dir: Option<std::path::PathBuf>,
+    /// Largest body of a call, in bytes (413 beyond it, before forwarding).
+    #[arg(long, default_value_t = slap_proto::limits::BODY_BYTES)]
+    max_body_bytes: u32,
+    /// Largest computer document or usage journal, in bytes.
+    #[arg(long, default_value_t = slap_proto::limits::DOCUMENT_BYTES)]
+    max_document_bytes: u32,
+    /// Calls per second one caller (a certificate; without TLS, an address)
+    /// may make; more are answered 429 with Retry-After. 0: no limit.
+    #[arg(long, default_value_t = 1_000)]
+    rate_limit: u32,
+    /// Calls one caller may make at once before --rate-limit holds it.
+    #[arg(long, default_value_t = 2_000)]
+    rate_burst: u32,
 }
 
 /// Headers that describe one connection, not the call (RFC 9110 7.6.1),
@@ -91,14 +111,14 @@ const HOP_BY_HOP: &[&str] = &[
     tls::CALLER_HEADER,
 ];
 
-/// Largest request body accepted (a computer with thousands of partitions is well below).
-const MAX_BODY: usize = 64 << 20;
-
 #[derive(Default)]
 struct Counters {
     calls: AtomicU64,
     retries: AtomicU64,
     failures: AtomicU64,
+    /// Calls refused before forwarding: over a body limit, over the rate.
+    too_large: AtomicU64,
+    rate_limited: AtomicU64,
 }
 
 /// The verified caller's certificate fingerprint, on TLS connections.
@@ -115,6 +135,11 @@ struct Gateway {
     hold: Duration,
     attempt: Duration,
     counters: Counters,
+    /// Body limits: a call's, a document's.
+    body_bytes: usize,
+    document_bytes: usize,
+    /// Each caller's rate (`None`: no limit).
+    rate: Option<slap_proto::rate::RateLimiter>,
 }
 
 /// A gRPC call (the native API), by its content type.
@@ -227,16 +252,76 @@ impl Gateway {
     }
 }
 
+fn refuse(status: StatusCode, headers: &[(hyper::header::HeaderName, String)], message: String) -> Response {
+    let mut resp = (status, message).into_response();
+    for (name, value) in headers {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            resp.headers_mut().insert(name.clone(), v);
+        }
+    }
+    resp
+}
+
 async fn forward(
     State(gw): State<Arc<Gateway>>,
     caller: Option<axum::Extension<CallerFingerprint>>,
     req: Request,
 ) -> Response {
-    let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, MAX_BODY).await {
-        Ok(b) => b,
-        Err(e) => return (StatusCode::PAYLOAD_TOO_LARGE, format!("request body refused: {e}")).into_response(),
+    let peer_ip = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|p| p.0.ip().to_string());
+    let who = match (&caller, &peer_ip) {
+        (Some(c), _) => c.0 .0.clone(),
+        (None, Some(ip)) => ip.clone(),
+        (None, None) => "unknown".into(),
     };
+    if let Some(limiter) = &gw.rate {
+        if let Err(wait) = limiter.take(&who, Instant::now()) {
+            gw.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let secs = slap_proto::rate::retry_after_secs(wait);
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                &[(hyper::header::RETRY_AFTER, secs.to_string())],
+                format!("too many calls from {who}; retry in {secs} s (the gateway's --rate-limit)"),
+            );
+        }
+    }
+    let (mut parts, body) = req.into_parts();
+    let (limit, name) = if slap_proto::limits::carries_document(parts.uri.path()) {
+        (gw.document_bytes, "document_bytes, the gateway's --max-document-bytes")
+    } else {
+        (gw.body_bytes, "body_bytes, the gateway's --max-body-bytes")
+    };
+    let grpc = is_grpc(&parts.headers);
+    let too_large = |what: String| {
+        gw.counters.too_large.fetch_add(1, Ordering::Relaxed);
+        let message = format!("{what}; the limit is {limit} bytes ({name})");
+        if grpc {
+            // A gRPC client reads the status, not the HTTP code.
+            return tonic::Status::resource_exhausted(message).into_http();
+        }
+        refuse(StatusCode::PAYLOAD_TOO_LARGE, &[], message)
+    };
+    let declared = parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(len) = declared.filter(|len| *len > limit) {
+        return too_large(format!("the request body is {len} bytes"));
+    }
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => return too_large(format!("the request body is over {limit} bytes")),
+    };
+    // Without TLS, the replica keys its own rate limit by the caller's
+    // address, which only the gateway sees.
+    if caller.is_none() {
+        if let Some(ip) = peer_ip.and_then(|ip| HeaderValue::from_str(&ip).ok()) {
+            parts.headers.insert("x-forwarded-for", ip);
+        }
+    }
     let caller = caller.as_ref().map(|c| c.0 .0.as_str());
     gw.forward(parts.method, parts.uri, parts.headers, body, caller).await
 }
@@ -270,11 +355,14 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         "# HELP slap_gateway_calls_total SLAP calls received.\n# TYPE slap_gateway_calls_total counter\nslap_gateway_calls_total {}\n\
          # HELP slap_gateway_retries_total Attempts moved to another replica.\n# TYPE slap_gateway_retries_total counter\nslap_gateway_retries_total {}\n\
          # HELP slap_gateway_failures_total Calls answered 503 after --hold.\n# TYPE slap_gateway_failures_total counter\nslap_gateway_failures_total {}\n\
+         # HELP slap_gateway_rejected_total Calls refused before forwarding: over a body limit (too_large) or the caller's rate (rate_limited).\n# TYPE slap_gateway_rejected_total counter\nslap_gateway_rejected_total{{reason=\"too_large\"}} {}\nslap_gateway_rejected_total{{reason=\"rate_limited\"}} {}\n\
          # HELP slap_gateway_replicas Replicas known (seeds and learned).\n# TYPE slap_gateway_replicas gauge\nslap_gateway_replicas {}\n\
          # HELP slap_gateway_leader_known Whether the leader is known.\n# TYPE slap_gateway_leader_known gauge\nslap_gateway_leader_known {}\n",
         c.calls.load(Ordering::Relaxed),
         c.retries.load(Ordering::Relaxed),
         c.failures.load(Ordering::Relaxed),
+        c.too_large.load(Ordering::Relaxed),
+        c.rate_limited.load(Ordering::Relaxed),
         gw.discovery.order().len(),
         u8::from(gw.discovery.leader().is_some()),
     );
@@ -342,6 +430,9 @@ async fn main() -> anyhow::Result<()> {
         hold: Duration::from_secs(args.hold),
         attempt: Duration::from_secs(args.attempt),
         counters: Counters::default(),
+        body_bytes: args.max_body_bytes as usize,
+        document_bytes: args.max_document_bytes as usize,
+        rate: slap_proto::rate::RateLimiter::new(args.rate_limit, args.rate_burst),
     });
     let app = Router::new()
         .route("/healthz", get(healthz))
@@ -355,11 +446,14 @@ async fn main() -> anyhow::Result<()> {
     let Some(files) = tls else {
         tracing::warn!(listen = %args.listen, replicas = ?args.replicas,
             "slap-gateway serving plain HTTP (no --tls-dir): callers are not authenticated");
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
         return Ok(());
     };
     tracing::info!(listen = %args.listen, replicas = ?args.replicas, "slap-gateway serving HTTPS (client certificates required)");
@@ -395,7 +489,9 @@ async fn main() -> anyhow::Result<()> {
             else {
                 return;
             };
-            let app = app.layer(axum::Extension(CallerFingerprint(fp)));
+            let app = app
+                .layer(axum::Extension(CallerFingerprint(fp)))
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
             let service = hyper_util::service::TowerToHyperService::new(app);
             if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)

@@ -12,7 +12,9 @@
 
 pub mod form;
 pub mod instance_xml;
+pub mod limits;
 pub mod marshal;
+pub mod rate;
 pub mod tioxml;
 mod xml_text;
 

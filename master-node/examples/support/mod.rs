@@ -74,6 +74,19 @@ pub fn http(port: u16, method: &str, path: &str, form: &str) -> Option<u16> {
     head.split(' ').nth(1)?.parse().ok()
 }
 
+/// The flags that lift per-caller rate limits (a benchmark makes thousands
+/// of calls per second from one address), if `bin` knows them (an earlier
+/// build compared in the same run may not).
+pub fn unlimited(bin: &Path) -> Vec<&'static str> {
+    let help = Command::new(bin).args(["run", "--help"]).output();
+    let knows = help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--rate-limit"));
+    if knows {
+        vec!["--rate-limit", "0"]
+    } else {
+        vec![]
+    }
+}
+
 /// Waits until `port` answers SLAP.
 pub fn wait_up(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -87,7 +100,8 @@ pub fn wait_up(port: u16) {
 /// process and its SLAP port.
 pub fn start_master(dir: &Path) -> (Proc, u16) {
     let port = free_port();
-    let child = Command::new(bin_dir().join("master-node"))
+    let bin = bin_dir().join("master-node");
+    let child = Command::new(&bin)
         .args(["init", "--data-dir"])
         .arg(dir.join("master"))
         .args([
@@ -97,6 +111,7 @@ pub fn start_master(dir: &Path) -> (Proc, u16) {
             &format!("127.0.0.1:{port}"),
             "--insecure-http",
         ])
+        .args(unlimited(&bin))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -145,6 +160,7 @@ pub fn start_cluster_of(bin: &Path, dir: &Path, name: &str) -> Cluster {
             &format!("127.0.0.1:{}", slap[i]),
             "--insecure-http",
         ]);
+        cmd.args(unlimited(bin));
         let log = std::fs::File::create(dir.join(format!("{name}-{i}.log"))).unwrap();
         replicas.push(Proc(
             cmd.stdout(Stdio::null())
@@ -172,6 +188,7 @@ pub fn start_cluster_of(bin: &Path, dir: &Path, name: &str) -> Cluster {
         .join(",");
     let gateway = Command::new(bin_dir().join("slap-gateway"))
         .args(["--replicas", &list, "--listen", &format!("127.0.0.1:{gateway_port}")])
+        .args(["--rate-limit", "0"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -93,6 +93,8 @@ fn refusal(r: Refusal) -> Status {
     match r {
         Refusal::NotFound(m) => Status::not_found(m),
         Refusal::Invalid(m) => Status::invalid_argument(m),
+        // gRPC has no 413: the message names the limit.
+        Refusal::TooLarge(m) => Status::invalid_argument(m),
         Refusal::Forbidden(m) => Status::permission_denied(m),
         r @ Refusal::StaleRequest { .. } => Status::failed_precondition(r.to_string()),
     }

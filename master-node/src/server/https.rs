@@ -168,7 +168,9 @@ pub async fn serve(
                 fp.and_then(|fp| state.certificates.get(&fp).map(|c| c.role.clone()))
             };
             let Some(role) = role else { return };
-            let app = router.layer(axum::Extension(Caller(role)));
+            let app = router
+                .layer(axum::Extension(Caller(role)))
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
             let service = hyper_util::service::TowerToHyperService::new(app);
             let io = hyper_util::rt::TokioIo::new(tls);
             if let Err(e) = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())

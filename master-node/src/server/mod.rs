@@ -34,6 +34,12 @@ use crate::state::{Command, Reply};
 
 pub use crate::membership::Stopped;
 
+/// Calls per second one caller may make on the SLAP port, unless told
+/// otherwise (`--rate-limit`): far above what a node or a user does.
+pub const DEFAULT_RATE: u32 = 1_000;
+/// Calls one caller may make at once (`--rate-burst`).
+pub const DEFAULT_BURST: u32 = 2_000;
+
 /// Why a replica could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -67,6 +73,8 @@ pub struct Running {
     /// Fires with a reason when the replica stops by itself (fatal error,
     /// removed from the cluster).
     pub stopped: watch::Receiver<Option<Stopped>>,
+    /// Each caller's rate on the SLAP port (`None`: no limit).
+    rate: Option<Arc<slap_proto::rate::RateLimiter>>,
 }
 
 impl Running {
@@ -148,7 +156,14 @@ impl Running {
             stop,
             server,
             stopped,
+            rate: slap_proto::rate::RateLimiter::new(DEFAULT_RATE, DEFAULT_BURST).map(Arc::new),
         })
+    }
+
+    /// Holds each caller of the SLAP port to `per_second` calls, `burst` at
+    /// once (0: no limit). Applies to what is served from then on.
+    pub fn limit_rate(&mut self, per_second: u32, burst: u32) {
+        self.rate = slap_proto::rate::RateLimiter::new(per_second, burst).map(Arc::new);
     }
 
     /// Serves SLAP on `addr` until the replica stops: over HTTPS with client
@@ -180,11 +195,12 @@ impl Running {
                 .into_iter()
                 .filter(|h| !matches!(h.as_str(), "0.0.0.0" | "::" | ""))
                 .collect();
-            let app = http::app(self.replica.clone());
+            let app = http::app(self.replica.clone(), self.rate.clone());
             tokio::spawn(https::serve(self.replica.clone(), app, listener, names, stop));
             return Ok(());
         }
-        let app = http::app(self.replica.clone());
+        let app = http::app(self.replica.clone(), self.rate.clone())
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
         tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;

@@ -1,4 +1,5 @@
-//! The cluster's own facts and its identities: the cluster's creation,
+//! The cluster's own facts and its identities: the cluster's creation, its
+//! limits,
 //! the certificate authority, issued and revoked certificates (and the one
 //! live certificate of each partition), replica ids.
 //!
@@ -124,5 +125,12 @@ impl Master {
         c.next_replica_id += 1;
         self.dirty.insert(Dirty::Cluster);
         Reply::ReplicaId(id)
+    }
+
+    pub(super) fn set_limits(&mut self, limits: limits::Limits) -> Reply {
+        // `check` has refused limits below their floors already.
+        self.limits = limits;
+        self.dirty.insert(Dirty::Limits);
+        Reply::Done
     }
 }

@@ -152,6 +152,8 @@ pub enum Command {
         partition: PartitionId,
         titles: Vec<String>,
     },
+    /// Sets the cluster's limits (administrators).
+    SetLimits(super::limits::Limits),
 }
 
 /// `requestComputerPartition`'s arguments, in domain terms.
@@ -214,6 +216,9 @@ pub enum Refusal {
     /// The caller may not do this (403).
     #[error("{0}")]
     Forbidden(String),
+    /// Larger than one of the cluster's limits, which the message names (413).
+    #[error("{0}")]
+    TooLarge(String),
     /// A retry of a write older than this client's last one (409).
     #[error("request {seq} of client {client} is older than its last write {last}; its answer is gone")]
     StaleRequest { client: String, seq: u64, last: u64 },

@@ -32,6 +32,7 @@ pub mod command;
 mod computers;
 mod instances;
 pub mod ledger;
+pub mod limits;
 pub mod model;
 pub mod persist;
 mod reports;
@@ -65,6 +66,7 @@ pub enum Dirty {
     Span(InstanceId),
     Journal(String),
     Price(String, String),
+    Limits,
 }
 
 /// The whole state of the Master.
@@ -90,6 +92,8 @@ pub struct Master {
     pub replica_addrs: BTreeMap<u64, String>,
     /// Accounting: movements, open hosting spans, booked journals, prices.
     pub ledger: ledger::Ledger,
+    /// What one call may carry (set by administrators).
+    pub limits: limits::Limits,
     /// Last timestamp handed out; timestamps only grow.
     pub clock: u64,
     /// Log index of the last applied proposal.
@@ -195,6 +199,11 @@ impl Master {
     /// Runs one command. It is owned, so what a command carries (a request's
     /// parameters) moves into the state instead of being copied.
     fn execute(&mut self, seq: u64, now: u64, command: Command) -> Reply {
+        // Checked before the log too (the replica a call arrives on, the
+        // leader): this refuses only what an older replica let through.
+        if let Err(reason) = self.limits.check(&command) {
+            return Reply::Refused(Refusal::TooLarge(reason));
+        }
         match command {
             Command::SetComputer {
                 id,
@@ -244,6 +253,7 @@ impl Master {
                 journal_sha256,
                 lines,
             } => self.book_usage(seq, now, &computer, &journal_sha256, &lines),
+            Command::SetLimits(limits) => self.set_limits(limits),
             Command::SetPrice {
                 resource,
                 release,

@@ -60,6 +60,49 @@ pub enum Cmd {
     /// Prices: `price set RESOURCE AMOUNT --currency C [--release URL]`, `price remove`.
     #[command(subcommand)]
     Price(PriceCmd),
+    /// Limits: what one call may carry (`limits show`, `limits set --field-bytes N ...`).
+    #[command(subcommand)]
+    Limits(LimitsCmd),
+}
+
+#[derive(Subcommand)]
+pub enum LimitsCmd {
+    /// The cluster's limits, with their names.
+    Show {
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Changes some of the cluster's limits (the others stay); every replica
+    /// applies them from the next call on.
+    Set {
+        #[command(flatten)]
+        admin: Admin,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// New values for some limits (bytes unless said otherwise).
+#[derive(Args)]
+pub struct LimitArgs {
+    /// One text field: a URL, a title, a reference, a parameter's name.
+    #[arg(long)]
+    pub field_bytes: Option<u32>,
+    /// One set of parameters (instance, SLA, connection, capacity), names and values.
+    #[arg(long)]
+    pub parameters_bytes: Option<u32>,
+    /// Partitions one computer may declare (a count).
+    #[arg(long)]
+    pub partitions_per_computer: Option<u32>,
+    /// One call's body on the SLAP port, documents aside.
+    #[arg(long)]
+    pub body_bytes: Option<u32>,
+    /// A computer's document or a usage journal.
+    #[arg(long)]
+    pub document_bytes: Option<u32>,
+    /// One log entry (a batch of writes).
+    #[arg(long)]
+    pub entry_bytes: Option<u32>,
 }
 
 #[derive(Args)]
@@ -204,6 +247,14 @@ pub struct Serving {
     /// over plain HTTP (read-only; for monitoring).
     #[arg(long)]
     pub http_listen: Option<String>,
+    /// Calls per second one caller (a certificate; without TLS, an address)
+    /// may make on the SLAP port; more are answered 429 with Retry-After.
+    /// 0: no limit.
+    #[arg(long, default_value_t = master_node::server::DEFAULT_RATE)]
+    pub rate_limit: u32,
+    /// Calls one caller may make at once before --rate-limit holds it.
+    #[arg(long, default_value_t = master_node::server::DEFAULT_BURST)]
+    pub rate_burst: u32,
     #[command(flatten)]
     pub timing: Timing,
 }

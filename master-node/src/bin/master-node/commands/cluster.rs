@@ -13,7 +13,8 @@ use crate::commands::Fail;
 
 /// Starts serving clients as the flags say: SLAP (announced to the cluster
 /// under its public address) and monitoring.
-async fn start_serving(running: &Running, serving: &Serving) -> Result<(), Fail> {
+async fn start_serving(running: &mut Running, serving: &Serving) -> Result<(), Fail> {
+    running.limit_rate(serving.rate_limit, serving.rate_burst);
     if let Some(addr) = &serving.slap_listen {
         running
             .serve_slap_advertised(addr, serving.slap_advertise.as_deref(), serving.insecure_http)
@@ -61,8 +62,8 @@ pub async fn init(InitArgs { replica: a }: InitArgs) -> Result<(), Fail> {
     };
     std::fs::create_dir_all(&a.data_dir).map_err(|e| Fail(format!("{}: {e}", a.data_dir.display())))?;
     founding.replica_tls.save(&a.data_dir)?;
-    let running = Running::start(&a.data_dir, &identity, &a.serving.timing, true).await?;
-    start_serving(&running, &a.serving).await?;
+    let mut running = Running::start(&a.data_dir, &identity, &a.serving.timing, true).await?;
+    start_serving(&mut running, &a.serving).await?;
     running.found_cluster(&advertise, &founding).await.map_err(Fail)?;
     let admin_dir = a.data_dir.join("admin");
     founding
@@ -149,8 +150,8 @@ pub async fn join(
         advertise: advertise.clone(),
         left: false,
     };
-    let running = Running::start(&a.data_dir, &identity, &a.serving.timing, true).await?;
-    start_serving(&running, &a.serving).await?;
+    let mut running = Running::start(&a.data_dir, &identity, &a.serving.timing, true).await?;
+    start_serving(&mut running, &a.serving).await?;
     identity.save(&a.data_dir)?;
     token.save(&a.data_dir)?;
     tracing::info!(replica = reply.node_id, "reserved replica id; catching up as a learner");
@@ -195,8 +196,8 @@ pub async fn restart(a: RunArgs) -> Result<(), Fail> {
             identity.node_id, identity.cluster_id
         )));
     }
-    let running = Running::start(&a.data_dir, &identity, &a.serving.timing, false).await?;
-    start_serving(&running, &a.serving).await?;
+    let mut running = Running::start(&a.data_dir, &identity, &a.serving.timing, false).await?;
+    start_serving(&mut running, &a.serving).await?;
     serve(running).await
 }
 

@@ -1,13 +1,14 @@
 //! What each command does, one file per group: the replica's life
 //! ([`cluster`]: init, join, run, leave, status), identities
-//! ([`identities`]: users, gateways, computers, certificates) and accounting
-//! ([`accounting`]: usage, prices).
+//! ([`identities`]: users, gateways, computers, certificates), accounting
+//! ([`accounting`]: usage, prices) and the cluster's [`limits`].
 
 mod accounting;
 mod cluster;
 mod identities;
+mod limits;
 
-use crate::cli::{CertCmd, Cmd, ComputerCmd, GatewayCmd, PriceCmd, UserCmd};
+use crate::cli::{CertCmd, Cmd, ComputerCmd, GatewayCmd, LimitsCmd, PriceCmd, UserCmd};
 pub use crate::fail::Fail;
 
 /// Runs one command.
@@ -47,5 +48,7 @@ pub async fn run(cmd: Cmd) -> Result<(), Fail> {
             release,
             admin,
         }) => accounting::remove_price(&admin, &resource, release).await,
+        Cmd::Limits(LimitsCmd::Show { admin }) => limits::show(&admin).await,
+        Cmd::Limits(LimitsCmd::Set { admin, limits }) => limits::set(&admin, &limits).await,
     }
 }
