@@ -181,6 +181,9 @@ impl Replica {
     }
 }
 
+/// The user who only misbehaves (the `abuse` fault), issued with the others.
+pub const ABUSER: &str = "mallory";
+
 /// The cluster and its doors.
 pub struct Cluster {
     pub net: Net,
@@ -461,7 +464,7 @@ impl Cluster {
     async fn issue_identities(&mut self, gateways: usize) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.ids)?;
         let ids = self.ids.display().to_string();
-        for user in ["alice", "bob"] {
+        for user in ["alice", "bob", ABUSER] {
             self.admin(&["user", "add", user, "--out", &ids])?;
         }
         // The administrator init wrote (supply, final reads of every replica).

@@ -126,4 +126,7 @@ pub struct FaultEvent {
     pub healed: Option<u64>,
     /// Time from healing to the first write that succeeded after it.
     pub recovered_after_us: Option<u64>,
+    /// What the fault itself saw go wrong (the abuse burst's answers).
+    #[serde(default)]
+    pub problems: Vec<String>,
 }

@@ -8,10 +8,12 @@
 //! - [`proxy`]: a TCP proxy on every replica link (cut, one-way, delay, loss);
 //! - [`cluster`]: master-node replicas, gateways and identities;
 //! - [`workload`]: users, readers and a prober; [`simnode`]: simulated nodes;
-//! - [`nemesis`]: the faults; [`history`]: what was seen;
+//! - [`nemesis`]: the faults; [`abuse`]: the bad client among them;
+//!   [`history`]: what was seen;
 //! - [`checker`]: what must hold; [`report`]: what a run leaves behind;
 //! - [`run`]: one run from start to verdict.
 
+pub mod abuse;
 pub mod checker;
 pub mod cluster;
 pub mod history;

@@ -15,6 +15,7 @@
 //! | `loss` | connections on every replica link reset with 2 % chance per chunk |
 //! | `membership` | a replica joins (a spare slot) and then leaves, under load |
 //! | `wipe-and-replace` | a follower's log wiped: its restart must be refused; then the documented replacement (leave, empty dir, join) |
+//! | `abuse` | a user sends oversized and malformed calls to every door: each refused with its 4xx, the term unchanged ([`crate::abuse`]) |
 
 use std::time::Duration;
 
@@ -41,6 +42,7 @@ pub const KINDS: &[&str] = &[
     "leader-minority",
     "membership",
     "wipe-and-replace",
+    "abuse",
 ];
 
 /// The broad class of a kind: kill, pause, partition or other.
@@ -50,6 +52,7 @@ pub fn class(kind: &str) -> &'static str {
         k if k.starts_with("pause") => "pause",
         "isolate" | "isolate-leader" | "partition-split" | "leader-minority" | "one-way" => "partition",
         "delay" | "loss" => "link",
+        "abuse" => "client",
         _ => "membership",
     }
 }
@@ -62,6 +65,9 @@ pub enum Applied {
     ClearLinks,
     /// Nothing left to heal (membership changes complete in `apply`).
     Nothing,
+    /// Nothing to heal, and what the fault itself found wrong (the abuse
+    /// burst checks its own answers).
+    Checked(Vec<String>),
 }
 
 fn pick(slots: &[usize], rng: &mut u64) -> Option<usize> {
@@ -270,6 +276,17 @@ pub async fn apply(c: &mut Cluster, kind: &str, members: usize, rng: &mut u64) -
                 Applied::Nothing,
             )
         }
+        "abuse" => {
+            let burst = crate::abuse::burst(c).await?;
+            (
+                format!(
+                    "{} oversized and malformed calls, {} answered wrongly",
+                    burst.calls,
+                    burst.problems.len()
+                ),
+                Applied::Checked(burst.problems),
+            )
+        }
         other => bail!("unknown fault kind {other}"),
     })
 }
@@ -288,7 +305,7 @@ pub async fn heal(c: &mut Cluster, applied: Applied) -> anyhow::Result<()> {
         }
         Applied::Reconnect(slot) => c.net.reconnect(slot)?,
         Applied::ClearLinks => c.board.set(|f| *f = Default::default()),
-        Applied::Nothing => {}
+        Applied::Nothing | Applied::Checked(_) => {}
     }
     Ok(())
 }

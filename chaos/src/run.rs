@@ -232,7 +232,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         skipped_in_a_row = 0;
         tracing::info!(kind, %detail, "fault");
         let hold = Duration::from_millis(1500 + workload::next(&mut rng) % 1500);
-        if !matches!(applied, nemesis::Applied::Nothing) {
+        let problems = match &applied {
+            nemesis::Applied::Checked(p) => p.clone(),
+            _ => Vec::new(),
+        };
+        if !matches!(applied, nemesis::Applied::Nothing | nemesis::Applied::Checked(_)) {
             tokio::time::sleep(hold).await;
         }
         nemesis::heal(&mut c, applied).await?;
@@ -259,6 +263,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
             start,
             healed: Some(healed),
             recovered_after_us: recovered,
+            problems,
         });
         tokio::time::sleep(Duration::from_millis(300 + workload::next(&mut rng) % 700)).await;
     }
@@ -352,6 +357,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         checker::allocation(&history, &placements),
         checker::convergence(&digests),
         checker::recovery(&faults, cfg.recovery_bound.as_micros() as u64),
+        checker::refusals(&faults),
     ];
     let ok = findings.iter().all(|f| f.ok);
     let end = now_us();

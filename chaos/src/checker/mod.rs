@@ -284,6 +284,21 @@ pub fn coverage(faults: &[FaultEvent], min_events: usize, restricted: bool) -> F
     )
 }
 
+/// Every bad call of an abuse burst got its refusal, and no burst moved
+/// the term.
+pub fn refusals(faults: &[FaultEvent]) -> Finding {
+    let bursts: Vec<&FaultEvent> = faults.iter().filter(|f| f.kind == "abuse").collect();
+    let problems: Vec<String> = bursts.iter().flat_map(|f| f.problems.iter().cloned()).collect();
+    Finding::new(
+        "bad calls refused",
+        problems,
+        format!(
+            "{} abuse bursts, every call refused with its status, no term change",
+            bursts.len()
+        ),
+    )
+}
+
 /// After each healed fault, a write succeeded within `bound_us`.
 pub fn recovery(faults: &[FaultEvent], bound_us: u64) -> Finding {
     let mut problems = Vec::new();
@@ -427,6 +442,7 @@ mod tests {
             start: 0,
             healed: Some(1),
             recovered_after_us: t,
+            problems: Vec::new(),
         };
         assert!(recovery(&[f(Some(500_000))], 5_000_000).ok);
         assert!(!recovery(&[f(Some(9_000_000))], 5_000_000).ok);
@@ -441,6 +457,7 @@ mod tests {
             start: 0,
             healed: Some(1),
             recovered_after_us: Some(1),
+            problems: Vec::new(),
         };
         let all = [f("kill-leader"), f("pause-follower"), f("isolate")];
         assert!(coverage(&all, 3, false).ok);
@@ -450,6 +467,22 @@ mod tests {
             coverage(&[f("delay")], 1, true).ok,
             "a restricted run checks only the count"
         );
+    }
+
+    #[test]
+    fn a_bad_call_answered_wrongly_fails_the_refusal_checker() {
+        let burst = |problems: Vec<String>| FaultEvent {
+            kind: "abuse".into(),
+            detail: String::new(),
+            start: 0,
+            healed: Some(1),
+            recovered_after_us: Some(1),
+            problems,
+        };
+        assert!(refusals(&[burst(vec![])]).ok);
+        let wrong = refusals(&[burst(vec![]), burst(vec!["gw: a 3 MiB body: 200".into()])]);
+        assert!(!wrong.ok);
+        assert_eq!(wrong.details, vec!["gw: a 3 MiB body: 200".to_string()]);
     }
 
     #[test]
