@@ -43,14 +43,10 @@ fn slapos(dir: &Path, args: &[&str]) -> String {
     text
 }
 
-#[test]
-fn real_slapos_client_formats_supplies_and_requests() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let mut cluster = SlapCluster::start(&root.join("cluster"));
-    let slap = cluster.gateway_port;
-
-    // A node described by a definition file: no users, taps or addresses touched.
+/// Formats computer COMP-1 of three partitions with `slapos node format`,
+/// from a definition file (no users, taps or addresses touched on this
+/// machine), against the Master at `slap`.
+fn format_node(root: &Path, slap: u16) {
     let node = root.join("node");
     for p in 0..3 {
         std::fs::create_dir_all(node.join(format!("srv/slapgrid/slappart{p}"))).unwrap();
@@ -76,6 +72,17 @@ fn real_slapos_client_formats_supplies_and_requests() {
         ));
     }
     std::fs::write(node.join("definition.cfg"), definition).unwrap();
+    slapos(root, &["node", "format", "--cfg", &format!("{n}/slapos.cfg"), "--now"]);
+}
+
+#[test]
+fn real_slapos_client_formats_supplies_and_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut cluster = SlapCluster::start(&root.join("cluster"));
+    let slap = cluster.gateway_port;
+
+    format_node(root, slap);
     std::fs::write(
         root.join("client.cfg"),
         format!("[slapos]\nmaster_url = http://127.0.0.1:{slap}/\nmaster_rest_url = http://127.0.0.1:{slap}/hateoas\n[slapconsole]\n"),
@@ -85,7 +92,6 @@ fn real_slapos_client_formats_supplies_and_requests() {
     std::fs::write(&sr, "[buildout]\n").unwrap();
     let sr = sr.display().to_string();
 
-    slapos(root, &["node", "format", "--cfg", &format!("{n}/slapos.cfg"), "--now"]);
     slapos(root, &["supply", &sr, "COMP-1", "--cfg", "client.cfg"]);
     // The leader dies in the middle; every later command must still succeed.
     cluster.kill_leader();
@@ -163,6 +169,43 @@ fn real_slapos_client_formats_supplies_and_requests() {
         &["request", "myinst", &sr, "--cfg", "client.cfg", "--state", "destroyed"],
     );
     assert!(out.contains("State is : destroyed"), "{out}");
+}
+
+/// A tree changed through its states with the client library itself
+/// (`OpenOrder.request`, `ComputerPartition.request`): a root, a child the
+/// root requests, a shared instance, stop, start, stop, the child destroyed
+/// alone, the tree destroyed with no parameters, and destroyed twice. Each
+/// call must answer the instance in its new state, never an error the
+/// client raises (a 404 becomes `NotFoundError` for the user).
+#[test]
+fn real_client_library_takes_a_tree_through_its_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cluster = SlapCluster::start(&root.join("cluster"));
+    let slap = cluster.gateway_port;
+    format_node(root, slap);
+    let sr = "https://lab.example.org/blog/software.cfg";
+    let (status, body) = http(
+        slap,
+        "POST",
+        "/supplySupply",
+        &common::form(&[("url", sr), ("computer_id", "COMP-1"), ("state", "available")]),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let python = slapos_bin().with_file_name("python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/tree_states.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .args([&format!("http://127.0.0.1:{slap}/"), sr, "COMP-1"])
+        .output()
+        .expect("run the client library");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("all steps passed"), "{text}");
 }
 
 /// Like [`slapos`], but returns whether it succeeded and what it printed.

@@ -511,11 +511,32 @@ async fn request(
     if let Some(Some(answer)) = replica.read_if_unchanged(unchanged, answer).await {
         return answer;
     }
-    let (reply, index) = run(&replica, Command::Request(spec)).await?;
+    // A destroy answers with the instance even when the write leaves none
+    // (removed at once, or already gone): the client raises on a 404.
+    let destroyed_view = (spec.state == Some(RequestedState::Destroyed))
+        .then(|| {
+            replica
+                .state
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .destroyed_view(&spec)
+        })
+        .flatten();
+    let gone = |view: Option<Instance>, why: String| match view {
+        Some(view) => {
+            let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+            marshal_response(&documents::software_instance(&state, &view))
+        }
+        None => Err(SlapError(StatusCode::NOT_FOUND, why)),
+    };
+    let (reply, index) = match run(&replica, Command::Request(spec)).await {
+        Err(SlapError(StatusCode::NOT_FOUND, why)) => return gone(destroyed_view, why),
+        result => result?,
+    };
     let inst = match reply {
         Reply::Instance(inst) => inst,
-        // Destroyed before it was ever placed: nothing left to describe.
-        _ => return Err(SlapError(StatusCode::NOT_FOUND, "the instance is gone".into())),
+        // Destroyed before it was ever placed: removed at once.
+        _ => return gone(destroyed_view, "the instance is gone".into()),
     };
     if !inst.is_placed() && inst.requested_state != RequestedState::Destroyed {
         return requested_instance(&replica.state.read().unwrap_or_else(|e| e.into_inner()), &inst);

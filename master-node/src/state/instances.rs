@@ -68,6 +68,48 @@ impl Master {
         (current.shared == spec.shared && RequestChanges::of(current, spec, state).none()).then_some(current)
     }
 
+    /// What a request to destroy `spec`'s instance leaves for its caller to
+    /// see, when the write itself has no instance to answer with: it was
+    /// removed at once (destroyed before it was placed) or there was none
+    /// (already gone, or never requested). The instance as this replica
+    /// last knew it, else one built from the request, either way destroyed
+    /// and on no partition. SLAP answers a destroy with the instance, never
+    /// with an error the client raises: the state asked for holds.
+    pub fn destroyed_view(&self, spec: &RequestSpec) -> Option<Instance> {
+        let ctx = self.request_context(spec).ok()?;
+        let known = self
+            .title_id(&ctx.scope, &spec.title)
+            .and_then(|id| self.instances.get(id));
+        let mut view = match known {
+            Some(inst) => Instance::clone(inst),
+            None => Instance {
+                id: String::new(),
+                title: spec.title.clone(),
+                scope: ctx.scope,
+                requester: ctx.requester,
+                root: ctx.root_of_requester.unwrap_or_default(),
+                owner: ctx.owner,
+                software_release: spec.software_release.clone(),
+                software_type: spec.software_type.clone(),
+                parameters: spec.parameters.clone(),
+                sla: spec.sla.clone(),
+                shared: spec.shared,
+                requested_state: RequestedState::Destroyed,
+                connection: Params::new(),
+                reported: None,
+                partition: None,
+                host: None,
+                pending_reason: None,
+                timestamp: 0,
+                created_at: 0,
+            },
+        };
+        view.requested_state = RequestedState::Destroyed;
+        view.partition = None;
+        view.host = None;
+        Some(view)
+    }
+
     pub(super) fn request(&mut self, seq: u64, now: u64, spec: RequestSpec) -> Reply {
         let ctx = match self.request_context(&spec) {
             Ok(ctx) => ctx,
