@@ -28,6 +28,12 @@ use crate::pki;
 use crate::replica::Replica;
 use crate::state::{Authority, Role};
 
+/// Streams one HTTP/2 connection may carry at once. A gateway multiplexes
+/// every node's held watch over its one connection to a replica, so
+/// hyper's default of 200 made the 201st node's polls wait for a watch to
+/// end (10 s polls in the fleet simulator at 200 nodes).
+const STREAMS_PER_CONNECTION: u32 = 1 << 16;
+
 /// Why HTTPS could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("SLAP over TLS: {0}")]
@@ -173,10 +179,9 @@ pub async fn serve(
                 .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
             let service = hyper_util::service::TowerToHyperService::new(app);
             let io = hyper_util::rt::TokioIo::new(tls);
-            if let Err(e) = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(io, service)
-                .await
-            {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder.http2().max_concurrent_streams(STREAMS_PER_CONNECTION);
+            if let Err(e) = builder.serve_connection(io, service).await {
                 debug!(%peer, error = %e, "connection ended");
             }
         });
