@@ -25,6 +25,7 @@ pub mod native;
 pub mod pki;
 pub mod raft;
 pub mod replica;
+pub mod revisions;
 pub mod server;
 pub mod slap;
 pub mod state;

@@ -67,6 +67,8 @@ pub struct Replica {
     forwarder: tokio::sync::mpsc::Sender<Forward>,
     /// Reads waiting for the leader to confirm it still leads.
     read_barrier: tokio::sync::mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    /// Nodes waiting for their computer's document to change.
+    pub revisions: Arc<crate::revisions::Revisions>,
 }
 
 /// A write waiting for the forwarder: decoded by a caller on this replica
@@ -377,6 +379,7 @@ impl Replica {
         let (forwarder, forward_queue) = tokio::sync::mpsc::channel(4096);
         let (read_barrier, read_queue) = tokio::sync::mpsc::channel(4096);
         tokio::spawn(run_read_barrier(raft.clone(), read_queue));
+        let revisions = crate::revisions::Revisions::start(&raft, state.clone());
         let replica = Arc::new(Replica {
             id: identity.node_id,
             cluster_id: identity.cluster_id.clone(),
@@ -393,6 +396,7 @@ impl Replica {
             proposer,
             forwarder,
             read_barrier,
+            revisions,
         });
         tokio::spawn(run_forwarder(Arc::downgrade(&replica), forward_queue));
         Ok(replica)

@@ -28,6 +28,8 @@ const MASTER_NODE_LAYERS: &[&str] = &[
     "founding",
     // Raft: types, storage glue, transport.
     "raft",
+    // Who waits for which computer's document (owned by the replica).
+    "revisions",
     // The replica handle: write, read, forward, batching.
     "replica",
     // Built on the handle: membership, authorization, certificates.

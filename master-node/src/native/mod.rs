@@ -16,7 +16,6 @@
 
 mod convert;
 
-use openraft::rt::WatchReceiver;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -208,10 +207,13 @@ impl MasterApi for MasterService {
         }
         let mut known = req.into_inner().known_revision;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        // Every applied entry moves the metrics: look at the revision then.
-        let mut applied = self.replica.raft.metrics();
+        // Woken when this computer's document changes, not on every entry.
+        let notify = self.replica.revisions.subscribe(&computer);
         tokio::spawn(async move {
             loop {
+                let changed = notify.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
                 match revision_of() {
                     None => {
                         let _ = tx
@@ -228,7 +230,7 @@ impl MasterApi for MasterService {
                     Some(_) => {}
                 }
                 tokio::select! {
-                    changed = applied.changed() => if changed.is_err() { return },
+                    _ = changed => {}
                     _ = tx.closed() => return,
                     // A keep-alive look, should a change slip between reads.
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}

@@ -306,7 +306,14 @@ async fn full_computer(
         .unwrap_or_default();
     let deadline = tokio::time::Instant::now() + hold;
     let mut held = false;
+    // Woken when this computer's document changes (for a held poll).
+    let notify = (!hold.is_zero()).then(|| replica.revisions.subscribe(id));
     loop {
+        let changed = notify.as_ref().map(|n| n.notified());
+        tokio::pin!(changed);
+        if let Some(c) = changed.as_mut().as_pin_mut() {
+            c.enable();
+        }
         let (revision, body) = {
             let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
             let revision = state
@@ -343,7 +350,7 @@ async fn full_computer(
                 }
                 return Ok(resp);
             }
-            // Unchanged and held: look again shortly (a lookup under a read lock).
+            // Unchanged and held: until the document changes or the hold ends.
             None => {
                 if !held {
                     held = true;
@@ -352,7 +359,9 @@ async fn full_computer(
                         .polls_held
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await
+                if let Some(changed) = changed.as_mut().as_pin_mut() {
+                    let _ = tokio::time::timeout_at(deadline, changed).await;
+                }
             }
         }
     }

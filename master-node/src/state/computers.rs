@@ -68,6 +68,8 @@ impl Master {
             entry.capabilities = spec.capabilities.clone();
             self.dirty.insert(Dirty::Partition(key.0, key.1));
         }
+        let old_revision = self.computers.get(id).map(|c| c.revision);
+        self.index_revision(id, old_revision, seq);
         self.computers.insert(
             id.to_string(),
             Computer {

@@ -112,6 +112,9 @@ pub struct Master {
     pending: BTreeSet<(u64, InstanceId)>,
     /// Free partitions by release and load, for placement.
     placement: allocation::PlacementIndex,
+    /// Computers by the revision of their document: which documents changed
+    /// after a given revision (nodes' watches wake on it).
+    revised: BTreeSet<(u64, ComputerId)>,
     dirty: BTreeSet<Dirty>,
 }
 
@@ -377,9 +380,24 @@ impl Master {
 
     fn touch_computer(&mut self, seq: u64, computer: &str) {
         if let Some(c) = self.computers.get_mut(computer) {
-            c.revision = seq;
+            let old = std::mem::replace(&mut c.revision, seq);
+            self.index_revision(computer, Some(old), seq);
             self.dirty.insert(Dirty::Revision(computer.to_string()));
         }
+    }
+
+    /// Moves `computer` in the index by revision.
+    fn index_revision(&mut self, computer: &str, old: Option<u64>, new: u64) {
+        if let Some(old) = old {
+            self.revised.remove(&(old, computer.to_string()));
+        }
+        self.revised.insert((new, computer.to_string()));
+    }
+
+    /// Computers whose document changed after `revision`, with their
+    /// current revision, oldest change first.
+    pub fn computers_revised_after(&self, revision: u64) -> impl Iterator<Item = &(u64, ComputerId)> {
+        self.revised.range((revision.saturating_add(1), String::new())..)
     }
 
     /// Makes the node redeploy `id` (and tells its computer's document).
@@ -462,6 +480,7 @@ impl Master {
             self.index_certificate(cert);
         }
         self.placement = allocation::PlacementIndex::build(&self.computers, &self.partitions, &self.installations);
+        self.revised = self.computers.values().map(|c| (c.revision, c.id.clone())).collect();
     }
 
     /// Re-reads a computer's partitions and supplies into the placement index.

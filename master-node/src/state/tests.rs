@@ -131,6 +131,8 @@ fn instance(r: Reply) -> Instance {
 
 /// What must hold after every command.
 fn check_invariants(m: &Master) {
+    let by_revision: BTreeSet<(u64, ComputerId)> = m.computers.values().map(|c| (c.revision, c.id.clone())).collect();
+    assert_eq!(m.revised, by_revision, "the index by revision follows every computer");
     for ((c, p), part) in &m.partitions {
         match (part.state, &part.instance) {
             (SlapState::Busy, Some(id)) => {
@@ -1179,4 +1181,24 @@ proptest! {
             prop_assert_eq!(&back, &w.m);
         }
     }
+}
+
+#[test]
+fn watches_learn_which_documents_changed_after_a_revision() {
+    let mut w = World::new();
+    w.computer("COMP-1", 2, &[]);
+    w.computer("COMP-2", 2, &[]);
+    let rev = |w: &World, c: &str| w.m.computers[c].revision;
+    let before = rev(&w, "COMP-2");
+    assert_eq!(
+        w.m.computers_revised_after(before).count(),
+        0,
+        "nothing changed after the last revision"
+    );
+    let Reply::Instance(_) = w.request("alice", "blog", &[], &[("computer_guid", "COMP-1")]) else {
+        panic!("not placed")
+    };
+    let changed: Vec<&str> = w.m.computers_revised_after(before).map(|(_, c)| c.as_str()).collect();
+    assert_eq!(changed, vec!["COMP-1"], "only the computer the instance landed on");
+    assert!(rev(&w, "COMP-1") > before);
 }
