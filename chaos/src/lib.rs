@@ -11,11 +11,13 @@
 //! - [`nemesis`]: the faults; [`abuse`]: the bad client among them;
 //!   [`history`]: what was seen;
 //! - [`checker`]: what must hold; [`report`]: what a run leaves behind;
+//! - [`fleet`]: the fleet simulator (`chaos fleet`), a run of its own;
 //! - [`run`]: one run from start to verdict.
 
 pub mod abuse;
 pub mod checker;
 pub mod cluster;
+pub mod fleet;
 pub mod history;
 pub mod nemesis;
 pub mod net;

@@ -33,6 +33,10 @@ struct Cli {
 enum Cmd {
     /// One run: a cluster in network namespaces, a workload, faults, checks.
     Run(RunArgs),
+    /// The fleet simulator: N nodes of P partitions and M users against a
+    /// real cluster behind a gateway, measured (latency, allocations/s,
+    /// RSS, CPU). `--smoke` is the CI size.
+    Fleet(chaos::fleet::FleetArgs),
     /// A simulated node (started by `run`; not for direct use).
     #[command(hide = true)]
     SimNode(chaos::simnode::SimNodeArgs),
@@ -112,6 +116,13 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Cmd::Fleet(a) => match runtime.block_on(chaos::fleet::run(a)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("chaos fleet: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::SimNode(a) => match runtime.block_on(chaos::simnode::run(a)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
