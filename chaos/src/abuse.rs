@@ -45,12 +45,7 @@ struct SlapCase {
 }
 
 fn form(fields: &[(&str, &str)]) -> Vec<u8> {
-    fields
-        .iter()
-        .map(|(k, v)| format!("{}={}", slap_proto::form::encode(k), slap_proto::form::encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
-        .into_bytes()
+    slap_proto::form::encode_fields(fields).into_bytes()
 }
 
 fn parameters_xml(bytes: usize) -> String {

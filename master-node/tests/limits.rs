@@ -18,7 +18,6 @@ use master_node::state::limits::Limits;
 use master_node::state::{Command, Master, Refusal, Reply};
 use openraft::rt::WatchReceiver;
 use rand::{Rng, SeedableRng};
-use slap_proto::form::encode;
 use slap_proto::marshal::{dumps, Value};
 use slap_proto::rate::RateLimiter;
 use tower::ServiceExt;
@@ -45,11 +44,7 @@ async fn master() -> (tempfile::TempDir, Running) {
 }
 
 fn form(fields: &[(&str, &str)]) -> String {
-    fields
-        .iter()
-        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
+    slap_proto::form::encode_fields(fields)
 }
 
 /// One call through the replica's app: status and body.

@@ -72,9 +72,32 @@ pub fn encode(s: &str) -> String {
     out
 }
 
+/// A whole form body (`application/x-www-form-urlencoded`) from its
+/// fields, in order: what [`parse`] reads back.
+pub fn encode_fields(fields: &[(&str, &str)]) -> String {
+    fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_fields_parse_back() {
+        let fields = [
+            ("url", "https://a.example/x y"),
+            ("xml", "<marshal>&é</marshal>"),
+            ("empty", ""),
+        ];
+        let body = encode_fields(&fields);
+        let back = parse(&body).unwrap();
+        let back: Vec<(&str, &str)> = back.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(back, fields);
+    }
 
     #[test]
     fn parses_fields() {

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use slap_proto::form::encode;
 use slap_proto::marshal::{dumps, Value};
 
 /// A child process, killed when dropped.
@@ -235,11 +234,7 @@ pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
 
 /// A form body (`application/x-www-form-urlencoded`).
 pub fn form(fields: &[(&str, &str)]) -> String {
-    fields
-        .iter()
-        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
+    slap_proto::form::encode_fields(fields)
 }
 
 /// The `loadComputerConfigurationFromXML` document of a computer with

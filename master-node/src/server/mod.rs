@@ -182,13 +182,8 @@ impl Running {
         advertise: Option<&str>,
         insecure_http: bool,
     ) -> Result<(), StartError> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: addr.to_string(),
-                source,
-            })?;
-        let mut stop = self.stop.subscribe();
+        let listener = bind(addr).await?;
+        let stop = self.stop.subscribe();
         if !insecure_http {
             // A wildcard listen address names no host a client dials.
             let names: Vec<String> = crate::founding::server_names(&[addr, advertise.unwrap_or(addr)])
@@ -199,16 +194,8 @@ impl Running {
             tokio::spawn(https::serve(self.replica.clone(), app, listener, names, stop));
             return Ok(());
         }
-        let app = http::app(self.replica.clone(), self.rate.clone())
-            .into_make_service_with_connect_info::<std::net::SocketAddr>();
-        tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-                error!("SLAP server stopped: {e}");
-            }
-        });
+        let app = http::app(self.replica.clone(), self.rate.clone());
+        tokio::spawn(serve_plain(listener, app, stop, "SLAP server"));
         tracing::warn!(
             %addr,
             "serving SLAP over plain HTTP (--insecure-http): no client certificates, every caller may do \
@@ -220,22 +207,10 @@ impl Running {
     /// Serves `/metrics`, `/healthz` and `/readyz` over plain HTTP on
     /// `addr` until the replica stops.
     pub async fn serve_monitoring(&self, addr: &str) -> Result<(), StartError> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: addr.to_string(),
-                source,
-            })?;
-        let mut stop = self.stop.subscribe();
+        let listener = bind(addr).await?;
+        let stop = self.stop.subscribe();
         let app = crate::metrics::router(self.replica.clone());
-        tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-                error!("monitoring server stopped: {e}");
-            }
-        });
+        tokio::spawn(serve_plain(listener, app, stop, "monitoring server"));
         info!(%addr, "serving /metrics, /healthz and /readyz");
         Ok(())
     }
@@ -387,5 +362,32 @@ async fn log_store_rates(stats: Arc<raft_store::LogStats>) {
             );
         }
         last = now;
+    }
+}
+
+/// Binds a listening address, saying which one when it cannot.
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Serves `app` over plain HTTP (callers' addresses known to it) until
+/// the replica stops.
+async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    what: &'static str,
+) {
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        error!("{what} stopped: {e}");
     }
 }

@@ -10,7 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use master_node::client::{Client, Credentials};
-use slap_proto::form::encode;
 use slap_proto::marshal::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_master-node");
@@ -108,11 +107,7 @@ pub fn http(port: u16, method: &str, path: &str, form: &str) -> Option<(u16, Str
 }
 
 pub fn form(fields: &[(&str, &str)]) -> String {
-    fields
-        .iter()
-        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
+    slap_proto::form::encode_fields(fields)
 }
 
 pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
