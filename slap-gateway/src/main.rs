@@ -142,6 +142,23 @@ struct Gateway {
     rate: Option<slap_proto::rate::RateLimiter>,
 }
 
+/// The longest a replica holds a poll (`X-Slap-Wait`): a held poll's
+/// attempt may last this much longer than --attempt before the gateway
+/// gives up on the replica.
+const MAX_HOLD: Duration = Duration::from_secs(slap_proto::limits::POLL_HOLD_SECS);
+
+/// How long one attempt of this call may take: `attempt`, plus the hold a
+/// long poll asks for (a held poll is not a slow replica).
+fn attempt_bound(attempt: Duration, headers: &HeaderMap) -> Duration {
+    let hold = headers
+        .get("x-slap-wait")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s).min(MAX_HOLD))
+        .unwrap_or_default();
+    attempt + hold
+}
+
 /// A gRPC call (the native API), by its content type.
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers
@@ -185,7 +202,7 @@ impl Gateway {
         }
         let req = req.body(Full::new(body.clone())).map_err(|e| e.to_string())?;
         let client = if grpc { &self.http2 } else { &self.http1 };
-        let resp = tokio::time::timeout(self.attempt, client.request(req))
+        let resp = tokio::time::timeout(attempt_bound(self.attempt, headers), client.request(req))
             .await
             .map_err(|_| format!("{replica} did not answer in time"))?
             .map_err(|e| format!("{replica}: {e}"))?;
@@ -500,5 +517,23 @@ async fn main() -> anyhow::Result<()> {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_poll_may_take_its_hold_on_top_of_the_attempt() {
+        let attempt = Duration::from_secs(10);
+        let mut headers = HeaderMap::new();
+        assert_eq!(attempt_bound(attempt, &headers), attempt);
+        headers.insert("x-slap-wait", HeaderValue::from_static("20"));
+        assert_eq!(attempt_bound(attempt, &headers), Duration::from_secs(30));
+        headers.insert("x-slap-wait", HeaderValue::from_static("3600"));
+        assert_eq!(attempt_bound(attempt, &headers), attempt + MAX_HOLD, "capped as the replica caps it");
+        headers.insert("x-slap-wait", HeaderValue::from_static("soon"));
+        assert_eq!(attempt_bound(attempt, &headers), attempt);
     }
 }

@@ -18,6 +18,11 @@ pub fn carries_document(path: &str) -> bool {
         || path.starts_with("/slapos.master.v1.Master/")
 }
 
+/// The longest a replica holds a poll of a computer's document
+/// (`X-Slap-Wait`); gateways allow a held poll this much on top of their
+/// per-attempt bound, so a held poll is never retried as a failure.
+pub const POLL_HOLD_SECS: u64 = 25;
+
 #[cfg(test)]
 mod tests {
     #[test]

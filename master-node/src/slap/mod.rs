@@ -281,9 +281,8 @@ async fn done(replica: &Replica, command: Command) -> SlapResult {
 
 // ----- reads -----------------------------------------------------------------
 
-/// The longest a poll may be held (`X-Slap-Wait`), below the gateway's
-/// per-attempt bound so a held poll is never retried as a failure.
-const MAX_HOLD: Duration = Duration::from_secs(25);
+/// The longest a poll may be held (`X-Slap-Wait`); gateways allow for it.
+const MAX_HOLD: Duration = Duration::from_secs(slap_proto::limits::POLL_HOLD_SECS);
 
 /// `getFullComputerInformation`. Answers 304 when `If-None-Match` names the
 /// current revision; with `X-Slap-Wait: N` as well, holds the answer up to N
