@@ -170,7 +170,10 @@ fn measure(
                 let mut mine = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
-                    assert!(call(&mut conn, counter.fetch_add(1, Ordering::Relaxed)), "a call failed");
+                    assert!(
+                        call(&mut conn, counter.fetch_add(1, Ordering::Relaxed)),
+                        "a call failed"
+                    );
                     mine.push(t.elapsed());
                 }
                 latencies.lock().unwrap().extend(mine);
@@ -185,7 +188,11 @@ fn measure(
     let elapsed = start.elapsed().as_secs_f64();
     let mut l = std::mem::take(&mut *latencies.lock().unwrap());
     l.sort();
-    (l.len() as f64 / elapsed, percentile_ms(&l, 0.5), percentile_ms(&l, 0.99))
+    (
+        l.len() as f64 / elapsed,
+        percentile_ms(&l, 0.5),
+        percentile_ms(&l, 0.99),
+    )
 }
 
 fn ok(a: Option<Answer>, want: u16) -> bool {
@@ -196,7 +203,12 @@ fn load(port: u16, reference: &str, partitions: usize) {
     let mut c = Conn::new(port);
     let xml = computer_xml(reference, partitions);
     assert!(ok(
-        c.call("POST", "/loadComputerConfigurationFromXML", &form(&[("xml", &xml)]), &[]),
+        c.call(
+            "POST",
+            "/loadComputerConfigurationFromXML",
+            &form(&[("xml", &xml)]),
+            &[]
+        ),
         200
     ));
     let supply = form(&[("url", SR), ("computer_id", reference), ("state", "available")]);
@@ -242,7 +254,10 @@ fn main() {
     let poll_new_connection = |id: &'static str| -> Call {
         let q = format!("computer_id={id}");
         Arc::new(move |c: &mut Conn, _| {
-            let r = ok(c.call("GET", "/getFullComputerInformation", &q, &[("Connection", "close")]), 200);
+            let r = ok(
+                c.call("GET", "/getFullComputerInformation", &q, &[("Connection", "close")]),
+                200,
+            );
             c.reader = None;
             r
         })
@@ -273,16 +288,36 @@ fn main() {
         })
     };
     let rows: Vec<(&str, Call, Call)> = vec![
-        ("getFullComputerInformation (100 partitions, 50 busy)", poll("COMP-1"), poll("COMP-1")),
-        ("getFullComputerInformation (3 partitions, 3 busy)", poll("COMP-3"), poll("COMP-3")),
+        (
+            "getFullComputerInformation (100 partitions, 50 busy)",
+            poll("COMP-1"),
+            poll("COMP-1"),
+        ),
+        (
+            "getFullComputerInformation (3 partitions, 3 busy)",
+            poll("COMP-3"),
+            poll("COMP-3"),
+        ),
         (
             "getFullComputerInformation (100 partitions), new connection per call",
             poll_new_connection("COMP-1"),
             poll_new_connection("COMP-1"),
         ),
-        ("getFullComputerInformation, If-None-Match (304)", revalidate.clone(), revalidate),
-        ("requestComputerPartition, identical re-request", rerequest.clone(), rerequest),
-        ("requestComputerPartition, new allocation", allocate("direct"), allocate("gateway")),
+        (
+            "getFullComputerInformation, If-None-Match (304)",
+            revalidate.clone(),
+            revalidate,
+        ),
+        (
+            "requestComputerPartition, identical re-request",
+            rerequest.clone(),
+            rerequest,
+        ),
+        (
+            "requestComputerPartition, new allocation",
+            allocate("direct"),
+            allocate("gateway"),
+        ),
     ];
     for (name, direct_call, gateway_call) in rows {
         for clients in [1usize, 8] {
@@ -322,7 +357,12 @@ fn hold_watches(cluster: &Cluster, n: usize) {
         let id = format!("WATCH-{i}");
         let xml = computer_xml(&id, 1);
         assert!(ok(
-            c.call("POST", "/loadComputerConfigurationFromXML", &form(&[("xml", &xml)]), &[]),
+            c.call(
+                "POST",
+                "/loadComputerConfigurationFromXML",
+                &form(&[("xml", &xml)]),
+                &[]
+            ),
             200
         ));
         let a = c

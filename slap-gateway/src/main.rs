@@ -532,7 +532,11 @@ mod tests {
         headers.insert("x-slap-wait", HeaderValue::from_static("20"));
         assert_eq!(attempt_bound(attempt, &headers), Duration::from_secs(30));
         headers.insert("x-slap-wait", HeaderValue::from_static("3600"));
-        assert_eq!(attempt_bound(attempt, &headers), attempt + MAX_HOLD, "capped as the replica caps it");
+        assert_eq!(
+            attempt_bound(attempt, &headers),
+            attempt + MAX_HOLD,
+            "capped as the replica caps it"
+        );
         headers.insert("x-slap-wait", HeaderValue::from_static("soon"));
         assert_eq!(attempt_bound(attempt, &headers), attempt);
     }
