@@ -47,7 +47,7 @@ struct Conn {
     reader: Option<BufReader<TcpStream>>,
 }
 
-/// A response: its status, ETag and body length.
+/// A response: its status and ETag.
 struct Answer {
     status: u16,
     etag: Option<String>,
@@ -199,18 +199,22 @@ fn ok(a: Option<Answer>, want: u16) -> bool {
     a.is_some_and(|a| a.status == want)
 }
 
+/// Registers `reference` with `partitions` partitions.
+fn register(c: &mut Conn, reference: &str, partitions: usize) {
+    let xml = computer_xml(reference, partitions);
+    let registered = c.call(
+        "POST",
+        "/loadComputerConfigurationFromXML",
+        &form(&[("xml", &xml)]),
+        &[],
+    );
+    assert!(ok(registered, 200), "registering {reference}");
+}
+
+/// Registers `reference` and supplies it with the release.
 fn load(port: u16, reference: &str, partitions: usize) {
     let mut c = Conn::new(port);
-    let xml = computer_xml(reference, partitions);
-    assert!(ok(
-        c.call(
-            "POST",
-            "/loadComputerConfigurationFromXML",
-            &form(&[("xml", &xml)]),
-            &[]
-        ),
-        200
-    ));
+    register(&mut c, reference, partitions);
     let supply = form(&[("url", SR), ("computer_id", reference), ("state", "available")]);
     assert!(ok(c.call("POST", "/supplySupply", &supply, &[]), 200));
 }
@@ -355,16 +359,7 @@ fn hold_watches(cluster: &Cluster, n: usize) {
     let mut c = Conn::new(gw);
     for i in 0..n {
         let id = format!("WATCH-{i}");
-        let xml = computer_xml(&id, 1);
-        assert!(ok(
-            c.call(
-                "POST",
-                "/loadComputerConfigurationFromXML",
-                &form(&[("xml", &xml)]),
-                &[]
-            ),
-            200
-        ));
+        register(&mut c, &id, 1);
         let a = c
             .call("GET", "/getFullComputerInformation", &format!("computer_id={id}"), &[])
             .expect("poll");

@@ -142,21 +142,11 @@ struct Gateway {
     rate: Option<slap_proto::rate::RateLimiter>,
 }
 
-/// The longest a replica holds a poll (`X-Slap-Wait`): a held poll's
-/// attempt may last this much longer than --attempt before the gateway
-/// gives up on the replica.
-const MAX_HOLD: Duration = Duration::from_secs(slap_proto::limits::POLL_HOLD_SECS);
-
 /// How long one attempt of this call may take: `attempt`, plus the hold a
 /// long poll asks for (a held poll is not a slow replica).
 fn attempt_bound(attempt: Duration, headers: &HeaderMap) -> Duration {
-    let hold = headers
-        .get("x-slap-wait")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|s| Duration::from_secs(s).min(MAX_HOLD))
-        .unwrap_or_default();
-    attempt + hold
+    use slap_proto::limits::{poll_hold, POLL_HOLD_HEADER};
+    attempt + poll_hold(headers.get(POLL_HOLD_HEADER).map(|v| v.as_bytes()))
 }
 
 /// A gRPC call (the native API), by its content type.
@@ -534,7 +524,7 @@ mod tests {
         headers.insert("x-slap-wait", HeaderValue::from_static("3600"));
         assert_eq!(
             attempt_bound(attempt, &headers),
-            attempt + MAX_HOLD,
+            attempt + Duration::from_secs(slap_proto::limits::POLL_HOLD_SECS),
             "capped as the replica caps it"
         );
         headers.insert("x-slap-wait", HeaderValue::from_static("soon"));

@@ -23,8 +23,32 @@ pub fn carries_document(path: &str) -> bool {
 /// per-attempt bound, so a held poll is never retried as a failure.
 pub const POLL_HOLD_SECS: u64 = 25;
 
+/// The header a long poll names its hold in, in seconds.
+pub const POLL_HOLD_HEADER: &str = "x-slap-wait";
+
+/// How long a poll asks to be held: its `X-Slap-Wait` value, capped at
+/// [`POLL_HOLD_SECS`]; zero when absent or not a number.
+pub fn poll_hold(value: Option<&[u8]>) -> std::time::Duration {
+    let secs = value
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    std::time::Duration::from_secs(secs.min(POLL_HOLD_SECS))
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_poll_hold_is_read_in_seconds_and_capped() {
+        use std::time::Duration;
+        assert_eq!(poll_hold(None), Duration::ZERO);
+        assert_eq!(poll_hold(Some(b" 8 ")), Duration::from_secs(8));
+        assert_eq!(poll_hold(Some(b"3600")), Duration::from_secs(POLL_HOLD_SECS));
+        assert_eq!(poll_hold(Some(b"soon")), Duration::ZERO);
+    }
+
     #[test]
     fn documents_are_the_format_the_journal_and_native_calls() {
         assert!(super::carries_document("/loadComputerConfigurationFromXML"));

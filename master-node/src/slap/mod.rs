@@ -39,8 +39,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use slap_proto::form;
 use slap_proto::marshal::{self, Value};
+use slap_proto::{form, limits};
 
 use crate::api::ClientWrite;
 use crate::authz;
@@ -281,9 +281,6 @@ async fn done(replica: &Replica, command: Command) -> SlapResult {
 
 // ----- reads -----------------------------------------------------------------
 
-/// The longest a poll may be held (`X-Slap-Wait`); gateways allow for it.
-const MAX_HOLD: Duration = Duration::from_secs(slap_proto::limits::POLL_HOLD_SECS);
-
 /// `getFullComputerInformation`. Answers 304 when `If-None-Match` names the
 /// current revision; with `X-Slap-Wait: N` as well, holds the answer up to N
 /// seconds until the document changes: a node's watch, as a long poll that
@@ -297,12 +294,8 @@ async fn full_computer(
     let f = Fields::parse(q.as_deref().unwrap_or(""))?;
     let id = f.need("computer_id")?;
     let known = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
-    let hold = headers
-        .get("x-slap-wait")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|s| Duration::from_secs(s).min(MAX_HOLD))
-        .unwrap_or_default();
+    // At most slap_proto::limits::POLL_HOLD_SECS; gateways allow for it.
+    let hold = limits::poll_hold(headers.get(limits::POLL_HOLD_HEADER).map(|v| v.as_bytes()));
     let deadline = tokio::time::Instant::now() + hold;
     let mut held = false;
     // Woken when this computer's document changes (for a held poll).
