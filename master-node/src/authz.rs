@@ -67,6 +67,8 @@ pub enum Need {
     /// The partition itself, or its computer.
     Partition(String, String),
     User,
+    /// A gateway (or an administrator).
+    Gateway,
     Admin,
 }
 
@@ -78,6 +80,7 @@ pub fn allows(role: &Role, need: &Need) -> Result<(), String> {
         (Role::Computer(c), Need::Partition(want, _)) => c == want,
         (Role::Partition(c, p), Need::Partition(wc, wp)) => c == wc && p == wp,
         (Role::User(_), Need::User) => true,
+        (Role::Gateway(_), Need::Gateway) => true,
         _ => false,
     };
     if ok {
@@ -87,6 +90,7 @@ pub fn allows(role: &Role, need: &Need) -> Result<(), String> {
         Need::Computer(c) => format!("{role} may not act for computer {c}"),
         Need::Partition(c, p) => format!("{role} may not act for partition {p} of {c}"),
         Need::User => format!("{role} may not make user calls (request, list instances)"),
+        Need::Gateway => format!("{role} may not do this: gateways and administrators only"),
         Need::Admin => format!("{role} may not do this: administrators only"),
         Need::Anyone => unreachable!(),
     })

@@ -606,6 +606,31 @@ impl Replica {
         }
     }
 
+    /// Whether this replica leads, as far as it knows (not confirmed).
+    pub fn believes_it_leads(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.current_leader == Some(self.id) && m.state == ServerState::Leader
+    }
+
+    /// Confirms with a quorum that this replica still leads and waits until
+    /// it applied everything committed before the call: after `Ok`, the
+    /// local state holds every write acknowledged before the call. Rounds
+    /// are shared with the reads waiting at the same time.
+    pub async fn confirm_leadership(&self) -> Result<(), String> {
+        if !self.believes_it_leads() {
+            return Err("this replica is not the leader".into());
+        }
+        let (done, confirmed) = oneshot::channel();
+        self.read_barrier
+            .send(done)
+            .await
+            .map_err(|_| "this replica is shutting down".to_string())?;
+        confirmed
+            .await
+            .map_err(|_| "this replica is shutting down".to_string())?
+    }
+
     /// Answers a write that would change nothing (an identical re-request,
     /// which `slapos node` sends for every child at every run, or a
     /// partition publishing what it already published) with a linearizable
@@ -620,21 +645,14 @@ impl Replica {
         unchanged: impl Fn(&Master) -> bool,
         answer: impl FnOnce(&Master) -> T,
     ) -> Option<T> {
-        let leading = {
-            let m = self.raft.metrics();
-            let m = m.borrow_watched();
-            m.current_leader == Some(self.id) && m.state == ServerState::Leader
-        };
         // The local check first, so a write that changes something costs no
         // confirmation round before it is proposed.
-        if !leading || !unchanged(&self.state.read().unwrap_or_else(|e| e.into_inner())) {
+        if !self.believes_it_leads() || !unchanged(&self.state.read().unwrap_or_else(|e| e.into_inner())) {
             return None;
         }
-        let (done, confirmed) = oneshot::channel();
-        self.read_barrier.send(done).await.ok()?;
         // Not confirmed (leadership lost meanwhile): the write path waits for
         // the new leader and answers.
-        confirmed.await.ok()?.ok()?;
+        self.confirm_leadership().await.ok()?;
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         unchanged(&state).then(|| answer(&state))
     }

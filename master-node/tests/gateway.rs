@@ -261,3 +261,94 @@ fn usage_posted_across_a_leader_kill_is_counted_once() {
     assert_eq!(cpu[0].quantity, 42.5, "counted exactly once");
     assert_eq!(cpu[0].movements, 1);
 }
+
+/// Node polls answered by the gateway itself, from the leader's revision
+/// feed: a 304 without a replica, a watch held at the gateway and woken by
+/// a change, never a 304 for a revision the feed moved past, and every
+/// poll forwarded while the feed is lost to a leader kill.
+#[test]
+fn polls_are_answered_at_the_edge_and_never_stale_after_a_change() {
+    use common::{header, http_get, metric};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = SlapCluster::start(dir.path());
+    let gw = cluster.gateway_port;
+    let computer = dumps(&Value::str_dict(vec![
+        ("reference", Value::str("COMP-E")),
+        (
+            "partition_list",
+            Value::List(vec![Value::str_dict(vec![("reference", Value::str("slappart0"))])]),
+        ),
+    ]))
+    .unwrap();
+    let load = form(&[("xml", &computer)]);
+    assert_eq!(
+        http(gw, "POST", "/loadComputerConfigurationFromXML", &load).unwrap().0,
+        200
+    );
+    let gauge = |name: &str| {
+        let (_, page) = http(gw, "GET", "/metrics", "").unwrap();
+        metric(&page, name).unwrap_or_else(|| panic!("no {name} in {page}"))
+    };
+    common::wait_for("the revision feed", || gauge("slap_gateway_edge_feed_live") == 1.0);
+    let poll = "/getFullComputerInformation?computer_id=COMP-E";
+    // The first poll goes to a replica (which also vouches for the caller).
+    let (st, head, body) = http_get(gw, poll, "").unwrap();
+    assert_eq!(st, 200, "{body}");
+    let etag = header(&head, "etag").expect("an ETag").to_string();
+    let if_none_match = format!("If-None-Match: {etag}\r\n");
+    let (st, head, _) = http_get(gw, poll, &if_none_match).unwrap();
+    assert_eq!((st, header(&head, "etag")), (304, Some(etag.as_str())));
+    assert!(
+        gauge("slap_gateway_edge_not_modified_total") >= 1.0,
+        "answered at the edge"
+    );
+
+    // A watch held at the gateway wakes when the document moves.
+    let watch = {
+        let held = format!("{if_none_match}X-Slap-Wait: 20\r\n");
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            (http_get(gw, poll, &held).unwrap(), started.elapsed())
+        })
+    };
+    common::wait_for("the watch held at the gateway", || {
+        gauge("slap_gateway_edge_holding") == 1.0
+    });
+    let supply = form(&[
+        ("url", "/srv/sr/software.cfg"),
+        ("computer_id", "COMP-E"),
+        ("state", "available"),
+    ]);
+    assert_eq!(http(gw, "POST", "/supplySupply", &supply).unwrap().0, 200);
+    let ((st, head, body), waited) = watch.join().unwrap();
+    assert_eq!(st, 200, "the changed document: {body}");
+    assert!(body.contains("/srv/sr/software.cfg"), "{body}");
+    assert!(
+        waited < std::time::Duration::from_secs(10),
+        "woken by the change, after {waited:?}"
+    );
+    let moved = header(&head, "etag").unwrap().to_string();
+    assert_ne!(moved, etag);
+    // The gateway was told: the old revision is never 304 again.
+    let (st, _, _) = http_get(gw, poll, &if_none_match).unwrap();
+    assert_eq!(st, 200, "a stale 304 after a change the gateway was told of");
+    let answered_here = gauge("slap_gateway_edge_not_modified_total");
+    let (st, _, _) = http_get(gw, poll, &format!("If-None-Match: {moved}\r\n")).unwrap();
+    assert_eq!(st, 304);
+    assert_eq!(gauge("slap_gateway_edge_not_modified_total"), answered_here + 1.0);
+
+    // The leader killed: the feed is lost, polls still answer (forwarded
+    // until the new leader's feed confirms), then the edge serves again.
+    let losses = gauge("slap_gateway_edge_feed_losses_total");
+    cluster.kill_leader();
+    common::wait_for("the feed to be lost", || {
+        gauge("slap_gateway_edge_feed_losses_total") > losses
+    });
+    let (st, _, _) = http_get(gw, poll, &format!("If-None-Match: {moved}\r\n")).unwrap();
+    assert_eq!(st, 304, "forwarded while the feed is lost");
+    common::wait_for("the new leader's feed", || gauge("slap_gateway_edge_feed_live") == 1.0);
+    let answered_here = gauge("slap_gateway_edge_not_modified_total");
+    let (st, _, _) = http_get(gw, poll, &format!("If-None-Match: {moved}\r\n")).unwrap();
+    assert_eq!(st, 304);
+    assert_eq!(gauge("slap_gateway_edge_not_modified_total"), answered_here + 1.0);
+}

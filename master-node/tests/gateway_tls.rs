@@ -66,6 +66,21 @@ async fn get(port: u16, cfg: Arc<rustls::ClientConfig>, path: &str, extra: &str)
     ))
 }
 
+/// One call over TLS (`request`: the request line, headers and body):
+/// status, the response's head and its body.
+async fn call(port: u16, cfg: Arc<rustls::ClientConfig>, request: &str) -> (u16, String, String) {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.unwrap();
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tls.read_to_end(&mut buf).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
+}
+
 const LIST: &str = "/hateoas/?mode=search&query=portal_type%3A%22Instance%20Tree%22%20AND%20validation_state%3Avalidated&select_list=title";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,4 +285,83 @@ async fn the_gateway_passes_on_the_verified_caller_and_nothing_else() {
     assert!(body.contains("revoked"), "{body}");
     let (st, _) = get(gw_port, bob.clone(), LIST, "").await.unwrap();
     assert_eq!(st, 200);
+
+    // Polls answered by the gateway itself (its revision feed) are answered
+    // only to callers a replica vouched for, and a revocation ends that.
+    let computer = slap_proto::marshal::dumps(&slap_proto::marshal::Value::str_dict(vec![
+        ("reference", slap_proto::marshal::Value::str("COMP-T")),
+        ("partition_list", slap_proto::marshal::Value::List(vec![])),
+    ]))
+    .unwrap();
+    let load = common::form(&[("xml", &computer)]);
+    let (st, _, body) = call(
+        gw_port,
+        ops.clone(),
+        &format!(
+            "POST /loadComputerConfigurationFromXML HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{load}",
+            load.len()
+        ),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let poll = |extra: &str| {
+        format!("GET /getFullComputerInformation?computer_id=COMP-T HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n")
+    };
+    let (st, head, body) = call(gw_port, ops.clone(), &poll("")).await;
+    assert_eq!(st, 200, "{body}");
+    let etag = common::header(&head, "etag").unwrap().to_string();
+    let revalidate = poll(&format!("If-None-Match: {etag}\r\n"));
+    let edge_answers = || async {
+        let (_, _, page) = call(
+            gw_port,
+            ops.clone(),
+            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        (
+            common::metric(&page, "slap_gateway_edge_feed_live"),
+            common::metric(&page, "slap_gateway_edge_not_modified_total").unwrap_or(0.0),
+        )
+    };
+    let start = std::time::Instant::now();
+    while edge_answers().await.0 != Some(1.0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the gateway never followed the feed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, before) = edge_answers().await;
+    let (st, _, _) = call(gw_port, ops.clone(), &revalidate).await;
+    assert_eq!(st, 304);
+    assert_eq!(
+        edge_answers().await.1,
+        before + 1.0,
+        "the administrator's 304 came from the gateway"
+    );
+    let (st, _, body) = call(gw_port, bob.clone(), &revalidate).await;
+    assert_eq!(st, 403, "bob is not COMP-T, whatever ETag he knows: {body}");
+    let serial = {
+        use rustls::pki_types::pem::PemObject;
+        let pem = std::fs::read(ids.join("ops.crt")).unwrap();
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        hex::encode(cert.raw_serial())
+    };
+    admin(&["cert", "revoke", &serial], &raft, &token);
+    // Within the edge's staleness bound (2 s by default).
+    let start = std::time::Instant::now();
+    loop {
+        let (st, _, _) = call(gw_port, ops.clone(), &revalidate).await;
+        if st == 403 {
+            break;
+        }
+        assert_eq!(st, 304);
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "a revoked administrator still answered at the edge"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -51,9 +51,14 @@ impl Discovery {
         self.leader.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// A native-API channel to a replica.
+    pub fn channel(&self, addr: &str) -> Option<Channel> {
+        (self.connect)(addr)
+    }
+
     /// Asks one replica; the new order if it answered.
     async fn ask(&self, addr: &str) -> Option<(Vec<String>, Option<String>)> {
-        let channel = (self.connect)(addr)?;
+        let channel = self.channel(addr)?;
         let mut client = MasterClient::new(channel);
         let call = client.cluster(ClusterRequest { state_digest: false });
         let view = tokio::time::timeout(Duration::from_secs(2), call)

@@ -15,6 +15,9 @@
 //! are idempotent (an identical re-request, report or publication changes
 //! nothing), and native writes carry a request id the Master deduplicates.
 //!
+//! Node polls that revalidate (304) or hold a watch are answered by the
+//! gateway itself while it follows the leader's revision feed ([`edge`]).
+//!
 //! `/healthz` answers 200 while at least one replica does; `/metrics` gives
 //! the counters in the Prometheus text format.
 //!
@@ -29,6 +32,7 @@
 //! again against the cluster's own limits.
 
 mod discovery;
+mod edge;
 mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +95,12 @@ struct Args {
     /// Calls one caller may make at once before --rate-limit holds it.
     #[arg(long, default_value_t = 2_000)]
     rate_burst: u32,
+    /// How stale a 304 answered by the gateway itself may be, in
+    /// milliseconds: the gateway follows the leader's revision feed and
+    /// answers node polls (304, held watches) only while the leader
+    /// confirmed its revisions within this time. 0: forward every poll.
+    #[arg(long, default_value_t = 2_000)]
+    edge_staleness_ms: u64,
 }
 
 /// Headers that describe one connection, not the call (RFC 9110 7.6.1),
@@ -140,6 +150,8 @@ struct Gateway {
     document_bytes: usize,
     /// Each caller's rate (`None`: no limit).
     rate: Option<slap_proto::rate::RateLimiter>,
+    /// Polls answered here (`None`: `--edge-staleness-ms 0`).
+    edge: Option<Arc<edge::Edge>>,
 }
 
 /// How long one attempt of this call may take: `attempt`, plus the hold a
@@ -330,7 +342,58 @@ async fn forward(
         }
     }
     let caller = caller.as_ref().map(|c| c.0 .0.as_str());
-    gw.forward(parts.method, parts.uri, parts.headers, body, caller).await
+    let poll = gw.edge.as_ref().and_then(|_| computer_poll(&parts.method, &parts.uri));
+    if let (Some(edge), Some(computer)) = (&gw.edge, &poll) {
+        if let Some(answer) = at_the_edge(edge, caller.unwrap_or(""), computer, &mut parts.headers).await {
+            return answer;
+        }
+    }
+    let resp = gw.forward(parts.method, parts.uri, parts.headers, body, caller).await;
+    if let (Some(edge), Some(computer)) = (&gw.edge, &poll) {
+        if matches!(resp.status(), StatusCode::OK | StatusCode::NOT_MODIFIED) {
+            edge.authorize(caller.unwrap_or(""), computer);
+        }
+    }
+    resp
+}
+
+/// The computer a node's document poll (`getFullComputerInformation`) is for.
+fn computer_poll(method: &Method, uri: &Uri) -> Option<String> {
+    if method != Method::GET || uri.path() != "/getFullComputerInformation" {
+        return None;
+    }
+    let fields = slap_proto::form::parse(uri.query().unwrap_or("")).ok()?;
+    slap_proto::form::get(&fields, "computer_id").map(str::to_string)
+}
+
+/// Answers a poll here when the edge can (a 304, at once or after holding
+/// the watch); `None` forwards it, with `headers` adjusted to what remains
+/// of its hold if the feed was lost while holding.
+async fn at_the_edge(edge: &edge::Edge, caller: &str, computer: &str, headers: &mut HeaderMap) -> Option<Response> {
+    use slap_proto::limits::{poll_hold, POLL_HOLD_HEADER};
+    let etag = headers.get(hyper::header::IF_NONE_MATCH)?.to_str().ok()?;
+    let unchanged = edge.unchanged(caller, computer, etag)?;
+    let hold = poll_hold(headers.get(POLL_HOLD_HEADER).map(|v| v.as_bytes()));
+    let end = if hold.is_zero() {
+        edge::HoldEnd::Unchanged
+    } else {
+        edge.hold(&unchanged, hold).await
+    };
+    match end {
+        edge::HoldEnd::Unchanged => {
+            edge.counters.not_modified.fetch_add(1, Ordering::Relaxed);
+            let mut resp = StatusCode::NOT_MODIFIED.into_response();
+            if let Ok(tag) = HeaderValue::from_str(&format!("\"{computer}-{}\"", unchanged.revision)) {
+                resp.headers_mut().insert(hyper::header::ETAG, tag);
+            }
+            Some(resp)
+        }
+        edge::HoldEnd::Moved => None,
+        edge::HoldEnd::FeedLost(left) => {
+            headers.insert(POLL_HOLD_HEADER, HeaderValue::from(left.as_secs()));
+            None
+        }
+    }
 }
 
 async fn healthz(State(gw): State<Arc<Gateway>>) -> Response {
@@ -356,6 +419,10 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     }
 }
 
+fn edge_count(gw: &Gateway, read: impl Fn(&edge::Edge) -> u64) -> u64 {
+    gw.edge.as_deref().map(read).unwrap_or(0)
+}
+
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let c = &gw.counters;
     let body = format!(
@@ -364,7 +431,11 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
          # HELP slap_gateway_failures_total Calls answered 503 after --hold.\n# TYPE slap_gateway_failures_total counter\nslap_gateway_failures_total {}\n\
          # HELP slap_gateway_rejected_total Calls refused before forwarding: over a body limit (too_large) or the caller's rate (rate_limited).\n# TYPE slap_gateway_rejected_total counter\nslap_gateway_rejected_total{{reason=\"too_large\"}} {}\nslap_gateway_rejected_total{{reason=\"rate_limited\"}} {}\n\
          # HELP slap_gateway_replicas Replicas known (seeds and learned).\n# TYPE slap_gateway_replicas gauge\nslap_gateway_replicas {}\n\
-         # HELP slap_gateway_leader_known Whether the leader is known.\n# TYPE slap_gateway_leader_known gauge\nslap_gateway_leader_known {}\n",
+         # HELP slap_gateway_leader_known Whether the leader is known.\n# TYPE slap_gateway_leader_known gauge\nslap_gateway_leader_known {}\n\
+         # HELP slap_gateway_edge_not_modified_total Polls answered 304 by the gateway itself.\n# TYPE slap_gateway_edge_not_modified_total counter\nslap_gateway_edge_not_modified_total {}\n\
+         # HELP slap_gateway_edge_holding Watches held by the gateway itself now.\n# TYPE slap_gateway_edge_holding gauge\nslap_gateway_edge_holding {}\n\
+         # HELP slap_gateway_edge_feed_live Whether the leader's revision feed is live (polls answered here).\n# TYPE slap_gateway_edge_feed_live gauge\nslap_gateway_edge_feed_live {}\n\
+         # HELP slap_gateway_edge_feed_losses_total Times the revision feed was lost.\n# TYPE slap_gateway_edge_feed_losses_total counter\nslap_gateway_edge_feed_losses_total {}\n",
         c.calls.load(Ordering::Relaxed),
         c.retries.load(Ordering::Relaxed),
         c.failures.load(Ordering::Relaxed),
@@ -372,6 +443,10 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         c.rate_limited.load(Ordering::Relaxed),
         gw.discovery.order().len(),
         u8::from(gw.discovery.leader().is_some()),
+        edge_count(&gw, |e| e.counters.not_modified.load(Ordering::Relaxed)),
+        edge_count(&gw, |e| e.counters.holding.load(Ordering::Relaxed)),
+        edge_count(&gw, |e| u64::from(e.live())),
+        edge_count(&gw, |e| e.counters.feed_losses.load(Ordering::Relaxed)),
     );
     let mut resp = body.into_response();
     resp.headers_mut().insert(
@@ -440,7 +515,11 @@ async fn main() -> anyhow::Result<()> {
         body_bytes: args.max_body_bytes as usize,
         document_bytes: args.max_document_bytes as usize,
         rate: slap_proto::rate::RateLimiter::new(args.rate_limit, args.rate_burst),
+        edge: (args.edge_staleness_ms > 0).then(|| edge::Edge::new(Duration::from_millis(args.edge_staleness_ms))),
     });
+    if let Some(edge) = &gw.edge {
+        tokio::spawn(edge.clone().follow(gw.discovery.clone()));
+    }
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -15,6 +15,7 @@
 //! that mounts it.
 
 mod convert;
+mod feed;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -508,6 +509,16 @@ impl MasterApi for MasterService {
             price,
         };
         self.done(r.request_id, command).await
+    }
+
+    type WatchRevisionsStream = feed::FeedStream;
+
+    async fn watch_revisions(
+        &self,
+        req: Request<pb::WatchRevisionsRequest>,
+    ) -> Result<Response<Self::WatchRevisionsStream>, Status> {
+        self.authorize(&req, &Need::Gateway)?;
+        Ok(Response::new(feed::start(self.replica.clone())?))
     }
 
     async fn cluster(&self, req: Request<pb::ClusterRequest>) -> Result<Response<pb::ClusterView>, Status> {

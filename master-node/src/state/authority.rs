@@ -60,6 +60,9 @@ impl Master {
     }
 
     pub(super) fn index_certificate(&mut self, cert: &Certificate) {
+        if cert.revoked && reads_computers(&cert.role) {
+            self.poller_revocations += 1;
+        }
         if let (Role::Partition(c, p), false) = (&cert.role, cert.revoked) {
             self.partition_certs
                 .insert((c.clone(), p.clone()), cert.fingerprint.clone());
@@ -74,6 +77,9 @@ impl Master {
         if !cert.revoked {
             cert.revoked = true;
             self.dirty.insert(Dirty::Certificate(cert.fingerprint.clone()));
+            if reads_computers(&cert.role) {
+                self.poller_revocations += 1;
+            }
             if let Role::Partition(c, p) = &cert.role {
                 let key = (c.clone(), p.clone());
                 if self.partition_certs.get(&key) == Some(&cert.fingerprint) {
@@ -133,4 +139,9 @@ impl Master {
         self.dirty.insert(Dirty::Limits);
         Reply::Done
     }
+}
+
+/// Whether a certificate of this role may read some computer's document.
+fn reads_computers(role: &Role) -> bool {
+    matches!(role, Role::Computer(_) | Role::Admin)
 }

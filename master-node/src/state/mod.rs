@@ -115,6 +115,10 @@ pub struct Master {
     /// Computers by the revision of their document: which documents changed
     /// after a given revision (nodes' watches wake on it).
     revised: BTreeSet<(u64, ComputerId)>,
+    /// Revoked certificates that could read a computer's document (a
+    /// computer's, an administrator's): a gateway that remembers who may
+    /// poll what forgets it all when this moves.
+    poller_revocations: u64,
     dirty: BTreeSet<Dirty>,
 }
 
@@ -394,6 +398,12 @@ impl Master {
         self.revised.insert((new, computer.to_string()));
     }
 
+    /// How many certificates that could read a computer's document were
+    /// revoked (see the `poller_revocations` field).
+    pub fn poller_revocations(&self) -> u64 {
+        self.poller_revocations
+    }
+
     /// Computers whose document changed after `revision`, with their
     /// current revision, oldest change first.
     pub fn computers_revised_after(&self, revision: u64) -> impl Iterator<Item = &(u64, ComputerId)> {
@@ -475,6 +485,7 @@ impl Master {
             self.index_instance(inst);
         }
         self.partition_certs.clear();
+        self.poller_revocations = 0;
         let certs: Vec<Certificate> = self.certificates.values().cloned().collect();
         for cert in &certs {
             self.index_certificate(cert);

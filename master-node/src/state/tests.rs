@@ -1202,3 +1202,51 @@ fn watches_learn_which_documents_changed_after_a_revision() {
     assert_eq!(changed, vec!["COMP-1"], "only the computer the instance landed on");
     assert!(rev(&w, "COMP-1") > before);
 }
+
+#[test]
+fn revoking_a_certificate_that_reads_documents_moves_the_poller_revocations() {
+    let mut w = World::new();
+    w.computer("COMP-1", 2, &[]);
+    let inst = instance(w.request("alice", "a", &[], &[]));
+    let (_, p) = inst.partition.clone().unwrap();
+    let cert = |fp: &str, role: Role| Certificate {
+        role,
+        ..partition_cert(fp, &p)
+    };
+    for c in [
+        cert("node", Role::Computer("COMP-1".into())),
+        cert("ops", Role::Admin),
+        cert("alice", Role::User("alice".into())),
+        cert("part", Role::Partition("COMP-1".into(), p.clone())),
+    ] {
+        assert_eq!(
+            w.run(Command::RecordCertificate {
+                certificate: c,
+                registration: None
+            }),
+            Reply::Done
+        );
+    }
+    let revoke = |w: &mut World, fp: &str| {
+        w.run(Command::RevokeCertificate {
+            serial: format!("s-{fp}"),
+        })
+    };
+    assert_eq!(w.m.poller_revocations(), 0);
+    // A user or a partition cannot read a computer's document: no move.
+    revoke(&mut w, "alice");
+    revoke(&mut w, "part");
+    assert_eq!(w.m.poller_revocations(), 0);
+    revoke(&mut w, "node");
+    assert_eq!(w.m.poller_revocations(), 1);
+    revoke(&mut w, "node");
+    assert_eq!(w.m.poller_revocations(), 1, "revoked once");
+    revoke(&mut w, "ops");
+    assert_eq!(w.m.poller_revocations(), 2);
+    let back = persist::restore(&mut persist::all_records(&w.m).into_iter()).unwrap();
+    assert_eq!(
+        back.poller_revocations(),
+        2,
+        "rebuilt at restore, as every replica counts it"
+    );
+}

@@ -106,6 +106,37 @@ pub fn http(port: u16, method: &str, path: &str, form: &str) -> Option<(u16, Str
     Some((status, raw.split_once("\r\n\r\n")?.1.to_string()))
 }
 
+/// One GET with extra header lines (each ending in CRLF) on a new
+/// connection: status, the response's head and its body.
+pub fn http_get(port: u16, path_and_query: &str, extra: &str) -> Option<(u16, String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    write!(
+        s,
+        "GET {path_and_query} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    Some((status, head.to_string(), body.to_string()))
+}
+
+/// A header's value in a response head (name in lower case).
+pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+/// A counter or gauge in a Prometheus text page.
+pub fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 pub fn form(fields: &[(&str, &str)]) -> String {
     slap_proto::form::encode_fields(fields)
 }

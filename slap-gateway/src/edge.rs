@@ -1,0 +1,422 @@
+//! Answering node polls at the edge: 304s and held watches without a replica.
+//!
+//! Nearly every poll a node makes is a revalidation (`If-None-Match` with
+//! the ETag `"COMPUTER-REVISION"` of the document it has) answered 304, and
+//! a node's watch is such a poll held open with `X-Slap-Wait` until its
+//! document changes. The gateway follows the leader's revision feed (the
+//! native `WatchRevisions`): every computer's current revision, each change
+//! as it is applied, and a confirmation about every half second that the
+//! leader still leads and has applied everything committed. While
+//! confirmations keep coming, the gateway answers such a poll itself:
+//!
+//! - 304 when the ETag names the revision it knows, without moving or
+//!   building the document;
+//! - a held poll is held here, not by a replica (no upstream connection per
+//!   watch), and sent on to a replica as soon as the feed says the document
+//!   moved, or when the feed is lost (with what remains of the hold).
+//!
+//! Staleness bound: a 304 answered here may miss a change acknowledged less
+//! than `--edge-staleness-ms` before it (plus the feed's one-way delay).
+//! Without a confirmation for that long, the gateway forwards every poll
+//! until a new feed confirms. It never answers 304 for a revision older
+//! than one the feed told it of.
+//!
+//! Authorization stays the replicas': the gateway answers a caller (a
+//! certificate's fingerprint) for a computer only after a replica answered
+//! that caller's poll of that computer, and forgets all such pairs when the
+//! feed says a certificate that may read documents was revoked.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use slap_proto::master::master_client::MasterClient;
+use slap_proto::master::WatchRevisionsRequest;
+use tokio::sync::Notify;
+
+use crate::discovery::Discovery;
+
+/// Caller-computer pairs remembered at most (a fleet has one per node).
+const AUTHORIZED_MAX: usize = 1 << 20;
+
+/// What the gateway knows of the Master's computer revisions.
+pub struct Edge {
+    staleness: Duration,
+    known: RwLock<Known>,
+    /// (caller, computer) pairs a replica answered a poll for.
+    authorized: Mutex<HashSet<(String, String)>>,
+    /// Held watches by computer, woken when its revision moves.
+    watchers: Mutex<HashMap<String, Weak<Notify>>>,
+    /// Rings when the feed is lost: held watches go to a replica.
+    lost: Notify,
+    pub counters: EdgeCounters,
+}
+
+#[derive(Default)]
+struct Known {
+    revisions: HashMap<String, u64>,
+    /// Until when the last confirmation vouches for `revisions`.
+    live_until: Option<Instant>,
+    revocations: u64,
+}
+
+impl Known {
+    fn live(&self) -> bool {
+        self.live_until.is_some_and(|until| Instant::now() < until)
+    }
+}
+
+#[derive(Default)]
+pub struct EdgeCounters {
+    /// Polls answered 304 here.
+    pub not_modified: AtomicU64,
+    /// Watches held here right now.
+    pub holding: AtomicU64,
+    /// Times the feed was lost (ended, or confirmations stopped).
+    pub feed_losses: AtomicU64,
+}
+
+/// A poll this gateway may answer itself.
+pub struct Unchanged {
+    pub computer: String,
+    pub revision: u64,
+}
+
+/// How a watch held here ended.
+pub enum HoldEnd {
+    /// The hold ran out with the document unchanged: answer 304.
+    Unchanged,
+    /// The document moved: forward the poll (a replica answers 200).
+    Moved,
+    /// The feed was lost: forward the poll with what remains of the hold.
+    FeedLost(Duration),
+}
+
+/// The computer and revision a poll's ETag names (`"COMP-1-42"`).
+pub fn parse_etag(etag: &str, computer: &str) -> Option<u64> {
+    let inner = etag.trim().strip_prefix('"')?.strip_suffix('"')?;
+    let (id, revision) = inner.rsplit_once('-')?;
+    (id == computer).then_some(())?;
+    revision.parse().ok()
+}
+
+impl Edge {
+    pub fn new(staleness: Duration) -> Arc<Edge> {
+        Arc::new(Edge {
+            staleness,
+            known: RwLock::default(),
+            authorized: Mutex::default(),
+            watchers: Mutex::default(),
+            lost: Notify::new(),
+            counters: EdgeCounters::default(),
+        })
+    }
+
+    /// Whether the last confirmation is recent enough to answer from.
+    pub fn live(&self) -> bool {
+        self.known.read().unwrap_or_else(|e| e.into_inner()).live()
+    }
+
+    /// `Some` when `caller`'s poll of `computer` with `if_none_match` may be
+    /// answered here: the feed is live, a replica answered this caller for
+    /// this computer before, and the ETag names the current revision.
+    pub fn unchanged(&self, caller: &str, computer: &str, if_none_match: &str) -> Option<Unchanged> {
+        let revision = parse_etag(if_none_match, computer)?;
+        {
+            let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+            if !known.live() {
+                return None;
+            }
+            if known.revisions.get(computer) != Some(&revision) {
+                return None;
+            }
+        }
+        let pair = (caller.to_string(), computer.to_string());
+        if !self
+            .authorized
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&pair)
+        {
+            return None;
+        }
+        Some(Unchanged {
+            computer: pair.1,
+            revision,
+        })
+    }
+
+    /// Remembers that a replica answered `caller`'s poll of `computer`.
+    pub fn authorize(&self, caller: &str, computer: &str) {
+        let mut authorized = self.authorized.lock().unwrap_or_else(|e| e.into_inner());
+        if authorized.len() >= AUTHORIZED_MAX {
+            authorized.clear();
+        }
+        authorized.insert((caller.to_string(), computer.to_string()));
+    }
+
+    /// Holds a watch of `poll.computer` for up to `hold`.
+    pub async fn hold(&self, poll: &Unchanged, hold: Duration) -> HoldEnd {
+        let deadline = tokio::time::Instant::now() + hold;
+        let moved = self.subscribe(&poll.computer);
+        self.counters.holding.fetch_add(1, Ordering::Relaxed);
+        let end = loop {
+            let (changed, lost) = (moved.notified(), self.lost.notified());
+            tokio::pin!(changed, lost);
+            changed.as_mut().enable();
+            lost.as_mut().enable();
+            // Looked at after enabling both, so no wake-up is missed.
+            {
+                let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+                if !known.live() {
+                    break HoldEnd::FeedLost(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                }
+                if known.revisions.get(&poll.computer) != Some(&poll.revision) {
+                    break HoldEnd::Moved;
+                }
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = lost => {}
+                _ = tokio::time::sleep_until(deadline) => break HoldEnd::Unchanged,
+            }
+        };
+        self.counters.holding.fetch_sub(1, Ordering::Relaxed);
+        end
+    }
+
+    fn subscribe(&self, computer: &str) -> Arc<Notify> {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = watchers.get(computer).and_then(Weak::upgrade) {
+            return n;
+        }
+        // Forget computers nobody watches any more, now and then.
+        if watchers.len() > 64 && watchers.len().is_power_of_two() {
+            watchers.retain(|_, n| n.strong_count() > 0);
+        }
+        let n = Arc::new(Notify::new());
+        watchers.insert(computer.to_string(), Arc::downgrade(&n));
+        n
+    }
+
+    /// Takes in one message of the feed (`first`: the whole list).
+    fn take(&self, feed: slap_proto::master::RevisionFeed, first: bool, received: Instant) {
+        let mut moved = Vec::new();
+        {
+            let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+            if first {
+                known.revisions.clear();
+            }
+            for c in feed.changed {
+                let old = known.revisions.insert(c.computer_id.clone(), c.revision);
+                if old.is_some_and(|old| old != c.revision) {
+                    moved.push(c.computer_id);
+                }
+            }
+            if known.revocations != feed.revocations {
+                known.revocations = feed.revocations;
+                self.authorized.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            }
+            if feed.confirmed {
+                known.live_until = Some(received + self.staleness);
+            }
+        }
+        if !moved.is_empty() {
+            let watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+            for c in &moved {
+                if let Some(n) = watchers.get(c).and_then(Weak::upgrade) {
+                    n.notify_waiters();
+                }
+            }
+        }
+    }
+
+    /// Stops answering here until a new feed confirms.
+    fn lose(&self, reason: &str) {
+        let was_live = {
+            let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+            known.live_until.take().is_some()
+        };
+        if was_live {
+            self.counters.feed_losses.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%reason, "revision feed lost: forwarding every poll until it is back");
+        }
+        self.lost.notify_waiters();
+    }
+
+    /// Follows the leader's feed until the process ends.
+    pub async fn follow(self: Arc<Self>, discovery: Arc<Discovery>) {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let reason = match discovery.leader() {
+                None => "no leader known".to_string(),
+                Some(leader) => match self.follow_one(&discovery, &leader).await {
+                    Ok(()) => {
+                        pause = Duration::from_millis(100);
+                        format!("the feed from {leader} ended")
+                    }
+                    Err(e) => format!("{leader}: {e}"),
+                },
+            };
+            self.lose(&reason);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Reads one leader's feed; `Ok` once it delivered and then ended.
+    async fn follow_one(&self, discovery: &Discovery, leader: &str) -> Result<(), String> {
+        let channel = discovery
+            .channel(leader)
+            .ok_or_else(|| "cannot make a channel".to_string())?;
+        let mut client = MasterClient::new(channel);
+        let mut feed = tokio::time::timeout(self.staleness, client.watch_revisions(WatchRevisionsRequest {}))
+            .await
+            .map_err(|_| "the feed did not start in time".to_string())?
+            .map_err(|e| e.message().to_string())?
+            .into_inner();
+        let mut first = true;
+        // A confirmation must come within the staleness bound, or the feed
+        // is as good as lost (a leader cut off from its quorum keeps its
+        // connections open but confirms nothing).
+        let mut confirm_by = tokio::time::Instant::now() + self.staleness;
+        loop {
+            let message = tokio::time::timeout_at(confirm_by, feed.message())
+                .await
+                .map_err(|_| "no confirmation within the staleness bound".to_string())?
+                .map_err(|e| e.message().to_string())?;
+            let Some(message) = message else {
+                return if first {
+                    Err("the feed ended at once".into())
+                } else {
+                    Ok(())
+                };
+            };
+            let received = Instant::now();
+            if message.confirmed {
+                confirm_by = tokio::time::Instant::now() + self.staleness;
+            }
+            self.take(message, first, received);
+            first = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slap_proto::master::{RevisedComputer, RevisionFeed};
+
+    fn feed(changed: &[(&str, u64)], confirmed: bool, revocations: u64) -> RevisionFeed {
+        RevisionFeed {
+            changed: changed
+                .iter()
+                .map(|(c, r)| RevisedComputer {
+                    computer_id: c.to_string(),
+                    revision: *r,
+                })
+                .collect(),
+            confirmed,
+            revocations,
+        }
+    }
+
+    #[test]
+    fn etags_name_their_computer_and_revision() {
+        assert_eq!(parse_etag("\"COMP-1-42\"", "COMP-1"), Some(42));
+        assert_eq!(parse_etag(" \"COMP-1-42\" ", "COMP-1"), Some(42));
+        assert_eq!(parse_etag("\"COMP-1-42\"", "COMP-2"), None, "another computer's");
+        assert_eq!(parse_etag("COMP-1-42", "COMP-1"), None, "unquoted");
+        assert_eq!(parse_etag("\"COMP-1-x\"", "COMP-1"), None);
+        assert_eq!(parse_etag("W/\"COMP-1-42\"", "COMP-1"), None);
+    }
+
+    #[test]
+    fn answers_only_what_a_live_confirmed_feed_vouches_for_to_authorized_callers() {
+        let edge = Edge::new(Duration::from_secs(2));
+        let now = Instant::now();
+        edge.take(feed(&[("COMP-1", 5), ("COMP-2", 7)], false, 0), true, now);
+        edge.authorize("alice", "COMP-1");
+        assert!(
+            edge.unchanged("alice", "COMP-1", "\"COMP-1-5\"").is_none(),
+            "not confirmed yet"
+        );
+        edge.take(feed(&[], true, 0), false, now);
+        assert_eq!(
+            edge.unchanged("alice", "COMP-1", "\"COMP-1-5\"").map(|u| u.revision),
+            Some(5)
+        );
+        assert!(
+            edge.unchanged("alice", "COMP-1", "\"COMP-1-4\"").is_none(),
+            "an older revision"
+        );
+        assert!(
+            edge.unchanged("bob", "COMP-1", "\"COMP-1-5\"").is_none(),
+            "never answered by a replica"
+        );
+        assert!(
+            edge.unchanged("alice", "COMP-2", "\"COMP-2-7\"").is_none(),
+            "another computer"
+        );
+        // A change the feed told of: never a 304 for the old revision.
+        edge.take(feed(&[("COMP-1", 9)], false, 0), false, now);
+        assert!(edge.unchanged("alice", "COMP-1", "\"COMP-1-5\"").is_none());
+        assert!(edge.unchanged("alice", "COMP-1", "\"COMP-1-9\"").is_some());
+        // A revoked poller: every remembered pair is forgotten.
+        edge.take(feed(&[], true, 1), false, now);
+        assert!(edge.unchanged("alice", "COMP-1", "\"COMP-1-9\"").is_none());
+    }
+
+    #[test]
+    fn a_feed_that_stops_confirming_or_is_lost_answers_nothing() {
+        let edge = Edge::new(Duration::from_millis(50));
+        edge.take(feed(&[("COMP-1", 5)], true, 0), true, Instant::now());
+        edge.authorize("", "COMP-1");
+        assert!(edge.unchanged("", "COMP-1", "\"COMP-1-5\"").is_some());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(edge.unchanged("", "COMP-1", "\"COMP-1-5\"").is_none(), "stale");
+        edge.take(feed(&[], true, 0), false, Instant::now());
+        assert!(edge.unchanged("", "COMP-1", "\"COMP-1-5\"").is_some());
+        edge.lose("test");
+        assert!(edge.unchanged("", "COMP-1", "\"COMP-1-5\"").is_none(), "lost");
+    }
+
+    #[tokio::test]
+    async fn a_held_watch_ends_when_its_document_moves_or_the_feed_is_lost() {
+        let edge = Edge::new(Duration::from_secs(5));
+        edge.take(feed(&[("COMP-1", 5), ("COMP-2", 3)], true, 0), true, Instant::now());
+        edge.authorize("", "COMP-1");
+        let poll = edge.unchanged("", "COMP-1", "\"COMP-1-5\"").expect("answerable");
+        // Unchanged: the hold runs out.
+        let started = Instant::now();
+        assert!(matches!(
+            edge.hold(&poll, Duration::from_millis(50)).await,
+            HoldEnd::Unchanged
+        ));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // Another computer moving does not end it; this one moving does.
+        let held = edge.hold(&poll, Duration::from_secs(5));
+        let moves = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            edge.take(feed(&[("COMP-2", 4)], false, 0), false, Instant::now());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            edge.take(feed(&[("COMP-1", 6)], false, 0), false, Instant::now());
+        };
+        let (end, ()) = tokio::join!(held, moves);
+        assert!(matches!(end, HoldEnd::Moved));
+        assert_eq!(edge.counters.holding.load(Ordering::Relaxed), 0);
+        // The feed lost: forwarded with what remains of the hold.
+        let poll = edge.unchanged("", "COMP-1", "\"COMP-1-6\"").expect("answerable");
+        let held = edge.hold(&poll, Duration::from_secs(5));
+        let loses = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            edge.lose("test");
+        };
+        let (end, ()) = tokio::join!(held, loses);
+        match end {
+            HoldEnd::FeedLost(left) => assert!(left > Duration::from_secs(4) && left < Duration::from_secs(5)),
+            _ => panic!("the feed was lost"),
+        }
+    }
+}
