@@ -37,6 +37,9 @@ struct Args {
     /// Long polls held open through the gateway at the end (0: skip).
     #[arg(long, default_value_t = 10_000)]
     watches: usize,
+    /// Only the held long polls, not the table.
+    #[arg(long)]
+    only_watches: bool,
 }
 
 const SR: &str = "/srv/bench/software.cfg";
@@ -225,6 +228,10 @@ fn main() {
     let args = Args::parse();
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let cluster = start_cluster_with_gateway(dir.path(), "bench");
+    if args.only_watches {
+        hold_watches(&cluster, args.watches);
+        return;
+    }
     let (gw, leader) = (cluster.gateway_port, cluster.leader_port);
     load(gw, "COMP-1", 100);
     load(gw, "COMP-3", 3);
@@ -406,4 +413,21 @@ fn hold_watches(cluster: &Cluster, n: usize) {
         "{answered} of {changed} changed computers' held polls answered 200 within {:.2} s",
         t.elapsed().as_secs_f64()
     );
+    // Who answered: the gateway itself (its revision feed) or a replica.
+    for line in metrics_page(gw).lines().filter(|l| l.starts_with("slap_gateway_edge_")) {
+        println!("  {line}");
+    }
+}
+
+/// The gateway's /metrics page.
+fn metrics_page(port: u16) -> String {
+    let mut page = String::new();
+    if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+        let _ = write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        );
+        let _ = s.read_to_string(&mut page);
+    }
+    page
 }

@@ -131,6 +131,10 @@ struct Counters {
     rate_limited: AtomicU64,
 }
 
+/// The read buffer of a caller's HTTP/1.1 connection, and so the largest
+/// request head.
+const READ_BUFFER_BYTES: usize = 8192;
+
 /// The verified caller's certificate fingerprint, on TLS connections.
 #[derive(Clone)]
 struct CallerFingerprint(String);
@@ -348,7 +352,9 @@ async fn forward(
             return answer;
         }
     }
-    let resp = gw.forward(parts.method, parts.uri, parts.headers, body, caller).await;
+    // Boxed: a watch held at the edge above should not carry the room
+    // forwarding needs.
+    let resp = Box::pin(gw.forward(parts.method, parts.uri, parts.headers, body, caller)).await;
     if let (Some(edge), Some(computer)) = (&gw.edge, &poll) {
         if matches!(resp.status(), StatusCode::OK | StatusCode::NOT_MODIFIED) {
             edge.authorize(caller.unwrap_or(""), computer);
@@ -529,64 +535,128 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-    let Some(files) = tls else {
-        tracing::warn!(listen = %args.listen, replicas = ?args.replicas,
-            "slap-gateway serving plain HTTP (no --tls-dir): callers are not authenticated");
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
-        return Ok(());
+    let acceptor = match tls {
+        Some(files) => {
+            tracing::info!(listen = %args.listen, replicas = ?args.replicas, "slap-gateway serving HTTPS (client certificates required)");
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(files.server_config()?)))
+        }
+        None => {
+            tracing::warn!(listen = %args.listen, replicas = ?args.replicas,
+                "slap-gateway serving plain HTTP (no --tls-dir): callers are not authenticated");
+            None
+        }
     };
-    tracing::info!(listen = %args.listen, replicas = ?args.replicas, "slap-gateway serving HTTPS (client certificates required)");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(files.server_config()?));
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
+                    // Out of file descriptors, for one: let some close.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
-        let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let Some(fp) = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| tls::fingerprint(c))
-            else {
-                return;
-            };
-            let app = app
-                .layer(axum::Extension(CallerFingerprint(fp)))
-                .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended");
-            }
-        });
+        serve_connection(tcp, peer, acceptor.clone(), app.clone());
     }
+}
+
+/// Serves one caller's connection: HTTP/1.1 (SLAP) or HTTP/2 (the native
+/// API), over TLS with a client certificate when `tls` is set. Plain and
+/// TLS connections are separate tasks: a task's future is as large as its
+/// largest state, and a plain connection (held for minutes by a node's
+/// watch, ten thousand at once) should not carry a TLS session's room.
+fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    app: Router,
+) {
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        None => {
+            tokio::spawn(serve_http(tcp, peer, caller_service(app, peer, None)));
+        }
+        Some(acceptor) => {
+            tokio::spawn(async move {
+                if let Some((tls, caller)) = handshake(acceptor, tcp, peer).await {
+                    serve_http(tls, peer, caller_service(app, peer, Some(caller))).await;
+                }
+            });
+        }
+    }
+}
+
+async fn serve_http<I, S>(io: I, peer: std::net::SocketAddr, service: S)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // hyper's smallest read buffer (request heads up to 8 KiB, as nginx's
+    // default; larger ones get 431). Its default grows a buffer of 16 KiB
+    // per connection, most of a held watch's cost: 10,000 watches took
+    // 221 MiB, 189 MiB with this (docs/benchmarks.md).
+    builder.http1().max_buf_size(READ_BUFFER_BYTES);
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), service)
+        .await
+    {
+        tracing::debug!(%peer, error = %e, "connection ended");
+    }
+}
+
+/// The TLS handshake of a caller, and the certificate it presented.
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    CallerFingerprint,
+)> {
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake refused");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let fp = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| tls::fingerprint(c))?;
+    Some((tls, CallerFingerprint(fp)))
+}
+
+/// The app, with each request told who calls (the peer's address and,
+/// over TLS, the certificate). Per request rather than a layered router per
+/// connection: a layered router costs kilobytes, and a gateway holds tens
+/// of thousands of connections.
+fn caller_service(
+    app: Router,
+    peer: std::net::SocketAddr,
+    caller: Option<CallerFingerprint>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        if let Some(c) = &caller {
+            req.extensions_mut().insert(c.clone());
+        }
+        tower::ServiceExt::oneshot(app.clone(), req.map(Body::new))
+    })
 }
 
 #[cfg(test)]
