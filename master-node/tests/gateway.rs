@@ -295,6 +295,11 @@ fn polls_are_answered_at_the_edge_and_never_stale_after_a_change() {
     let (st, head, body) = http_get(gw, poll, "").unwrap();
     assert_eq!(st, 200, "{body}");
     let etag = header(&head, "etag").expect("an ETag").to_string();
+    // The document as the replica answered it, now from the gateway.
+    let (st, again, kept) = http_get(gw, poll, "").unwrap();
+    assert_eq!((st, header(&again, "etag")), (200, Some(etag.as_str())));
+    assert_eq!(kept, body);
+    assert_eq!(gauge("slap_gateway_edge_documents_served_total"), 1.0);
     let if_none_match = format!("If-None-Match: {etag}\r\n");
     let (st, head, _) = http_get(gw, poll, &if_none_match).unwrap();
     assert_eq!((st, header(&head, "etag")), (304, Some(etag.as_str())));
@@ -330,8 +335,11 @@ fn polls_are_answered_at_the_edge_and_never_stale_after_a_change() {
     let moved = header(&head, "etag").unwrap().to_string();
     assert_ne!(moved, etag);
     // The gateway was told: the old revision is never 304 again.
-    let (st, _, _) = http_get(gw, poll, &if_none_match).unwrap();
+    let (st, _, body) = http_get(gw, poll, &if_none_match).unwrap();
     assert_eq!(st, 200, "a stale 304 after a change the gateway was told of");
+    assert!(body.contains("/srv/sr/software.cfg"), "an old document: {body}");
+    let (_, _, body) = http_get(gw, poll, "").unwrap();
+    assert!(body.contains("/srv/sr/software.cfg"), "an old document: {body}");
     let answered_here = gauge("slap_gateway_edge_not_modified_total");
     let (st, _, _) = http_get(gw, poll, &format!("If-None-Match: {moved}\r\n")).unwrap();
     assert_eq!(st, 304);

@@ -11,6 +11,9 @@
 //!
 //! - 304 when the ETag names the revision it knows, without moving or
 //!   building the document;
+//! - 200 with the document when it has it for the current revision (a
+//!   bounded cache, filled from replicas' answers: a document at a given
+//!   revision never changes);
 //! - a held poll is held here, not by a replica (no upstream connection per
 //!   watch), and sent on to a replica as soon as the feed says the document
 //!   moved, or when the feed is lost (with what remains of the hold).
@@ -26,11 +29,12 @@
 //! that caller's poll of that computer, and forgets all such pairs when the
 //! feed says a certificate that may read documents was revoked.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use slap_proto::master::master_client::MasterClient;
 use slap_proto::master::WatchRevisionsRequest;
 use tokio::sync::Notify;
@@ -50,7 +54,60 @@ pub struct Edge {
     watchers: Mutex<HashMap<String, Weak<Notify>>>,
     /// Rings when the feed is lost: held watches go to a replica.
     lost: Notify,
+    documents: Mutex<Documents>,
     pub counters: EdgeCounters,
+}
+
+/// Computer documents as replicas answered them, by computer, within a
+/// budget of bytes; the oldest kept goes first.
+#[derive(Default)]
+struct Documents {
+    by_computer: HashMap<String, Document>,
+    order: VecDeque<(String, u64)>,
+    bytes: usize,
+    budget: usize,
+}
+
+/// A computer's document at one revision.
+#[derive(Clone)]
+pub struct Document {
+    pub revision: u64,
+    pub content_type: Option<axum::http::HeaderValue>,
+    pub body: Bytes,
+}
+
+impl Documents {
+    fn keep(&mut self, computer: &str, document: Document) {
+        let size = document.body.len();
+        // One document may take at most a quarter of the budget.
+        if size > self.budget / 4 {
+            return;
+        }
+        if let Some(old) = self.by_computer.get(computer) {
+            if old.revision >= document.revision {
+                return;
+            }
+        }
+        while self.bytes + size > self.budget {
+            let Some((c, revision)) = self.order.pop_front() else {
+                break;
+            };
+            if self.by_computer.get(&c).is_some_and(|d| d.revision == revision) {
+                self.bytes -= self.by_computer.remove(&c).map_or(0, |d| d.body.len());
+            }
+        }
+        self.order.push_back((computer.to_string(), document.revision));
+        if let Some(old) = self.by_computer.insert(computer.to_string(), document) {
+            self.bytes -= old.body.len();
+        }
+        self.bytes += size;
+        // Entries replaced by a newer revision leave stale keys behind.
+        if self.order.len() > 2 * self.by_computer.len() + 64 {
+            let by_computer = &self.by_computer;
+            self.order
+                .retain(|(c, r)| by_computer.get(c).is_some_and(|d| d.revision == *r));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -75,6 +132,8 @@ pub struct EdgeCounters {
     pub holding: AtomicU64,
     /// Times the feed was lost (ended, or confirmations stopped).
     pub feed_losses: AtomicU64,
+    /// Polls answered 200 here, from the document cache.
+    pub documents_served: AtomicU64,
 }
 
 /// A poll this gateway may answer itself.
@@ -102,15 +161,63 @@ pub fn parse_etag(etag: &str, computer: &str) -> Option<u64> {
 }
 
 impl Edge {
-    pub fn new(staleness: Duration) -> Arc<Edge> {
+    /// `staleness`: how old the last confirmation may be; `cache_bytes`:
+    /// the documents kept (0: none).
+    pub fn new(staleness: Duration, cache_bytes: usize) -> Arc<Edge> {
         Arc::new(Edge {
             staleness,
             known: RwLock::default(),
             authorized: Mutex::default(),
             watchers: Mutex::default(),
             lost: Notify::new(),
+            documents: Mutex::new(Documents {
+                budget: cache_bytes,
+                ..Documents::default()
+            }),
             counters: EdgeCounters::default(),
         })
+    }
+
+    /// The current revision of `computer`, when this gateway may answer
+    /// `caller`'s poll of it: the feed is live and a replica answered this
+    /// caller for this computer before.
+    fn answerable(&self, caller: &str, computer: &str) -> Option<u64> {
+        let revision = {
+            let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+            if !known.live() {
+                return None;
+            }
+            *known.revisions.get(computer)?
+        };
+        let pair = (caller.to_string(), computer.to_string());
+        self.authorized
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&pair)
+            .then_some(revision)
+    }
+
+    /// The document of `computer` at its current revision, if kept and
+    /// `caller` may be answered here.
+    pub fn document(&self, caller: &str, computer: &str) -> Option<Document> {
+        let current = self.answerable(caller, computer)?;
+        let documents = self.documents.lock().unwrap_or_else(|e| e.into_inner());
+        let document = documents.by_computer.get(computer).filter(|d| d.revision == current)?;
+        self.counters.documents_served.fetch_add(1, Ordering::Relaxed);
+        Some(document.clone())
+    }
+
+    /// Whether a document of `bytes` would be kept.
+    pub fn fits(&self, bytes: usize) -> bool {
+        bytes <= self.documents.lock().unwrap_or_else(|e| e.into_inner()).budget / 4
+    }
+
+    /// Keeps a document a replica answered (its revision from its ETag).
+    pub fn keep(&self, computer: &str, document: Document) {
+        self.documents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keep(computer, document);
     }
 
     /// Whether the last confirmation is recent enough to answer from.
@@ -123,26 +230,8 @@ impl Edge {
     /// this computer before, and the ETag names the current revision.
     pub fn unchanged(&self, caller: &str, computer: &str, if_none_match: &str) -> Option<Unchanged> {
         let revision = parse_etag(if_none_match, computer)?;
-        {
-            let known = self.known.read().unwrap_or_else(|e| e.into_inner());
-            if !known.live() {
-                return None;
-            }
-            if known.revisions.get(computer) != Some(&revision) {
-                return None;
-            }
-        }
-        let pair = (caller.to_string(), computer.to_string());
-        if !self
-            .authorized
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&pair)
-        {
-            return None;
-        }
-        Some(Unchanged {
-            computer: pair.1,
+        (self.answerable(caller, computer)? == revision).then(|| Unchanged {
+            computer: computer.to_string(),
             revision,
         })
     }
@@ -308,6 +397,64 @@ mod tests {
     use super::*;
     use slap_proto::master::{RevisedComputer, RevisionFeed};
 
+    fn document(revision: u64, body: &str) -> Document {
+        Document {
+            revision,
+            content_type: None,
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn documents_are_served_for_the_current_revision_only_within_the_budget() {
+        let edge = Edge::new(Duration::from_secs(2), 40);
+        edge.take(feed(&[("COMP-1", 5), ("COMP-2", 7)], true, 0), true, Instant::now());
+        edge.keep("COMP-1", document(5, "doc 1 at 5"));
+        assert!(
+            edge.document("", "COMP-1").is_none(),
+            "the caller was never answered by a replica"
+        );
+        edge.authorize("", "COMP-1");
+        edge.authorize("", "COMP-2");
+        assert_eq!(
+            edge.document("", "COMP-1").map(|d| d.body),
+            Some(Bytes::from("doc 1 at 5"))
+        );
+        edge.keep("COMP-1", document(4, "doc 1 at 4"));
+        assert_eq!(
+            edge.document("", "COMP-1").map(|d| d.revision),
+            Some(5),
+            "never an older one"
+        );
+        // The feed moves COMP-1 on: the kept document is not served.
+        edge.take(feed(&[("COMP-1", 6)], false, 0), false, Instant::now());
+        assert!(edge.document("", "COMP-1").is_none());
+        edge.keep("COMP-1", document(6, "doc 1 at 6"));
+        edge.keep("COMP-2", document(7, "doc 2 at 7"));
+        assert!(edge.document("", "COMP-1").is_some() && edge.document("", "COMP-2").is_some());
+        // Over the budget (40 bytes), the oldest kept goes first.
+        for c in ["COMP-3", "COMP-4", "COMP-5"] {
+            edge.take(feed(&[(c, 1)], false, 0), false, Instant::now());
+            edge.authorize("", c);
+            edge.keep(c, document(1, "0123456789"));
+        }
+        assert!(edge.document("", "COMP-1").is_none(), "evicted");
+        for c in ["COMP-2", "COMP-3", "COMP-4", "COMP-5"] {
+            assert!(edge.document("", c).is_some(), "{c} kept");
+        }
+        edge.keep("COMP-2", document(8, &"x".repeat(11)));
+        assert_eq!(
+            edge.document("", "COMP-2").map(|d| d.revision),
+            Some(7),
+            "over a quarter of the budget"
+        );
+        let documents = edge.documents.lock().unwrap();
+        assert_eq!(
+            documents.bytes,
+            documents.by_computer.values().map(|d| d.body.len()).sum::<usize>()
+        );
+    }
+
     fn feed(changed: &[(&str, u64)], confirmed: bool, revocations: u64) -> RevisionFeed {
         RevisionFeed {
             changed: changed
@@ -334,7 +481,7 @@ mod tests {
 
     #[test]
     fn answers_only_what_a_live_confirmed_feed_vouches_for_to_authorized_callers() {
-        let edge = Edge::new(Duration::from_secs(2));
+        let edge = Edge::new(Duration::from_secs(2), 0);
         let now = Instant::now();
         edge.take(feed(&[("COMP-1", 5), ("COMP-2", 7)], false, 0), true, now);
         edge.authorize("alice", "COMP-1");
@@ -370,7 +517,7 @@ mod tests {
 
     #[test]
     fn a_feed_that_stops_confirming_or_is_lost_answers_nothing() {
-        let edge = Edge::new(Duration::from_millis(50));
+        let edge = Edge::new(Duration::from_millis(50), 0);
         edge.take(feed(&[("COMP-1", 5)], true, 0), true, Instant::now());
         edge.authorize("", "COMP-1");
         assert!(edge.unchanged("", "COMP-1", "\"COMP-1-5\"").is_some());
@@ -384,7 +531,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_held_watch_ends_when_its_document_moves_or_the_feed_is_lost() {
-        let edge = Edge::new(Duration::from_secs(5));
+        let edge = Edge::new(Duration::from_secs(5), 0);
         edge.take(feed(&[("COMP-1", 5), ("COMP-2", 3)], true, 0), true, Instant::now());
         edge.authorize("", "COMP-1");
         let poll = edge.unchanged("", "COMP-1", "\"COMP-1-5\"").expect("answerable");

@@ -101,6 +101,10 @@ struct Args {
     /// confirmed its revisions within this time. 0: forward every poll.
     #[arg(long, default_value_t = 2_000)]
     edge_staleness_ms: u64,
+    /// Computer documents the gateway keeps to answer polls itself (for
+    /// the revision the feed says is current), in MiB. 0: none.
+    #[arg(long, default_value_t = 32)]
+    edge_cache_mib: usize,
 }
 
 /// Headers that describe one connection, not the call (RFC 9110 7.6.1),
@@ -355,12 +359,48 @@ async fn forward(
     // Boxed: a watch held at the edge above should not carry the room
     // forwarding needs.
     let resp = Box::pin(gw.forward(parts.method, parts.uri, parts.headers, body, caller)).await;
-    if let (Some(edge), Some(computer)) = (&gw.edge, &poll) {
-        if matches!(resp.status(), StatusCode::OK | StatusCode::NOT_MODIFIED) {
+    match (&gw.edge, &poll) {
+        (Some(edge), Some(computer)) if matches!(resp.status(), StatusCode::OK | StatusCode::NOT_MODIFIED) => {
             edge.authorize(caller.unwrap_or(""), computer);
+            keep_document(edge, computer, resp).await
         }
+        _ => resp,
     }
-    resp
+}
+
+/// Keeps a replica's answer to a poll (a 200 with its ETag) for the edge
+/// to serve while the computer's revision stays, and passes it on.
+async fn keep_document(edge: &edge::Edge, computer: &str, resp: Response) -> Response {
+    let revision = resp
+        .headers()
+        .get(hyper::header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|etag| edge::parse_etag(etag, computer));
+    let length = resp
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let (Some(revision), Some(length)) = (revision, length) else {
+        return resp;
+    };
+    if resp.status() != StatusCode::OK || !edge.fits(length) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let body = match axum::body::to_bytes(body, length).await {
+        Ok(body) => body,
+        Err(e) => return (StatusCode::BAD_GATEWAY, format!("the replica's answer broke off: {e}")).into_response(),
+    };
+    edge.keep(
+        computer,
+        edge::Document {
+            revision,
+            content_type: parts.headers.get(hyper::header::CONTENT_TYPE).cloned(),
+            body: body.clone(),
+        },
+    );
+    Response::from_parts(parts, Body::from(body))
 }
 
 /// The computer a node's document poll (`getFullComputerInformation`) is for.
@@ -377,29 +417,41 @@ fn computer_poll(method: &Method, uri: &Uri) -> Option<String> {
 /// of its hold if the feed was lost while holding.
 async fn at_the_edge(edge: &edge::Edge, caller: &str, computer: &str, headers: &mut HeaderMap) -> Option<Response> {
     use slap_proto::limits::{poll_hold, POLL_HOLD_HEADER};
-    let etag = headers.get(hyper::header::IF_NONE_MATCH)?.to_str().ok()?;
-    let unchanged = edge.unchanged(caller, computer, etag)?;
-    let hold = poll_hold(headers.get(POLL_HOLD_HEADER).map(|v| v.as_bytes()));
-    let end = if hold.is_zero() {
-        edge::HoldEnd::Unchanged
-    } else {
-        edge.hold(&unchanged, hold).await
-    };
-    match end {
-        edge::HoldEnd::Unchanged => {
-            edge.counters.not_modified.fetch_add(1, Ordering::Relaxed);
-            let mut resp = StatusCode::NOT_MODIFIED.into_response();
-            if let Ok(tag) = HeaderValue::from_str(&format!("\"{computer}-{}\"", unchanged.revision)) {
-                resp.headers_mut().insert(hyper::header::ETAG, tag);
+    let etag = headers.get(hyper::header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
+    if let Some(unchanged) = etag.and_then(|etag| edge.unchanged(caller, computer, etag)) {
+        let hold = poll_hold(headers.get(POLL_HOLD_HEADER).map(|v| v.as_bytes()));
+        let end = if hold.is_zero() {
+            edge::HoldEnd::Unchanged
+        } else {
+            edge.hold(&unchanged, hold).await
+        };
+        match end {
+            edge::HoldEnd::Unchanged => {
+                edge.counters.not_modified.fetch_add(1, Ordering::Relaxed);
+                let mut resp = StatusCode::NOT_MODIFIED.into_response();
+                if let Ok(tag) = HeaderValue::from_str(&format!("\"{computer}-{}\"", unchanged.revision)) {
+                    resp.headers_mut().insert(hyper::header::ETAG, tag);
+                }
+                return Some(resp);
             }
-            Some(resp)
-        }
-        edge::HoldEnd::Moved => None,
-        edge::HoldEnd::FeedLost(left) => {
-            headers.insert(POLL_HOLD_HEADER, HeaderValue::from(left.as_secs()));
-            None
+            // Served below if the new document is kept, else forwarded.
+            edge::HoldEnd::Moved => {}
+            edge::HoldEnd::FeedLost(left) => {
+                headers.insert(POLL_HOLD_HEADER, HeaderValue::from(left.as_secs()));
+                return None;
+            }
         }
     }
+    let document = edge.document(caller, computer)?;
+    let mut resp = Response::new(Body::from(document.body));
+    let h = resp.headers_mut();
+    if let Some(content_type) = document.content_type {
+        h.insert(hyper::header::CONTENT_TYPE, content_type);
+    }
+    if let Ok(tag) = HeaderValue::from_str(&format!("\"{computer}-{}\"", document.revision)) {
+        h.insert(hyper::header::ETAG, tag);
+    }
+    Some(resp)
 }
 
 async fn healthz(State(gw): State<Arc<Gateway>>) -> Response {
@@ -439,6 +491,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
          # HELP slap_gateway_replicas Replicas known (seeds and learned).\n# TYPE slap_gateway_replicas gauge\nslap_gateway_replicas {}\n\
          # HELP slap_gateway_leader_known Whether the leader is known.\n# TYPE slap_gateway_leader_known gauge\nslap_gateway_leader_known {}\n\
          # HELP slap_gateway_edge_not_modified_total Polls answered 304 by the gateway itself.\n# TYPE slap_gateway_edge_not_modified_total counter\nslap_gateway_edge_not_modified_total {}\n\
+         # HELP slap_gateway_edge_documents_served_total Polls answered 200 by the gateway itself, from its document cache.\n# TYPE slap_gateway_edge_documents_served_total counter\nslap_gateway_edge_documents_served_total {}\n\
          # HELP slap_gateway_edge_holding Watches held by the gateway itself now.\n# TYPE slap_gateway_edge_holding gauge\nslap_gateway_edge_holding {}\n\
          # HELP slap_gateway_edge_feed_live Whether the leader's revision feed is live (polls answered here).\n# TYPE slap_gateway_edge_feed_live gauge\nslap_gateway_edge_feed_live {}\n\
          # HELP slap_gateway_edge_feed_losses_total Times the revision feed was lost.\n# TYPE slap_gateway_edge_feed_losses_total counter\nslap_gateway_edge_feed_losses_total {}\n",
@@ -450,6 +503,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         gw.discovery.order().len(),
         u8::from(gw.discovery.leader().is_some()),
         edge_count(&gw, |e| e.counters.not_modified.load(Ordering::Relaxed)),
+        edge_count(&gw, |e| e.counters.documents_served.load(Ordering::Relaxed)),
         edge_count(&gw, |e| e.counters.holding.load(Ordering::Relaxed)),
         edge_count(&gw, |e| u64::from(e.live())),
         edge_count(&gw, |e| e.counters.feed_losses.load(Ordering::Relaxed)),
@@ -521,7 +575,8 @@ async fn main() -> anyhow::Result<()> {
         body_bytes: args.max_body_bytes as usize,
         document_bytes: args.max_document_bytes as usize,
         rate: slap_proto::rate::RateLimiter::new(args.rate_limit, args.rate_burst),
-        edge: (args.edge_staleness_ms > 0).then(|| edge::Edge::new(Duration::from_millis(args.edge_staleness_ms))),
+        edge: (args.edge_staleness_ms > 0)
+            .then(|| edge::Edge::new(Duration::from_millis(args.edge_staleness_ms), args.edge_cache_mib << 20)),
     });
     if let Some(edge) = &gw.edge {
         tokio::spawn(edge.clone().follow(gw.discovery.clone()));
