@@ -295,7 +295,10 @@ fn polls_are_answered_at_the_edge_and_never_stale_after_a_change() {
     let (st, head, body) = http_get(gw, poll, "").unwrap();
     assert_eq!(st, 200, "{body}");
     let etag = header(&head, "etag").expect("an ETag").to_string();
-    // The document as the replica answered it, now from the gateway.
+    // The document as the replica answered it (twice: then it is kept),
+    // now from the gateway.
+    assert_eq!(http_get(gw, poll, "").unwrap().2, body);
+    assert_eq!(gauge("slap_gateway_edge_documents_served_total"), 0.0);
     let (st, again, kept) = http_get(gw, poll, "").unwrap();
     assert_eq!((st, header(&again, "etag")), (200, Some(etag.as_str())));
     assert_eq!(kept, body);

@@ -43,6 +43,8 @@ use crate::discovery::Discovery;
 
 /// Caller-computer pairs remembered at most (a fleet has one per node).
 const AUTHORIZED_MAX: usize = 1 << 20;
+/// Computers whose document was answered once, remembered at most.
+const ANSWERED_ONCE_MAX: usize = 1 << 20;
 
 /// What the gateway knows of the Master's computer revisions.
 pub struct Edge {
@@ -59,10 +61,15 @@ pub struct Edge {
 }
 
 /// Computer documents as replicas answered them, by computer, within a
-/// budget of bytes; the oldest kept goes first.
+/// budget of bytes; the oldest kept goes first. A document is kept the
+/// second time a replica answers it (the same revision): one poll of a
+/// computer nobody polls again (a node's first poll before its watch)
+/// should not push out the documents polled over and over.
 #[derive(Default)]
 struct Documents {
     by_computer: HashMap<String, Document>,
+    /// The revision of each computer's last document answered, not kept.
+    answered_once: HashMap<String, u64>,
     order: VecDeque<(String, u64)>,
     bytes: usize,
     budget: usize,
@@ -88,6 +95,14 @@ impl Documents {
                 return;
             }
         }
+        if self.answered_once.get(computer) != Some(&document.revision) {
+            if self.answered_once.len() >= ANSWERED_ONCE_MAX {
+                self.answered_once.clear();
+            }
+            self.answered_once.insert(computer.to_string(), document.revision);
+            return;
+        }
+        self.answered_once.remove(computer);
         while self.bytes + size > self.budget {
             let Some((c, revision)) = self.order.pop_front() else {
                 break;
@@ -405,22 +420,30 @@ mod tests {
         }
     }
 
+    /// A replica answered the same document twice: kept.
+    fn keep_twice(edge: &Edge, computer: &str, document: Document) {
+        edge.keep(computer, document.clone());
+        edge.keep(computer, document);
+    }
+
     #[test]
     fn documents_are_served_for_the_current_revision_only_within_the_budget() {
         let edge = Edge::new(Duration::from_secs(2), 40);
         edge.take(feed(&[("COMP-1", 5), ("COMP-2", 7)], true, 0), true, Instant::now());
         edge.keep("COMP-1", document(5, "doc 1 at 5"));
+        edge.authorize("", "COMP-1");
+        assert!(edge.document("", "COMP-1").is_none(), "answered once: not kept yet");
+        edge.keep("COMP-1", document(5, "doc 1 at 5"));
         assert!(
-            edge.document("", "COMP-1").is_none(),
+            edge.document("bob", "COMP-1").is_none(),
             "the caller was never answered by a replica"
         );
-        edge.authorize("", "COMP-1");
         edge.authorize("", "COMP-2");
         assert_eq!(
             edge.document("", "COMP-1").map(|d| d.body),
             Some(Bytes::from("doc 1 at 5"))
         );
-        edge.keep("COMP-1", document(4, "doc 1 at 4"));
+        keep_twice(&edge, "COMP-1", document(4, "doc 1 at 4"));
         assert_eq!(
             edge.document("", "COMP-1").map(|d| d.revision),
             Some(5),
@@ -429,20 +452,20 @@ mod tests {
         // The feed moves COMP-1 on: the kept document is not served.
         edge.take(feed(&[("COMP-1", 6)], false, 0), false, Instant::now());
         assert!(edge.document("", "COMP-1").is_none());
-        edge.keep("COMP-1", document(6, "doc 1 at 6"));
-        edge.keep("COMP-2", document(7, "doc 2 at 7"));
+        keep_twice(&edge, "COMP-1", document(6, "doc 1 at 6"));
+        keep_twice(&edge, "COMP-2", document(7, "doc 2 at 7"));
         assert!(edge.document("", "COMP-1").is_some() && edge.document("", "COMP-2").is_some());
         // Over the budget (40 bytes), the oldest kept goes first.
         for c in ["COMP-3", "COMP-4", "COMP-5"] {
             edge.take(feed(&[(c, 1)], false, 0), false, Instant::now());
             edge.authorize("", c);
-            edge.keep(c, document(1, "0123456789"));
+            keep_twice(&edge, c, document(1, "0123456789"));
         }
         assert!(edge.document("", "COMP-1").is_none(), "evicted");
         for c in ["COMP-2", "COMP-3", "COMP-4", "COMP-5"] {
             assert!(edge.document("", c).is_some(), "{c} kept");
         }
-        edge.keep("COMP-2", document(8, &"x".repeat(11)));
+        keep_twice(&edge, "COMP-2", document(8, &"x".repeat(11)));
         assert_eq!(
             edge.document("", "COMP-2").map(|d| d.revision),
             Some(7),
