@@ -363,3 +363,94 @@ fn polls_are_answered_at_the_edge_and_never_stale_after_a_change() {
     assert_eq!(st, 304);
     assert_eq!(gauge("slap_gateway_edge_not_modified_total"), answered_here + 1.0);
 }
+
+/// Two gateways in front of the same three replicas; nodes list both
+/// (`nodeagent --master A,B`). One gateway is SIGKILLed while the nodes
+/// poll, hold watches and write: no call fails.
+#[test]
+fn nodes_listing_two_gateways_see_no_failed_call_when_one_is_killed() {
+    use nodeagent::master::{Fetched, MasterClient};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = SlapCluster::start(dir.path());
+    let first_port = cluster.gateway_port;
+    let (second, second_port) = cluster.another_gateway(dir.path(), "gateway-2");
+    let urls = vec![
+        format!("http://127.0.0.1:{first_port}"),
+        format!("http://127.0.0.1:{second_port}"),
+    ];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let nodes = 8;
+    let xml = |i: usize| {
+        dumps(&Value::str_dict(vec![
+            ("reference", Value::str(format!("COMP-G{i}"))),
+            (
+                "partition_list",
+                Value::List(vec![Value::str_dict(vec![("reference", Value::str("slappart0"))])]),
+            ),
+        ]))
+        .unwrap()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (calls, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let tasks: Vec<_> = (0..nodes)
+        .map(|i| {
+            let (client, xml) = (MasterClient::new(&urls), xml(i));
+            let (stop, calls, failures) = (stop.clone(), calls.clone(), failures.clone());
+            runtime.spawn(async move {
+                let id = format!("COMP-G{i}");
+                let mut etag = None;
+                let mut round = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    round += 1;
+                    // A node's calls: its (idempotent) format, its poll, and
+                    // every fourth round a watch held for a second.
+                    let result = if round % 3 == 1 {
+                        client
+                            .post("loadComputerConfigurationFromXML", &[("xml", &xml)])
+                            .await
+                            .map(|_| ())
+                    } else {
+                        let wait = round.is_multiple_of(4).then(|| std::time::Duration::from_secs(1));
+                        client
+                            .get_waiting(
+                                "getFullComputerInformation",
+                                &[("computer_id", &id)],
+                                etag.as_deref(),
+                                wait,
+                            )
+                            .await
+                            .map(|fetched| {
+                                if let Fetched::Body(_, tag) = fetched {
+                                    etag = tag;
+                                }
+                            })
+                    };
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = result {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("{id}: {e}");
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let before = calls.load(Ordering::Relaxed);
+    cluster.gateway.kill();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        runtime.block_on(t).unwrap();
+    }
+    let after = calls.load(Ordering::Relaxed);
+    assert!(before > 50, "the nodes were calling before the kill ({before} calls)");
+    assert!(after > before + 50, "and after it ({} calls)", after - before);
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed calls out of {after}");
+    assert!(
+        http(first_port, "GET", "/healthz", "").is_none(),
+        "the first gateway is gone"
+    );
+    drop(second);
+}

@@ -183,14 +183,39 @@ pub fn gateway_bin() -> PathBuf {
     path
 }
 
+/// A slap-gateway in front of replicas serving SLAP on `slap` ports, ready
+/// (a replica answers through it): it and its port.
+fn start_gateway(dir: &Path, name: &str, slap: &[u16]) -> (Proc, u16) {
+    let port = free_port();
+    let list = slap
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let log = dir.join(format!("{name}.log"));
+    let args = [
+        "--replicas".to_string(),
+        list,
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    let mut gateway = Proc::spawn_logged(&gateway_bin(), &args, &log);
+    wait_for_child("the gateway", &mut gateway, &log, || {
+        http(port, "GET", "/healthz", "").is_some_and(|(st, _)| st == 200)
+    });
+    (gateway, port)
+}
+
 /// Three replicas serving SLAP, and slap-gateway in front of them.
 pub struct SlapCluster {
     pub replicas: Vec<Proc>,
     pub raft: Vec<String>,
+    /// The replicas' SLAP ports.
+    pub slap: Vec<u16>,
     /// The administrator's certificate `init` wrote.
     pub admin: Credentials,
     pub gateway_port: u16,
-    _gateway: Proc,
+    pub gateway: Proc,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -248,34 +273,21 @@ impl SlapCluster {
                 voters(&runtime) == i + 1
             });
         }
-        let gateway_port = free_port();
-        let list = slap
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let gateway_log = dir.join("gateway.log");
-        let mut gateway = Proc::spawn_logged(
-            &gateway_bin(),
-            &[
-                s("--replicas"),
-                list,
-                s("--listen"),
-                format!("127.0.0.1:{gateway_port}"),
-            ],
-            &gateway_log,
-        );
-        wait_for_child("the gateway", &mut gateway, &gateway_log, || {
-            http(gateway_port, "GET", "/healthz", "").is_some_and(|(st, _)| st == 200)
-        });
+        let (gateway, gateway_port) = start_gateway(dir, "gateway", &slap);
         SlapCluster {
             replicas,
             raft,
+            slap,
             admin,
             gateway_port,
-            _gateway: gateway,
+            gateway,
             runtime,
         }
+    }
+
+    /// Another slap-gateway in front of the same replicas: it and its port.
+    pub fn another_gateway(&self, dir: &Path, name: &str) -> (Proc, u16) {
+        start_gateway(dir, name, &self.slap)
     }
 
     /// SIGKILLs the current leader; returns its index.
