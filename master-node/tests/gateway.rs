@@ -295,6 +295,23 @@ fn polls_are_answered_at_the_edge_and_never_stale_after_a_change() {
     let (st, head, body) = http_get(gw, poll, "").unwrap();
     assert_eq!(st, 200, "{body}");
     let etag = header(&head, "etag").expect("an ETag").to_string();
+    // Polls go to the replicas in turn, with the revision the feed told
+    // of: a replica that has not applied it yet waits, then answers 503.
+    assert!(gauge("slap_gateway_spread_total") >= 1.0);
+    let revision: u64 = etag.trim_matches('"').rsplit_once('-').unwrap().1.parse().unwrap();
+    for port in cluster.slap.clone() {
+        let (st, _, _) = http_get(port, poll, &format!("X-Slap-Min-Revision: {revision}\r\n")).unwrap();
+        assert_eq!(st, 200, "every replica applied revision {revision}");
+        let started = std::time::Instant::now();
+        let ahead = format!("X-Slap-Min-Revision: {}\r\n", revision + 1_000_000);
+        let (st, _, body) = http_get(port, poll, &ahead).unwrap();
+        assert_eq!(st, 503, "{body}");
+        assert!(body.contains("has not applied revision"), "{body}");
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(500),
+            "waited first"
+        );
+    }
     // The document as the replica answered it (twice: then it is kept),
     // now from the gateway.
     assert_eq!(http_get(gw, poll, "").unwrap().2, body);
@@ -403,6 +420,9 @@ fn nodes_listing_two_gateways_see_no_failed_call_when_one_is_killed() {
                 let mut etag = None;
                 let mut round = 0u64;
                 while !stop.load(Ordering::Relaxed) {
+                    // Under the gateway's rate limit per caller: every node
+                    // here calls from 127.0.0.1.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                     round += 1;
                     // A node's calls: its (idempotent) format, its poll, and
                     // every fourth round a watch held for a second.

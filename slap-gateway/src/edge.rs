@@ -193,6 +193,12 @@ impl Edge {
         })
     }
 
+    /// The revision of `computer` the live feed vouches for.
+    pub fn current_revision(&self, computer: &str) -> Option<u64> {
+        let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+        known.live().then(|| known.revisions.get(computer).copied()).flatten()
+    }
+
     /// The current revision of `computer`, when this gateway may answer
     /// `caller`'s poll of it: the feed is live and a replica answered this
     /// caller for this computer before.

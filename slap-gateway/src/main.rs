@@ -35,6 +35,8 @@ mod discovery;
 mod edge;
 mod tls;
 
+use slap_proto::limits::MIN_REVISION_HEADER;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -133,6 +135,8 @@ struct Counters {
     /// Calls refused before forwarding: over a body limit, over the rate.
     too_large: AtomicU64,
     rate_limited: AtomicU64,
+    /// Reads spread over the replicas so far (whose turn is next).
+    spread: AtomicU64,
 }
 
 /// The read buffer of a caller's HTTP/1.1 connection, and so the largest
@@ -225,6 +229,8 @@ impl Gateway {
         Ok(Response::from_parts(parts, Body::new(body)))
     }
 
+    /// Forwards a call to the replicas, the leader first; `spread`: start
+    /// with the next replica in turn instead (a read any replica may serve).
     async fn forward(
         &self,
         method: Method,
@@ -232,13 +238,19 @@ impl Gateway {
         headers: HeaderMap,
         body: Bytes,
         caller: Option<&str>,
+        spread: bool,
     ) -> Response {
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + self.hold;
         let mut delay = Duration::from_millis(20);
         let mut last_error = String::new();
         loop {
-            for replica in self.discovery.order() {
+            let mut order = self.discovery.order();
+            if spread && !order.is_empty() {
+                let turn = self.counters.spread.fetch_add(1, Ordering::Relaxed) as usize % order.len();
+                order.rotate_left(turn);
+            }
+            for replica in order {
                 match self.try_replica(&replica, &method, &uri, &headers, &body, caller).await {
                     Ok(resp) => return resp,
                     Err(e) => {
@@ -349,6 +361,8 @@ async fn forward(
             parts.headers.insert("x-forwarded-for", ip);
         }
     }
+    // Only the gateway says what revision a replica must have applied.
+    parts.headers.remove(MIN_REVISION_HEADER);
     let caller = caller.as_ref().map(|c| c.0 .0.as_str());
     let poll = gw.edge.as_ref().and_then(|_| computer_poll(&parts.method, &parts.uri));
     if let (Some(edge), Some(computer)) = (&gw.edge, &poll) {
@@ -358,7 +372,18 @@ async fn forward(
     }
     // Boxed: a watch held at the edge above should not carry the room
     // forwarding needs.
-    let resp = Box::pin(gw.forward(parts.method, parts.uri, parts.headers, body, caller)).await;
+    // A poll any replica may answer, if it applied what the feed told of.
+    let spread = match (&gw.edge, &poll) {
+        (Some(edge), Some(computer)) => match edge.current_revision(computer) {
+            Some(revision) => {
+                parts.headers.insert(MIN_REVISION_HEADER, HeaderValue::from(revision));
+                true
+            }
+            None => false,
+        },
+        _ => false,
+    };
+    let resp = Box::pin(gw.forward(parts.method, parts.uri, parts.headers, body, caller, spread)).await;
     match (&gw.edge, &poll) {
         (Some(edge), Some(computer)) if matches!(resp.status(), StatusCode::OK | StatusCode::NOT_MODIFIED) => {
             edge.authorize(caller.unwrap_or(""), computer);
@@ -488,6 +513,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
          # HELP slap_gateway_retries_total Attempts moved to another replica.\n# TYPE slap_gateway_retries_total counter\nslap_gateway_retries_total {}\n\
          # HELP slap_gateway_failures_total Calls answered 503 after --hold.\n# TYPE slap_gateway_failures_total counter\nslap_gateway_failures_total {}\n\
          # HELP slap_gateway_rejected_total Calls refused before forwarding: over a body limit (too_large) or the caller's rate (rate_limited).\n# TYPE slap_gateway_rejected_total counter\nslap_gateway_rejected_total{{reason=\"too_large\"}} {}\nslap_gateway_rejected_total{{reason=\"rate_limited\"}} {}\n\
+         # HELP slap_gateway_spread_total Polls sent to the replicas in turn (any replica that applied the revision the feed told of may answer).\n# TYPE slap_gateway_spread_total counter\nslap_gateway_spread_total {}\n\
          # HELP slap_gateway_replicas Replicas known (seeds and learned).\n# TYPE slap_gateway_replicas gauge\nslap_gateway_replicas {}\n\
          # HELP slap_gateway_leader_known Whether the leader is known.\n# TYPE slap_gateway_leader_known gauge\nslap_gateway_leader_known {}\n\
          # HELP slap_gateway_edge_not_modified_total Polls answered 304 by the gateway itself.\n# TYPE slap_gateway_edge_not_modified_total counter\nslap_gateway_edge_not_modified_total {}\n\
@@ -500,6 +526,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         c.failures.load(Ordering::Relaxed),
         c.too_large.load(Ordering::Relaxed),
         c.rate_limited.load(Ordering::Relaxed),
+        c.spread.load(Ordering::Relaxed),
         gw.discovery.order().len(),
         u8::from(gw.discovery.leader().is_some()),
         edge_count(&gw, |e| e.counters.not_modified.load(Ordering::Relaxed)),

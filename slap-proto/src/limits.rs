@@ -26,6 +26,16 @@ pub const POLL_HOLD_SECS: u64 = 25;
 /// The header a long poll names its hold in, in seconds.
 pub const POLL_HOLD_HEADER: &str = "x-slap-wait";
 
+/// The header a gateway sends a poll to any replica with: the computer's
+/// revision the leader's feed told it of. A replica that has not applied
+/// that revision yet waits up to [`MIN_REVISION_WAIT_MS`], then answers 503
+/// (the gateway asks the next replica): a follower never serves a document
+/// older than what the gateway already knows.
+pub const MIN_REVISION_HEADER: &str = "x-slap-min-revision";
+
+/// How long a replica waits to catch up with [`MIN_REVISION_HEADER`].
+pub const MIN_REVISION_WAIT_MS: u64 = 500;
+
 /// How long a poll asks to be held: its `X-Slap-Wait` value, capped at
 /// [`POLL_HOLD_SECS`]; zero when absent or not a number.
 pub fn poll_hold(value: Option<&[u8]>) -> std::time::Duration {

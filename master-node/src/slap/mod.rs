@@ -293,6 +293,13 @@ async fn full_computer(
 ) -> SlapResult {
     let f = Fields::parse(q.as_deref().unwrap_or(""))?;
     let id = f.need("computer_id")?;
+    if let Some(min) = headers
+        .get(limits::MIN_REVISION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        caught_up(&replica, id, min).await?;
+    }
     let known = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
     // At most slap_proto::limits::POLL_HOLD_SECS; gateways allow for it.
     let hold = limits::poll_hold(headers.get(limits::POLL_HOLD_HEADER).map(|v| v.as_bytes()));
@@ -355,6 +362,36 @@ async fn full_computer(
                     let _ = tokio::time::timeout_at(deadline, changed).await;
                 }
             }
+        }
+    }
+}
+
+/// Waits until this replica applied revision `min` of `computer`'s
+/// document (a gateway spreading polls over followers knows it from the
+/// leader's feed); 503 after `MIN_REVISION_WAIT_MS`, so the gateway asks
+/// another replica.
+async fn caught_up(replica: &Replica, computer: &str, min: u64) -> Result<(), SlapError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(limits::MIN_REVISION_WAIT_MS);
+    let moved = replica.revisions.subscribe(computer);
+    loop {
+        let changed = moved.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let revision = {
+            let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+            state.computers.get(computer).map(|c| c.revision)
+        };
+        if revision.is_some_and(|r| r >= min) {
+            return Ok(());
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            return Err(SlapError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "this replica has not applied revision {min} of computer {computer} yet (it has {}); ask another",
+                    revision.map_or("none".to_string(), |r| r.to_string())
+                ),
+            ));
         }
     }
 }
