@@ -348,9 +348,69 @@ fn main() {
             );
         }
     }
+    followers_serving(&cluster, args.seconds, allocate("writers"));
     if args.watches > 0 {
         hold_watches(&cluster, args.watches);
     }
+}
+
+/// Full-document polls forwarded by a gateway (no document cache): to the
+/// leader only (`--edge-staleness-ms 0`: no feed, so no follower may
+/// serve) vs spread over all replicas (the feed's revision as the floor),
+/// idle and while 4 clients allocate new instances through the main
+/// gateway.
+fn followers_serving(cluster: &Cluster, secs: u64, write: Call) {
+    let (_leader_only, leader_only) = support::start_gateway(&cluster.slap_ports, &["--edge-staleness-ms", "0"]);
+    let (_spread, spread) = support::start_gateway(&cluster.slap_ports, &["--edge-cache-mib", "0"]);
+    // The spreading gateway's feed confirms within a second.
+    std::thread::sleep(Duration::from_secs(2));
+    println!("\nFull-document polls (100 partitions) forwarded, no document cache, 8 clients:\n");
+    println!("| load | leader only | p50 / p99 | any replica | p50 / p99 | any / leader only |");
+    println!("|---|---:|---|---:|---|---:|");
+    let poll = |c: &mut Conn, _| ok(c.call("GET", "/getFullComputerInformation", "computer_id=COMP-1", &[]), 200);
+    for writing in [false, true] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..if writing { 4 } else { 0 })
+            .map(|_| {
+                let (write, stop, gw) = (write.clone(), stop.clone(), cluster.gateway_port);
+                std::thread::spawn(move || {
+                    let mut conn = Conn::new(gw);
+                    let mut n = 1_000_000u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        assert!(write(&mut conn, n), "a write failed");
+                    }
+                })
+            })
+            .collect();
+        let only = measure(8, secs, leader_only, poll);
+        let any = measure(8, secs, spread, poll);
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.join().unwrap();
+        }
+        println!(
+            "| {} | {:.0}/s | {:.2} / {:.2} ms | {:.0}/s | {:.2} / {:.2} ms | {:.2}x |",
+            if writing { "4 clients allocating" } else { "idle" },
+            only.0,
+            only.1,
+            only.2,
+            any.0,
+            any.1,
+            any.2,
+            any.0 / only.0
+        );
+    }
+    println!("  any-replica gateway: {}", spread_line(spread));
+}
+
+/// The spreading gateway's counters of polls sent in turn and retried.
+fn spread_line(port: u16) -> String {
+    metrics_page(port)
+        .lines()
+        .filter(|l| l.starts_with("slap_gateway_spread_total") || l.starts_with("slap_gateway_retries_total"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Holds `n` long polls open through the gateway (one connection each, on

@@ -128,6 +128,8 @@ pub struct Cluster {
     pub gateway_port: u16,
     /// The founder's SLAP port (it leads unless it is lost).
     pub leader_port: u16,
+    /// Every replica's SLAP port, founder first.
+    pub slap_ports: Vec<u16>,
 }
 
 /// Three replicas serving SLAP over plain HTTP (data under `dir/<name>-N`,
@@ -179,6 +181,19 @@ pub fn start_cluster_of(bin: &Path, dir: &Path, name: &str) -> Cluster {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    let (gateway, gateway_port) = start_gateway(&slap, &[]);
+    Cluster {
+        replicas,
+        gateway,
+        gateway_port,
+        leader_port: slap[0],
+        slap_ports: slap,
+    }
+}
+
+/// slap-gateway (no rate limit) in front of the replicas serving SLAP on
+/// `slap` ports, with `extra` arguments: it and its port, once it answers.
+pub fn start_gateway(slap: &[u16], extra: &[&str]) -> (Proc, u16) {
     let gateway_port = free_port();
     let list = slap
         .iter()
@@ -188,18 +203,14 @@ pub fn start_cluster_of(bin: &Path, dir: &Path, name: &str) -> Cluster {
     let gateway = Command::new(bin_dir().join("slap-gateway"))
         .args(["--replicas", &list, "--listen", &format!("127.0.0.1:{gateway_port}")])
         .args(["--rate-limit", "0"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start slap-gateway (cargo build --workspace)");
     let gateway = Proc(gateway);
     wait_up(gateway_port);
-    Cluster {
-        replicas,
-        gateway,
-        gateway_port,
-        leader_port: slap[0],
-    }
+    (gateway, gateway_port)
 }
 
 /// User + system CPU time of a process, in seconds (USER_HZ is 100).
