@@ -40,6 +40,9 @@ struct Args {
     /// Only the held long polls, not the table.
     #[arg(long)]
     only_watches: bool,
+    /// Only the table's rows whose call contains this (and no other part).
+    #[arg(long)]
+    rows: Option<String>,
 }
 
 const SR: &str = "/srv/bench/software.cfg";
@@ -330,7 +333,11 @@ fn main() {
             allocate("gateway"),
         ),
     ];
+    let only = args.rows.clone();
     for (name, direct_call, gateway_call) in rows {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         for clients in [1usize, 8] {
             let d = direct_call.clone();
             let direct = measure(clients, args.seconds, leader, move |c, n| d(c, n));
@@ -347,6 +354,9 @@ fn main() {
                 through.0 / direct.0
             );
         }
+    }
+    if only.is_some() {
+        return;
     }
     followers_serving(&cluster, args.seconds, allocate("writers"));
     if args.watches > 0 {
