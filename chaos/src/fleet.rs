@@ -77,6 +77,20 @@ pub struct FleetArgs {
     /// Where results go (default: fleet-results/<time>).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// How a node watches its document: `slap`, the SLAP long poll
+    /// (`If-None-Match` + `X-Slap-Wait`) the node agent holds, which the
+    /// gateway holds itself; or `native`, the native API's `WatchComputer`
+    /// stream, forwarded to a replica.
+    #[arg(long, value_enum, default_value_t = WatchKind::Slap)]
+    pub watch: WatchKind,
+}
+
+/// How simulated nodes watch their computer's document.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchKind {
+    Slap,
+    Native,
 }
 
 impl FleetArgs {
@@ -232,6 +246,8 @@ fn journal(computer: &str, busy: &[String]) -> String {
 struct Node {
     id: String,
     client: MasterClient<Channel>,
+    /// The node's SLAP client (the agent's), for a SLAP watch.
+    slap: Option<Arc<nodeagent::master::MasterClient>>,
     tally: Arc<Tally>,
     poll_every: Duration,
     /// When, after every instance is requested, this node posts its usage.
@@ -266,12 +282,20 @@ impl Node {
     /// Polls until `stop`, on the watch's wake-ups and on its own timer.
     async fn run(mut self, stop: Arc<tokio::sync::watch::Receiver<bool>>) {
         let wake = Arc::new(Notify::new());
-        let watcher = tokio::spawn(hold_watch(
-            self.client.clone(),
-            self.id.clone(),
-            wake.clone(),
-            self.tally.clone(),
-        ));
+        let watcher = match &self.slap {
+            Some(slap) => tokio::spawn(hold_slap_watch(
+                slap.clone(),
+                self.id.clone(),
+                wake.clone(),
+                self.tally.clone(),
+            )),
+            None => tokio::spawn(hold_watch(
+                self.client.clone(),
+                self.id.clone(),
+                wake.clone(),
+                self.tally.clone(),
+            )),
+        };
         let mut reported: std::collections::HashSet<String> = Default::default();
         let mut installed: std::collections::HashSet<String> = Default::default();
         let mut used = false;
@@ -439,6 +463,35 @@ async fn hold_watch(mut client: MasterClient<Channel>, id: String, wake: Arc<Not
     }
 }
 
+/// The node agent's watch: a SLAP poll of the document held until it
+/// changes (`If-None-Match` with the ETag it has, `X-Slap-Wait`), again and
+/// again; wakes the poller on every new document.
+async fn hold_slap_watch(slap: Arc<nodeagent::master::MasterClient>, id: String, wake: Arc<Notify>, tally: Arc<Tally>) {
+    use nodeagent::master::Fetched;
+    let mut etag: Option<String> = None;
+    let hold = Duration::from_secs(slap_proto::limits::POLL_HOLD_SECS);
+    loop {
+        let query = [("computer_id", id.as_str())];
+        match slap
+            .get_waiting("getFullComputerInformation", &query, etag.as_deref(), Some(hold))
+            .await
+        {
+            Ok(Fetched::Body(_, tag)) => {
+                if etag.is_some() {
+                    tally.watch_wakeups.fetch_add(1, Ordering::Relaxed);
+                    wake.notify_one();
+                }
+                etag = tag;
+            }
+            Ok(Fetched::NotModified) => {}
+            Err(e) => {
+                tracing::debug!(computer = %id, error = %e, "SLAP watch failed; again in 500 ms");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
 fn fastrand(seed: &str) -> u64 {
     seed.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
@@ -501,6 +554,8 @@ struct FleetResult {
     instances_placed: usize,
     users: usize,
     poll_every_s: u64,
+    /// How the nodes watched their documents.
+    watch: WatchKind,
     seconds_cluster_start: f64,
     seconds_registration: f64,
     seconds_format: f64,
@@ -592,7 +647,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
             (id, identity)
         });
     }
-    let mut identities: Vec<(String, ClientIdentity)> = Vec::with_capacity(args.nodes);
+    let mut identities: Vec<(String, Registered)> = Vec::with_capacity(args.nodes);
     while let Some(done) = tasks.join_next().await {
         let (id, identity) = done?;
         identities.push((id, identity.with_context(|| "registering a computer")?));
@@ -611,12 +666,28 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     let mut formats = tokio::task::JoinSet::new();
     let run_seconds = (args.hold as f64).max(1.0);
     let hold_started = Arc::new(std::sync::OnceLock::new());
-    for (i, (id, identity)) in identities.into_iter().enumerate() {
-        let config = slap_proto::tls::client_config(&trust, Some(&identity), Expect::ReplicaOrGateway)?;
+    for (i, (id, registered)) in identities.into_iter().enumerate() {
+        let config = slap_proto::tls::client_config(&trust, Some(&registered.identity), Expect::ReplicaOrGateway)?;
         let client = MasterClient::new(slap_proto::tls::channel(&gateway, config)?);
+        let slap = match args.watch {
+            WatchKind::Native => None,
+            WatchKind::Slap => {
+                let identity = nodeagent::master::TlsIdentity {
+                    ca_pem: c.ca_pem.clone(),
+                    cert_pem: registered.cert_pem,
+                    key_pem: registered.key_pem,
+                };
+                let urls = [format!("https://{gateway}")];
+                Some(Arc::new(
+                    nodeagent::master::MasterClient::with_identity(&urls, Some(&identity))
+                        .map_err(|e| anyhow::anyhow!("the node's SLAP client: {e}"))?,
+                ))
+            }
+        };
         let mut node = Node {
             id: id.clone(),
             client,
+            slap,
             tally: tally.clone(),
             poll_every: Duration::from_secs(args.poll_every),
             usage_at: Duration::from_secs_f64(run_seconds / 2.0 * (i as f64 / args.nodes as f64)),
@@ -797,6 +868,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
         instances_placed: tally.placed.load(Ordering::Relaxed),
         users: args.users,
         poll_every_s: args.poll_every,
+        watch: args.watch,
         seconds_cluster_start,
         seconds_registration,
         seconds_format,
@@ -840,7 +912,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
 
 /// A computer's certificate the way a node gets it: a one-time token from
 /// the operator, then `register` with it.
-async fn register(cluster: &mut ClusterClient<Channel>, token: &str, id: &str) -> anyhow::Result<ClientIdentity> {
+async fn register(cluster: &mut ClusterClient<Channel>, token: &str, id: &str) -> anyhow::Result<Registered> {
     let registration = cluster
         .certificates(CertificatesRequest {
             token: token.into(),
@@ -860,7 +932,19 @@ async fn register(cluster: &mut ClusterClient<Channel>, token: &str, id: &str) -
         })
         .await?
         .into_inner();
-    Ok(ClientIdentity::from_pem(&reply.certificate_pem, &reply.key_pem)?)
+    Ok(Registered {
+        identity: ClientIdentity::from_pem(&reply.certificate_pem, &reply.key_pem)?,
+        cert_pem: reply.certificate_pem,
+        key_pem: reply.key_pem,
+    })
+}
+
+/// A registered computer's certificate, as a native-API identity and as
+/// the PEM files the node agent keeps.
+struct Registered {
+    identity: ClientIdentity,
+    cert_pem: String,
+    key_pem: String,
 }
 
 fn print(r: &FleetResult) {

@@ -377,7 +377,12 @@ fn followers_serving(cluster: &Cluster, secs: u64, write: Call) {
     println!("\nFull-document polls (100 partitions) forwarded, no document cache, 8 clients:\n");
     println!("| load | leader only | p50 / p99 | any replica | p50 / p99 | any / leader only |");
     println!("|---|---:|---|---:|---|---:|");
-    let poll = |c: &mut Conn, _| ok(c.call("GET", "/getFullComputerInformation", "computer_id=COMP-1", &[]), 200);
+    let poll = |c: &mut Conn, _| {
+        ok(
+            c.call("GET", "/getFullComputerInformation", "computer_id=COMP-1", &[]),
+            200,
+        )
+    };
     for writing in [false, true] {
         let stop = Arc::new(AtomicBool::new(false));
         let writers: Vec<_> = (0..if writing { 4 } else { 0 })
