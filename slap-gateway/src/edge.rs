@@ -56,6 +56,8 @@ pub struct Edge {
     watchers: Mutex<HashMap<String, Weak<Notify>>>,
     /// Rings when the feed is lost: held watches go to a replica.
     lost: Notify,
+    /// Rings when a feed confirms again after it was lost.
+    regained: Notify,
     documents: Mutex<Documents>,
     pub counters: EdgeCounters,
 }
@@ -185,6 +187,7 @@ impl Edge {
             authorized: Mutex::default(),
             watchers: Mutex::default(),
             lost: Notify::new(),
+            regained: Notify::new(),
             documents: Mutex::new(Documents {
                 budget: cache_bytes,
                 ..Documents::default()
@@ -271,25 +274,43 @@ impl Edge {
         let deadline = tokio::time::Instant::now() + hold;
         let moved = self.subscribe(&poll.computer);
         self.counters.holding.fetch_add(1, Ordering::Relaxed);
+        // Since when the feed has been lost, while holding.
+        let mut lost_since: Option<tokio::time::Instant> = None;
         let end = loop {
-            let (changed, lost) = (moved.notified(), self.lost.notified());
-            tokio::pin!(changed, lost);
+            let (changed, lost, regained) = (moved.notified(), self.lost.notified(), self.regained.notified());
+            tokio::pin!(changed, lost, regained);
             changed.as_mut().enable();
             lost.as_mut().enable();
-            // Looked at after enabling both, so no wake-up is missed.
-            {
+            regained.as_mut().enable();
+            // Looked at after enabling all three, so no wake-up is missed.
+            let (live, current) = {
                 let known = self.known.read().unwrap_or_else(|e| e.into_inner());
-                if !known.live() {
-                    break HoldEnd::FeedLost(deadline.saturating_duration_since(tokio::time::Instant::now()));
-                }
-                if known.revisions.get(&poll.computer) != Some(&poll.revision) {
+                (known.live(), known.revisions.get(&poll.computer).copied())
+            };
+            let now = tokio::time::Instant::now();
+            let wait_until = if live {
+                lost_since = None;
+                if current != Some(poll.revision) {
                     break HoldEnd::Moved;
                 }
-            }
+                deadline
+            } else {
+                // A leader change loses the feed for about a second: wait
+                // for the next leader's (what a 304 may miss stays within
+                // the staleness bound) rather than send every held watch
+                // to the replicas at once; then forward.
+                let since = *lost_since.get_or_insert(now);
+                let give_up = (since + self.staleness).min(deadline);
+                if now >= give_up {
+                    break HoldEnd::FeedLost(deadline.saturating_duration_since(now));
+                }
+                give_up
+            };
             tokio::select! {
                 _ = changed => {}
                 _ = lost => {}
-                _ = tokio::time::sleep_until(deadline) => break HoldEnd::Unchanged,
+                _ = regained => {}
+                _ = tokio::time::sleep_until(wait_until) => if live { break HoldEnd::Unchanged },
             }
         };
         self.counters.holding.fetch_sub(1, Ordering::Relaxed);
@@ -313,6 +334,7 @@ impl Edge {
     /// Takes in one message of the feed (`first`: the whole list).
     fn take(&self, feed: slap_proto::master::RevisionFeed, first: bool, received: Instant) {
         let mut moved = Vec::new();
+        let mut regained = false;
         {
             let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
             if first {
@@ -329,8 +351,12 @@ impl Edge {
                 self.authorized.lock().unwrap_or_else(|e| e.into_inner()).clear();
             }
             if feed.confirmed {
+                regained = !known.live();
                 known.live_until = Some(received + self.staleness);
             }
+        }
+        if regained {
+            self.regained.notify_waiters();
         }
         if !moved.is_empty() {
             let watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
@@ -582,16 +608,44 @@ mod tests {
         let (end, ()) = tokio::join!(held, moves);
         assert!(matches!(end, HoldEnd::Moved));
         assert_eq!(edge.counters.holding.load(Ordering::Relaxed), 0);
-        // The feed lost: forwarded with what remains of the hold.
+    }
+
+    #[tokio::test]
+    async fn a_held_watch_waits_out_a_short_feed_loss_and_is_forwarded_after_a_long_one() {
+        let edge = Edge::new(Duration::from_millis(300), 0);
+        edge.take(feed(&[("COMP-1", 6)], true, 0), true, Instant::now());
+        edge.authorize("", "COMP-1");
         let poll = edge.unchanged("", "COMP-1", "\"COMP-1-6\"").expect("answerable");
+        // Lost, and back within the staleness bound (a leader change): held.
+        let held = edge.hold(&poll, Duration::from_millis(200));
+        let blip = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            edge.lose("test");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            edge.take(feed(&[], true, 0), false, Instant::now());
+        };
+        let (end, ()) = tokio::join!(held, blip);
+        assert!(matches!(end, HoldEnd::Unchanged), "held through a short loss");
+        // Lost for longer than the bound: forwarded with what remains.
+        edge.take(feed(&[], true, 0), false, Instant::now());
+        let started = Instant::now();
         let held = edge.hold(&poll, Duration::from_secs(5));
         let loses = async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             edge.lose("test");
         };
         let (end, ()) = tokio::join!(held, loses);
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "waited for the feed first"
+        );
         match end {
-            HoldEnd::FeedLost(left) => assert!(left > Duration::from_secs(4) && left < Duration::from_secs(5)),
+            HoldEnd::FeedLost(left) => {
+                assert!(
+                    left > Duration::from_millis(4_500) && left < Duration::from_secs(5),
+                    "{left:?}"
+                )
+            }
             _ => panic!("the feed was lost"),
         }
     }
