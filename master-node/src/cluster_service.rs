@@ -173,6 +173,20 @@ impl Cluster for ClusterService {
         }))
     }
 
+    type BackupStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<BackupChunk, Status>> + Send>>;
+
+    async fn backup(&self, req: Request<BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        self.replica_admin_or_token(&Peer::of(&req), &req.get_ref().token, "Backup")?;
+        let file = self.replica.backup(&req.get_ref().token).await?;
+        tracing::info!(bytes = file.len(), "backup taken");
+        // Pieces of 1 MiB: well under any gRPC message limit.
+        let chunks: Vec<Result<BackupChunk, Status>> = file
+            .chunks(1 << 20)
+            .map(|data| Ok(BackupChunk { data: data.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
     async fn certificates(&self, req: Request<CertificatesRequest>) -> Result<Response<CertificatesReply>, Status> {
         use crate::certificates::{issue, IssueError};
         use crate::state::{Command, Reply};

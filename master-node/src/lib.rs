@@ -10,6 +10,7 @@
 pub mod accounting;
 pub mod api;
 pub mod authz;
+pub mod backup;
 pub mod certificates;
 pub mod client;
 pub mod client_certs;

@@ -631,6 +631,35 @@ impl Replica {
             .map_err(|_| "this replica is shutting down".to_string())?
     }
 
+    /// The backup file of the whole state at a point that holds every write
+    /// acknowledged before the call (`crate::backup`): taken here when this
+    /// replica leads and confirms it, relayed from the leader otherwise.
+    /// `token`: the operator's, passed on to the leader.
+    pub async fn backup(&self, token: &str) -> Result<Vec<u8>, Status> {
+        match self.leader_client().await? {
+            None => {
+                self.confirm_leadership()
+                    .await
+                    .map_err(|e| Status::unavailable(format!("cannot confirm leadership for a backup: {e}")))?;
+                let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+                Ok(crate::backup::write(&state, &self.cluster_id, now_us() / 1_000_000))
+            }
+            Some(mut leader) => {
+                let mut chunks = leader
+                    .backup(slap_proto::cluster::BackupRequest {
+                        token: token.to_string(),
+                    })
+                    .await?
+                    .into_inner();
+                let mut file = Vec::new();
+                while let Some(chunk) = chunks.message().await? {
+                    file.extend_from_slice(&chunk.data);
+                }
+                Ok(file)
+            }
+        }
+    }
+
     /// Answers a write that would change nothing (an identical re-request,
     /// which `slapos node` sends for every child at every run, or a
     /// partition publishing what it already published) with a linearizable

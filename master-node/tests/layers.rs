@@ -21,6 +21,8 @@ const MASTER_NODE_LAYERS: &[&str] = &[
     "api",
     "accounting",
     "counters",
+    // A backup file of the state.
+    "backup",
     // The cluster port's TLS and its client.
     "client_certs",
     "cluster_tls",

@@ -63,6 +63,40 @@ pub enum Cmd {
     /// Limits: what one call may carry (`limits show`, `limits set --field-bytes N ...`).
     #[command(subcommand)]
     Limits(LimitsCmd),
+    /// Backups: `backup --peer ADDR --token T --out FILE` saves the whole
+    /// state online, at a log index that holds every write acknowledged
+    /// before; `backup verify FILE` checks a backup file.
+    Backup(BackupArgs),
+}
+
+/// `backup`: save the state (the flags), or `verify` a file.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub command: Option<BackupCmd>,
+    /// Any replica of the cluster, host:port (its cluster API); followers
+    /// relay the leader's backup.
+    #[arg(long, required = true)]
+    pub peer: Option<String>,
+    /// The cluster's join token (it also pins the cluster's CA).
+    #[arg(long, env = "MASTER_JOIN_TOKEN", required = true)]
+    pub token: Option<String>,
+    /// The backup file to write: written beside it first, checked, synced,
+    /// then renamed into place, so a failed backup never leaves half a file.
+    #[arg(long, required = true)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum BackupCmd {
+    /// Checks a backup file: its header, length and checksum, every record,
+    /// and that they rebuild a state; prints what it holds. Exits non-zero
+    /// with the reason when anything is wrong.
+    Verify {
+        /// The backup file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -6,6 +6,8 @@
 //! master-node run    --data-dir D                                       restart a replica
 //! master-node leave  --data-dir D | --id N --peer ADDR --token T        remove a replica
 //! master-node status --peer ADDR [--json]                               members, leader, lag
+//! master-node backup --peer ADDR --token T --out FILE                   save the state online
+//! master-node backup verify FILE                                        check a backup
 //! ```
 //!
 //! The cluster port (Raft and the cluster API) is always mutual TLS; the

@@ -1,14 +1,16 @@
 //! What each command does, one file per group: the replica's life
 //! ([`cluster`]: init, join, run, leave, status), identities
 //! ([`identities`]: users, gateways, computers, certificates), accounting
-//! ([`accounting`]: usage, prices) and the cluster's [`limits`].
+//! ([`accounting`]: usage, prices), the cluster's [`limits`] and
+//! [`backup`]s.
 
 mod accounting;
+mod backup;
 mod cluster;
 mod identities;
 mod limits;
 
-use crate::cli::{CertCmd, Cmd, ComputerCmd, GatewayCmd, LimitsCmd, PriceCmd, UserCmd};
+use crate::cli::{BackupCmd, CertCmd, Cmd, ComputerCmd, GatewayCmd, LimitsCmd, PriceCmd, UserCmd};
 pub use crate::fail::Fail;
 
 /// Runs one command.
@@ -50,5 +52,9 @@ pub async fn run(cmd: Cmd) -> Result<(), Fail> {
         }) => accounting::remove_price(&admin, &resource, release).await,
         Cmd::Limits(LimitsCmd::Show { admin }) => limits::show(&admin).await,
         Cmd::Limits(LimitsCmd::Set { admin, limits }) => limits::set(&admin, &limits).await,
+        Cmd::Backup(a) => match a.command {
+            Some(BackupCmd::Verify { file }) => backup::verify(&file),
+            None => backup::save(a).await,
+        },
     }
 }
