@@ -126,3 +126,60 @@ fn a_backup_under_write_load_holds_exactly_the_writes_up_to_its_index() {
     assert!(!out.status.success());
     assert!(!elsewhere.exists(), "a refused backup wrote a file");
 }
+
+/// `backup --every 1s --keep 2`: a backup each second, the oldest removed,
+/// every file kept usable.
+#[test]
+fn scheduled_backups_keep_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = SlapCluster::start(dir.path());
+    let token = std::fs::read_to_string(dir.path().join("r0/join-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let out = dir.path().join("backups");
+    let mut scheduled = common::Proc::spawn_logged(
+        std::path::Path::new(BIN),
+        &[
+            "backup".into(),
+            "--peer".into(),
+            cluster.raft[0].clone(),
+            "--token".into(),
+            token,
+            "--out".into(),
+            out.display().to_string(),
+            "--every".into(),
+            "1s".into(),
+            "--keep".into(),
+            "2".into(),
+        ],
+        &dir.path().join("backup.log"),
+    );
+    let backups = || -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(&out)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.retain(|p| p.extension().is_some_and(|e| e == "backup") && !p.ends_with("next.backup"));
+        files.sort();
+        files
+    };
+    // Four turns: the first two files are gone by then.
+    std::thread::sleep(Duration::from_millis(4_500));
+    scheduled.kill();
+    let kept = backups();
+    assert_eq!(
+        kept.len(),
+        2,
+        "{kept:?}\n{}",
+        common::log_tail(&dir.path().join("backup.log"))
+    );
+    for file in &kept {
+        let (header, _) = master_node::backup::verify(&std::fs::read(file).unwrap()).unwrap();
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with(&format!("master-{}-", header.cluster_id))
+                && name.ends_with(&format!("-{}.backup", header.log_index)),
+            "{name}"
+        );
+    }
+}

@@ -84,8 +84,38 @@ pub struct BackupArgs {
     pub token: Option<String>,
     /// The backup file to write: written beside it first, checked, synced,
     /// then renamed into place, so a failed backup never leaves half a file.
+    /// With --every, the directory the backups go to.
     #[arg(long, required = true)]
     pub out: Option<PathBuf>,
+    /// Keep taking backups, one every this long (`90s`, `15m`, `1h`), into
+    /// the --out directory as `master-CLUSTER-TIME-INDEX.backup`, until
+    /// stopped; a failed one is logged and tried again at the next turn.
+    #[arg(long, value_parser = parse_every)]
+    pub every: Option<std::time::Duration>,
+    /// With --every: how many backups to keep (the oldest go first).
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: u32,
+}
+
+/// `90s`, `15m`, `1h` (a number alone is minutes).
+fn parse_every(v: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = match v.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => v.split_at(i),
+        None => (v, "m"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{v:?} is not a period like 90s, 15m or 1h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{v:?}: the unit must be s, m or h")),
+    };
+    if secs == 0 {
+        return Err("the period must be longer than zero".into());
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(Subcommand)]

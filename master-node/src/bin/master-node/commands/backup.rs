@@ -10,19 +10,55 @@ use slap_proto::cluster::BackupRequest;
 use crate::cli::{Admin, BackupArgs};
 use crate::fail::Fail;
 
-/// `backup --peer --token --out`: asks the cluster for its state, checks
-/// what came, and writes it beside `--out`, synced, then renamed into place.
+/// `backup --peer --token --out [--every P --keep K]`.
 pub async fn save(a: BackupArgs) -> Result<(), Fail> {
     let (Some(peer), Some(token), Some(out)) = (a.peer, a.token, a.out) else {
         return Err(Fail(
             "backup needs --peer, --token and --out (or `backup verify FILE`)".into(),
         ));
     };
-    let client = Admin {
-        peer,
-        token: token.clone(),
+    let admin = Admin { peer, token };
+    let Some(every) = a.every else {
+        let header = save_once(&admin, &out).await?;
+        println!("{} written: {}", out.display(), describe(&header));
+        return Ok(());
+    };
+    std::fs::create_dir_all(&out).map_err(|e| Fail(format!("cannot create {}: {e}", out.display())))?;
+    tracing::info!(dir = %out.display(), ?every, keep = a.keep, "taking backups");
+    let mut turn = tokio::time::interval(every);
+    turn.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = turn.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        let partial = out.join("next.backup");
+        match save_once(&admin, &partial).await {
+            Ok(header) => {
+                let name = format!(
+                    "master-{}-{}-{}.backup",
+                    header.cluster_id,
+                    utc_stamp(header.created),
+                    header.log_index
+                );
+                let path = out.join(&name);
+                if let Err(e) = std::fs::rename(&partial, &path) {
+                    tracing::warn!(error = %e, "cannot name the backup {name}");
+                    continue;
+                }
+                tracing::info!(file = %path.display(), "{}", describe(&header));
+                prune(&out, a.keep as usize);
+            }
+            Err(Fail(e)) => tracing::warn!("backup failed, trying again in {every:?}: {e}"),
+        }
     }
-    .client()?;
+}
+
+/// Takes one backup into `out`: asks the cluster, checks what came,
+/// writes it beside `out`, synced, then renames it into place.
+async fn save_once(admin: &Admin, out: &Path) -> Result<Header, Fail> {
+    let client = admin.client()?;
+    let token = admin.token.clone();
     let file = client
         .call(|mut c| {
             let token = token.clone();
@@ -38,9 +74,52 @@ pub async fn save(a: BackupArgs) -> Result<(), Fail> {
         .await
         .map_err(|e| Fail(format!("no backup taken: {e}")))?;
     let (header, _) = backup::verify(&file).map_err(|e| Fail(format!("the backup received is not usable: {e}")))?;
-    write_whole(&out, &file).map_err(|e| Fail(format!("cannot write {}: {e}", out.display())))?;
-    println!("{} written: {}", out.display(), describe(&header));
-    Ok(())
+    write_whole(out, &file).map_err(|e| Fail(format!("cannot write {}: {e}", out.display())))?;
+    Ok(header)
+}
+
+/// Removes the oldest `master-*.backup` files of `dir` beyond `keep` (the
+/// names sort by time).
+fn prune(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut backups: Vec<std::path::PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("master-") && n.ends_with(".backup"))
+        })
+        .collect();
+    backups.sort();
+    let excess = backups.len().saturating_sub(keep);
+    for old in &backups[..excess] {
+        match std::fs::remove_file(old) {
+            Ok(()) => tracing::info!(file = %old.display(), "old backup removed"),
+            Err(e) => tracing::warn!(file = %old.display(), error = %e, "cannot remove an old backup"),
+        }
+    }
+}
+
+/// `20261205T031500Z` for a Unix time.
+fn utc_stamp(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rest = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 /// `backup verify FILE`.
@@ -89,4 +168,14 @@ fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backup_names_carry_the_utc_time() {
+        assert_eq!(super::utc_stamp(0), "19700101T000000Z");
+        assert_eq!(super::utc_stamp(1_796_444_100), "20261205T041500Z");
+        assert_eq!(super::utc_stamp(951_782_400), "20000229T000000Z");
+    }
 }
