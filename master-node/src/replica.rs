@@ -344,6 +344,9 @@ fn entry_budget(state: &RwLock<Master>) -> usize {
     state.read().unwrap_or_else(|e| e.into_inner()).limits.entry_bytes as usize
 }
 
+/// `status` warns of certificates that end within this many days.
+pub const EXPIRY_WARNING_DAYS: u64 = 30;
+
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -774,6 +777,19 @@ impl Replica {
             applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             members: self.members(),
             leader_view: m.state == ServerState::Leader,
+            expiring: {
+                let soon = now_us() / 1_000_000 + EXPIRY_WARNING_DAYS * 86_400;
+                let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+                state
+                    .certificates_expiring(soon)
+                    .into_iter()
+                    .map(|(kind, (count, earliest))| slap_proto::cluster::ExpiringCertificates {
+                        kind: kind.to_string(),
+                        count,
+                        earliest_not_after: earliest,
+                    })
+                    .collect()
+            },
         }
     }
 

@@ -704,3 +704,26 @@ async fn the_slap_certificate_names_the_advertised_host() {
     // The client checks names: one the certificate does not carry fails.
     assert_eq!(tls_get_as(port, "master-2.example.org", config).await, None);
 }
+
+/// `status` names the certificates that end within 30 days, by kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_warns_of_certificates_ending_within_thirty_days() {
+    let (_dir, running) = master().await;
+    let r = running.replica.clone();
+    issue(&r, Role::User("alice".into()), 365, None).await.unwrap();
+    assert!(
+        r.local_status().expiring.iter().all(|e| e.kind != "user"),
+        "a year is not soon"
+    );
+    issue(&r, Role::User("bob".into()), 10, None).await.unwrap();
+    issue(&r, Role::User("carol".into()), 20, None).await.unwrap();
+    let status = r.local_status();
+    let users = status
+        .expiring
+        .iter()
+        .find(|e| e.kind == "user")
+        .expect("a warning for users");
+    assert_eq!(users.count, 2, "{:?}", status.expiring);
+    let days_left = (users.earliest_not_after - pki::now_secs()).div_ceil(86_400);
+    assert!((9..=11).contains(&days_left), "bob's ends first: {days_left} days");
+}

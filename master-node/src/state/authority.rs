@@ -115,6 +115,29 @@ impl Master {
         }
     }
 
+    /// Live certificates whose validity ends before `before` (seconds since
+    /// the Unix epoch), by kind of holder: how many, and the earliest end.
+    pub fn certificates_expiring(&self, before: u64) -> std::collections::BTreeMap<&'static str, (u64, u64)> {
+        let mut expiring = std::collections::BTreeMap::new();
+        for c in self.certificates.values() {
+            if c.revoked || c.not_after == 0 || c.not_after >= before {
+                continue;
+            }
+            let kind = match c.role {
+                Role::Admin => "administrator",
+                Role::User(_) => "user",
+                Role::Computer(_) => "computer",
+                Role::Partition(..) => "partition",
+                Role::Replica(_) => "replica",
+                Role::Gateway(_) => "gateway",
+            };
+            let (count, earliest) = expiring.entry(kind).or_insert((0, u64::MAX));
+            *count += 1;
+            *earliest = (*earliest).min(c.not_after);
+        }
+        expiring
+    }
+
     /// The live certificate of a partition, if one was issued.
     pub fn partition_certificate(&self, computer: &str, partition: &str) -> Option<&Certificate> {
         let fp = self

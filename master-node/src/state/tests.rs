@@ -1250,3 +1250,37 @@ fn revoking_a_certificate_that_reads_documents_moves_the_poller_revocations() {
         "rebuilt at restore, as every replica counts it"
     );
 }
+
+#[test]
+fn certificates_expiring_are_counted_by_kind_with_the_earliest_end() {
+    let mut w = World::new();
+    let cert = |fp: &str, role: Role, not_after: u64| Certificate {
+        serial: format!("s-{fp}"),
+        fingerprint: fp.into(),
+        role,
+        cert_pem: String::new(),
+        key_pem: None,
+        not_after,
+        revoked: false,
+    };
+    for c in [
+        cert("a", Role::User("alice".into()), 1_000),
+        cert("b", Role::User("bob".into()), 500),
+        cert("c", Role::Gateway("gw1".into()), 900),
+        cert("d", Role::User("carol".into()), 5_000),
+        cert("e", Role::Admin, 700),
+    ] {
+        assert_eq!(
+            w.run(Command::RecordCertificate {
+                certificate: c,
+                registration: None
+            }),
+            Reply::Done
+        );
+    }
+    w.run(Command::RevokeCertificate { serial: "s-e".into() });
+    let expiring = w.m.certificates_expiring(2_000);
+    assert_eq!(expiring.get("user"), Some(&(2, 500)), "carol's ends later; bob's first");
+    assert_eq!(expiring.get("gateway"), Some(&(1, 900)));
+    assert_eq!(expiring.get("administrator"), None, "revoked");
+}

@@ -275,10 +275,16 @@ pub async fn status(a: StatusArgs) -> Result<(), Fail> {
                 |m| serde_json::json!({"id": m.id, "addr": m.addr, "role": m.role, "matched": m.matched, "lag": m.lag}),
             )
             .collect();
+        let expiring: Vec<serde_json::Value> = st
+            .expiring
+            .iter()
+            .map(|e| serde_json::json!({"kind": e.kind, "count": e.count, "earliest_not_after": e.earliest_not_after}))
+            .collect();
         let doc = serde_json::json!({
             "cluster_id": st.cluster_id, "replica": st.node_id, "state": st.state, "term": st.term,
             "leader_id": st.leader_id, "leader_addr": st.leader_addr, "last_log_index": st.last_log_index,
             "committed": st.committed, "applied": st.applied, "members": members,
+            "certificates_expiring_within_30_days": expiring,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -308,6 +314,20 @@ pub async fn status(a: StatusArgs) -> Result<(), Fail> {
             m.role,
             fmt(m.matched),
             fmt(m.lag)
+        );
+    }
+    let now = master_node::pki::now_secs();
+    for e in &st.expiring {
+        let plural = if e.count == 1 { "" } else { "s" };
+        let first = match e.earliest_not_after.checked_sub(now) {
+            None | Some(0) => "one has already ended".to_string(),
+            Some(left) => format!("the first in {} days", left.div_ceil(86_400)),
+        };
+        println!(
+            "warning: {} {} certificate{plural} end within {} days ({first}): renew them; `master-node cert list` names them",
+            e.count,
+            e.kind,
+            master_node::replica::EXPIRY_WARNING_DAYS
         );
     }
     Ok(())
