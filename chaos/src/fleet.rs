@@ -77,15 +77,16 @@ pub struct FleetArgs {
     /// Where results go (default: fleet-results/<time>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// How a node watches its document: `slap`, the SLAP long poll
-    /// (`If-None-Match` + `X-Slap-Wait`) the node agent holds, which the
-    /// gateway holds itself; or `native`, the native API's `WatchComputer`
-    /// stream, forwarded to a replica.
+    /// How a node polls and watches its document: `slap`, as the node
+    /// agent does (`getFullComputerInformation` with `If-None-Match`, and
+    /// the same held with `X-Slap-Wait` as its watch), which the gateway
+    /// answers and holds itself; or `native`, the native API's
+    /// `GetComputer` and `WatchComputer` stream, forwarded to a replica.
     #[arg(long, value_enum, default_value_t = WatchKind::Slap)]
-    pub watch: WatchKind,
+    pub polls: WatchKind,
 }
 
-/// How simulated nodes watch their computer's document.
+/// How simulated nodes poll and watch their computer's document.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WatchKind {
@@ -150,7 +151,8 @@ struct Tally {
     errors: Mutex<Vec<String>>,
     error_count: AtomicU64,
     retries: AtomicU64,
-    /// Poll latencies by document size (bytes, rounded down to a power of two).
+    /// Poll latencies by document size (bytes, rounded down to a power of
+    /// two; 0: answered 304).
     polls: Mutex<BTreeMap<usize, Arc<Latencies>>>,
     requests: Latencies,
     placed: AtomicUsize,
@@ -246,7 +248,7 @@ fn journal(computer: &str, busy: &[String]) -> String {
 struct Node {
     id: String,
     client: MasterClient<Channel>,
-    /// The node's SLAP client (the agent's), for a SLAP watch.
+    /// The node's SLAP client (the agent's), for SLAP polls and watch.
     slap: Option<Arc<nodeagent::master::MasterClient>>,
     tally: Arc<Tally>,
     poll_every: Duration,
@@ -301,37 +303,24 @@ impl Node {
         let mut used = false;
         let mut stop = (*stop).clone();
         let mut rng = fastrand(&self.id);
+        let mut etag: Option<String> = None;
+        // The document last received (a 304 leaves it as it was).
+        let mut last: Option<Seen> = None;
         loop {
             let since = Instant::now();
-            let client = self.client.clone();
-            let id = self.id.clone();
-            let doc = call(&self.tally, "poll", || {
-                let (mut c, r) = (
-                    client.clone(),
-                    pb::GetComputerRequest {
-                        computer_id: id.clone(),
-                    },
-                );
-                async move { c.get_computer(r).await }
-            })
-            .await;
-            if let Some(doc) = doc {
-                self.tally.poll(doc.encoded_len(), since);
-                self.act(&doc, &mut reported, &mut installed).await;
+            if let Some(seen) = self.poll(since, &mut etag).await {
+                self.act(&seen, &mut reported, &mut installed).await;
+                last = Some(seen);
+            }
+            if let Some(seen) = &last {
                 let due = self.hold_started.get().is_some_and(|t| t.elapsed() >= self.usage_at);
-                let busy: Vec<String> = doc
-                    .partitions
-                    .iter()
-                    .filter(|p| p.instance.is_some())
-                    .map(|p| p.id.clone())
-                    .collect();
                 // A node with nothing running has no usage to post.
-                if !used && due && !busy.is_empty() {
+                if !used && due && !seen.busy.is_empty() {
                     used = true;
                     let req = pb::UseComputerRequest {
                         request_id: None,
                         computer_id: self.id.clone(),
-                        tioxml: journal(&self.id, &busy),
+                        tioxml: journal(&self.id, &seen.busy),
                     };
                     if call(&self.tally, "usage", || {
                         let (mut c, r) = (self.client.clone(), req.clone());
@@ -354,20 +343,69 @@ impl Node {
         watcher.abort();
     }
 
+    /// Polls the node's document: `None` when unchanged (a SLAP 304) or on
+    /// an error (counted).
+    async fn poll(&self, since: Instant, etag: &mut Option<String>) -> Option<Seen> {
+        let Some(slap) = &self.slap else {
+            let (client, id) = (self.client.clone(), self.id.clone());
+            let doc = call(&self.tally, "poll", || {
+                let (mut c, r) = (
+                    client.clone(),
+                    pb::GetComputerRequest {
+                        computer_id: id.clone(),
+                    },
+                );
+                async move { c.get_computer(r).await }
+            })
+            .await?;
+            self.tally.poll(doc.encoded_len(), since);
+            return Some(Seen::of_document(&doc));
+        };
+        use nodeagent::master::Fetched;
+        let query = [("computer_id", self.id.as_str())];
+        match slap
+            .get_waiting("getFullComputerInformation", &query, etag.as_deref(), None)
+            .await
+        {
+            Ok(Fetched::NotModified) => {
+                self.tally.poll(0, since);
+                None
+            }
+            Ok(Fetched::Body(body, tag)) => {
+                self.tally.poll(body.len(), since);
+                *etag = tag;
+                let plan = std::str::from_utf8(&body)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| slap_proto::marshal::loads(text).map_err(|e| e.to_string()))
+                    .and_then(|v| nodeagent::master::ComputerPlan::from_value(&v).map_err(|e| e.to_string()));
+                match plan {
+                    Ok(plan) => Some(Seen::of_plan(&plan)),
+                    Err(e) => {
+                        self.tally.error(format!("poll: an unreadable document: {e}"));
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                self.tally.error(format!("poll: {e}"));
+                None
+            }
+        }
+    }
+
     /// What a node does with its document: software installed, instances
     /// started, connection parameters published, destroyed ones freed.
     async fn act(
         &mut self,
-        doc: &pb::ComputerDocument,
+        seen: &Seen,
         reported: &mut std::collections::HashSet<String>,
         installed: &mut std::collections::HashSet<String>,
     ) {
-        for sw in &doc.software {
-            if sw.requested_state == "available" && sw.reported_state != "available" && installed.insert(sw.url.clone())
-            {
+        for (url, requested) in &seen.software {
+            if requested == "available" && installed.insert(url.clone()) {
                 let req = pb::ReportSoftwareRequest {
                     computer_id: self.id.clone(),
-                    url: sw.url.clone(),
+                    url: url.clone(),
                     state: "available".into(),
                     ..Default::default()
                 };
@@ -378,17 +416,16 @@ impl Node {
                 .await;
             }
         }
-        for p in &doc.partitions {
-            let Some(inst) = &p.instance else { continue };
+        for (partition_id, instance_id, requested) in &seen.instances {
             let partition = Some(pb::PartitionRef {
                 computer_id: self.id.clone(),
-                partition_id: p.id.clone(),
+                partition_id: partition_id.clone(),
             });
-            if inst.requested_state == "destroyed" {
+            if requested == "destroyed" {
                 let req = pb::ReportInstanceRequest {
                     partition,
                     state: "destroyed".into(),
-                    instance_id: inst.id.clone(),
+                    instance_id: instance_id.clone(),
                     ..Default::default()
                 };
                 if call(&self.tally, "destroyed report", || {
@@ -400,16 +437,16 @@ impl Node {
                 {
                     self.tally.reports.fetch_add(1, Ordering::Relaxed);
                 }
-                reported.remove(&inst.id);
+                reported.remove(instance_id);
                 continue;
             }
-            if inst.reported_state == "started" || !reported.insert(inst.id.clone()) {
+            if !reported.insert(instance_id.clone()) {
                 continue;
             }
             let req = pb::ReportInstanceRequest {
                 partition: partition.clone(),
                 state: "started".into(),
-                instance_id: inst.id.clone(),
+                instance_id: instance_id.clone(),
                 ..Default::default()
             };
             if call(&self.tally, "started report", || {
@@ -423,10 +460,10 @@ impl Node {
             }
             let req = pb::PublishConnectionRequest {
                 partition,
-                connection: [("url".to_string(), format!("https://[fd00::1]/{}", p.id))]
+                connection: [("url".to_string(), format!("https://[fd00::1]/{partition_id}"))]
                     .into_iter()
                     .collect(),
-                instance_id: inst.id.clone(),
+                instance_id: instance_id.clone(),
                 ..Default::default()
             };
             if call(&self.tally, "publication", || {
@@ -438,6 +475,54 @@ impl Node {
             {
                 self.tally.publications.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+}
+
+/// What a node acts on in its document, however it polled it.
+struct Seen {
+    /// (url, requested state).
+    software: Vec<(String, String)>,
+    /// (partition, instance id, requested state) of each busy partition.
+    instances: Vec<(String, String, String)>,
+    /// The busy partitions.
+    busy: Vec<String>,
+}
+
+impl Seen {
+    fn of_document(doc: &pb::ComputerDocument) -> Seen {
+        let instances: Vec<(String, String, String)> = doc
+            .partitions
+            .iter()
+            .filter_map(|p| {
+                let i = p.instance.as_ref()?;
+                Some((p.id.clone(), i.id.clone(), i.requested_state.clone()))
+            })
+            .collect();
+        Seen {
+            software: doc
+                .software
+                .iter()
+                .map(|s| (s.url.clone(), s.requested_state.clone()))
+                .collect(),
+            busy: instances.iter().map(|(p, _, _)| p.clone()).collect(),
+            instances,
+        }
+    }
+
+    fn of_plan(plan: &nodeagent::master::ComputerPlan) -> Seen {
+        let instances: Vec<(String, String, String)> = plan
+            .partitions
+            .iter()
+            .filter_map(|p| {
+                let i = p.instance.as_ref()?;
+                Some((p.id.clone(), i.guid.clone(), i.requested_state.clone()))
+            })
+            .collect();
+        Seen {
+            software: plan.software.clone(),
+            busy: instances.iter().map(|(p, _, _)| p.clone()).collect(),
+            instances,
         }
     }
 }
@@ -554,8 +639,8 @@ struct FleetResult {
     instances_placed: usize,
     users: usize,
     poll_every_s: u64,
-    /// How the nodes watched their documents.
-    watch: WatchKind,
+    /// How the nodes polled and watched their documents.
+    polls: WatchKind,
     seconds_cluster_start: f64,
     seconds_registration: f64,
     seconds_format: f64,
@@ -669,7 +754,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     for (i, (id, registered)) in identities.into_iter().enumerate() {
         let config = slap_proto::tls::client_config(&trust, Some(&registered.identity), Expect::ReplicaOrGateway)?;
         let client = MasterClient::new(slap_proto::tls::channel(&gateway, config)?);
-        let slap = match args.watch {
+        let slap = match args.polls {
             WatchKind::Native => None,
             WatchKind::Slap => {
                 let identity = nodeagent::master::TlsIdentity {
@@ -868,7 +953,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
         instances_placed: tally.placed.load(Ordering::Relaxed),
         users: args.users,
         poll_every_s: args.poll_every,
-        watch: args.watch,
+        polls: args.polls,
         seconds_cluster_start,
         seconds_registration,
         seconds_format,
@@ -961,14 +1046,13 @@ fn print(r: &FleetResult) {
         r.allocations_per_second, r.requests.p50_ms, r.requests.p99_ms, r.requests.max_ms
     );
     for (bytes, s) in &r.polls_by_document_bytes {
+        let what = match bytes {
+            0 => "polls answered 304 (unchanged)".to_string(),
+            b => format!("polls of {b}-{} byte documents", b * 2),
+        };
         println!(
-            "polls of {}-{} byte documents: {} polls, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            bytes,
-            bytes * 2,
-            s.count,
-            s.p50_ms,
-            s.p99_ms,
-            s.max_ms
+            "{what}: {} polls, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            s.count, s.p50_ms, s.p99_ms, s.max_ms
         );
     }
     println!(
