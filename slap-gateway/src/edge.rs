@@ -86,22 +86,36 @@ pub struct Document {
 }
 
 impl Documents {
-    fn keep(&mut self, computer: &str, document: Document) {
-        let size = document.body.len();
+    /// Whether a replica's answer for `computer` at `revision`, `size`
+    /// bytes, is to be kept: the second one at that revision, within the
+    /// budget. The first is only remembered (and streamed through).
+    fn admit(&mut self, computer: &str, revision: u64, size: usize) -> bool {
         // One document may take at most a quarter of the budget.
         if size > self.budget / 4 {
-            return;
+            return false;
         }
-        if let Some(old) = self.by_computer.get(computer) {
-            if old.revision >= document.revision {
-                return;
-            }
+        if self.by_computer.get(computer).is_some_and(|d| d.revision >= revision) {
+            return false;
         }
-        if self.answered_once.get(computer) != Some(&document.revision) {
+        if self.answered_once.get(computer) != Some(&revision) {
             if self.answered_once.len() >= ANSWERED_ONCE_MAX {
                 self.answered_once.clear();
             }
-            self.answered_once.insert(computer.to_string(), document.revision);
+            self.answered_once.insert(computer.to_string(), revision);
+            return false;
+        }
+        true
+    }
+
+    /// Keeps a document [`admit`](Self::admit) let in.
+    fn keep(&mut self, computer: &str, document: Document) {
+        let size = document.body.len();
+        if size > self.budget / 4
+            || self
+                .by_computer
+                .get(computer)
+                .is_some_and(|d| d.revision >= document.revision)
+        {
             return;
         }
         self.answered_once.remove(computer);
@@ -231,12 +245,16 @@ impl Edge {
         Some(document.clone())
     }
 
-    /// Whether a document of `bytes` would be kept.
-    pub fn fits(&self, bytes: usize) -> bool {
-        bytes <= self.documents.lock().unwrap_or_else(|e| e.into_inner()).budget / 4
+    /// Whether to keep the document a replica is answering for `computer`
+    /// at `revision` (its ETag's), of `bytes`: only then is it buffered.
+    pub fn admit(&self, computer: &str, revision: u64, bytes: usize) -> bool {
+        self.documents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(computer, revision, bytes)
     }
 
-    /// Keeps a document a replica answered (its revision from its ETag).
+    /// Keeps a document a replica answered, once [`admit`](Self::admit)ted.
     pub fn keep(&self, computer: &str, document: Document) {
         self.documents
             .lock()
@@ -452,20 +470,27 @@ mod tests {
         }
     }
 
+    /// A replica answered `document` (kept if admitted).
+    fn answered(edge: &Edge, computer: &str, document: Document) {
+        if edge.admit(computer, document.revision, document.body.len()) {
+            edge.keep(computer, document);
+        }
+    }
+
     /// A replica answered the same document twice: kept.
     fn keep_twice(edge: &Edge, computer: &str, document: Document) {
-        edge.keep(computer, document.clone());
-        edge.keep(computer, document);
+        answered(edge, computer, document.clone());
+        answered(edge, computer, document);
     }
 
     #[test]
     fn documents_are_served_for_the_current_revision_only_within_the_budget() {
         let edge = Edge::new(Duration::from_secs(2), 40);
         edge.take(feed(&[("COMP-1", 5), ("COMP-2", 7)], true, 0), true, Instant::now());
-        edge.keep("COMP-1", document(5, "doc 1 at 5"));
+        answered(&edge, "COMP-1", document(5, "doc 1 at 5"));
         edge.authorize("", "COMP-1");
         assert!(edge.document("", "COMP-1").is_none(), "answered once: not kept yet");
-        edge.keep("COMP-1", document(5, "doc 1 at 5"));
+        answered(&edge, "COMP-1", document(5, "doc 1 at 5"));
         assert!(
             edge.document("bob", "COMP-1").is_none(),
             "the caller was never answered by a replica"

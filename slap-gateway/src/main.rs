@@ -142,6 +142,11 @@ struct Counters {
 /// The read buffer of a caller's HTTP/1.1 connection, and so the largest
 /// request head.
 const READ_BUFFER_BYTES: usize = 8192;
+/// Idle HTTP/1.1 connections kept to each replica.
+const UPSTREAM_IDLE_PER_REPLICA: usize = 256;
+/// The largest read buffer of an HTTP/1.1 connection to a replica (an
+/// answer larger than this streams through in pieces).
+const UPSTREAM_READ_BUFFER_BYTES: usize = 64 << 10;
 
 /// The verified caller's certificate fingerprint, on TLS connections.
 #[derive(Clone)]
@@ -409,7 +414,8 @@ async fn keep_document(edge: &edge::Edge, computer: &str, resp: Response) -> Res
     let (Some(revision), Some(length)) = (revision, length) else {
         return resp;
     };
-    if resp.status() != StatusCode::OK || !edge.fits(length) {
+    // Buffered only when kept: a document answered once streams through.
+    if resp.status() != StatusCode::OK || !edge.admit(computer, revision, length) {
         return resp;
     }
     let (parts, body) = resp.into_parts();
@@ -594,7 +600,13 @@ async fn main() -> anyhow::Result<()> {
     let gw = Arc::new(Gateway {
         discovery,
         scheme: if tls.is_some() { "https" } else { "http" },
-        http1: Client::builder(TokioExecutor::new()).build(connector1),
+        // Idle upstream connections kept, and their read buffers, bounded:
+        // a burst of polls opens one connection per poll in flight, and
+        // each kept its buffer grown to a whole document (hundreds of KB).
+        http1: Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(UPSTREAM_IDLE_PER_REPLICA)
+            .http1_max_buf_size(UPSTREAM_READ_BUFFER_BYTES)
+            .build(connector1),
         http2: Client::builder(TokioExecutor::new()).http2_only(true).build(connector2),
         hold: Duration::from_secs(args.hold),
         attempt: Duration::from_secs(args.attempt),
