@@ -490,40 +490,42 @@ struct Seen {
 }
 
 impl Seen {
-    fn of_document(doc: &pb::ComputerDocument) -> Seen {
-        let instances: Vec<(String, String, String)> = doc
-            .partitions
-            .iter()
-            .filter_map(|p| {
-                let i = p.instance.as_ref()?;
-                Some((p.id.clone(), i.id.clone(), i.requested_state.clone()))
-            })
-            .collect();
+    fn new(software: Vec<(String, String)>, instances: Vec<(String, String, String)>) -> Seen {
+        let busy = instances.iter().map(|(p, _, _)| p.clone()).collect();
         Seen {
-            software: doc
-                .software
-                .iter()
-                .map(|s| (s.url.clone(), s.requested_state.clone()))
-                .collect(),
-            busy: instances.iter().map(|(p, _, _)| p.clone()).collect(),
+            software,
             instances,
+            busy,
         }
     }
 
+    fn of_document(doc: &pb::ComputerDocument) -> Seen {
+        Seen::new(
+            doc.software
+                .iter()
+                .map(|s| (s.url.clone(), s.requested_state.clone()))
+                .collect(),
+            doc.partitions
+                .iter()
+                .filter_map(|p| {
+                    let i = p.instance.as_ref()?;
+                    Some((p.id.clone(), i.id.clone(), i.requested_state.clone()))
+                })
+                .collect(),
+        )
+    }
+
     fn of_plan(plan: &nodeagent::master::ComputerPlan) -> Seen {
-        let instances: Vec<(String, String, String)> = plan
-            .partitions
-            .iter()
-            .filter_map(|p| {
-                let i = p.instance.as_ref()?;
-                Some((p.id.clone(), i.guid.clone(), i.requested_state.clone()))
-            })
-            .collect();
-        Seen {
-            software: plan.software.clone(),
-            busy: instances.iter().map(|(p, _, _)| p.clone()).collect(),
-            instances,
-        }
+        Seen::new(
+            plan.software.clone(),
+            plan.partitions
+                .iter()
+                .filter_map(|p| {
+                    let i = p.instance.as_ref()?;
+                    Some((p.id.clone(), i.guid.clone(), i.requested_state.clone()))
+                })
+                .collect(),
+        )
     }
 }
 

@@ -118,7 +118,9 @@ impl Cluster for ClusterService {
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let _ = req;
-        Ok(Response::new(self.replica.local_status()))
+        let mut status = self.replica.local_status();
+        status.expiring = self.replica.expiring_certificates();
+        Ok(Response::new(status))
     }
 
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {

@@ -777,20 +777,25 @@ impl Replica {
             applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             members: self.members(),
             leader_view: m.state == ServerState::Leader,
-            expiring: {
-                let soon = now_us() / 1_000_000 + EXPIRY_WARNING_DAYS * 86_400;
-                let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-                state
-                    .certificates_expiring(soon)
-                    .into_iter()
-                    .map(|(kind, (count, earliest))| slap_proto::cluster::ExpiringCertificates {
-                        kind: kind.to_string(),
-                        count,
-                        earliest_not_after: earliest,
-                    })
-                    .collect()
-            },
+            expiring: Vec::new(),
         }
+    }
+
+    /// Live certificates that end within [`EXPIRY_WARNING_DAYS`], by kind
+    /// of holder, for `status` (a scan of every certificate: not for the
+    /// health and metrics endpoints that also read [`local_status`]).
+    pub fn expiring_certificates(&self) -> Vec<slap_proto::cluster::ExpiringCertificates> {
+        let soon = now_us() / 1_000_000 + EXPIRY_WARNING_DAYS * 86_400;
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state
+            .certificates_expiring(soon)
+            .into_iter()
+            .map(|(kind, (count, earliest))| slap_proto::cluster::ExpiringCertificates {
+                kind: kind.to_string(),
+                count,
+                earliest_not_after: earliest,
+            })
+            .collect()
     }
 
     fn log_committed(&self) -> Option<u64> {

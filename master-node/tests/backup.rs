@@ -17,16 +17,10 @@ fn a_backup_under_write_load_holds_exactly_the_writes_up_to_its_index() {
     use slap_proto::master as pb;
     let dir = tempfile::tempdir().unwrap();
     let cluster = SlapCluster::start(dir.path());
-    let token = std::fs::read_to_string(dir.path().join("r0/join-token"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let token = cluster.join_token();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let _in_runtime = runtime.enter();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", cluster.gateway_port))
-        .unwrap()
-        .connect_lazy();
-    let mut client = pb::master_client::MasterClient::new(channel);
+    let mut client = cluster.native();
     runtime
         .block_on(client.load_computer(pb::LoadComputerRequest {
             computer_id: "COMP-B".into(),
@@ -133,10 +127,7 @@ fn a_backup_under_write_load_holds_exactly_the_writes_up_to_its_index() {
 fn scheduled_backups_keep_the_newest() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = SlapCluster::start(dir.path());
-    let token = std::fs::read_to_string(dir.path().join("r0/join-token"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let token = cluster.join_token();
     let out = dir.path().join("backups");
     let mut scheduled = common::Proc::spawn_logged(
         std::path::Path::new(BIN),

@@ -102,10 +102,7 @@ fn native_calls_through_the_gateway_survive_a_leader_kill() {
     let mut cluster = SlapCluster::start(dir.path());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let _in_runtime = runtime.enter();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", cluster.gateway_port))
-        .unwrap()
-        .connect_lazy();
-    let mut client = pb::master_client::MasterClient::new(channel);
+    let mut client = cluster.native();
     let rid = |seq| {
         Some(pb::RequestId {
             client: "gateway-test".into(),

@@ -712,18 +712,14 @@ async fn status_warns_of_certificates_ending_within_thirty_days() {
     let r = running.replica.clone();
     issue(&r, Role::User("alice".into()), 365, None).await.unwrap();
     assert!(
-        r.local_status().expiring.iter().all(|e| e.kind != "user"),
+        r.expiring_certificates().iter().all(|e| e.kind != "user"),
         "a year is not soon"
     );
     issue(&r, Role::User("bob".into()), 10, None).await.unwrap();
     issue(&r, Role::User("carol".into()), 20, None).await.unwrap();
-    let status = r.local_status();
-    let users = status
-        .expiring
-        .iter()
-        .find(|e| e.kind == "user")
-        .expect("a warning for users");
-    assert_eq!(users.count, 2, "{:?}", status.expiring);
+    let expiring = r.expiring_certificates();
+    let users = expiring.iter().find(|e| e.kind == "user").expect("a warning for users");
+    assert_eq!(users.count, 2, "{expiring:?}");
     let days_left = (users.earliest_not_after - pki::now_secs()).div_ceil(86_400);
     assert!((9..=11).contains(&days_left), "bob's ends first: {days_left} days");
 }

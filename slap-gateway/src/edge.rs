@@ -183,14 +183,6 @@ pub enum HoldEnd {
     FeedLost(Duration),
 }
 
-/// The computer and revision a poll's ETag names (`"COMP-1-42"`).
-pub fn parse_etag(etag: &str, computer: &str) -> Option<u64> {
-    let inner = etag.trim().strip_prefix('"')?.strip_suffix('"')?;
-    let (id, revision) = inner.rsplit_once('-')?;
-    (id == computer).then_some(())?;
-    revision.parse().ok()
-}
-
 impl Edge {
     /// `staleness`: how old the last confirmation may be; `cache_bytes`:
     /// the documents kept (0: none).
@@ -271,7 +263,7 @@ impl Edge {
     /// answered here: the feed is live, a replica answered this caller for
     /// this computer before, and the ETag names the current revision.
     pub fn unchanged(&self, caller: &str, computer: &str, if_none_match: &str) -> Option<Unchanged> {
-        let revision = parse_etag(if_none_match, computer)?;
+        let revision = slap_proto::limits::parse_document_etag(if_none_match, computer)?;
         (self.answerable(caller, computer)? == revision).then(|| Unchanged {
             computer: computer.to_string(),
             revision,
@@ -547,16 +539,6 @@ mod tests {
             confirmed,
             revocations,
         }
-    }
-
-    #[test]
-    fn etags_name_their_computer_and_revision() {
-        assert_eq!(parse_etag("\"COMP-1-42\"", "COMP-1"), Some(42));
-        assert_eq!(parse_etag(" \"COMP-1-42\" ", "COMP-1"), Some(42));
-        assert_eq!(parse_etag("\"COMP-1-42\"", "COMP-2"), None, "another computer's");
-        assert_eq!(parse_etag("COMP-1-42", "COMP-1"), None, "unquoted");
-        assert_eq!(parse_etag("\"COMP-1-x\"", "COMP-1"), None);
-        assert_eq!(parse_etag("W/\"COMP-1-42\"", "COMP-1"), None);
     }
 
     #[test]

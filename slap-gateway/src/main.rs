@@ -35,7 +35,7 @@ mod discovery;
 mod edge;
 mod tls;
 
-use slap_proto::limits::MIN_REVISION_HEADER;
+use slap_proto::limits::{document_etag, MIN_REVISION_HEADER};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -405,7 +405,7 @@ async fn keep_document(edge: &edge::Edge, computer: &str, resp: Response) -> Res
         .headers()
         .get(hyper::header::ETAG)
         .and_then(|v| v.to_str().ok())
-        .and_then(|etag| edge::parse_etag(etag, computer));
+        .and_then(|etag| slap_proto::limits::parse_document_etag(etag, computer));
     let length = resp
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
@@ -460,7 +460,7 @@ async fn at_the_edge(edge: &edge::Edge, caller: &str, computer: &str, headers: &
             edge::HoldEnd::Unchanged => {
                 edge.counters.not_modified.fetch_add(1, Ordering::Relaxed);
                 let mut resp = StatusCode::NOT_MODIFIED.into_response();
-                if let Ok(tag) = HeaderValue::from_str(&format!("\"{computer}-{}\"", unchanged.revision)) {
+                if let Ok(tag) = HeaderValue::from_str(&document_etag(computer, unchanged.revision)) {
                     resp.headers_mut().insert(hyper::header::ETAG, tag);
                 }
                 return Some(resp);
@@ -479,7 +479,7 @@ async fn at_the_edge(edge: &edge::Edge, caller: &str, computer: &str, headers: &
     if let Some(content_type) = document.content_type {
         h.insert(hyper::header::CONTENT_TYPE, content_type);
     }
-    if let Ok(tag) = HeaderValue::from_str(&format!("\"{computer}-{}\"", document.revision)) {
+    if let Ok(tag) = HeaderValue::from_str(&document_etag(computer, document.revision)) {
         h.insert(hyper::header::ETAG, tag);
     }
     Some(resp)

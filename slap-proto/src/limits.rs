@@ -36,6 +36,21 @@ pub const MIN_REVISION_HEADER: &str = "x-slap-min-revision";
 /// How long a replica waits to catch up with [`MIN_REVISION_HEADER`].
 pub const MIN_REVISION_WAIT_MS: u64 = 500;
 
+/// The ETag of a computer's document at a revision (`"COMP-1-42"`): what
+/// a replica sends and a gateway answers `If-None-Match` against.
+pub fn document_etag(computer: &str, revision: u64) -> String {
+    format!("\"{computer}-{revision}\"")
+}
+
+/// The revision a [`document_etag`] of `computer` names; `None` for an
+/// ETag of another computer or another form.
+pub fn parse_document_etag(etag: &str, computer: &str) -> Option<u64> {
+    let inner = etag.trim().strip_prefix('"')?.strip_suffix('"')?;
+    let (id, revision) = inner.rsplit_once('-')?;
+    (id == computer).then_some(())?;
+    revision.parse().ok()
+}
+
 /// How long a poll asks to be held: its `X-Slap-Wait` value, capped at
 /// [`POLL_HOLD_SECS`]; zero when absent or not a number.
 pub fn poll_hold(value: Option<&[u8]>) -> std::time::Duration {
@@ -49,6 +64,21 @@ pub fn poll_hold(value: Option<&[u8]>) -> std::time::Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn document_etags_name_their_computer_and_revision() {
+        assert_eq!(document_etag("COMP-1", 42), "\"COMP-1-42\"");
+        assert_eq!(parse_document_etag(&document_etag("COMP-1", 42), "COMP-1"), Some(42));
+        assert_eq!(parse_document_etag(" \"COMP-1-42\" ", "COMP-1"), Some(42));
+        assert_eq!(
+            parse_document_etag("\"COMP-1-42\"", "COMP-2"),
+            None,
+            "another computer's"
+        );
+        assert_eq!(parse_document_etag("COMP-1-42", "COMP-1"), None, "unquoted");
+        assert_eq!(parse_document_etag("\"COMP-1-x\"", "COMP-1"), None);
+        assert_eq!(parse_document_etag("W/\"COMP-1-42\"", "COMP-1"), None);
+    }
 
     #[test]
     fn a_poll_hold_is_read_in_seconds_and_capped() {

@@ -313,26 +313,25 @@ async fn full_computer(
         if let Some(c) = changed.as_mut().as_pin_mut() {
             c.enable();
         }
-        let (revision, body) = {
+        let (etag, body) = {
             let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
             let revision = state
                 .computers
                 .get(id)
                 .map(|c| c.revision)
                 .ok_or_else(|| SlapError(StatusCode::NOT_FOUND, format!("computer {id} does not exist")))?;
-            let etag = format!("\"{id}-{revision}\"");
+            let etag = limits::document_etag(id, revision);
             if known == Some(etag.as_str()) {
-                (revision, None)
+                (etag, None)
             } else {
                 // Built under the same read lock as the revision, so the two match.
                 let body = cache.get_or_build(id, revision, || {
                     let doc = documents::computer(&state, id).expect("the computer exists: its revision was just read");
                     marshal::dumps(&doc).map_err(|e| SlapError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
                 })?;
-                (revision, Some(body))
+                (etag, Some(body))
             }
         };
-        let etag = format!("\"{id}-{revision}\"");
         match body {
             // Bytes clones share the cached buffer: no copy per poll.
             Some(body) => {

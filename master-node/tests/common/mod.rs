@@ -212,6 +212,8 @@ pub struct SlapCluster {
     pub raft: Vec<String>,
     /// The replicas' SLAP ports.
     pub slap: Vec<u16>,
+    /// Where the replicas' data dirs are.
+    dir: PathBuf,
     /// The administrator's certificate `init` wrote.
     pub admin: Credentials,
     pub gateway_port: u16,
@@ -278,11 +280,29 @@ impl SlapCluster {
             replicas,
             raft,
             slap,
+            dir: dir.to_path_buf(),
             admin,
             gateway_port,
             gateway,
             runtime,
         }
+    }
+
+    /// The cluster's join token, as `init` wrote it.
+    pub fn join_token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("r0/join-token"))
+            .expect("the join token")
+            .trim()
+            .to_string()
+    }
+
+    /// A native-API client through the gateway (plain HTTP/2); call it
+    /// inside a tokio runtime.
+    pub fn native(&self) -> slap_proto::master::master_client::MasterClient<tonic::transport::Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", self.gateway_port))
+            .expect("the gateway's URL")
+            .connect_lazy();
+        slap_proto::master::master_client::MasterClient::new(channel)
     }
 
     /// Another slap-gateway in front of the same replicas: it and its port.
