@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::api::ClientWrite;
 use crate::pki::{self, Issued};
 use crate::replica::Replica;
-use crate::state::{Command, Reply, Role, SlapState};
+use crate::state::{Command, Reply, Role};
 
 /// Why a certificate was not issued.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +66,13 @@ pub async fn issue_for_hosts(
         .clone()
         .ok_or(IssueError::NoAuthority)?;
     let issued = pki::issue(&ca, &role, pki::now_secs(), days, hosts)?;
+    record(replica, &issued, registration).await?;
+    info!(role = %role, serial = %issued.certificate.serial, "certificate issued");
+    Ok((issued, ca.cert_pem))
+}
+
+/// Records a signed certificate through the log.
+async fn record(replica: &Replica, issued: &Issued, registration: Option<String>) -> Result<(), IssueError> {
     let (reply, _) = replica
         .write(ClientWrite {
             request_id: None,
@@ -78,10 +85,7 @@ pub async fn issue_for_hosts(
         .map_err(|s| IssueError::Write(s.message().to_string()))?;
     match reply {
         Reply::Refused(r) => Err(IssueError::Refused(r.to_string())),
-        _ => {
-            info!(role = %role, serial = %issued.certificate.serial, "certificate issued");
-            Ok((issued, ca.cert_pem))
-        }
+        _ => Ok(()),
     }
 }
 
@@ -94,10 +98,13 @@ fn is_leader(replica: &Replica) -> bool {
 /// partition. Ends when the replica is dropped.
 pub async fn run_issuer(replica: std::sync::Weak<Replica>) {
     // The log position of the last complete round: nothing to do until the
-    // state moves (a round scans every partition).
+    // state moves.
     let mut done_at = None;
+    let mut more_waiting = false;
     loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        if !std::mem::take(&mut more_waiting) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         let Some(replica) = replica.upgrade() else { return };
         if !is_leader(&replica) {
             done_at = None;
@@ -108,29 +115,54 @@ pub async fn run_issuer(replica: std::sync::Weak<Replica>) {
             continue;
         }
         match issue_round(&replica).await {
-            Ok(()) => done_at = Some(applied),
+            // More are waiting: the next round at once.
+            Ok(ROUND) => more_waiting = true,
+            Ok(_) => done_at = Some(applied),
             Err(e) => warn!(error = %e, "certificate issuer"),
         }
     }
 }
 
-async fn issue_round(replica: &Arc<Replica>) -> Result<(), IssueError> {
-    let (has_ca, missing) = {
+/// Certificates one round issues at most. They are signed and recorded
+/// concurrently, so the leader's batching puts them in a few log entries
+/// (a fleet's worth of new instances is thousands of partitions).
+const ROUND: usize = 256;
+
+/// Issues certificates for up to [`ROUND`] waiting partitions; how many.
+async fn issue_round(replica: &Arc<Replica>) -> Result<usize, IssueError> {
+    let (ca, missing) = {
         let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
         let missing: Vec<Role> = state
-            .partitions
-            .values()
-            .filter(|p| p.state == SlapState::Busy && state.partition_certificate(&p.computer, &p.id).is_none())
-            .take(64)
-            .map(|p| Role::Partition(p.computer.clone(), p.id.clone()))
+            .uncertified_partitions(ROUND)
+            .map(|(c, p)| Role::Partition(c.clone(), p.clone()))
             .collect();
-        (state.authority.is_some(), missing)
+        (state.authority.clone(), missing)
     };
-    if !has_ca {
-        return Ok(());
+    let Some(ca) = ca else { return Ok(0) };
+    let count = missing.len();
+    if count == 0 {
+        return Ok(0);
     }
-    for role in missing {
-        issue(replica, role, pki::DEFAULT_DAYS, None).await?;
+    // Key generation and signing are CPU work: off the async threads.
+    let signed = tokio::task::spawn_blocking(move || {
+        let now = pki::now_secs();
+        missing
+            .iter()
+            .map(|role| pki::issue(&ca, role, now, pki::DEFAULT_DAYS, &[]))
+            .collect::<Result<Vec<Issued>, _>>()
+    })
+    .await
+    .map_err(|e| IssueError::Write(format!("the signing task failed: {e}")))??;
+    let results = futures::future::join_all(signed.iter().map(|issued| record(replica, issued, None))).await;
+    let mut recorded = 0;
+    for r in results {
+        match r {
+            Ok(()) => recorded += 1,
+            // The partition was freed, or another issuance won: nothing lost.
+            Err(IssueError::Refused(why)) => tracing::debug!(%why, "partition certificate not recorded"),
+            Err(e) => return Err(e),
+        }
     }
-    Ok(())
+    tracing::debug!(recorded, "partition certificates issued");
+    Ok(count)
 }

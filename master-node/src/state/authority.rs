@@ -64,9 +64,27 @@ impl Master {
             self.poller_revocations += 1;
         }
         if let (Role::Partition(c, p), false) = (&cert.role, cert.revoked) {
-            self.partition_certs
-                .insert((c.clone(), p.clone()), cert.fingerprint.clone());
+            let key = (c.clone(), p.clone());
+            self.uncertified.remove(&key);
+            self.partition_certs.insert(key, cert.fingerprint.clone());
         }
+    }
+
+    /// Keeps [`Master::uncertified`] true of one partition after its state
+    /// or its live certificate changed.
+    pub(super) fn recheck_certified(&mut self, computer: &str, partition: &str) {
+        let key = (computer.to_string(), partition.to_string());
+        let busy = self.partitions.get(&key).is_some_and(|p| p.state == SlapState::Busy);
+        if busy && !self.partition_certs.contains_key(&key) {
+            self.uncertified.insert(key);
+        } else {
+            self.uncertified.remove(&key);
+        }
+    }
+
+    /// Up to `n` busy partitions still waiting for a certificate, in key order.
+    pub fn uncertified_partitions(&self, n: usize) -> impl Iterator<Item = &(ComputerId, PartitionId)> {
+        self.uncertified.iter().take(n)
     }
 
     pub(super) fn revoke_certificate(&mut self, serial: &str) -> Reply {
@@ -84,6 +102,8 @@ impl Master {
                 let key = (c.clone(), p.clone());
                 if self.partition_certs.get(&key) == Some(&cert.fingerprint) {
                     self.partition_certs.remove(&key);
+                    let (c, p) = key;
+                    self.recheck_certified(&c, &p);
                 }
             }
         }
@@ -113,6 +133,7 @@ impl Master {
                 self.dirty.insert(Dirty::Certificate(fp));
             }
         }
+        self.recheck_certified(computer, partition);
     }
 
     /// Live certificates whose validity ends before `before` (seconds since

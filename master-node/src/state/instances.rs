@@ -284,6 +284,7 @@ impl Master {
                         if let Some(position) = self.position_of(&c, &p) {
                             self.placement.occupy(&c, position, &capabilities);
                         }
+                        self.recheck_certified(&c, &p);
                         self.dirty.insert(Dirty::Partition(c.clone(), p));
                         self.bump(seq, now, id);
                         // A new instance may be the host waiting shared ones need.

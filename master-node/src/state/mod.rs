@@ -34,6 +34,7 @@ mod instances;
 pub mod ledger;
 pub mod limits;
 pub mod model;
+mod params;
 pub mod persist;
 mod reports;
 
@@ -42,6 +43,7 @@ use std::sync::Arc;
 
 pub use command::*;
 pub use model::*;
+pub use params::Params;
 
 /// How long a client's last answer is kept for retries (leader time).
 pub const SESSION_TTL_US: u64 = 3600 * 1_000_000;
@@ -106,6 +108,9 @@ pub struct Master {
     titles: HashMap<Scope, HashMap<String, InstanceId>>,
     /// The live certificate of each partition, by fingerprint.
     partition_certs: BTreeMap<(ComputerId, PartitionId), String>,
+    /// Busy partitions without a live certificate: the leader's issuer
+    /// takes its work from here rather than scanning every partition.
+    uncertified: BTreeSet<(ComputerId, PartitionId)>,
     children: BTreeMap<InstanceId, BTreeSet<InstanceId>>,
     hosted: BTreeMap<InstanceId, BTreeSet<InstanceId>>,
     /// Instances waiting for a place, by creation sequence number.
@@ -490,6 +495,12 @@ impl Master {
         for cert in &certs {
             self.index_certificate(cert);
         }
+        self.uncertified = self
+            .partitions
+            .iter()
+            .filter(|(key, p)| p.state == SlapState::Busy && !self.partition_certs.contains_key(*key))
+            .map(|(key, _)| key.clone())
+            .collect();
         self.placement = allocation::PlacementIndex::build(&self.computers, &self.partitions, &self.installations);
         self.revised = self.computers.values().map(|c| (c.revision, c.id.clone())).collect();
     }

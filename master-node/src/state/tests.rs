@@ -133,6 +133,16 @@ fn instance(r: Reply) -> Instance {
 fn check_invariants(m: &Master) {
     let by_revision: BTreeSet<(u64, ComputerId)> = m.computers.values().map(|c| (c.revision, c.id.clone())).collect();
     assert_eq!(m.revised, by_revision, "the index by revision follows every computer");
+    let uncertified: BTreeSet<(ComputerId, PartitionId)> = m
+        .partitions
+        .iter()
+        .filter(|(key, p)| p.state == SlapState::Busy && !m.partition_certs.contains_key(*key))
+        .map(|(key, _)| key.clone())
+        .collect();
+    assert_eq!(
+        m.uncertified, uncertified,
+        "the busy partitions waiting for a certificate are indexed"
+    );
     for ((c, p), part) in &m.partitions {
         match (part.state, &part.instance) {
             (SlapState::Busy, Some(id)) => {
