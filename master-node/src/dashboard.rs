@@ -498,7 +498,7 @@ async fn request_submit(
         r
     };
     let (parameters, sla) = match (key_values(&field("parameters")), key_values(&field("sla"))) {
-        (Ok(p), Ok(s)) => (p, s),
+        (Ok(p), Ok(s)) => (p.into_iter().collect(), s.into_iter().collect()),
         (Err(e), _) | (_, Err(e)) => return fail(e),
     };
     let software_type = match field("software_type") {

@@ -42,10 +42,11 @@ fn escape(s: &str, attribute: bool, out: &mut String) {
     }
 }
 
-/// `dict2xml`: the document for `params`, keys sorted.
-pub fn to_xml(params: &BTreeMap<String, String>) -> String {
+/// `dict2xml`: the document for `params` (a map's pairs, keys sorted).
+pub fn to_xml<'a>(params: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
     let mut out = String::from("<?xml version='1.0' encoding='utf-8'?>\n");
-    if params.is_empty() {
+    let mut params = params.into_iter().peekable();
+    if params.peek().is_none() {
         out.push_str("<instance/>\n");
         return out;
     }

@@ -3,8 +3,6 @@
 //!
 //! Part of the state machine: imports nothing.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 /// A computer's reference, e.g. `COMP-123`.
@@ -16,7 +14,7 @@ pub type SoftwareUrl = String;
 /// An instance's reference, e.g. `SOFTINST-42`. Shared instances share the space.
 pub type InstanceId = String;
 /// Parameters, connection parameters, SLA: flat string maps, as in instance XML.
-pub type Params = BTreeMap<String, String>;
+pub use super::params::Params;
 
 /// A machine split into partitions, as reported by `node format`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
