@@ -367,6 +367,12 @@ impl Cluster {
 
     /// Starts a new replica in `slot` joining through the replica of slot `peer`.
     pub async fn join(&mut self, slot: usize, peer: usize) -> anyhow::Result<()> {
+        self.join_within(slot, peer, Duration::from_secs(60)).await
+    }
+
+    /// [`Cluster::join`], waiting up to `within` for the new replica to be
+    /// a voter (a join into a large state transfers a snapshot first).
+    pub async fn join_within(&mut self, slot: usize, peer: usize, within: Duration) -> anyhow::Result<()> {
         let r = &self.replicas[slot - 1];
         let args: Vec<String> = [
             "join",
@@ -390,7 +396,7 @@ impl Cluster {
         self.replicas[slot - 1].proc.child = Some(child);
         self.replicas[slot - 1].proc.container = container;
         let dir = self.replicas[slot - 1].dir.clone();
-        wait_until(&format!("slot {slot} to join"), Duration::from_secs(60), || {
+        wait_until(&format!("slot {slot} to join"), within, || {
             let dir = dir.clone();
             let me = &*self;
             async move {

@@ -15,13 +15,24 @@
 //! parameters, request shared instances and destroy others while the nodes
 //! keep polling.
 //!
+//! Then, while the fleet still polls, it kills a follower and restarts it,
+//! and has a fourth replica join, timing both until they have caught up
+//! ([`recovery`]). Once everything is quiet it checks that every replica
+//! holds the same state and that every answer a user was given is in it
+//! ([`acked`]).
+//!
 //! It prints, and writes to `fleet.json` in `--out`: the time of each phase,
 //! allocations per second, poll latency (p50, p99, max) by document size,
 //! every error (a run with any error fails), peak RSS and CPU seconds of
-//! each replica and of the gateway, and the size of each replica's data
-//! directory. `--smoke` is the CI size: 200 nodes of 20 partitions.
+//! each replica and of the gateway, the size of each replica's data
+//! directory and of the largest snapshot, the restart and join times, and
+//! the writes found lost (a run with any fails). `--smoke` is the CI size:
+//! 200 nodes of 20 partitions.
 //!
 //! Must not import: `run` or `nemesis` (it is its own kind of run).
+
+mod acked;
+mod recovery;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,6 +53,8 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::cluster::{Bins, Cluster};
+use acked::Acked;
+use recovery::Comeback;
 
 const RELEASE: &str = "https://fleet.invalid/software.cfg";
 
@@ -84,6 +97,9 @@ pub struct FleetArgs {
     /// `GetComputer` and `WatchComputer` stream, forwarded to a replica.
     #[arg(long, value_enum, default_value_t = WatchKind::Slap)]
     pub polls: WatchKind,
+    /// Skip restarting a follower and joining a fourth replica at the end.
+    #[arg(long)]
+    pub no_recovery: bool,
 }
 
 /// How simulated nodes poll and watch their computer's document.
@@ -594,7 +610,7 @@ fn next(state: &mut u64) -> u64 {
 }
 
 /// RSS (bytes) and CPU seconds (user + system) of a process.
-fn usage_of(pid: u32) -> Option<(u64, f64)> {
+pub(crate) fn usage_of(pid: u32) -> Option<(u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib: u64 = status
         .lines()
@@ -659,6 +675,18 @@ struct FleetResult {
     errors: u64,
     first_errors: Vec<String>,
     processes: Vec<ProcessFigures>,
+    /// A follower killed (SIGKILL) and restarted while the fleet polled.
+    restart: Option<Comeback>,
+    /// A fourth replica joining while the fleet polled.
+    join: Option<Comeback>,
+    /// The largest snapshot file any replica held at the end (MiB).
+    snapshot_mib: f64,
+    /// Titles whose last answer was checked against the final state.
+    acknowledged_titles: usize,
+    /// The applied index every replica agreed on, with one state digest.
+    converged_at_index: u64,
+    /// Acknowledged answers the final state contradicts (the first 20).
+    lost_writes: Vec<String>,
 }
 
 /// Peak RSS of each watched process, sampled every half second.
@@ -697,7 +725,8 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     });
     std::fs::create_dir_all(&out)?;
     let t0 = Instant::now();
-    let mut c = Cluster::start(Bins::beside_me()?, &out, 3, 3, 1, 1, None).await?;
+    // A fourth slot, spare, for the replica that joins at the end.
+    let mut c = Cluster::start(Bins::beside_me()?, &out, 4, 3, 1, 1, None).await?;
     let seconds_cluster_start = t0.elapsed().as_secs_f64();
     let gateway = c.gateways[0].0.clone();
     let trust = c.trust()?;
@@ -830,11 +859,13 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
         let client = MasterClient::new(slap_proto::tls::channel(&gateway, config)?);
         let count = per_user.min(instances.saturating_sub(u * per_user));
         let (tally, lanes) = (tally.clone(), (args.concurrency / args.users).max(1));
+        let acked = Arc::new(Acked::default());
         users.spawn(async move {
             let next_title = Arc::new(AtomicUsize::new(0));
             let mut lanes_set = tokio::task::JoinSet::new();
             for _ in 0..lanes {
-                let (client, tally, next_title) = (client.clone(), tally.clone(), next_title.clone());
+                let (client, tally, next_title, acked) =
+                    (client.clone(), tally.clone(), next_title.clone(), acked.clone());
                 lanes_set.spawn(async move {
                     loop {
                         let i = next_title.fetch_add(1, Ordering::Relaxed);
@@ -855,14 +886,17 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
                         })
                         .await;
                         tally.requests.push(since);
-                        if answer.is_some_and(|a| a.placed) {
-                            tally.placed.fetch_add(1, Ordering::Relaxed);
+                        if let Some(a) = answer {
+                            acked.record(&req.title, &a);
+                            if a.placed {
+                                tally.placed.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                 });
             }
             while lanes_set.join_next().await.is_some() {}
-            (client, count)
+            (name, client, count, acked)
         });
     }
     let progress = {
@@ -896,8 +930,8 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     let _ = hold_started.set(Instant::now());
     let hold_until = Instant::now() + Duration::from_secs(args.hold);
     let mut changers = tokio::task::JoinSet::new();
-    for (client, count) in user_clients {
-        let tally = tally.clone();
+    for (_, client, count, acked) in &user_clients {
+        let (tally, client, count, acked) = (tally.clone(), client.clone(), *count, acked.clone());
         changers.spawn(async move {
             let mut i = 0usize;
             while Instant::now() < hold_until && count > 0 {
@@ -919,19 +953,20 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
                     shared,
                     ..Default::default()
                 };
-                let _ = call(&tally, "re-request", || {
+                if let Some(a) = call(&tally, "re-request", || {
                     let (mut c, r) = (client.clone(), req.clone());
                     async move { c.request(r).await }
                 })
-                .await;
+                .await
+                {
+                    acked.record(&req.title, &a);
+                }
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
     }
     while changers.join_next().await.is_some() {}
-    let _ = stop_tx.send(true);
-    while fleet.join_next().await.is_some() {}
     sampler.abort();
 
     let peaks = peaks.lock().unwrap().clone();
@@ -947,6 +982,50 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
                 .map(|slot| dir_bytes(&c.replicas[slot - 1].dir) as f64 / (1 << 20) as f64),
         })
         .collect();
+
+    // A replica brought back by a restart and another by a join, while the
+    // fleet keeps polling.
+    let (mut restart, mut join) = (None, None);
+    if !args.no_recovery {
+        match recovery::restart_follower(&mut c).await {
+            Ok(r) => restart = Some(r),
+            Err(e) => tally.error(format!("restarting a follower: {e:#}")),
+        }
+        match recovery::join_new(&mut c, 4).await {
+            Ok(j) => join = Some(j),
+            Err(e) => tally.error(format!("joining a fourth replica: {e:#}")),
+        }
+    }
+    let _ = stop_tx.send(true);
+    while fleet.join_next().await.is_some() {}
+
+    // Quiet now: every replica holds one state, and every answer a user was
+    // given is in it.
+    let converged_at_index = match recovery::converged(&mut c).await {
+        Ok(index) => index,
+        Err(e) => {
+            tally.error(format!("{e:#}"));
+            0
+        }
+    };
+    let mut lost_writes = Vec::new();
+    let mut acknowledged_titles = 0;
+    let lister = c.native(&gateway, "admin")?.max_decoding_message_size(1 << 30);
+    for (name, _, _, acked) in &user_clients {
+        acknowledged_titles += acked.titles();
+        let listed = call(&tally, "final instance list", || {
+            let mut l = lister.clone();
+            let user = name.clone();
+            async move { l.list_instances(pb::ListInstancesRequest { user }).await }
+        })
+        .await;
+        if let Some(listed) = listed {
+            lost_writes.extend(acked.lost(name, &listed.instances));
+        }
+    }
+    let lost_count = lost_writes.len();
+    lost_writes.truncate(20);
+
     let result = FleetResult {
         nodes: args.nodes,
         partitions_per_node: args.partitions,
@@ -978,6 +1057,12 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
         errors: tally.error_count.load(Ordering::Relaxed),
         first_errors: tally.errors.lock().unwrap().clone(),
         processes,
+        restart,
+        join,
+        snapshot_mib: recovery::largest_snapshot(&c) as f64 / (1 << 20) as f64,
+        acknowledged_titles,
+        converged_at_index,
+        lost_writes,
     };
     c.shutdown();
     std::fs::write(out.join("fleet.json"), serde_json::to_string_pretty(&result)?)?;
@@ -993,6 +1078,11 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
         result.instances_placed == instances,
         "{} of {instances} instances placed",
         result.instances_placed
+    );
+    anyhow::ensure!(
+        lost_count == 0,
+        "{lost_count} acknowledged writes are not in the final state: {:?}",
+        result.lost_writes
     );
     Ok(())
 }
@@ -1071,6 +1161,24 @@ fn print(r: &FleetResult) {
                 .map(|d| format!(", data dir {d:.0} MiB"))
                 .unwrap_or_default()
         );
+    }
+    for (what, back) in [("restart", &r.restart), ("join", &r.join)] {
+        if let Some(b) = back {
+            println!(
+                "{what} (slot {}): answering after {:.1} s, caught up to index {} after {:.1} s, RSS then {:.0} MiB",
+                b.slot, b.seconds_answering, b.caught_up_to, b.seconds_caught_up, b.rss_mib
+            );
+        }
+    }
+    println!(
+        "largest snapshot {:.1} MiB; replicas agree at index {}; {} acknowledged titles checked, {} lost",
+        r.snapshot_mib,
+        r.converged_at_index,
+        r.acknowledged_titles,
+        r.lost_writes.len()
+    );
+    for l in &r.lost_writes {
+        println!("  lost: {l}");
     }
     println!("errors: {}", r.errors);
     for e in &r.first_errors {
