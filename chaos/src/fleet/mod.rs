@@ -989,11 +989,19 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     if !args.no_recovery {
         match recovery::restart_follower(&mut c).await {
             Ok(r) => restart = Some(r),
-            Err(e) => tally.error(format!("restarting a follower: {e:#}")),
+            Err(e) => {
+                let why = format!("restarting a follower: {e:#}");
+                tracing::warn!("{why}");
+                tally.error(why);
+            }
         }
         match recovery::join_new(&mut c, 4).await {
             Ok(j) => join = Some(j),
-            Err(e) => tally.error(format!("joining a fourth replica: {e:#}")),
+            Err(e) => {
+                let why = format!("joining a fourth replica: {e:#}");
+                tracing::warn!("{why}");
+                tally.error(why);
+            }
         }
     }
     let _ = stop_tx.send(true);

@@ -38,10 +38,7 @@ pub struct Comeback {
 
 /// A follower of `c`, killed (SIGKILL) and restarted; the leader stays.
 pub async fn restart_follower(c: &mut Cluster) -> anyhow::Result<Comeback> {
-    let leader = c
-        .leader_slot()
-        .await
-        .context("no leader to restart a follower beside")?;
+    let leader = leader(c).await?;
     let slot = c
         .replicas
         .iter()
@@ -58,7 +55,7 @@ pub async fn restart_follower(c: &mut Cluster) -> anyhow::Result<Comeback> {
 
 /// A new replica in the spare `slot`, joining through the leader.
 pub async fn join_new(c: &mut Cluster, slot: usize) -> anyhow::Result<Comeback> {
-    let leader = c.leader_slot().await.context("no leader to join through")?;
+    let leader = leader(c).await?;
     let target = committed(c, leader).await?;
     tracing::info!(slot, target, "a new replica joins");
     let started = Instant::now();
@@ -66,10 +63,29 @@ pub async fn join_new(c: &mut Cluster, slot: usize) -> anyhow::Result<Comeback> 
     wait_serving(c, slot, target, started).await
 }
 
+/// The slot of the leader, waiting up to a minute for one: a loaded
+/// cluster may be between two leaders, or its leader too busy to answer a
+/// status call in time (the first 1M-partition run gave up at once).
+async fn leader(c: &Cluster) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(slot) = c.leader_slot().await {
+            return Ok(slot);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no leader answered within a minute");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// The leader's committed index now.
 async fn committed(c: &Cluster, leader: usize) -> anyhow::Result<u64> {
-    let status = c.status(leader).await.context("the leader's status")?;
-    Ok(status.committed)
+    for _ in 0..20 {
+        if let Some(status) = c.status(leader).await {
+            return Ok(status.committed);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("the leader (slot {leader}) did not answer a status call for 10 s")
 }
 
 async fn wait_serving(c: &Cluster, slot: usize, target: u64, started: Instant) -> anyhow::Result<Comeback> {
