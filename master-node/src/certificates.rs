@@ -128,7 +128,8 @@ pub async fn run_issuer(replica: std::sync::Weak<Replica>) {
 /// (a fleet's worth of new instances is thousands of partitions).
 const ROUND: usize = 256;
 
-/// Issues certificates for up to [`ROUND`] waiting partitions; how many.
+/// Issues certificates for up to [`ROUND`] waiting partitions; how many
+/// were recorded.
 async fn issue_round(replica: &Arc<Replica>) -> Result<usize, IssueError> {
     let (ca, missing) = {
         let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
@@ -139,8 +140,7 @@ async fn issue_round(replica: &Arc<Replica>) -> Result<usize, IssueError> {
         (state.authority.clone(), missing)
     };
     let Some(ca) = ca else { return Ok(0) };
-    let count = missing.len();
-    if count == 0 {
+    if missing.is_empty() {
         return Ok(0);
     }
     // Key generation and signing are CPU work: off the async threads.
@@ -164,5 +164,7 @@ async fn issue_round(replica: &Arc<Replica>) -> Result<usize, IssueError> {
         }
     }
     tracing::debug!(recorded, "partition certificates issued");
-    Ok(count)
+    // Only a full round of records says more may be waiting: refusals
+    // (a partition freed meanwhile) must not spin the issuer.
+    Ok(recorded)
 }
