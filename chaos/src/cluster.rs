@@ -577,6 +577,22 @@ impl Cluster {
         .map(|r| r.into_inner())
     }
 
+    /// The applied index and state digest of slot's replica (asked as the
+    /// administrator on its public port), or `None` when it does not answer
+    /// within `within`.
+    pub async fn state_digest(&self, slot: usize, within: Duration) -> anyhow::Result<Option<(u64, String)>> {
+        let mut client = self.native(&self.replicas[slot - 1].public, "admin")?;
+        let call = client.cluster(slap_proto::master::ClusterRequest { state_digest: true });
+        Ok(tokio::time::timeout(within, call)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|v| {
+                let v = v.into_inner();
+                (v.applied_index, v.state_sha256)
+            }))
+    }
+
     /// The status from any running slot that answers.
     pub async fn any_status(&self) -> Option<StatusReply> {
         for r in &self.replicas {

@@ -308,18 +308,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     loop {
         digests.clear();
         for s in &slots {
-            let client = c.native(&c.replicas[s - 1].public, "admin")?;
-            let d = tokio::time::timeout(
-                Duration::from_secs(5),
-                client.clone().cluster(pb::ClusterRequest { state_digest: true }),
-            )
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .map(|v| {
-                let v = v.into_inner();
-                (v.applied_index, v.state_sha256)
-            });
+            let d = c.state_digest(*s, Duration::from_secs(5)).await?;
             digests.push((format!("slot-{s}"), d));
         }
         let indexes: std::collections::BTreeSet<Option<u64>> =

@@ -144,23 +144,12 @@ fn largest_file(dir: &Path) -> u64 {
 /// same index, then compares their state digests: the applied index they
 /// agree on, or an error naming the replicas that differ.
 pub async fn converged(c: &mut Cluster) -> anyhow::Result<u64> {
-    use slap_proto::master as pb;
     let slots = c.running_slots();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let mut digests = Vec::new();
         for &s in &slots {
-            let mut client = c.native(&c.replicas[s - 1].public, "admin")?;
-            let call = client.cluster(pb::ClusterRequest { state_digest: true });
-            let d = tokio::time::timeout(Duration::from_secs(60), call)
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .map(|v| {
-                    let v = v.into_inner();
-                    (v.applied_index, v.state_sha256)
-                });
-            digests.push((s, d));
+            digests.push((s, c.state_digest(s, Duration::from_secs(60)).await?));
         }
         let indexes: std::collections::BTreeSet<Option<u64>> =
             digests.iter().map(|(_, d)| d.as_ref().map(|d| d.0)).collect();
