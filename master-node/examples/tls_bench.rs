@@ -259,7 +259,7 @@ async fn main() {
         for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
         }
-        let chain = CertificateDer::pem_slice_iter(issued.certificate.cert_pem.as_bytes())
+        let chain = CertificateDer::pem_slice_iter(issued.certificate.cert_pem.to_text().as_bytes())
             .map(|c| c.unwrap())
             .collect();
         let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use axum::extract::State;
 
 use crate::replica::Replica;
-use crate::state::Role;
+use crate::state::{Fingerprint, Role};
 
 /// The user SLAP requests act for when no certificate says who calls (plain
 /// HTTP, or an administrator acting for nobody in particular).
@@ -177,7 +177,7 @@ pub fn effective_role(replica: &Replica, role: Role, headers: &axum::http::Heade
         return Ok(role);
     };
     let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
-    match state.certificates.get(fp) {
+    match Fingerprint::parse(fp).and_then(|fp| state.certificates.get(&fp)) {
         Some(c) if c.revoked => Err(format!("the caller's certificate {} is revoked", c.serial)),
         Some(c) if matches!(c.role, Role::Gateway(_)) => Err("a gateway cannot pass on another gateway".into()),
         Some(c) => Ok(c.role.clone()),

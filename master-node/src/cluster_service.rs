@@ -208,7 +208,7 @@ impl Cluster for ClusterService {
             !n.is_empty() && n.len() <= 128 && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
         };
         let issued_reply = |(issued, ca): (crate::pki::Issued, String)| CertificatesReply {
-            certificate_pem: issued.certificate.cert_pem,
+            certificate_pem: issued.certificate.cert_pem.to_text(),
             key_pem: issued.key_pem,
             ca_pem: ca,
             ..Default::default()

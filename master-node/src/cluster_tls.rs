@@ -37,7 +37,7 @@ use tracing::debug;
 
 use crate::client_certs::{Policy, StateVerifier};
 use crate::pki;
-use crate::state::{Master, Role};
+use crate::state::{Fingerprint, Master, Role};
 
 /// Why the cluster port's TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -168,8 +168,8 @@ pub struct Peer {
     pub remote: Option<SocketAddr>,
     /// The role the verified certificate names, if one was presented.
     pub role: Option<Role>,
-    /// sha256 (hex) of that certificate.
-    pub fingerprint: Option<String>,
+    /// sha256 of that certificate.
+    pub fingerprint: Option<Fingerprint>,
 }
 
 impl Peer {
@@ -181,12 +181,12 @@ impl Peer {
 
     /// The role, unless its certificate was revoked since the handshake.
     pub fn live_role(&self, state: &RwLock<Master>) -> Option<Role> {
-        let fp = self.fingerprint.as_deref()?;
+        let fp = self.fingerprint?;
         let revoked = state
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .certificates
-            .get(fp)
+            .get(&fp)
             .is_some_and(|c| c.revoked);
         if revoked {
             None

@@ -65,10 +65,10 @@ impl Founding {
         Ok(Founding {
             replica_tls: ReplicaTls {
                 ca_pem: authority.cert_pem.clone(),
-                cert_pem: replica.certificate.cert_pem.clone(),
+                cert_pem: replica.certificate.cert_pem.to_text(),
                 key_pem: replica.key_pem,
             },
-            admin_cert_pem: admin.certificate.cert_pem.clone(),
+            admin_cert_pem: admin.certificate.cert_pem.to_text(),
             admin_key_pem: admin.key_pem,
             records: vec![replica.certificate, admin.certificate],
             authority,

@@ -186,7 +186,7 @@ impl Replica {
             csr_pem,
         )
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let pem = certificate.cert_pem.clone();
+        let pem = certificate.cert_pem.to_text();
         let (reply, _) = self
             .propose(ClientWrite {
                 request_id: None,

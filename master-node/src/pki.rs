@@ -21,7 +21,7 @@ use rcgen::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::state::{Authority, Certificate, Role};
+use crate::state::{Authority, Certificate, Fingerprint, Pem, Role};
 
 /// Why a certificate could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -77,9 +77,9 @@ pub fn common_name(role: &Role) -> String {
     }
 }
 
-/// sha256 (hex) of a certificate's DER.
-pub fn fingerprint(der: &[u8]) -> String {
-    hex::encode(Sha256::digest(der))
+/// sha256 of a certificate's DER.
+pub fn fingerprint(der: &[u8]) -> Fingerprint {
+    Fingerprint(Sha256::digest(der).into())
 }
 
 /// A signed certificate and its private key (PEM).
@@ -102,7 +102,7 @@ pub fn issue(
     let key_pem = key.serialize_pem();
     Ok(Issued {
         certificate: Certificate {
-            key_pem: matches!(role, Role::Partition(..)).then(|| key_pem.clone()),
+            key_pem: matches!(role, Role::Partition(..)).then(|| Pem::from_text(&key_pem)),
             ..certificate
         },
         key_pem,
@@ -163,7 +163,7 @@ fn sign(
         serial: hex::encode(serial),
         fingerprint: fingerprint(cert.der()),
         role: role.clone(),
-        cert_pem: cert.pem(),
+        cert_pem: Pem::from_text(&cert.pem()),
         key_pem: None,
         not_after,
         revoked: false,
@@ -246,7 +246,14 @@ mod tests {
             "a partition's key is kept for its node"
         );
         assert_eq!(a.certificate.not_after, now + 30 * 86400);
-        assert!(a.certificate.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(a
+            .certificate
+            .cert_pem
+            .to_text()
+            .starts_with("-----BEGIN CERTIFICATE-----"));
+        // What the Master keeps of the half million partitions' pairs at
+        // fleet size: the compact form.
+        assert!(b.certificate.cert_pem.is_der() && b.certificate.key_pem.as_ref().is_some_and(Pem::is_der));
     }
 
     #[test]
@@ -263,7 +270,7 @@ mod tests {
         ] {
             let issued = issue(&ca, &role, now, 1, &[]).unwrap();
             let der = rustls::pki_types::CertificateDer::from(
-                rustls::pki_types::pem::PemObject::from_pem_slice(issued.certificate.cert_pem.as_bytes())
+                rustls::pki_types::pem::PemObject::from_pem_slice(issued.certificate.cert_pem.to_text().as_bytes())
                     .map(|d: rustls::pki_types::CertificateDer<'static>| d.to_vec())
                     .unwrap(),
             );
@@ -283,7 +290,7 @@ mod tests {
         assert_eq!(cert.role, Role::Replica(4));
         assert!(cert.key_pem.is_none());
         // The certificate is over the requester's key: it pairs with the key kept.
-        let der = rustls::pki_types::pem::PemObject::from_pem_slice(cert.cert_pem.as_bytes())
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(cert.cert_pem.to_text().as_bytes())
             .map(|d: rustls::pki_types::CertificateDer<'static>| d.to_vec())
             .unwrap();
         let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();

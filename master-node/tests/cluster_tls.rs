@@ -33,7 +33,7 @@ fn signed_for(founding: &Founding, role: &Role) -> (Credentials, master_node::st
     let issued = pki::issue(&founding.authority, role, pki::now_secs(), 1, &["localhost".into()]).unwrap();
     let creds = Credentials::identity(
         &founding.authority.cert_pem,
-        &issued.certificate.cert_pem,
+        &issued.certificate.cert_pem.to_text(),
         &issued.key_pem,
     )
     .unwrap();
@@ -168,7 +168,7 @@ fn vote_from(candidate: u64) -> Vec<u8> {
 
 async fn raft_client(founding: &Founding, role: &Role, addr: &str) -> RaftClient<tonic::transport::Channel> {
     let issued = pki::issue(&founding.authority, role, pki::now_secs(), 1, &["localhost".into()]).unwrap();
-    let identity = ClientIdentity::from_pem(&issued.certificate.cert_pem, &issued.key_pem).unwrap();
+    let identity = ClientIdentity::from_pem(&issued.certificate.cert_pem.to_text(), &issued.key_pem).unwrap();
     let config = slap_proto::tls::client_config(
         &Trust::ca_pem(&founding.authority.cert_pem).unwrap(),
         Some(&identity),
@@ -194,7 +194,7 @@ async fn a_replica_speaks_raft_only_for_itself() {
 
     // Dialing replica 2 at replica 1's address: the client refuses the server.
     let issued = pki::issue(&founding.authority, &Role::Replica(7), pki::now_secs(), 1, &[]).unwrap();
-    let identity = ClientIdentity::from_pem(&issued.certificate.cert_pem, &issued.key_pem).unwrap();
+    let identity = ClientIdentity::from_pem(&issued.certificate.cert_pem.to_text(), &issued.key_pem).unwrap();
     let config = slap_proto::tls::client_config(
         &Trust::ca_pem(&founding.authority.cert_pem).unwrap(),
         Some(&identity),
@@ -312,7 +312,7 @@ async fn an_expired_certificate_is_refused_at_the_handshake() {
     let issued = pki::issue(&founding.authority, &Role::Admin, pki::now_secs() - 7200, 0, &[]).unwrap();
     let expired = Credentials::identity(
         &founding.authority.cert_pem,
-        &issued.certificate.cert_pem,
+        &issued.certificate.cert_pem.to_text(),
         &issued.key_pem,
     )
     .unwrap();

@@ -260,7 +260,9 @@ async fn the_gateway_passes_on_the_verified_caller_and_nothing_else() {
             url: "https://lab.example.org/sr.cfg".into(),
             ..Default::default()
         });
-        supply.metadata_mut().insert("x-slap-caller", ops_fp.parse().unwrap());
+        supply
+            .metadata_mut()
+            .insert("x-slap-caller", ops_fp.to_string().parse().unwrap());
         let denied = bob_native.supply(supply).await.unwrap_err();
         assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
         let listed = bob_native

@@ -638,7 +638,7 @@ async fn handshakes_refuse_revoked_expired_foreign_and_missing_certificates() {
     let foreign_ca = pki::new_authority("other", pki::now_secs()).unwrap();
     let foreign = pki::issue(&foreign_ca, &Role::Admin, pki::now_secs(), 1, &[]).unwrap();
 
-    let with = |i: &pki::Issued| client_config(&ca.cert_pem, Some((&i.certificate.cert_pem, &i.key_pem)));
+    let with = |i: &pki::Issued| client_config(&ca.cert_pem, Some((&i.certificate.cert_pem.to_text(), &i.key_pem)));
     let start = Instant::now();
     while tls_get(port, with(&alice)).await.is_none() {
         assert!(
@@ -691,7 +691,10 @@ async fn the_slap_certificate_names_the_advertised_host() {
         .unwrap();
     let ca = r.state.read().unwrap().authority.clone().unwrap();
     let (alice, _) = issue(&r, Role::User("alice".into()), 30, None).await.unwrap();
-    let config = client_config(&ca.cert_pem, Some((&alice.certificate.cert_pem, &alice.key_pem)));
+    let config = client_config(
+        &ca.cert_pem,
+        Some((&alice.certificate.cert_pem.to_text(), &alice.key_pem)),
+    );
     let start = Instant::now();
     while tls_get_as(port, "master-1.example.org", config.clone()).await.is_none() {
         assert!(

@@ -625,7 +625,8 @@ async fn a_user_and_a_node_over_http2_with_mutual_tls_and_a_watch() {
     let node_cert = issue(Role::Computer("X".into())).await;
     let user_cert = issue(Role::User("alice".into())).await;
     let client = |cert: &master_node::pki::Issued| {
-        let identity = slap_proto::tls::ClientIdentity::from_pem(&cert.certificate.cert_pem, &cert.key_pem).unwrap();
+        let identity =
+            slap_proto::tls::ClientIdentity::from_pem(&cert.certificate.cert_pem.to_text(), &cert.key_pem).unwrap();
         let config = slap_proto::tls::client_config(
             &slap_proto::tls::Trust::ca_pem(&founding.authority.cert_pem).unwrap(),
             Some(&identity),

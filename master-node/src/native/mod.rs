@@ -364,8 +364,12 @@ impl MasterApi for MasterService {
             ))
         })?;
         Ok(Response::new(pb::PartitionCertificate {
-            certificate_pem: cert.cert_pem.clone(),
-            key_pem: cert.key_pem.clone().unwrap_or_default(),
+            certificate_pem: cert.cert_pem.to_text(),
+            key_pem: cert
+                .key_pem
+                .as_ref()
+                .map(crate::state::Pem::to_text)
+                .unwrap_or_default(),
         }))
     }
 

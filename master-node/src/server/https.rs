@@ -72,10 +72,10 @@ fn server_identity(replica: &Replica, ca: &Authority, names: &[String]) -> Resul
     std::fs::create_dir_all(&dir).map_err(tls_err)?;
     let issued = pki::issue(ca, &Role::Replica(replica.id), pki::now_secs(), 3650, &names).map_err(tls_err)?;
     pki::write_private(&key, &issued.key_pem).map_err(tls_err)?;
-    std::fs::write(&crt, &issued.certificate.cert_pem).map_err(tls_err)?;
+    std::fs::write(&crt, issued.certificate.cert_pem.to_text()).map_err(tls_err)?;
     std::fs::write(dir.join("ca.crt"), &ca.cert_pem).map_err(tls_err)?;
     std::fs::write(&names_file, &wanted).map_err(tls_err)?;
-    Ok((issued.certificate.cert_pem, issued.key_pem))
+    Ok((issued.certificate.cert_pem.to_text(), issued.key_pem))
 }
 
 /// The server configuration: mutual TLS against the cluster's CA.

@@ -685,8 +685,16 @@ async fn partition_certificate(State(replica): State<Arc<Replica>>, RawQuery(q):
         )
     })?;
     let doc = Value::str_dict([
-        ("certificate", Value::str(cert.cert_pem.clone())),
-        ("key", Value::str(cert.key_pem.clone().unwrap_or_default())),
+        ("certificate", Value::str(cert.cert_pem.to_text())),
+        (
+            "key",
+            Value::str(
+                cert.key_pem
+                    .as_ref()
+                    .map(crate::state::Pem::to_text)
+                    .unwrap_or_default(),
+            ),
+        ),
     ]);
     drop(state);
     marshal_response(&doc)

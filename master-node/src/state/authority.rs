@@ -54,19 +54,37 @@ impl Master {
             }
         }
         self.index_certificate(cert);
-        self.certificates.insert(cert.fingerprint.clone(), cert.clone());
-        self.dirty.insert(Dirty::Certificate(cert.fingerprint.clone()));
+        self.certificates.insert(cert.fingerprint, cert.clone());
+        self.dirty.insert(Dirty::Certificate(cert.fingerprint));
         Reply::Done
     }
 
     pub(super) fn index_certificate(&mut self, cert: &Certificate) {
-        if cert.revoked && reads_computers(&cert.role) {
-            self.poller_revocations += 1;
-        }
-        if let (Role::Partition(c, p), false) = (&cert.role, cert.revoked) {
-            let key = (c.clone(), p.clone());
+        let (revocation, live_for) = indexed(cert);
+        self.poller_revocations += u64::from(revocation);
+        if let Some(key) = live_for {
             self.uncertified.remove(&key);
-            self.partition_certs.insert(key, cert.fingerprint.clone());
+            self.partition_certs.insert(key, cert.fingerprint);
+        }
+    }
+
+    /// Rebuilds the certificates' indexes from the records (after restore;
+    /// [`Master::uncertified`] is rebuilt from them afterwards).
+    pub(super) fn reindex_certificates(&mut self) {
+        let Master {
+            certificates,
+            partition_certs,
+            poller_revocations,
+            ..
+        } = self;
+        partition_certs.clear();
+        *poller_revocations = 0;
+        for cert in certificates.values() {
+            let (revocation, live_for) = indexed(cert);
+            *poller_revocations += u64::from(revocation);
+            if let Some(key) = live_for {
+                partition_certs.insert(key, cert.fingerprint);
+            }
         }
     }
 
@@ -94,7 +112,7 @@ impl Master {
         };
         if !cert.revoked {
             cert.revoked = true;
-            self.dirty.insert(Dirty::Certificate(cert.fingerprint.clone()));
+            self.dirty.insert(Dirty::Certificate(cert.fingerprint));
             if reads_computers(&cert.role) {
                 self.poller_revocations += 1;
             }
@@ -186,6 +204,18 @@ impl Master {
 }
 
 /// Whether a certificate of this role may read some computer's document.
+/// What a certificate adds to the indexes: whether it is a revocation of
+/// one that could read computers' documents, and the partition it is the
+/// live certificate of.
+fn indexed(cert: &Certificate) -> (bool, Option<(ComputerId, PartitionId)>) {
+    let revocation = cert.revoked && reads_computers(&cert.role);
+    let live_for = match (&cert.role, cert.revoked) {
+        (Role::Partition(c, p), false) => Some((c.clone(), p.clone())),
+        _ => None,
+    };
+    (revocation, live_for)
+}
+
 fn reads_computers(role: &Role) -> bool {
     matches!(role, Role::Computer(_) | Role::Admin)
 }

@@ -352,9 +352,7 @@ pub fn approximate_size(command: &Command) -> usize {
                 .sum(),
             Command::SetRelatedInstances { titles, .. } => titles.iter().map(|t| t.len() + 1).sum(),
             Command::IfPartitionHolds { then, .. } => approximate_size(then),
-            Command::RecordCertificate { certificate, .. } => {
-                certificate.cert_pem.len() + certificate.fingerprint.len() + FRAME
-            }
+            Command::RecordCertificate { certificate, .. } => certificate.cert_pem.text_len() + 64 + FRAME,
             Command::SetAuthority(a) => a.cert_pem.len() + a.key_pem.len(),
             _ => 4 * FRAME,
         }

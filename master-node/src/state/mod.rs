@@ -30,6 +30,7 @@ pub mod allocation;
 mod authority;
 pub mod command;
 mod computers;
+mod der;
 mod instances;
 pub mod ledger;
 pub mod limits;
@@ -61,7 +62,7 @@ pub enum Dirty {
     Meta,
     Cluster,
     Authority,
-    Certificate(String),
+    Certificate(Fingerprint),
     Registration(String),
     ReplicaAddr(u64),
     Movement(u64),
@@ -87,7 +88,7 @@ pub struct Master {
     /// The certificate authority, once installed.
     pub authority: Option<Authority>,
     /// Issued certificates by fingerprint.
-    pub certificates: BTreeMap<String, Certificate>,
+    pub certificates: BTreeMap<Fingerprint, Certificate>,
     /// Pending computer registrations: token sha256 -> computer.
     pub registrations: BTreeMap<String, ComputerId>,
     /// Where each replica serves SLAP and the native API, as it announced.
@@ -107,7 +108,7 @@ pub struct Master {
     /// reference (no key is built for a lookup).
     titles: HashMap<Scope, HashMap<String, InstanceId>>,
     /// The live certificate of each partition, by fingerprint.
-    partition_certs: BTreeMap<(ComputerId, PartitionId), String>,
+    partition_certs: BTreeMap<(ComputerId, PartitionId), Fingerprint>,
     /// Busy partitions without a live certificate: the leader's issuer
     /// takes its work from here rather than scanning every partition.
     uncertified: BTreeSet<(ComputerId, PartitionId)>,
@@ -489,12 +490,7 @@ impl Master {
         for inst in &all {
             self.index_instance(inst);
         }
-        self.partition_certs.clear();
-        self.poller_revocations = 0;
-        let certs: Vec<Certificate> = self.certificates.values().cloned().collect();
-        for cert in &certs {
-            self.index_certificate(cert);
-        }
+        self.reindex_certificates();
         self.uncertified = self
             .partitions
             .iter()

@@ -13,6 +13,8 @@ pub type PartitionId = String;
 pub type SoftwareUrl = String;
 /// An instance's reference, e.g. `SOFTINST-42`. Shared instances share the space.
 pub type InstanceId = String;
+/// Certificates and keys as bytes, a digest as bytes (see `der`).
+pub use super::der::{Fingerprint, Pem};
 /// Parameters, connection parameters, SLA: flat string maps, as in instance XML.
 pub use super::params::Params;
 
@@ -241,13 +243,13 @@ pub struct Authority {
 pub struct Certificate {
     /// Hex serial number, as `master-node cert revoke` takes it.
     pub serial: String,
-    /// sha256 (hex) of the DER: how a handshake finds the record.
-    pub fingerprint: String,
+    /// sha256 of the DER: how a handshake finds the record.
+    pub fingerprint: Fingerprint,
     pub role: Role,
-    pub cert_pem: String,
+    pub cert_pem: Pem,
     /// Kept only for partitions, whose node fetches it again
     /// (getComputerPartitionCertificate); users and nodes get theirs once.
-    pub key_pem: Option<String>,
+    pub key_pem: Option<Pem>,
     /// Unix seconds.
     pub not_after: u64,
     pub revoked: bool,

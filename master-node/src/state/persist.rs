@@ -49,7 +49,7 @@ pub fn key(d: &Dirty) -> Vec<u8> {
         Dirty::Meta => b"m".to_vec(),
         Dirty::Cluster => b"k".to_vec(),
         Dirty::Authority => b"a".to_vec(),
-        Dirty::Certificate(f) => join("t", &[f]),
+        Dirty::Certificate(f) => join("t", &[&f.to_string()]),
         Dirty::Registration(t) => join("g", &[t]),
         Dirty::ReplicaAddr(n) => join("n", &[&format!("{n:020}")]),
         Dirty::Movement(id) => join("u", &[&format!("{id:020}")]),
@@ -118,7 +118,7 @@ pub fn value_into<W: Extend<u8>>(m: &Master, d: &Dirty, out: W) -> Option<W> {
 /// Every record of the state, in no particular order (tests and hashing).
 pub fn all_records(m: &Master) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut keys: Vec<Dirty> = vec![Dirty::Meta, Dirty::Cluster, Dirty::Authority, Dirty::Limits];
-    keys.extend(m.certificates.keys().cloned().map(Dirty::Certificate));
+    keys.extend(m.certificates.keys().copied().map(Dirty::Certificate));
     keys.extend(m.registrations.keys().cloned().map(Dirty::Registration));
     keys.extend(m.replica_addrs.keys().copied().map(Dirty::ReplicaAddr));
     keys.extend(m.ledger.movements.keys().copied().map(Dirty::Movement));
@@ -166,7 +166,7 @@ pub fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<
             Some(b'l') if k.len() == 1 => m.limits = dec(&k, &v)?,
             Some(b't') => {
                 let c: Certificate = dec(&k, &v)?;
-                m.certificates.insert(c.fingerprint.clone(), c);
+                m.certificates.insert(c.fingerprint, c);
             }
             Some(b'g') => {
                 let computer: ComputerId = dec(&k, &v)?;
