@@ -643,6 +643,65 @@ async fn late_joiner_catches_up_from_a_streamed_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_grown_past_its_size_bound_is_snapshotted_whatever_its_entry_count() {
+    let base = test_dir();
+    let mut r1 = Replica {
+        dir: base.path().join("r1"),
+        addr: free_port(),
+        child: None,
+    };
+    let (dir, addr) = (r1.dir.to_str().unwrap().to_string(), r1.addr.clone());
+    // Entries never reach the count bound here; only the size bound acts.
+    r1.spawn(&[
+        "init",
+        "--data-dir",
+        &dir,
+        "--listen",
+        &addr,
+        "--snapshot-every",
+        "1000000",
+        "--snapshot-every-mib",
+        "2",
+    ]);
+    let a1 = r1.addr.clone();
+    wait_until("r1 to be created", Duration::from_secs(20), || {
+        let f = r1.dir.join("join-token");
+        async move { f.exists() }
+    })
+    .await;
+    let admin = Credentials::admin_of(&r1.dir).unwrap();
+    wait_until("r1 to lead", Duration::from_secs(20), || async {
+        leader_id(&admin, &[&a1]).await == Some(1)
+    })
+    .await;
+    let client = Client::new(std::slice::from_ref(&a1), &admin).unwrap();
+    supply_computer(&client).await;
+    let snapshots = || {
+        std::fs::read_dir(r1.dir.join("snapshots"))
+            .map(|d| {
+                d.filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".snap"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    // 200 KB per entry: 1.2 MB is under the bound...
+    let big = "x".repeat(200_000);
+    for i in 0..6 {
+        client.write(request(&format!("t{i}"), &big)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(snapshots(), 0, "no snapshot under 2 MiB of log");
+    // ...2.4 MB is past it.
+    for i in 6..12 {
+        client.write(request(&format!("t{i}"), &big)).await.unwrap();
+    }
+    wait_until("a snapshot past 2 MiB of log", Duration::from_secs(20), || async {
+        snapshots() == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prices_and_usage_reports_through_the_command_line() {
     let base = test_dir();
     let (r1, token) = Replica::init(base.path(), "r1");

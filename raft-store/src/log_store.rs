@@ -51,6 +51,8 @@ type OnDurable = Box<dyn FnOnce(io::Result<()>) + Send>;
 pub struct LogStats {
     /// Entries appended.
     pub entries: AtomicU64,
+    /// Encoded bytes of the entries appended (what the log grew by).
+    pub bytes: AtomicU64,
     /// Append calls (each one a RocksDB write).
     pub appends: AtomicU64,
     /// WAL syncs done by the group-commit thread.
@@ -237,6 +239,7 @@ impl<C: StoreTypes> LogStore<C> {
             appended.push((index, entry, encoded.len()));
         }
         let n = appended.len() as u64;
+        let bytes: usize = appended.iter().map(|(_, _, size)| size).sum();
         let db = &self.inner.db;
         db.write_opt(batch, &WriteOptions::default())
             .map_err(|e| StoreError::rocks(&self.inner.path, "append", e))?;
@@ -247,6 +250,7 @@ impl<C: StoreTypes> LogStore<C> {
             }
         }
         self.inner.stats.entries.fetch_add(n, Ordering::Relaxed);
+        self.inner.stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         self.inner.stats.appends.fetch_add(1, Ordering::Relaxed);
         match self.inner.sync_tx.as_ref() {
             Some(tx) if tx.send(Box::new(on_durable)).is_ok() => {}

@@ -154,6 +154,13 @@ pub struct Timing {
     /// Take a snapshot (and allow purging the log) every this many entries.
     #[arg(long, default_value_t = 20_000)]
     pub snapshot_every: u64,
+    /// Also take one once the log has grown by this many MiB since the
+    /// last: entries carry whole batches of writes, so a bulk load can
+    /// write gigabytes in fewer entries than --snapshot-every, and a
+    /// joining replica would replay all of it instead of installing a
+    /// snapshot. 0 turns it off.
+    #[arg(long, default_value_t = 512)]
+    pub snapshot_every_mib: u64,
     /// Log entries kept behind a snapshot, so a briefly absent follower can
     /// catch up from the log instead of a whole snapshot.
     #[arg(long, default_value_t = 1_000)]
@@ -167,6 +174,7 @@ impl Default for Timing {
             election_min_ms: 250,
             election_max_ms: 400,
             snapshot_every: 20_000,
+            snapshot_every_mib: 512,
             keep_log_after_snapshot: 1_000,
         }
     }
@@ -217,6 +225,45 @@ impl Timing {
             ..Default::default()
         };
         config.validate().map(Arc::new).map_err(|e| e.to_string())
+    }
+}
+
+/// Takes a snapshot whenever the log has grown by `every_bytes` since the
+/// last one (openraft counts only entries). Runs until the Raft stops.
+pub async fn snapshot_by_size(raft: Raft, stats: Arc<raft_store::LogStats>, every_bytes: u64) {
+    use openraft::rt::WatchReceiver;
+    use std::sync::atomic::Ordering::Relaxed;
+    if every_bytes == 0 {
+        return;
+    }
+    let metrics = raft.metrics();
+    let mut last_snapshot = metrics.borrow_watched().snapshot;
+    // Log bytes appended when the last snapshot was seen (or asked for).
+    let mut mark = stats.bytes.load(Relaxed);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let (snapshot, stopped) = {
+            let m = metrics.borrow_watched();
+            (m.snapshot, m.running_state.is_err())
+        };
+        if stopped {
+            return;
+        }
+        let now = stats.bytes.load(Relaxed);
+        if snapshot != last_snapshot {
+            last_snapshot = snapshot;
+            mark = now;
+        } else if now.saturating_sub(mark) >= every_bytes {
+            tracing::info!(
+                grown_mib = (now - mark) >> 20,
+                "the log grew past --snapshot-every-mib: taking a snapshot"
+            );
+            mark = now;
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+        }
     }
 }
 

@@ -145,6 +145,11 @@ impl Running {
         let (stopped_tx, stopped) = watch::channel(None);
         tokio::spawn(crate::membership::watch(replica.clone(), stopped_tx));
         tokio::spawn(log_store_rates(replica.log.stats()));
+        tokio::spawn(crate::raft::snapshot_by_size(
+            raft.clone(),
+            replica.log.stats(),
+            timing.snapshot_every_mib << 20,
+        ));
         info!(
             replica = identity.node_id,
             cluster = %identity.cluster_id,
