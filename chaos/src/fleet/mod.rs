@@ -886,11 +886,14 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
                         })
                         .await;
                         tally.requests.push(since);
-                        if let Some(a) = answer {
-                            acked.record(&req.title, &a);
-                            if a.placed {
-                                tally.placed.fetch_add(1, Ordering::Relaxed);
+                        match answer {
+                            Some(a) => {
+                                acked.record(&req.title, &a);
+                                if a.placed {
+                                    tally.placed.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
+                            None => acked.unanswered(&req),
                         }
                     }
                 });
@@ -953,13 +956,14 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
                     shared,
                     ..Default::default()
                 };
-                if let Some(a) = call(&tally, "re-request", || {
+                match call(&tally, "re-request", || {
                     let (mut c, r) = (client.clone(), req.clone());
                     async move { c.request(r).await }
                 })
                 .await
                 {
-                    acked.record(&req.title, &a);
+                    Some(a) => acked.record(&req.title, &a),
+                    None => acked.unanswered(&req),
                 }
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
