@@ -78,6 +78,31 @@ impl Replica {
         (r, line.trim().to_string())
     }
 
+    /// Founds a one-replica cluster `r1` with extra `init` flags, in the
+    /// background, and returns once it leads, with its admin credentials.
+    async fn init_leading(base: &Path, flags: &[&str]) -> (Replica, Credentials) {
+        let mut r1 = Replica {
+            dir: base.join("r1"),
+            addr: free_port(),
+            child: None,
+        };
+        let (dir, addr) = (r1.dir.to_str().unwrap().to_string(), r1.addr.clone());
+        let mut args = vec!["init", "--data-dir", &dir, "--listen", &addr];
+        args.extend_from_slice(flags);
+        r1.spawn(&args);
+        wait_until("r1 to be created", Duration::from_secs(20), || {
+            let f = r1.dir.join("join-token");
+            async move { f.exists() }
+        })
+        .await;
+        let admin = Credentials::admin_of(&r1.dir).unwrap();
+        wait_until("r1 to lead", Duration::from_secs(20), || async {
+            leader_id(&admin, &[&r1.addr]).await == Some(1)
+        })
+        .await;
+        (r1, admin)
+    }
+
     fn join(base: &Path, name: &str, peer: &str, token: &str) -> Replica {
         let mut r = Replica {
             dir: base.join(name),
@@ -566,35 +591,12 @@ async fn undecodable_log_entry_stops_the_replica_and_names_it() {
 async fn late_joiner_catches_up_from_a_streamed_snapshot() {
     let base = test_dir();
     // Snapshot every 50 entries, so the log the joiner needs is long purged.
-    let mut r1 = Replica {
-        dir: base.path().join("r1"),
-        addr: free_port(),
-        child: None,
-    };
-    let (dir, addr) = (r1.dir.to_str().unwrap().to_string(), r1.addr.clone());
-    r1.spawn(&[
-        "init",
-        "--data-dir",
-        &dir,
-        "--listen",
-        &addr,
-        "--snapshot-every",
-        "50",
-        "--keep-log-after-snapshot",
-        "0",
-    ]);
+    let (r1, admin) = Replica::init_leading(
+        base.path(),
+        &["--snapshot-every", "50", "--keep-log-after-snapshot", "0"],
+    )
+    .await;
     let a1 = r1.addr.clone();
-    let token_file = r1.dir.join("join-token");
-    wait_until("r1 to be created", Duration::from_secs(20), || {
-        let f = token_file.clone();
-        async move { f.exists() }
-    })
-    .await;
-    let admin = Credentials::admin_of(&r1.dir).unwrap();
-    wait_until("r1 to lead", Duration::from_secs(20), || async {
-        leader_id(&admin, &[&a1]).await == Some(1)
-    })
-    .await;
     let token = std::fs::read_to_string(r1.dir.join("join-token"))
         .unwrap()
         .trim()
@@ -645,35 +647,13 @@ async fn late_joiner_catches_up_from_a_streamed_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_grown_past_its_size_bound_is_snapshotted_whatever_its_entry_count() {
     let base = test_dir();
-    let mut r1 = Replica {
-        dir: base.path().join("r1"),
-        addr: free_port(),
-        child: None,
-    };
-    let (dir, addr) = (r1.dir.to_str().unwrap().to_string(), r1.addr.clone());
     // Entries never reach the count bound here; only the size bound acts.
-    r1.spawn(&[
-        "init",
-        "--data-dir",
-        &dir,
-        "--listen",
-        &addr,
-        "--snapshot-every",
-        "1000000",
-        "--snapshot-every-mib",
-        "2",
-    ]);
+    let (r1, admin) = Replica::init_leading(
+        base.path(),
+        &["--snapshot-every", "1000000", "--snapshot-every-mib", "2"],
+    )
+    .await;
     let a1 = r1.addr.clone();
-    wait_until("r1 to be created", Duration::from_secs(20), || {
-        let f = r1.dir.join("join-token");
-        async move { f.exists() }
-    })
-    .await;
-    let admin = Credentials::admin_of(&r1.dir).unwrap();
-    wait_until("r1 to lead", Duration::from_secs(20), || async {
-        leader_id(&admin, &[&a1]).await == Some(1)
-    })
-    .await;
     let client = Client::new(std::slice::from_ref(&a1), &admin).unwrap();
     supply_computer(&client).await;
     let snapshots = || {

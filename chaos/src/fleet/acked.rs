@@ -121,10 +121,15 @@ impl Acked {
 mod tests {
     use super::*;
 
+    /// The users' parameter set to `n`.
+    fn n_is(n: &str) -> HashMap<String, String> {
+        [(PARAMETER.to_string(), n.to_string())].into_iter().collect()
+    }
+
     fn instance(title: &str, n: &str, state: &str) -> pb::Instance {
         pb::Instance {
             title: title.into(),
-            parameters: [(PARAMETER.to_string(), n.to_string())].into_iter().collect(),
+            parameters: n_is(n),
             requested_state: state.into(),
             ..Default::default()
         }
@@ -159,7 +164,7 @@ mod tests {
     fn asked(title: &str, n: &str, state: &str) -> pb::RequestInstanceRequest {
         pb::RequestInstanceRequest {
             title: title.into(),
-            parameters: [(PARAMETER.to_string(), n.to_string())].into_iter().collect(),
+            parameters: n_is(n),
             state: state.into(),
             ..Default::default()
         }

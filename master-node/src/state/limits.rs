@@ -352,7 +352,11 @@ pub fn approximate_size(command: &Command) -> usize {
                 .sum(),
             Command::SetRelatedInstances { titles, .. } => titles.iter().map(|t| t.len() + 1).sum(),
             Command::IfPartitionHolds { then, .. } => approximate_size(then),
-            Command::RecordCertificate { certificate, .. } => certificate.cert_pem.text_len() + 64 + FRAME,
+            Command::RecordCertificate { certificate, .. } =>
+            // The fingerprint travels as 64 hex digits.
+            {
+                certificate.cert_pem.text_len() + 64 + FRAME
+            }
             Command::SetAuthority(a) => a.cert_pem.len() + a.key_pem.len(),
             _ => 4 * FRAME,
         }
