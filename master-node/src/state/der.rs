@@ -58,8 +58,8 @@ impl Pem {
     /// Reads PEM text.
     pub fn from_text(text: &str) -> Self {
         match parse(text) {
-            Some((label, der)) if encode(label, &der) == text => Pem(Repr::Der(label, der.into_boxed_slice())),
-            _ => Pem(Repr::Text(text.into())),
+            Some((label, der)) => Pem(Repr::Der(label, der.into_boxed_slice())),
+            None => Pem(Repr::Text(text.into())),
         }
     }
 
@@ -126,19 +126,66 @@ impl Serialize for Pem {
 
 impl<'de> Deserialize<'de> for Pem {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Ok(Pem::from_text(&text))
+        d.deserialize_str(TextVisitor("PEM text", |text: &str| {
+            Ok::<_, String>(Pem::from_text(text))
+        }))
     }
 }
 
+/// Reads a string in place where the format lends it (postcard does),
+/// without first copying it into a `String` as `Cow<str>` would: a
+/// restored state reads every certificate through here.
+struct TextVisitor<F>(&'static str, F);
+
+impl<'de, T, F> serde::de::Visitor<'de> for TextVisitor<F>
+where
+    F: FnOnce(&str) -> Result<T, String>,
+{
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<T, E> {
+        (self.1)(text).map_err(E::custom)
+    }
+}
+
+/// The label and DER of `text` when [`encode`] would write `text` back
+/// byte for byte; `None` otherwise (the text is then kept as it is).
+///
+/// Checked on the layout rather than by encoding again, since every
+/// certificate of a restored state passes here: lines of 64 base64 digits
+/// and a last line of 1 to 64, each ended by `\n`, padding only at the very
+/// end. The engine refuses non-canonical padding and trailing bits, so what
+/// it decodes encodes to the same digits.
 fn parse(text: &str) -> Option<(Label, Vec<u8>)> {
     let rest = text.strip_prefix("-----BEGIN ")?;
     let (label, rest) = rest.split_once("-----\n")?;
     let label = Label::parse(label)?;
-    let end = format!("-----END {}-----\n", label.as_str());
-    let body = rest.strip_suffix(end.as_str())?;
-    let b64: String = body.lines().collect();
-    let der = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    let body = rest
+        .strip_suffix("-----\n")?
+        .strip_suffix(label.as_str())?
+        .strip_suffix("-----END ")?;
+    let body = body.strip_suffix('\n')?.as_bytes();
+    let lines = body.split(|b| *b == b'\n');
+    let count = body.len() / 65 + 1;
+    let mut der = Vec::with_capacity(body.len() / 4 * 3);
+    for (i, line) in lines.enumerate() {
+        let last = i + 1 == count;
+        let well_formed = if last {
+            (1..=64).contains(&line.len())
+        } else {
+            line.len() == 64 && !line.contains(&b'=')
+        };
+        if !well_formed || i >= count {
+            return None;
+        }
+        base64::engine::general_purpose::STANDARD
+            .decode_vec(line, &mut der)
+            .ok()?;
+    }
     Some((label, der))
 }
 
@@ -194,9 +241,9 @@ impl Serialize for Fingerprint {
 
 impl<'de> Deserialize<'de> for Fingerprint {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Fingerprint::parse(&text)
-            .ok_or_else(|| serde::de::Error::custom(format!("not a SHA-256 fingerprint in hex: {text:?}")))
+        d.deserialize_str(TextVisitor("a SHA-256 fingerprint in hex", |text: &str| {
+            Fingerprint::parse(text).ok_or_else(|| format!("not a SHA-256 fingerprint in hex: {text:?}"))
+        }))
     }
 }
 
@@ -243,7 +290,41 @@ mod tests {
         let crlf = cert.replace('\n', "\r\n");
         let other_label = cert.replace("CERTIFICATE", "X509 CRL");
         let trailing = format!("{cert}\n");
-        for text in [crlf, other_label, trailing, "not pem".to_string(), String::new()] {
+        let (head, rest) = cert.split_once('\n').unwrap();
+        let (body, foot) = rest.trim_end().rsplit_once('\n').unwrap();
+        let digits: String = body.lines().collect();
+        let rewrap = |width: usize| {
+            let lines: Vec<&str> = digits
+                .as_bytes()
+                .chunks(width)
+                .map(|l| std::str::from_utf8(l).unwrap())
+                .collect();
+            format!("{head}\n{}\n{foot}\n", lines.join("\n"))
+        };
+        let (wide, one_line) = (rewrap(76), rewrap(digits.len()));
+        let blank_line = cert.replacen("\n", "\n\n", 2).replacen("\n\n", "\n", 1);
+        // 31 bytes end in one byte and "==": the last digit's low 4 bits are
+        // unused, and must be zero; and the padding must be there.
+        let short = encode(Label::Certificate, &[0xff; 31]);
+        assert!(short.contains("/w==\n"), "{short}");
+        let loose_bits = short.replace("/w==\n", "/x==\n");
+        let no_padding = short.replace("/w==\n", "/w\n");
+        // 46 bytes are 64 digits ending in "==": padding inside the body.
+        let padded_line = base64::engine::general_purpose::STANDARD.encode([7u8; 46]);
+        let inner_padding = format!("-----BEGIN CERTIFICATE-----\n{padded_line}\nAAAA\n-----END CERTIFICATE-----\n");
+        for text in [
+            crlf,
+            other_label,
+            trailing,
+            wide,
+            one_line,
+            blank_line,
+            loose_bits,
+            no_padding,
+            inner_padding,
+            "not pem".to_string(),
+            String::new(),
+        ] {
             let pem = Pem::from_text(&text);
             assert!(!pem.is_der(), "{text:?}");
             assert_eq!(pem.to_text(), text);
@@ -251,6 +332,17 @@ mod tests {
                 postcard::to_allocvec(&pem).unwrap(),
                 postcard::to_allocvec(&text).unwrap()
             );
+        }
+    }
+
+    #[test]
+    fn every_length_of_der_reads_back_as_der() {
+        for len in 1..200usize {
+            let der: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
+            let text = encode(Label::Certificate, &der);
+            let pem = Pem::from_text(&text);
+            assert_eq!(pem, Pem(Repr::Der(Label::Certificate, der.into_boxed_slice())), "{len}");
+            assert_eq!(pem.to_text(), text);
         }
     }
 
