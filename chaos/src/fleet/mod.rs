@@ -316,6 +316,11 @@ impl Node {
         };
         let mut reported: std::collections::HashSet<String> = Default::default();
         let mut installed: std::collections::HashSet<String> = Default::default();
+        // Instances this node reported destroyed and the Master confirmed:
+        // a poll may be up to the documented staleness bound old (served by
+        // a follower or the gateway's edge) and still show one, which a real
+        // node, having emptied the partition, does not free twice.
+        let mut freed: std::collections::HashSet<String> = Default::default();
         let mut used = false;
         let mut stop = (*stop).clone();
         let mut rng = fastrand(&self.id);
@@ -325,7 +330,7 @@ impl Node {
         loop {
             let since = Instant::now();
             if let Some(seen) = self.poll(since, &mut etag).await {
-                self.act(&seen, &mut reported, &mut installed).await;
+                self.act(&seen, &mut reported, &mut installed, &mut freed).await;
                 last = Some(seen);
             }
             if let Some(seen) = &last {
@@ -416,6 +421,7 @@ impl Node {
         seen: &Seen,
         reported: &mut std::collections::HashSet<String>,
         installed: &mut std::collections::HashSet<String>,
+        freed: &mut std::collections::HashSet<String>,
     ) {
         for (url, requested) in &seen.software {
             if requested == "available" && installed.insert(url.clone()) {
@@ -438,6 +444,9 @@ impl Node {
                 partition_id: partition_id.clone(),
             });
             if requested == "destroyed" {
+                if freed.contains(instance_id) {
+                    continue;
+                }
                 let req = pb::ReportInstanceRequest {
                     partition,
                     state: "destroyed".into(),
@@ -452,6 +461,7 @@ impl Node {
                 .is_some()
                 {
                     self.tally.reports.fetch_add(1, Ordering::Relaxed);
+                    freed.insert(instance_id.clone());
                 }
                 reported.remove(instance_id);
                 continue;
