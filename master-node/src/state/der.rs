@@ -169,21 +169,21 @@ fn parse(text: &str) -> Option<(Label, Vec<u8>)> {
         .strip_suffix(label.as_str())?
         .strip_suffix("-----END ")?;
     let body = body.strip_suffix('\n')?.as_bytes();
-    let lines = body.split(|b| *b == b'\n');
-    let count = body.len() / 65 + 1;
+    if body.is_empty() {
+        return None;
+    }
+    // Every line but the last is 64 digits and its `\n`: a chunk of 65. The
+    // last chunk is the last line; a `\n` left in it fails to decode.
     let mut der = Vec::with_capacity(body.len() / 4 * 3);
-    for (i, line) in lines.enumerate() {
-        let last = i + 1 == count;
-        let well_formed = if last {
-            (1..=64).contains(&line.len())
-        } else {
-            line.len() == 64 && !line.contains(&b'=')
+    let mut chunks = body.chunks(65).peekable();
+    while let Some(chunk) = chunks.next() {
+        let digits = match chunks.peek() {
+            None => chunk,
+            Some(_) if chunk[64] == b'\n' && !chunk[..64].contains(&b'=') => &chunk[..64],
+            Some(_) => return None,
         };
-        if !well_formed || i >= count {
-            return None;
-        }
         base64::engine::general_purpose::STANDARD
-            .decode_vec(line, &mut der)
+            .decode_vec(digits, &mut der)
             .ok()?;
     }
     Some((label, der))
