@@ -148,7 +148,10 @@ fn sign(
     params.distinguished_name = dn;
     let mut serial = [0u8; 16];
     rand::Rng::fill(&mut rand::rng(), &mut serial[..]);
-    serial[0] &= 0x7f; // a positive integer
+    // A positive integer whose first byte is not zero: DER drops leading
+    // zero bytes, and the serial kept here must be the one the certificate
+    // shows (`cert revoke` takes it from there; 1 in 128 did not match).
+    serial[0] = 0x40 | (serial[0] & 0x3f);
     params.serial_number = Some(SerialNumber::from_slice(&serial));
     params.not_before = unix_to_offset(now_secs.saturating_sub(3600))?;
     let not_after = now_secs + days * 86400;
@@ -239,6 +242,15 @@ mod tests {
         let a = issue(&ca, &Role::User("alice".into()), now, 30, &[]).unwrap();
         let b = issue(&ca, &Role::Partition("COMP-1".into(), "slappart0".into()), now, 30, &[]).unwrap();
         assert_ne!(a.certificate.serial, b.certificate.serial);
+        // The serial kept is the certificate's own, whatever the random bytes.
+        for _ in 0..512 {
+            let c = issue(&ca, &Role::User("carol".into()), now, 30, &[]).unwrap();
+            use rustls::pki_types::pem::PemObject;
+            let text = c.certificate.cert_pem.to_text();
+            let der = rustls::pki_types::CertificateDer::from_pem_slice(text.as_bytes()).unwrap();
+            let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+            assert_eq!(hex::encode(x509.raw_serial()), c.certificate.serial);
+        }
         assert_ne!(a.certificate.fingerprint, b.certificate.fingerprint);
         assert!(a.certificate.key_pem.is_none(), "a user's key is not kept");
         assert!(
