@@ -55,10 +55,18 @@ pub fn server_names(addrs: &[&str]) -> Vec<String> {
 impl Founding {
     /// A new cluster whose first replica serves on `addrs` (listen, advertise).
     pub fn new(addrs: &[&str]) -> Result<Founding, PkiError> {
-        let now = pki::now_secs();
         // The token names the cluster; its CA pin is set once the CA exists.
-        let mut token = JoinToken::generate("");
-        let authority = pki::new_authority(&token.cluster_id, now)?;
+        let token = JoinToken::generate("");
+        let authority = pki::new_authority(&token.cluster_id, pki::now_secs())?;
+        Founding::with_authority(token, authority, addrs)
+    }
+
+    /// A new cluster named by `token` whose CA is `authority` (a new one,
+    /// or the one of a backup being restored): the token is made to pin
+    /// the CA, and the first replica's and an administrator's certificates
+    /// are issued by it.
+    pub fn with_authority(mut token: JoinToken, authority: Authority, addrs: &[&str]) -> Result<Founding, PkiError> {
+        let now = pki::now_secs();
         token.ca_sha256 = slap_proto::tls::pem_sha256(&authority.cert_pem).map_err(|e| PkiError::new(e.to_string()))?;
         let replica = pki::issue(&authority, &Role::Replica(1), now, REPLICA_DAYS, &server_names(addrs))?;
         let admin = pki::issue(&authority, &Role::Admin, now, pki::DEFAULT_DAYS, &[])?;

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod native;
 pub mod pki;
 pub mod raft;
+pub mod recovery;
 pub mod replica;
 pub mod revisions;
 pub mod server;

@@ -30,6 +30,8 @@ const MASTER_NODE_LAYERS: &[&str] = &[
     "founding",
     // Raft: types, storage glue, transport.
     "raft",
+    // Restoring a backup into a new cluster, forcing a survivor alone.
+    "recovery",
     // Who waits for which computer's document (owned by the replica).
     "revisions",
     // The replica handle: write, read, forward, batching.

@@ -59,6 +59,10 @@ pub enum StoreError {
     )]
     Unapplicable { store: PathBuf, index: u64, reason: String },
 
+    /// A store was to be seeded or forced where it cannot be.
+    #[error("store {store}: {reason}")]
+    Refused { store: PathBuf, reason: String },
+
     /// A snapshot file is damaged or does not match what was announced.
     #[error("store {store}: snapshot {path} is invalid: {reason}")]
     BadSnapshot {

@@ -40,7 +40,7 @@ use std::path::Path;
 pub use codec::FORMAT_VERSION;
 pub use error::StoreError;
 pub use log_store::{LogStats, LogStore};
-pub use state_machine::{ApplyError, RestoreError, StateMachine, StateMachineStore, ValueBuffer, Writes};
+pub use state_machine::{applied_membership, ApplyError, RestoreError, StateMachine, StateMachineStore, ValueBuffer, Writes};
 
 /// The openraft type configurations this store serves: the standard log
 /// entry and payload, a default answer for blank and membership entries,
@@ -80,4 +80,33 @@ pub fn open<C: StoreTypes, A: StateMachine<C>>(
     let log = LogStore::open(&data_dir.join("log"))?;
     let state = StateMachineStore::open(data_dir)?;
     Ok((log, state))
+}
+
+/// Creates a store in `data_dir` that starts from the application's
+/// `records` at `meta`, with the log purged up to `meta`'s log id and
+/// `vote` saved: what a replica holds after it installed a snapshot and
+/// purged its log. A backup restored into a new cluster starts this way;
+/// the replica then elects itself if `meta`'s membership makes it the only
+/// voter. `data_dir` must hold no store yet.
+pub fn seed<C: StoreTypes, A: StateMachine<C>>(
+    data_dir: &Path,
+    meta: &openraft::alias::SnapshotMetaOf<C>,
+    vote: &openraft::alias::VoteOf<C>,
+    records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+) -> Result<(), StoreError> {
+    let refused = |reason: &str| StoreError::Refused {
+        store: data_dir.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let Some(last) = meta.last_log_id.clone() else {
+        return Err(refused("a seed must say which log id its records are at"));
+    };
+    if data_dir.join("log").exists() {
+        return Err(refused("it already holds a log; only a new data dir can be seeded"));
+    }
+    std::fs::create_dir_all(data_dir).map_err(|e| StoreError::io(data_dir, "create", data_dir, e))?;
+    drop(StateMachineStore::<C, A>::seed(data_dir, meta, records)?);
+    let log = LogStore::<C>::open(&data_dir.join("log"))?;
+    log.write_vote(vote)?;
+    log.purge_upto(&last)
 }

@@ -300,6 +300,38 @@ fn io_err(store: &Path, op: &'static str, path: &Path) -> impl FnOnce(std::io::E
     move |e| StoreError::io(&store, op, &path, e)
 }
 
+/// The live generation `state/CURRENT` names, if there is one yet.
+fn read_current(store: &Path, state_dir: &Path) -> Result<Option<u64>, StoreError> {
+    let current_file = state_dir.join("CURRENT");
+    match fs::read_to_string(&current_file) {
+        Ok(text) => text.trim().parse::<u64>().map(Some).map_err(|_| StoreError::Corrupt {
+            store: store.to_path_buf(),
+            cf: "state",
+            key: "CURRENT".into(),
+            reason: format!("{text:?} is not a generation number"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io(store, "read", &current_file, e)),
+    }
+}
+
+/// The membership the state under `root` last applied, read without
+/// restoring the application (for tools working on a stopped replica).
+pub fn applied_membership<C: RaftTypeConfig>(root: &Path) -> Result<StoredMembershipOf<C>, StoreError> {
+    let state_dir = root.join("state");
+    let Some(generation) = read_current(root, &state_dir)? else {
+        return Ok(StoredMembership::default());
+    };
+    let db = DB::open_cf_for_read_only(
+        &Options::default(),
+        state_dir.join(generation.to_string()),
+        [CF_STATE, CF_STATE_META],
+        false,
+    )
+    .map_err(|e| StoreError::rocks(root, "open state", e))?;
+    Ok(read_applied::<C>(root, &db)?.1)
+}
+
 /// Writes `state/CURRENT` atomically.
 fn write_current(store: &Path, state_dir: &Path, generation: u64) -> Result<(), StoreError> {
     let tmp = state_dir.join("CURRENT.tmp");
@@ -333,20 +365,13 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
         for d in [&state_dir, &snap_dir] {
             fs::create_dir_all(d).map_err(io_err(root, "create", d))?;
         }
-        let current_file = state_dir.join("CURRENT");
-        let generation = match fs::read_to_string(&current_file) {
-            Ok(text) => text.trim().parse::<u64>().map_err(|_| StoreError::Corrupt {
-                store: root.to_path_buf(),
-                cf: "state",
-                key: "CURRENT".into(),
-                reason: format!("{text:?} is not a generation number"),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        let generation = match read_current(root, &state_dir)? {
+            Some(g) => g,
+            None => {
                 open_state_db(root, &state_dir.join("1"))?;
                 write_current(root, &state_dir, 1)?;
                 1
             }
-            Err(e) => return Err(StoreError::io(root, "read", &current_file, e)),
         };
         // Anything but CURRENT and the live generation is left over from an
         // install that did not finish or an old generation not yet removed.
@@ -396,6 +421,36 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
                 receiving: Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// Creates the state of a new store under `root` from the application's
+    /// `records` (as [`StateMachine::restore`] takes them), as if a snapshot
+    /// at `meta` had been installed: the records with the applied id and
+    /// membership, and the snapshot file a leader sends to replicas that
+    /// join later. `root` must hold no state yet.
+    pub fn seed(
+        root: &Path,
+        meta: &Meta<C>,
+        records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+    ) -> Result<Self, StoreError> {
+        if root.join("state").join("CURRENT").exists() {
+            return Err(StoreError::Refused {
+                store: root.to_path_buf(),
+                reason: "it already holds a state; only a new data dir can be seeded".into(),
+            });
+        }
+        let store = Self::open(root)?;
+        let tmp = store.shared.snap_dir.join("seeding.tmp");
+        let file = fs::File::create(&tmp).map_err(io_err(root, "create", &tmp))?;
+        let mut w = SnapshotWriter::create::<C>(file, meta).map_err(io_err(root, "write", &tmp))?;
+        for (k, v) in records {
+            w.record(&k, &codec::wrap_raw(&v)).map_err(io_err(root, "write", &tmp))?;
+        }
+        w.finish().map_err(io_err(root, "write", &tmp))?;
+        let file = fs::File::open(&tmp).map_err(io_err(root, "open", &tmp))?;
+        store.install_snapshot_file(meta, file)?;
+        remove_path(root, &tmp)?;
+        Ok(store)
     }
 
     /// Keeps the newest snapshot not ahead of the applied state; removes the

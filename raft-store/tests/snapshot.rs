@@ -240,3 +240,44 @@ async fn applied_changes_not_yet_written_are_reported_and_kept_at_close() {
     assert_eq!(data(&reopened), vec![("hot".to_string(), b"v1000".to_vec())]);
     assert_eq!(reopened.applied_state().await.unwrap().0.unwrap().index, 1000);
 }
+
+/// A seeded store opens as a replica that installed a snapshot at the
+/// seed's log id: the records, applied id and membership are there, the
+/// log is purged up to that id, the vote saved, and the snapshot ready to
+/// send. Seeding a data dir that already holds a store is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_store_starts_at_its_log_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = raft_store::kv::log_id(3, 1, 5_000);
+    let membership = openraft::Membership::new_with_defaults(vec![[1u64].into()], []);
+    let meta = openraft::SnapshotMeta {
+        last_log_id: Some(at),
+        last_membership: openraft::StoredMembership::new(Some(at), membership),
+    };
+    let vote = raft_store::kv::KvVote::new_committed(3, 1);
+    let records: Vec<(Vec<u8>, Vec<u8>)> = (0..1_000)
+        .map(|i| (format!("key{i:04}").into_bytes(), format!("v{i}").into_bytes()))
+        .collect();
+    raft_store::seed::<KvTypes, KvApp>(dir.path(), &meta, &vote, records.clone()).unwrap();
+
+    let (mut log, mut sm) = raft_store::open::<KvTypes, KvApp>(dir.path()).unwrap();
+    let held: Vec<(Vec<u8>, Vec<u8>)> = data(&sm).into_iter().map(|(k, v)| (k.into_bytes(), v)).collect();
+    assert_eq!(held, records);
+    let (applied, stored) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(at));
+    assert_eq!(stored, meta.last_membership);
+    let state = log.log_state().unwrap();
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(at), Some(at)));
+    assert_eq!(log.vote(), Some(vote));
+    use openraft::storage::RaftLogStorage;
+    assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(at));
+    let current = sm.get_current_snapshot().await.unwrap().expect("the seed's snapshot");
+    assert_eq!(current.meta, meta);
+    drop((log, sm));
+
+    let again = raft_store::seed::<KvTypes, KvApp>(dir.path(), &meta, &vote, records);
+    assert!(
+        matches!(&again, Err(raft_store::StoreError::Refused { .. })),
+        "{again:?}"
+    );
+}

@@ -22,6 +22,51 @@ impl Master {
         Reply::Done
     }
 
+    /// Makes this state, read from a backup, the start of a new cluster
+    /// (`master-node restore`; never applied from the log, so it may differ
+    /// from one restore to the next). The cluster gets its new id, token and
+    /// `authority` (the backup's own, or a new one). The old replicas'
+    /// certificates are revoked and their addresses forgotten: they belong
+    /// to the old cluster, whose replicas may still run. Replica ids go on
+    /// from where the old cluster stopped. `founding` is what the new
+    /// cluster starts with: its first replica's certificate and an
+    /// administrator's.
+    pub fn rebase(
+        &mut self,
+        id: &str,
+        token_sha256: &str,
+        authority: Authority,
+        founding: &[Certificate],
+    ) -> Result<(), String> {
+        let next_replica_id = self.cluster.as_ref().map_or(2, |c| c.next_replica_id.max(2));
+        self.cluster = Some(ClusterMeta {
+            id: id.to_string(),
+            token_sha256: token_sha256.to_string(),
+            next_replica_id,
+        });
+        self.dirty.insert(Dirty::Cluster);
+        self.authority = Some(authority);
+        self.dirty.insert(Dirty::Authority);
+        let replicas: BTreeSet<Role> = self
+            .certificates
+            .values()
+            .filter(|c| matches!(c.role, Role::Replica(_)) && !c.revoked)
+            .map(|c| c.role.clone())
+            .collect();
+        for role in &replicas {
+            self.revoke_role(role);
+        }
+        for n in std::mem::take(&mut self.replica_addrs).into_keys() {
+            self.dirty.insert(Dirty::ReplicaAddr(n));
+        }
+        for cert in founding {
+            if let Reply::Refused(why) = self.record_certificate(cert, None) {
+                return Err(format!("the new cluster's {:?} certificate: {why}", cert.role));
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn set_authority(&mut self, a: &Authority) -> Reply {
         if self.authority.is_some() {
             return invalid("the cluster already has a certificate authority");

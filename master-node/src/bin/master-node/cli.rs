@@ -67,6 +67,46 @@ pub enum Cmd {
     /// state online, at a log index that holds every write acknowledged
     /// before; `backup verify FILE` checks a backup file.
     Backup(BackupArgs),
+    /// Create a new one-replica cluster from a backup file (new cluster id
+    /// and join token, the backup's CA unless --new-ca), print its join
+    /// token, and serve. Join more replicas to it as after `init`.
+    Restore(RestoreArgs),
+    /// Disaster recovery, when the majority of the voters is lost for good:
+    /// make this stopped replica the only voter of its cluster, with the
+    /// state it holds, and serve. Writes only the lost replicas had are
+    /// gone. Needs --confirm-majority-lost; without it, says what it would do.
+    Recover(RecoverArgs),
+}
+
+/// `restore --from FILE --data-dir D --listen ADDR`.
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// The backup file (`master-node backup --out`). It is checked whole
+    /// (checksum, every record) before anything is written; a damaged file
+    /// is refused and the data dir left as it was.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Give the new cluster a new certificate authority instead of the
+    /// backup's. Every certificate the backup recorded (nodes, users,
+    /// gateways) then stops working and must be issued again: for a CA
+    /// whose key may have leaked.
+    #[arg(long)]
+    pub new_ca: bool,
+    #[command(flatten)]
+    pub replica: NewReplica,
+}
+
+/// `recover --data-dir D --confirm-majority-lost`.
+#[derive(Args)]
+pub struct RecoverArgs {
+    /// Confirms that the other voters are lost for good and must not come
+    /// back: if they do, two clusters would each take writes. Writes that
+    /// only they had are lost; writes this replica held but the cluster
+    /// never acknowledged are kept.
+    #[arg(long)]
+    pub confirm_majority_lost: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// `backup`: save the state (the flags), or `verify` a file.

@@ -8,6 +8,8 @@
 //! master-node status --peer ADDR [--json]                               members, leader, lag
 //! master-node backup --peer ADDR --token T --out FILE                   save the state online
 //! master-node backup verify FILE                                        check a backup
+//! master-node restore --from FILE --data-dir D --listen ADDR           a new cluster from a backup
+//! master-node recover --data-dir D --confirm-majority-lost             a survivor alone, after majority loss
 //! ```
 //!
 //! The cluster port (Raft and the cluster API) is always mutual TLS; the

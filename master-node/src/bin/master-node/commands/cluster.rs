@@ -13,7 +13,7 @@ use crate::commands::Fail;
 
 /// Starts serving clients as the flags say: SLAP (announced to the cluster
 /// under its public address) and monitoring.
-async fn start_serving(running: &mut Running, serving: &Serving) -> Result<(), Fail> {
+pub(crate) async fn start_serving(running: &mut Running, serving: &Serving) -> Result<(), Fail> {
     running.limit_rate(serving.rate_limit, serving.rate_burst);
     if let Some(addr) = &serving.slap_listen {
         running
@@ -28,7 +28,7 @@ async fn start_serving(running: &mut Running, serving: &Serving) -> Result<(), F
 }
 
 /// Refuses a data dir that already holds something.
-fn check_empty(data_dir: &Path) -> Result<(), Fail> {
+pub(crate) fn check_empty(data_dir: &Path) -> Result<(), Fail> {
     if let Some(id) = Identity::load(data_dir)? {
         return Err(Fail(format!(
             "{} already holds replica {} of cluster {}; restart it with `master-node run --data-dir {}`",
@@ -202,7 +202,7 @@ pub async fn restart(a: RunArgs) -> Result<(), Fail> {
 }
 
 /// Serves until SIGINT/SIGTERM or until the replica stops by itself.
-async fn serve(running: Running) -> Result<(), Fail> {
+pub(crate) async fn serve(running: Running) -> Result<(), Fail> {
     let mut stopped = running.stopped.clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome = tokio::select! {

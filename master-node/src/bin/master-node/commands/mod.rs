@@ -1,14 +1,16 @@
 //! What each command does, one file per group: the replica's life
 //! ([`cluster`]: init, join, run, leave, status), identities
 //! ([`identities`]: users, gateways, computers, certificates), accounting
-//! ([`accounting`]: usage, prices), the cluster's [`limits`] and
-//! [`backup`]s.
+//! ([`accounting`]: usage, prices), the cluster's [`limits`],
+//! [`backup`]s, and starting again from a backup or a survivor
+//! ([`recovery`]: restore, recover).
 
 mod accounting;
 mod backup;
 mod cluster;
 mod identities;
 mod limits;
+mod recovery;
 
 use crate::cli::{BackupCmd, CertCmd, Cmd, ComputerCmd, GatewayCmd, LimitsCmd, PriceCmd, UserCmd};
 pub use crate::fail::Fail;
@@ -56,5 +58,7 @@ pub async fn run(cmd: Cmd) -> Result<(), Fail> {
             Some(BackupCmd::Verify { file }) => backup::verify(&file),
             None => backup::save(a).await,
         },
+        Cmd::Restore(a) => recovery::restore(a).await,
+        Cmd::Recover(a) => recovery::recover(a).await,
     }
 }
