@@ -244,7 +244,10 @@ pub fn recover(data_dir: &Path) -> Result<Recovered, RecoveryError> {
     let members = current_membership(data_dir, &log)?;
     let voters: Vec<u64> = members.voter_ids().collect();
     if !voters.contains(&me) {
-        return Err(RecoveryError::NotAVoter { node: me, members: voters });
+        return Err(RecoveryError::NotAVoter {
+            node: me,
+            members: voters,
+        });
     }
     if voters == [me] && members.get_joint_config().len() == 1 {
         return Err(RecoveryError::AlreadyAlone(me));
@@ -348,7 +351,12 @@ mod tests {
                 },
             );
         }
-        apply(&mut m, Command::ReserveReplicaId { addr: "127.0.0.1:2".into() });
+        apply(
+            &mut m,
+            Command::ReserveReplicaId {
+                addr: "127.0.0.1:2".into(),
+            },
+        );
         let second = pki::issue(
             m.authority.as_ref().unwrap(),
             &Role::Replica(2),
@@ -472,7 +480,14 @@ mod tests {
         let three = Membership::new(
             vec![BTreeSet::from([1, 2, 3])],
             (1..=3)
-                .map(|i| (i, ReplicaNode { addr: format!("127.0.0.1:{i}") }))
+                .map(|i| {
+                    (
+                        i,
+                        ReplicaNode {
+                            addr: format!("127.0.0.1:{i}"),
+                        },
+                    )
+                })
                 .collect::<BTreeMap<_, _>>(),
         )
         .unwrap();

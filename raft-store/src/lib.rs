@@ -40,7 +40,9 @@ use std::path::Path;
 pub use codec::FORMAT_VERSION;
 pub use error::StoreError;
 pub use log_store::{LogStats, LogStore};
-pub use state_machine::{applied_membership, ApplyError, RestoreError, StateMachine, StateMachineStore, ValueBuffer, Writes};
+pub use state_machine::{
+    applied_membership, ApplyError, RestoreError, StateMachine, StateMachineStore, ValueBuffer, Writes,
+};
 
 /// The openraft type configurations this store serves: the standard log
 /// entry and payload, a default answer for blank and membership entries,

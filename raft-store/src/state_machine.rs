@@ -444,7 +444,8 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
         let file = fs::File::create(&tmp).map_err(io_err(root, "create", &tmp))?;
         let mut w = SnapshotWriter::create::<C>(file, meta).map_err(io_err(root, "write", &tmp))?;
         for (k, v) in records {
-            w.record(&k, &codec::wrap_raw(&v)).map_err(io_err(root, "write", &tmp))?;
+            w.record(&k, &codec::wrap_raw(&v))
+                .map_err(io_err(root, "write", &tmp))?;
         }
         w.finish().map_err(io_err(root, "write", &tmp))?;
         let file = fs::File::open(&tmp).map_err(io_err(root, "open", &tmp))?;

@@ -111,7 +111,11 @@ async fn revoke_replica(running: &Running, id: u64) {
                 return;
             }
             Err(e) => {
-                tracing::info!(replica = id, "waiting to revoke the lost replica's certificates: {}", e.message());
+                tracing::info!(
+                    replica = id,
+                    "waiting to revoke the lost replica's certificates: {}",
+                    e.message()
+                );
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
