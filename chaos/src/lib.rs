@@ -9,6 +9,7 @@
 //! - [`cluster`]: master-node replicas, gateways and identities;
 //! - [`workload`]: users, readers and a prober; [`simnode`]: simulated nodes;
 //! - [`nemesis`]: the faults; [`abuse`]: the bad client among them;
+//!   [`restore`]: the backup-and-restore drill among them;
 //!   [`history`]: what was seen;
 //! - [`checker`]: what must hold; [`report`]: what a run leaves behind;
 //! - [`fleet`]: the fleet simulator (`chaos fleet`), a run of its own;
@@ -23,6 +24,7 @@ pub mod nemesis;
 pub mod net;
 pub mod proxy;
 pub mod report;
+pub mod restore;
 pub mod run;
 pub mod simnode;
 pub mod workload;

@@ -15,6 +15,7 @@
 //! | `loss` | connections on every replica link reset with 2 % chance per chunk |
 //! | `membership` | a replica joins (a spare slot) and then leaves, under load |
 //! | `wipe-and-replace` | a follower's log wiped: its restart must be refused; then the documented replacement (leave, empty dir, join) |
+//! | `backup-restore` | a backup taken under load is restored into a scratch cluster, which must hold what the file holds ([`crate::restore`]) |
 //! | `abuse` | a user sends oversized and malformed calls to every door: each refused with its 4xx, the term unchanged ([`crate::abuse`]) |
 
 use std::time::Duration;
@@ -43,6 +44,7 @@ pub const KINDS: &[&str] = &[
     "membership",
     "wipe-and-replace",
     "abuse",
+    "backup-restore",
 ];
 
 /// The broad class of a kind: kill, pause, partition or other.
@@ -53,6 +55,7 @@ pub fn class(kind: &str) -> &'static str {
         "isolate" | "isolate-leader" | "partition-split" | "leader-minority" | "one-way" => "partition",
         "delay" | "loss" => "link",
         "abuse" => "client",
+        "backup-restore" => "operator",
         _ => "membership",
     }
 }
@@ -285,6 +288,19 @@ pub async fn apply(c: &mut Cluster, kind: &str, members: usize, rng: &mut u64) -
                     burst.problems.len()
                 ),
                 Applied::Checked(burst.problems),
+            )
+        }
+        "backup-restore" => {
+            let slot = pick(&running, rng).context("no replica")?;
+            let peer = c.replicas[slot - 1].advertise.clone();
+            let work = c.dir.join(format!("drill-{}", stamp()));
+            let problems = crate::restore::drill(c, &peer, &work).await;
+            (
+                format!(
+                    "a backup through slot {slot} restored into a scratch cluster: {}",
+                    if problems.is_empty() { "same state" } else { "PROBLEMS" }
+                ),
+                Applied::Checked(problems),
             )
         }
         other => bail!("unknown fault kind {other}"),

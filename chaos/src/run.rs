@@ -347,6 +347,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         checker::convergence(&digests),
         checker::recovery(&faults, cfg.recovery_bound.as_micros() as u64),
         checker::refusals(&faults),
+        checker::restores(&faults),
     ];
     let ok = findings.iter().all(|f| f.ok);
     let end = now_us();

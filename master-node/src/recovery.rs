@@ -208,7 +208,9 @@ fn seed(data_dir: &Path, state: &Master, advertise: &str) -> Result<(), Recovery
         last_log_id: Some(at),
         last_membership: StoredMembership::new(Some(at), membership),
     };
-    let vote = Vote::new_committed(1, RESTORED_REPLICA);
+    // Not committed: the replica starts as a follower and wins a real
+    // election (term 2), whose first entry comes after the backup's index.
+    let vote = Vote::new(1, RESTORED_REPLICA);
     raft_store::seed::<MasterTypes, Master>(data_dir, &meta, &vote, persist::all_records(state))?;
     Ok(())
 }
@@ -264,8 +266,9 @@ pub fn recover(data_dir: &Path) -> Result<Recovered, RecoveryError> {
         .map_err(|e| RecoveryError::State(e.to_string()))?;
     let at = LogId::new(LeaderId { term, node_id: me }, last.index + 1);
     // The vote first: a crash between the two leaves a vote with no entry
-    // of its term, which is what any new leader has for a moment.
-    log.write_vote(&Vote::new_committed(term, me))?;
+    // of its term, as a candidate has. Not committed: at start the replica
+    // wins a real election, whose first entry commits the membership.
+    log.write_vote(&Vote::new(term, me))?;
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     log.append_with(
         [Entry {
@@ -510,7 +513,7 @@ mod tests {
         assert_eq!(recovered.at.index, joined.index + 1);
         assert_eq!(recovered.at.committed_leader_id().term, 5);
         let log = LogStore::<MasterTypes>::open(&dir.path().join("log")).unwrap();
-        assert_eq!(log.vote(), Some(Vote::new_committed(5, 1)));
+        assert_eq!(log.vote(), Some(Vote::new(5, 1)));
         let entries = log.read_entries(recovered.at.index..).unwrap();
         let EntryPayload::Membership(m) = &entries[0].payload else {
             panic!("not a membership entry: {:?}", entries[0]);

@@ -284,6 +284,21 @@ pub fn coverage(faults: &[FaultEvent], min_events: usize, restricted: bool) -> F
     )
 }
 
+/// Every backup-and-restore drill restored a new cluster holding what its
+/// backup held.
+pub fn restores(faults: &[FaultEvent]) -> Finding {
+    let drills: Vec<&FaultEvent> = faults.iter().filter(|f| f.kind == "backup-restore").collect();
+    let problems: Vec<String> = drills.iter().flat_map(|f| f.problems.iter().cloned()).collect();
+    Finding::new(
+        "backups restore",
+        problems,
+        format!(
+            "{} backups taken under load, each restored into a new cluster holding the same state",
+            drills.len()
+        ),
+    )
+}
+
 /// Every bad call of an abuse burst got its refusal, and no burst moved
 /// the term.
 pub fn refusals(faults: &[FaultEvent]) -> Finding {
@@ -483,6 +498,22 @@ mod tests {
         let wrong = refusals(&[burst(vec![]), burst(vec!["gw: a 3 MiB body: 200".into()])]);
         assert!(!wrong.ok);
         assert_eq!(wrong.details, vec!["gw: a 3 MiB body: 200".to_string()]);
+    }
+
+    #[test]
+    fn a_restore_that_differs_fails_the_restore_checker() {
+        let drill = |problems: Vec<String>| FaultEvent {
+            kind: "backup-restore".into(),
+            detail: String::new(),
+            start: 0,
+            healed: Some(1),
+            recovered_after_us: Some(1),
+            problems,
+        };
+        assert!(restores(&[drill(vec![])]).ok);
+        let differs = restores(&[drill(vec!["instances differ".into()]), drill(vec![])]);
+        assert!(!differs.ok);
+        assert_eq!(differs.details, vec!["instances differ".to_string()]);
     }
 
     #[test]
