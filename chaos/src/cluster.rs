@@ -197,6 +197,9 @@ pub struct Cluster {
     pub ids: PathBuf,
     pub gateways: Vec<(String, Proc)>,
     pub timing: Vec<String>,
+    /// The older release the replicas act as (`--act-as-version`), until
+    /// the `rolling-upgrade` fault upgrades them; `None`: this build.
+    pub acting: Option<u32>,
 }
 
 fn log_file(path: &Path) -> anyhow::Result<std::fs::File> {
@@ -222,6 +225,7 @@ where
 impl Cluster {
     /// Makes the namespaces and proxies for `slots` replicas, founds the
     /// cluster with `members` of them, issues identities, starts `gateways`.
+    #[allow(clippy::too_many_arguments)] // each is one knob of the run, named at the two call sites
     pub async fn start(
         bins: Bins,
         dir: &Path,
@@ -230,6 +234,7 @@ impl Cluster {
         gateways: usize,
         seed: u64,
         docker_image: Option<&str>,
+        acting: Option<u32>,
     ) -> anyhow::Result<Cluster> {
         let net = match docker_image {
             Some(image) => Net::create_docker(slots, image)?,
@@ -272,6 +277,7 @@ impl Cluster {
             // A loaded 2-core machine running five replicas, gateways and
             // the suite: the defaults.
             timing: vec![],
+            acting,
         };
         c.init_first().await?;
         for slot in 2..=members {
@@ -288,6 +294,10 @@ impl Cluster {
     /// the container it runs in.
     fn spawn_in(&self, slot: usize, args: &[String]) -> anyhow::Result<(Child, Option<String>)> {
         let r = &self.replicas[slot - 1];
+        let mut args = args.to_vec();
+        if let Some(v) = self.acting {
+            args.extend(["--act-as-version".to_string(), v.to_string()]);
+        }
         if let Some(d) = &self.net.docker {
             let host = self.net.host(slot);
             let name = host.netns.clone();
@@ -306,7 +316,7 @@ impl Cluster {
                     "/usr/local/bin/master-node",
                     &d.image,
                 ])
-                .args(args)
+                .args(&args)
                 .args(&self.timing);
             let out = create.output().context("docker create")?;
             if !out.status.success() {
@@ -323,7 +333,7 @@ impl Cluster {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.net.host(slot).netns])
             .arg(&self.bins.master_node)
-            .args(args)
+            .args(&args)
             .args(&self.timing)
             .env(
                 "RUST_LOG",

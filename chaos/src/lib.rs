@@ -9,7 +9,8 @@
 //! - [`cluster`]: master-node replicas, gateways and identities;
 //! - [`workload`]: users, readers and a prober; [`simnode`]: simulated nodes;
 //! - [`nemesis`]: the faults; [`abuse`]: the bad client among them;
-//!   [`restore`]: the backup-and-restore drill among them;
+//!   [`restore`] and [`upgrade`]: the operator's drills among them
+//!   (backup and restore, a rolling upgrade with version skew);
 //!   [`history`]: what was seen;
 //! - [`checker`]: what must hold; [`report`]: what a run leaves behind;
 //! - [`fleet`]: the fleet simulator (`chaos fleet`), a run of its own;
@@ -27,4 +28,5 @@ pub mod report;
 pub mod restore;
 pub mod run;
 pub mod simnode;
+pub mod upgrade;
 pub mod workload;

@@ -16,6 +16,7 @@
 //! | `membership` | a replica joins (a spare slot) and then leaves, under load |
 //! | `wipe-and-replace` | a follower's log wiped: its restart must be refused; then the documented replacement (leave, empty dir, join) |
 //! | `backup-restore` | a backup taken under load is restored into a scratch cluster, which must hold what the file holds ([`crate::restore`]) |
+//! | `rolling-upgrade` | every replica restarted one at a time, followers first, from the older release it acts as to this build ([`crate::upgrade`]) |
 //! | `abuse` | a user sends oversized and malformed calls to every door: each refused with its 4xx, the term unchanged ([`crate::abuse`]) |
 
 use std::time::Duration;
@@ -45,6 +46,7 @@ pub const KINDS: &[&str] = &[
     "wipe-and-replace",
     "abuse",
     "backup-restore",
+    "rolling-upgrade",
 ];
 
 /// The broad class of a kind: kill, pause, partition or other.
@@ -55,7 +57,7 @@ pub fn class(kind: &str) -> &'static str {
         "isolate" | "isolate-leader" | "partition-split" | "leader-minority" | "one-way" => "partition",
         "delay" | "loss" => "link",
         "abuse" => "client",
-        "backup-restore" => "operator",
+        "backup-restore" | "rolling-upgrade" => "operator",
         _ => "membership",
     }
 }
@@ -302,6 +304,10 @@ pub async fn apply(c: &mut Cluster, kind: &str, members: usize, rng: &mut u64) -
                 ),
                 Applied::Checked(problems),
             )
+        }
+        "rolling-upgrade" => {
+            let (detail, problems) = crate::upgrade::rolling(c).await?;
+            (detail, Applied::Checked(problems))
         }
         other => bail!("unknown fault kind {other}"),
     })

@@ -85,6 +85,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         2,
         cfg.seed,
         cfg.docker_image.as_deref(),
+        // An older release until the rolling upgrade, when there is one.
+        (cfg.faults.is_empty() || cfg.faults.iter().any(|f| f == "rolling-upgrade")).then_some(1),
     )
     .await?;
 
@@ -347,7 +349,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         checker::convergence(&digests),
         checker::recovery(&faults, cfg.recovery_bound.as_micros() as u64),
         checker::refusals(&faults),
-        checker::restores(&faults),
+        checker::drills(&faults),
     ];
     let ok = findings.iter().all(|f| f.ok);
     let end = now_us();

@@ -71,6 +71,58 @@ pub async fn issue_for_hosts(
     Ok((issued, ca.cert_pem))
 }
 
+/// Renews the live certificate `serial`: a new key and certificate for the
+/// same holder and hosts, valid `days` (0: as long as a new one of its
+/// kind), recorded with the old one's revocation in one write. Returns
+/// the new certificate and key, and the CA.
+pub async fn renew(replica: &Replica, serial: &str, days: u64) -> Result<(Issued, String), tonic::Status> {
+    use tonic::Status;
+    let serial = serial.to_ascii_lowercase();
+    let (old, ca) = {
+        let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+        let old = state.certificates.values().find(|c| c.serial == serial).cloned();
+        (old, state.authority.clone())
+    };
+    let old = old.ok_or_else(|| Status::not_found(format!("no certificate has serial {serial}")))?;
+    let ca = ca.ok_or_else(|| Status::unavailable(IssueError::NoAuthority.to_string()))?;
+    if old.revoked {
+        return Err(Status::failed_precondition(format!(
+            "certificate {serial} is revoked; issue a new one instead"
+        )));
+    }
+    if matches!(old.role, Role::Partition(..)) {
+        return Err(Status::invalid_argument(
+            "a partition's certificate is the Master's to issue: it gives the partition a new one when its instance changes",
+        ));
+    }
+    let days = match (days, &old.role) {
+        (0, Role::Replica(_)) => crate::founding::REPLICA_DAYS,
+        (0, _) => pki::DEFAULT_DAYS,
+        (d, _) => d,
+    };
+    let hosts = pki::server_names_of(&old.cert_pem.to_text());
+    let issued =
+        pki::issue(&ca, &old.role, pki::now_secs(), days, &hosts).map_err(|e| Status::internal(e.to_string()))?;
+    let (reply, _) = replica
+        .write(ClientWrite {
+            request_id: None,
+            command: Command::RenewCertificate {
+                serial: serial.clone(),
+                certificate: Box::new(issued.certificate.clone()),
+            },
+        })
+        .await?;
+    match reply {
+        Reply::Refused(crate::state::Refusal::NotYet(m)) => Err(Status::failed_precondition(m)),
+        Reply::Refused(crate::state::Refusal::NotFound(m)) => Err(Status::not_found(m)),
+        Reply::Refused(r) => Err(Status::invalid_argument(r.to_string())),
+        _ => {
+            info!(role = %old.role, old = %serial, new = %issued.certificate.serial, "certificate renewed");
+            Ok((issued, ca.cert_pem))
+        }
+    }
+}
+
 /// Records a signed certificate through the log.
 async fn record(replica: &Replica, issued: &Issued, registration: Option<String>) -> Result<(), IssueError> {
     let (reply, _) = replica

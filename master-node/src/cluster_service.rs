@@ -75,6 +75,20 @@ impl Cluster for ClusterService {
         }
         // Checked here as well as on the leader: a wrong token fails fast.
         self.operator(&peer, &req.token)?;
+        // A release older than the cluster's version could not apply its log.
+        let cluster_version = self
+            .replica
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .effective_version();
+        let speaks = req.speaks_version.max(1);
+        if speaks < cluster_version {
+            return Err(Status::failed_precondition(format!(
+                "this cluster is at version {cluster_version} and the joiner speaks only up to version {speaks}: \
+                 join with a newer master-node"
+            )));
+        }
         match self.replica.leader_client().await? {
             Some(mut leader) => leader.join(req).await,
             None => {
@@ -294,6 +308,10 @@ impl Cluster for ClusterService {
                     _ => Ok(Response::new(CertificatesReply::default())),
                 }
             }
+            "renew" => {
+                let renewed = crate::certificates::renew(&self.replica, &req.serial, req.days).await?;
+                Ok(Response::new(issued_reply(renewed)))
+            }
             "list" => {
                 let state = self.replica.state.read().unwrap_or_else(|e| e.into_inner());
                 let mut certificates: Vec<CertificateInfo> = state
@@ -314,7 +332,7 @@ impl Cluster for ClusterService {
                 }))
             }
             other => Err(Status::invalid_argument(format!(
-                "unknown action {other:?}: user, admin, gateway, computer-token, register, revoke or list"
+                "unknown action {other:?}: user, admin, gateway, computer-token, register, revoke, renew or list"
             ))),
         }
     }

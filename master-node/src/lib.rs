@@ -31,3 +31,4 @@ pub mod revisions;
 pub mod server;
 pub mod slap;
 pub mod state;
+pub mod versions;

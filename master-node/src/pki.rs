@@ -201,6 +201,33 @@ pub fn role_of_common_name(cn: &str) -> Option<Role> {
     })
 }
 
+/// The DNS names and IP addresses a certificate (PEM) is for, so a
+/// renewal serves the same hosts.
+pub fn server_names_of(cert_pem: &str) -> Vec<String> {
+    let Ok(slap_proto::tls::Trust::Ca(der)) = slap_proto::tls::Trust::ca_pem(cert_pem) else {
+        return Vec::new();
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).ok()?).to_string()),
+                16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 /// Unix seconds now.
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()

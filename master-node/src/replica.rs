@@ -412,7 +412,22 @@ impl Replica {
         state
             .limits
             .check(&write.command)
-            .map_err(|reason| (Reply::Refused(Refusal::TooLarge(reason)), 0))
+            .map_err(|reason| (Reply::Refused(Refusal::TooLarge(reason)), 0))?;
+        // A kind of command some voter's release could not apply stays out
+        // of the log until the cluster's version says every voter speaks it.
+        let (needs, cluster) = (write.command.since(), state.effective_version());
+        if needs > cluster {
+            return Err((
+                Reply::Refused(Refusal::NotYet(format!(
+                    "a {} needs cluster version {needs}, and the cluster is at version {cluster}: \
+                     a voter runs an older release. Upgrade every replica; the version rises by itself \
+                     once every voter speaks it (`master-node status` shows it)",
+                    write.command.kind()
+                ))),
+                0,
+            ));
+        }
+        Ok(())
     }
 
     /// Bytes one forwarded batch may take.
@@ -778,6 +793,8 @@ impl Replica {
             members: self.members(),
             leader_view: m.state == ServerState::Leader,
             expiring: Vec::new(),
+            speaks_version: crate::raft::spoken_version(),
+            cluster_version: self.state.read().unwrap_or_else(|e| e.into_inner()).effective_version(),
         }
     }
 

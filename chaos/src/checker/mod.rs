@@ -284,17 +284,27 @@ pub fn coverage(faults: &[FaultEvent], min_events: usize, restricted: bool) -> F
     )
 }
 
-/// Every backup-and-restore drill restored a new cluster holding what its
-/// backup held.
-pub fn restores(faults: &[FaultEvent]) -> Finding {
-    let drills: Vec<&FaultEvent> = faults.iter().filter(|f| f.kind == "backup-restore").collect();
-    let problems: Vec<String> = drills.iter().flat_map(|f| f.problems.iter().cloned()).collect();
+/// Every operator's drill held: each backup restored into a new cluster
+/// holding what it held, each rolling upgrade ended with every replica on
+/// this build and the cluster's version raised.
+pub fn drills(faults: &[FaultEvent]) -> Finding {
+    let drills: Vec<&FaultEvent> = faults
+        .iter()
+        .filter(|f| f.kind == "backup-restore" || f.kind == "rolling-upgrade")
+        .collect();
+    let problems: Vec<String> = drills
+        .iter()
+        .flat_map(|f| f.problems.iter().map(move |p| format!("{}: {p}", f.kind)))
+        .collect();
+    let count = |kind: &str| drills.iter().filter(|f| f.kind == kind).count();
     Finding::new(
-        "backups restore",
+        "operator drills",
         problems,
         format!(
-            "{} backups taken under load, each restored into a new cluster holding the same state",
-            drills.len()
+            "{} backups taken under load, each restored into a new cluster holding the same state; \
+             {} rolling upgrades or restarts, each ending with every replica on this build",
+            count("backup-restore"),
+            count("rolling-upgrade")
         ),
     )
 }
@@ -501,7 +511,7 @@ mod tests {
     }
 
     #[test]
-    fn a_restore_that_differs_fails_the_restore_checker() {
+    fn a_restore_that_differs_fails_the_drill_checker() {
         let drill = |problems: Vec<String>| FaultEvent {
             kind: "backup-restore".into(),
             detail: String::new(),
@@ -510,10 +520,10 @@ mod tests {
             recovered_after_us: Some(1),
             problems,
         };
-        assert!(restores(&[drill(vec![])]).ok);
-        let differs = restores(&[drill(vec!["instances differ".into()]), drill(vec![])]);
+        assert!(drills(&[drill(vec![])]).ok);
+        let differs = drills(&[drill(vec!["instances differ".into()]), drill(vec![])]);
         assert!(!differs.ok);
-        assert_eq!(differs.details, vec!["instances differ".to_string()]);
+        assert_eq!(differs.details, vec!["backup-restore: instances differ".to_string()]);
     }
 
     #[test]

@@ -736,7 +736,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let t0 = Instant::now();
     // A fourth slot, spare, for the replica that joins at the end.
-    let mut c = Cluster::start(Bins::beside_me()?, &out, 4, 3, 1, 1, None).await?;
+    let mut c = Cluster::start(Bins::beside_me()?, &out, 4, 3, 1, 1, None, None).await?;
     let seconds_cluster_start = t0.elapsed().as_secs_f64();
     let gateway = c.gateways[0].0.clone();
     let trust = c.trust()?;

@@ -95,6 +95,7 @@ fn refusal(r: Refusal) -> Status {
         Refusal::Invalid(m) => Status::invalid_argument(m),
         // gRPC has no 413: the message names the limit.
         Refusal::TooLarge(m) => Status::invalid_argument(m),
+        Refusal::NotYet(m) => Status::failed_precondition(m),
         Refusal::Forbidden(m) => Status::permission_denied(m),
         r @ Refusal::StaleRequest { .. } => Status::failed_precondition(r.to_string()),
     }

@@ -9,6 +9,7 @@ pub mod network;
 pub mod service;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use openraft::alias::LogIdOf;
@@ -104,11 +105,38 @@ pub type Raft = openraft::Raft<MasterTypes, StateStore>;
 /// A log id of the Master's log.
 pub type LogId = LogIdOf<MasterTypes>;
 
+/// The newest command-set version this process speaks: the build's
+/// ([`crate::state::VERSION`]), or lower when told to act as an older
+/// release (`--act-as-version`, for upgrade tests).
+static SPOKEN: AtomicU32 = AtomicU32::new(crate::state::VERSION);
+
+/// The newest command-set version this process speaks.
+pub fn spoken_version() -> u32 {
+    SPOKEN.load(Ordering::Relaxed)
+}
+
+/// Makes this process act as a release that speaks versions up to `v`
+/// only: it advertises `v`, and stops on a command it would not know, as
+/// such a release would. Set before the replica starts.
+pub fn speak_at_most(v: u32) {
+    SPOKEN.store(v.clamp(1, crate::state::VERSION), Ordering::Relaxed);
+}
+
 impl raft_store::StateMachine<MasterTypes> for Master {
     fn apply(&mut self, log_id: &LogId, batch: LoggedBatch) -> Result<Vec<Reply>, ApplyError> {
         let batch = batch.decode().map_err(|e| ApplyError {
             reason: format!("its proposals do not decode ({e})"),
         })?;
+        let spoken = spoken_version();
+        if let Some(p) = batch.0.iter().find(|p| p.command.since() > spoken) {
+            return Err(ApplyError {
+                reason: format!(
+                    "it holds a {} of version {}, and this replica speaks only up to version {spoken}",
+                    p.command.kind(),
+                    p.command.since()
+                ),
+            });
+        }
         Ok(batch
             .0
             .into_iter()

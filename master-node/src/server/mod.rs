@@ -59,6 +59,11 @@ pub enum StartError {
          Replace it: `master-node leave --id N --peer ANY --token T`, then join again with an empty data dir"
     )]
     WipedLog(PathBuf),
+    #[error(
+        "this master-node speaks command versions up to {speaks}, but the cluster is at version {cluster}: \
+         a replica never goes back to an older release. Run a newer master-node"
+    )]
+    TooOld { speaks: u32, cluster: u32 },
     #[error("openraft refused to start: {0}")]
     Raft(String),
     #[error(transparent)]
@@ -103,6 +108,11 @@ impl Running {
         let (log, sm) = open_store(data_dir)?;
         let opened = opening.elapsed();
         let state = sm.app();
+        let cluster = state.read().unwrap_or_else(|e| e.into_inner()).effective_version();
+        let speaks = crate::raft::spoken_version();
+        if speaks < cluster {
+            return Err(StartError::TooOld { speaks, cluster });
+        }
         let server_tls = Arc::new(tls.server_config(Arc::downgrade(&state))?);
         let raft = Raft::new(
             identity.node_id,
@@ -128,6 +138,7 @@ impl Running {
             })?;
         let replica = Replica::start(identity, data_dir, raft.clone(), log, state, tls, !fresh)?;
         tokio::spawn(crate::certificates::run_issuer(Arc::downgrade(&replica)));
+        tokio::spawn(crate::versions::raise_cluster_version(Arc::downgrade(&replica)));
         let (stop, mut stop_rx) = watch::channel(false);
         // Accepted connections have Nagle's algorithm off (cluster_tls): Raft
         // and its callers exchange small messages, which Nagle plus delayed

@@ -257,6 +257,7 @@ async fn run(replica: &Replica, command: Command) -> Result<(Reply, u64), SlapEr
         Reply::Refused(Refusal::NotFound(m)) => Err(SlapError(StatusCode::NOT_FOUND, m)),
         Reply::Refused(Refusal::Invalid(m)) => Err(bad(m)),
         Reply::Refused(Refusal::TooLarge(m)) => Err(SlapError(StatusCode::PAYLOAD_TOO_LARGE, m)),
+        Reply::Refused(Refusal::NotYet(m)) => Err(SlapError(StatusCode::CONFLICT, m)),
         Reply::Refused(Refusal::Forbidden(m)) => Err(SlapError(StatusCode::FORBIDDEN, m)),
         Reply::Refused(r @ Refusal::StaleRequest { .. }) => Err(SlapError(StatusCode::CONFLICT, r.to_string())),
         other => Ok((other, index)),

@@ -67,6 +67,47 @@ impl Master {
         Ok(())
     }
 
+    pub(super) fn set_cluster_version(&mut self, version: u32) -> Reply {
+        let current = self.cluster_version.max(1);
+        if version < current {
+            return invalid(format!(
+                "the cluster's version is {current}; it is never lowered (asked for {version})"
+            ));
+        }
+        if version > current {
+            self.cluster_version = version;
+            self.dirty.insert(Dirty::Version);
+        }
+        Reply::Done
+    }
+
+    /// The version of the command set the cluster's writes may use.
+    pub fn effective_version(&self) -> u32 {
+        self.cluster_version.max(1)
+    }
+
+    pub(super) fn renew_certificate(&mut self, serial: &str, new: &Certificate) -> Reply {
+        let serial = serial.to_ascii_lowercase();
+        let Some(old) = self.certificates.values().find(|c| c.serial == serial) else {
+            return refused_not_found(format!("no certificate has serial {serial}"));
+        };
+        if old.revoked {
+            return invalid(format!("certificate {serial} is revoked; issue a new one instead"));
+        }
+        if old.role != new.role {
+            return invalid(format!(
+                "certificate {serial} is {:?}'s; its renewal must be for the same holder, not {:?}",
+                old.role, new.role
+            ));
+        }
+        if self.certificates.contains_key(&new.fingerprint) {
+            return invalid("this certificate is already recorded");
+        }
+        // Checked above: neither step can be refused, so both happen.
+        self.revoke_certificate(&serial);
+        self.record_certificate(new, None)
+    }
+
     pub(super) fn set_authority(&mut self, a: &Authority) -> Reply {
         if self.authority.is_some() {
             return invalid("the cluster already has a certificate authority");

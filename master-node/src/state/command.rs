@@ -154,6 +154,42 @@ pub enum Command {
     },
     /// Sets the cluster's limits (administrators).
     SetLimits(super::limits::Limits),
+    /// Raises the cluster's version: the leader proposes it once every
+    /// voter says it speaks that version. Never lowers it.
+    SetClusterVersion { version: u32 },
+    /// Replaces the live certificate with this serial by `certificate` (same
+    /// role), revoking the old one in the same write: `master-node cert
+    /// renew`. Since version 2.
+    RenewCertificate {
+        serial: String,
+        certificate: Box<Certificate>,
+    },
+}
+
+/// The newest version of the command set this build speaks. A command kind
+/// of a higher version than the cluster's ([`Command::since`]) is refused
+/// before it reaches the log, so a replica of an older release, which could
+/// not apply it, never meets it.
+pub const VERSION: u32 = 2;
+
+impl Command {
+    /// The version of the command set that introduced this kind of command.
+    pub fn since(&self) -> u32 {
+        match self {
+            Command::RenewCertificate { .. } => 2,
+            Command::IfPartitionHolds { then, .. } => then.since(),
+            _ => 1,
+        }
+    }
+
+    /// The command's kind, as an operator reads it in an error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::RenewCertificate { .. } => "certificate renewal",
+            Command::SetClusterVersion { .. } => "cluster version change",
+            _ => "command",
+        }
+    }
 }
 
 /// `requestComputerPartition`'s arguments, in domain terms.
@@ -219,6 +255,10 @@ pub enum Refusal {
     /// Larger than one of the cluster's limits, which the message names (413).
     #[error("{0}")]
     TooLarge(String),
+    /// A kind of write the cluster does not take yet: a voter runs a
+    /// release that could not apply it (409).
+    #[error("{0}")]
+    NotYet(String),
     /// A retry of a write older than this client's last one (409).
     #[error("request {seq} of client {client} is older than its last write {last}; its answer is gone")]
     StaleRequest { client: String, seq: u64, last: u64 },

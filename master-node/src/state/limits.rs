@@ -187,7 +187,9 @@ impl Limits {
             | Command::RevokeCertificate { .. }
             | Command::RevokeRole { .. }
             | Command::ReserveReplicaId { .. }
-            | Command::AnnounceReplica { .. } => Ok(()),
+            | Command::AnnounceReplica { .. }
+            | Command::SetClusterVersion { .. }
+            | Command::RenewCertificate { .. } => Ok(()),
         }
     }
 
@@ -352,10 +354,10 @@ pub fn approximate_size(command: &Command) -> usize {
                 .sum(),
             Command::SetRelatedInstances { titles, .. } => titles.iter().map(|t| t.len() + 1).sum(),
             Command::IfPartitionHolds { then, .. } => approximate_size(then),
-            Command::RecordCertificate { certificate, .. } =>
             // The fingerprint travels as 64 hex digits.
-            {
-                certificate.cert_pem.text_len() + 64 + FRAME
+            Command::RecordCertificate { certificate, .. } => certificate.cert_pem.text_len() + 64 + FRAME,
+            Command::RenewCertificate { serial, certificate } => {
+                serial.len() + certificate.cert_pem.text_len() + 64 + FRAME
             }
             Command::SetAuthority(a) => a.cert_pem.len() + a.key_pem.len(),
             _ => 4 * FRAME,

@@ -70,6 +70,7 @@ pub enum Dirty {
     Journal(String),
     Price(String, String),
     Limits,
+    Version,
 }
 
 /// The whole state of the Master.
@@ -97,6 +98,9 @@ pub struct Master {
     pub ledger: ledger::Ledger,
     /// What one call may carry (set by administrators).
     pub limits: limits::Limits,
+    /// The version of the command set every voter speaks, as the leader
+    /// last raised it (0 until then: version 1).
+    pub cluster_version: u32,
     /// Last timestamp handed out; timestamps only grow.
     pub clock: u64,
     /// Log index of the last applied proposal.
@@ -267,6 +271,8 @@ impl Master {
                 lines,
             } => self.book_usage(seq, now, &computer, &journal_sha256, &lines),
             Command::SetLimits(limits) => self.set_limits(limits),
+            Command::SetClusterVersion { version } => self.set_cluster_version(version),
+            Command::RenewCertificate { serial, certificate } => self.renew_certificate(&serial, &certificate),
             Command::SetPrice {
                 resource,
                 release,

@@ -4,7 +4,7 @@
 //! Keys are a one-letter kind, `/`, then the entity's identity with NUL
 //! between parts: `c/COMP-1` (and `r/COMP-1`, its revision), `p/COMP-1\0slappart0`, `s/COMP-1\0URL`,
 //! `i/SOFTINST-7`, `x/<client>`, `m` for the counters, `k` for the
-//! cluster's facts, `a` for the certificate authority, `l` for the limits (once set), `t/<fingerprint>` for
+//! cluster's facts, `a` for the certificate authority, `l` for the limits (once set), `v` for the cluster's version (once raised), `t/<fingerprint>` for
 //! certificates, `g/<token sha256>` for computer registrations, `n/<id>`
 //! for replicas' public addresses, and for accounting `u/<id>` (movements),
 //! `h/<instance>` (open hosting spans), `j/<sha256>` (booked journals) and
@@ -57,6 +57,7 @@ pub fn key(d: &Dirty) -> Vec<u8> {
         Dirty::Journal(j) => join("j", &[j]),
         Dirty::Price(r, release) => join("$", &[r, release]),
         Dirty::Limits => b"l".to_vec(),
+        Dirty::Version => b"v".to_vec(),
     }
 }
 
@@ -100,6 +101,8 @@ pub fn value_into<W: Extend<u8>>(m: &Master, d: &Dirty, out: W) -> Option<W> {
         Dirty::Cluster => m.cluster.as_ref().map(|v| enc(v, out)),
         // Not stored while they are the defaults (the record exists once set).
         Dirty::Limits => (m.limits != super::limits::Limits::default()).then(|| enc(&m.limits, out)),
+        // Not stored until raised (the record exists once set).
+        Dirty::Version => (m.cluster_version > 0).then(|| enc(&m.cluster_version, out)),
         Dirty::Authority => m.authority.as_ref().map(|v| enc(v, out)),
         Dirty::Certificate(f) => m.certificates.get(f).map(|v| enc(v, out)),
         Dirty::Registration(t) => m.registrations.get(t).map(|v| enc(v, out)),
@@ -117,7 +120,13 @@ pub fn value_into<W: Extend<u8>>(m: &Master, d: &Dirty, out: W) -> Option<W> {
 
 /// Every record of the state, in no particular order (tests and hashing).
 pub fn all_records(m: &Master) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut keys: Vec<Dirty> = vec![Dirty::Meta, Dirty::Cluster, Dirty::Authority, Dirty::Limits];
+    let mut keys: Vec<Dirty> = vec![
+        Dirty::Meta,
+        Dirty::Cluster,
+        Dirty::Authority,
+        Dirty::Limits,
+        Dirty::Version,
+    ];
     keys.extend(m.certificates.keys().copied().map(Dirty::Certificate));
     keys.extend(m.registrations.keys().cloned().map(Dirty::Registration));
     keys.extend(m.replica_addrs.keys().copied().map(Dirty::ReplicaAddr));
@@ -164,6 +173,7 @@ pub fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<
             Some(b'k') if k.len() == 1 => m.cluster = Some(dec(&k, &v)?),
             Some(b'a') if k.len() == 1 => m.authority = Some(dec(&k, &v)?),
             Some(b'l') if k.len() == 1 => m.limits = dec(&k, &v)?,
+            Some(b'v') if k.len() == 1 => m.cluster_version = dec(&k, &v)?,
             Some(b't') => {
                 let c: Certificate = dec(&k, &v)?;
                 m.certificates.insert(c.fingerprint, c);

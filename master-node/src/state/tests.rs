@@ -1299,3 +1299,70 @@ fn certificates_expiring_are_counted_by_kind_with_the_earliest_end() {
     assert_eq!(expiring.get("gateway"), Some(&(1, 900)));
     assert_eq!(expiring.get("administrator"), None, "revoked");
 }
+
+#[test]
+fn the_cluster_version_only_rises_and_survives_a_restore() {
+    let mut w = World::new();
+    assert_eq!(w.m.effective_version(), 1);
+    assert_eq!(w.run(Command::SetClusterVersion { version: 2 }), Reply::Done);
+    assert_eq!(w.m.effective_version(), 2);
+    assert!(matches!(
+        w.run(Command::SetClusterVersion { version: 1 }),
+        Reply::Refused(Refusal::Invalid(_))
+    ));
+    assert_eq!(w.m.effective_version(), 2);
+    let back = persist::restore(&mut persist::all_records(&w.m).into_iter()).unwrap();
+    assert_eq!(back.effective_version(), 2);
+}
+
+#[test]
+fn a_renewal_revokes_the_old_certificate_and_records_the_new_one_for_the_same_holder() {
+    let mut w = World::new();
+    let cert = |name: &str, role: Role| Certificate {
+        serial: format!("s-{name}"),
+        fingerprint: fp(name),
+        role,
+        cert_pem: Pem::from_text(""),
+        key_pem: None,
+        not_after: 0,
+        revoked: false,
+    };
+    let gw = Role::Gateway("gw1".into());
+    w.run(Command::RecordCertificate {
+        certificate: cert("old", gw.clone()),
+        registration: None,
+    });
+    let renew = |serial: &str, c: Certificate| Command::RenewCertificate {
+        serial: serial.into(),
+        certificate: Box::new(c),
+    };
+    // Another holder, an unknown serial: refused, nothing changed.
+    let before = w.m.certificates.clone();
+    assert!(matches!(
+        w.run(renew("s-old", cert("new", Role::Admin))),
+        Reply::Refused(Refusal::Invalid(_))
+    ));
+    assert!(matches!(
+        w.run(renew("s-nope", cert("new", gw.clone()))),
+        Reply::Refused(Refusal::NotFound(_))
+    ));
+    assert_eq!(w.m.certificates, before);
+    assert_eq!(w.run(renew("S-OLD", cert("new", gw.clone()))), Reply::Done);
+    assert!(w.m.certificates[&fp("old")].revoked);
+    assert!(!w.m.certificates[&fp("new")].revoked);
+    // A revoked certificate is not renewed again.
+    assert!(matches!(
+        w.run(renew("s-old", cert("newer", gw))),
+        Reply::Refused(Refusal::Invalid(_))
+    ));
+    // A renewal is of version 2, even inside a guard.
+    assert_eq!(renew("s", cert("x", Role::Admin)).since(), 2);
+    let guarded = Command::IfPartitionHolds {
+        computer: "C".into(),
+        partition: "p".into(),
+        instance: "i".into(),
+        then: Box::new(renew("s", cert("x", Role::Admin))),
+    };
+    assert_eq!(guarded.since(), 2);
+    assert_eq!(Command::SetClusterVersion { version: 2 }.since(), 1);
+}

@@ -72,6 +72,19 @@ impl Proc {
         self.0.as_mut().is_none_or(|c| c.try_wait().ok().flatten().is_some())
     }
 
+    /// SIGTERM, then waits for the exit (SIGKILL after 10 s).
+    pub fn stop(&mut self) {
+        if let Some(c) = &self.0 {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !self.exited() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = c.kill();
@@ -223,7 +236,18 @@ pub struct SlapCluster {
 
 impl SlapCluster {
     pub fn start(dir: &Path) -> SlapCluster {
+        Self::start_acting(dir, [None; 3])
+    }
+
+    /// As [`SlapCluster::start`], with replica `i` acting as a release that
+    /// speaks command versions up to `versions[i]` (`--act-as-version`).
+    pub fn start_acting(dir: &Path, versions: [Option<u32>; 3]) -> SlapCluster {
         let runtime = tokio::runtime::Runtime::new().unwrap();
+        let acting = |i: usize| -> Vec<String> {
+            versions[i]
+                .map(|v| vec!["--act-as-version".to_string(), v.to_string()])
+                .unwrap_or_default()
+        };
         let raft: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let slap: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let data = |i: usize| dir.join(format!("r{i}")).display().to_string();
@@ -240,7 +264,10 @@ impl SlapCluster {
                 s("--slap-listen"),
                 format!("127.0.0.1:{}", slap[0]),
                 s("--insecure-http"),
-            ],
+            ]
+            .into_iter()
+            .chain(acting(0))
+            .collect::<Vec<_>>(),
             &log(0),
         )];
         let token_file = dir.join("r0/join-token");
@@ -263,7 +290,10 @@ impl SlapCluster {
                     s("--slap-listen"),
                     format!("127.0.0.1:{}", slap[i]),
                     s("--insecure-http"),
-                ],
+                ]
+                .into_iter()
+                .chain(acting(i))
+                .collect::<Vec<_>>(),
                 &log(i),
             ));
             let voters = |rt: &tokio::runtime::Runtime| {
@@ -308,6 +338,25 @@ impl SlapCluster {
     /// Another slap-gateway in front of the same replicas: it and its port.
     pub fn another_gateway(&self, dir: &Path, name: &str) -> (Proc, u16) {
         start_gateway(dir, name, &self.slap)
+    }
+
+    /// Restarts replica `i` from its data dir as this build (`run`),
+    /// after a SIGTERM: one step of a rolling upgrade.
+    pub fn upgrade(&mut self, i: usize) {
+        self.replicas[i].stop();
+        let log = self.dir.join(format!("r{i}.log"));
+        self.replicas[i] = Proc::spawn_logged(
+            Path::new(BIN),
+            &[
+                "run".to_string(),
+                "--data-dir".to_string(),
+                self.dir.join(format!("r{i}")).display().to_string(),
+                "--slap-listen".to_string(),
+                format!("127.0.0.1:{}", self.slap[i]),
+                "--insecure-http".to_string(),
+            ],
+            &log,
+        );
     }
 
     /// SIGKILLs the current leader; returns its index.

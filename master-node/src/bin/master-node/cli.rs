@@ -26,6 +26,10 @@ pub struct Cli {
     /// Log as JSON lines instead of readable text.
     #[arg(long, global = true)]
     pub log_json: bool,
+    /// Act as an older release that speaks command versions up to N only
+    /// (upgrade tests): advertise N, and stop on a newer command.
+    #[arg(long, global = true, hide = true)]
+    pub act_as_version: Option<u32>,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -327,6 +331,21 @@ pub enum CertCmd {
     /// Revoke a certificate; every replica refuses it from the next handshake on.
     Revoke {
         serial: String,
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Renew a certificate before it ends: a new key and certificate for the
+    /// same holder (and hosts), written as cert.crt, cert.key (mode 0600) and
+    /// ca.crt into --out; the old certificate is revoked in the same write.
+    /// Needs cluster version 2 (every voter upgraded).
+    Renew {
+        serial: String,
+        /// Where to write the new certificate and key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days (default: 365; a replica's, 3650).
+        #[arg(long, default_value_t = 0)]
+        days: u64,
         #[command(flatten)]
         admin: Admin,
     },

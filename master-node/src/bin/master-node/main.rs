@@ -37,6 +37,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_json);
+    if let Some(v) = cli.act_as_version {
+        master_node::raft::speak_at_most(v);
+        tracing::warn!(
+            version = master_node::raft::spoken_version(),
+            "acting as an older release (--act-as-version)"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

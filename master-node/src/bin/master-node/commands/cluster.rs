@@ -119,6 +119,7 @@ pub async fn join(
                 addr: advertise.clone(),
                 csr_pem: csr_pem.clone(),
                 hosts: hosts.clone(),
+                speaks_version: master_node::raft::spoken_version(),
             };
             async move { c.join(req).await }
         })
@@ -285,6 +286,7 @@ pub async fn status(a: StatusArgs) -> Result<(), Fail> {
             "leader_id": st.leader_id, "leader_addr": st.leader_addr, "last_log_index": st.last_log_index,
             "committed": st.committed, "applied": st.applied, "members": members,
             "certificates_expiring_within_30_days": expiring,
+            "speaks_version": st.speaks_version.max(1), "cluster_version": st.cluster_version.max(1),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -296,6 +298,12 @@ pub async fn status(a: StatusArgs) -> Result<(), Fail> {
     println!(
         "replica {}: {}, term {}, last log {}, committed {}, applied {}",
         st.node_id, st.state, st.term, st.last_log_index, st.committed, st.applied
+    );
+    println!(
+        "version: the cluster is at {}; replica {} speaks up to {}",
+        st.cluster_version.max(1),
+        st.node_id,
+        st.speaks_version.max(1)
     );
     match st.leader_id {
         Some(l) => println!("leader: replica {l} at {}", st.leader_addr),

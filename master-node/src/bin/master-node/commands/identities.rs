@@ -90,6 +90,21 @@ pub async fn revoke(admin: &Admin, serial: &str) -> Result<(), Fail> {
     Ok(())
 }
 
+/// `cert renew`: the new certificate, key and CA into `out`.
+pub async fn renew(admin: &Admin, serial: &str, out: &Path, days: u64) -> Result<(), Fail> {
+    let reply = certificates(admin, "renew", "", serial, days, vec![]).await?;
+    std::fs::create_dir_all(out).map_err(|e| Fail(format!("{}: {e}", out.display())))?;
+    let fail = |e: std::io::Error| Fail(format!("writing into {}: {e}", out.display()));
+    master_node::pki::write_private(&out.join("cert.key"), &reply.key_pem).map_err(fail)?;
+    std::fs::write(out.join("cert.crt"), &reply.certificate_pem).map_err(fail)?;
+    std::fs::write(out.join("ca.crt"), &reply.ca_pem).map_err(fail)?;
+    println!(
+        "certificate {serial} renewed and revoked: the new one is {}/cert.crt with cert.key (mode 0600); install them where the old ones were",
+        out.display()
+    );
+    Ok(())
+}
+
 async fn certificates(
     admin: &Admin,
     action: &str,

@@ -39,6 +39,12 @@ pub async fn run(cmd: Cmd) -> Result<(), Fail> {
         Cmd::Computer(ComputerCmd::Add { id, admin }) => identities::add_computer(&admin, &id).await,
         Cmd::Cert(CertCmd::List { admin }) => identities::list_certificates(&admin).await,
         Cmd::Cert(CertCmd::Revoke { serial, admin }) => identities::revoke(&admin, &serial).await,
+        Cmd::Cert(CertCmd::Renew {
+            serial,
+            out,
+            days,
+            admin,
+        }) => identities::renew(&admin, &serial, &out, days).await,
         Cmd::Usage(a) => accounting::usage(a).await,
         Cmd::Price(PriceCmd::Set {
             resource,
