@@ -420,8 +420,8 @@ impl Replica {
             return Err((
                 Reply::Refused(Refusal::NotYet(format!(
                     "a {} needs cluster version {needs}, and the cluster is at version {cluster}: \
-                     a voter runs an older release. Upgrade every replica; the version rises by itself \
-                     once every voter speaks it (`master-node status` shows it)",
+                     a replica runs an older release. Upgrade every replica; the version rises by itself \
+                     once every one speaks it (`master-node status` shows it)",
                     write.command.kind()
                 ))),
                 0,

@@ -6,7 +6,8 @@
 //! the log ([`crate::state::Command::since`]): a replica of an older
 //! release could not apply it and would stop. The cluster's version is
 //! replicated state, raised through the log (`SetClusterVersion`) by the
-//! leader once every voter says it speaks the new version, and never
+//! leader once every member (voters, and learners, which apply the log
+//! too) says it speaks the new version, and never
 //! lowered, as etcd's cluster version is. A joiner that speaks less than
 //! the cluster's version is refused (`cluster_service`), so a rolling
 //! upgrade goes one way: upgrade every replica, and the new kinds of
@@ -25,11 +26,11 @@ use crate::api::ClientWrite;
 use crate::replica::Replica;
 use crate::state::{Command, Reply};
 
-/// How often the leader asks the voters which version they speak.
+/// How often the leader asks the members which version they speak.
 const EVERY: Duration = Duration::from_secs(2);
 
 /// The leader's duty: raise the cluster's version to the lowest one its
-/// voters speak, when that is above it. Ends when the replica is dropped.
+/// members speak, when that is above it. Ends when the replica is dropped.
 pub async fn raise_cluster_version(replica: Weak<Replica>) {
     loop {
         tokio::time::sleep(EVERY).await;
@@ -63,26 +64,26 @@ pub async fn raise_cluster_version(replica: Weak<Replica>) {
             Ok((Reply::Done, _)) => info!(
                 from = current,
                 to = lowest,
-                "every voter speaks version {lowest}: cluster version raised"
+                "every member speaks version {lowest}: cluster version raised"
             ),
             other => warn!("cannot raise the cluster version to {lowest}: {other:?}"),
         }
     }
 }
 
-/// The lowest version the voters speak, or `None` if one does not answer
+/// The lowest version the members speak, or `None` if one does not answer
 /// (it could be an older release: nothing is raised on a guess).
 async fn lowest_spoken(replica: &Arc<Replica>) -> Option<u32> {
     let config = match replica.tls.anonymous_client_config() {
         Ok(c) => c,
         Err(e) => {
-            warn!("cannot ask the voters which version they speak: {e}");
+            warn!("cannot ask the members which version they speak: {e}");
             return None;
         }
     };
     let credentials = crate::client::Credentials::from_config(config);
     let mut lowest = crate::raft::spoken_version();
-    for member in replica.members().into_iter().filter(|m| m.role == "voter") {
+    for member in replica.members() {
         if member.id == replica.id {
             continue;
         }
@@ -95,7 +96,7 @@ async fn lowest_spoken(replica: &Arc<Replica>) -> Option<u32> {
             // Releases before versions do not say: they speak version 1.
             Ok(Ok(s)) if s.node_id == member.id => lowest = lowest.min(s.speaks_version.max(1)),
             other => {
-                debug!(replica = member.id, "no version from this voter: {other:?}");
+                debug!(replica = member.id, "no version from this member: {other:?}");
                 return None;
             }
         }

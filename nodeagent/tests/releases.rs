@@ -35,7 +35,7 @@ async fn kvstore_child_and_frontend_shared_instances() {
     let master = Master::init(tmp.path());
     let slap = MasterClient::new(&[master.url()]);
     let computer = "COMP-UNPRIV";
-    let port_base = 40000 + (std::process::id() % 200) as u16 * 10;
+    let port_base = common::free_port_base(4);
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

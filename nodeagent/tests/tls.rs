@@ -65,7 +65,7 @@ async fn registered_agent_deploys_over_mutual_tls() {
     assert!(String::from_utf8_lossy(&no_id.stderr).contains("nodeagent register"));
 
     let url = master.https_url();
-    let port_base = 42000 + (std::process::id() % 200) as u16 * 10;
+    let port_base = common::free_port_base(2);
     let args = [
         "run",
         "--master",

@@ -128,12 +128,12 @@ impl raft_store::StateMachine<MasterTypes> for Master {
             reason: format!("its proposals do not decode ({e})"),
         })?;
         let spoken = spoken_version();
-        if let Some(p) = batch.0.iter().find(|p| p.command.since() > spoken) {
+        if let Some(p) = batch.0.iter().find(|p| p.command.needs() > spoken) {
             return Err(ApplyError {
                 reason: format!(
                     "it holds a {} of version {}, and this replica speaks only up to version {spoken}",
                     p.command.kind(),
-                    p.command.since()
+                    p.command.needs()
                 ),
             });
         }

@@ -155,7 +155,7 @@ pub enum Command {
     /// Sets the cluster's limits (administrators).
     SetLimits(super::limits::Limits),
     /// Raises the cluster's version: the leader proposes it once every
-    /// voter says it speaks that version. Never lowers it.
+    /// member says it speaks that version. Never lowers it.
     SetClusterVersion { version: u32 },
     /// Replaces the live certificate with this serial by `certificate` (same
     /// role), revoking the old one in the same write: `master-node cert
@@ -179,6 +179,17 @@ impl Command {
             Command::RenewCertificate { .. } => 2,
             Command::IfPartitionHolds { then, .. } => then.since(),
             _ => 1,
+        }
+    }
+
+    /// The version a replica must speak to apply this command: the one that
+    /// introduced its kind or, for a version change, the new version (a
+    /// replica that cannot speak it must stop rather than go on in a
+    /// cluster it no longer understands).
+    pub fn needs(&self) -> u32 {
+        match self {
+            Command::SetClusterVersion { version } => (*version).max(self.since()),
+            _ => self.since(),
         }
     }
 
@@ -255,7 +266,7 @@ pub enum Refusal {
     /// Larger than one of the cluster's limits, which the message names (413).
     #[error("{0}")]
     TooLarge(String),
-    /// A kind of write the cluster does not take yet: a voter runs a
+    /// A kind of write the cluster does not take yet: a replica runs a
     /// release that could not apply it (409).
     #[error("{0}")]
     NotYet(String),

@@ -1365,4 +1365,7 @@ fn a_renewal_revokes_the_old_certificate_and_records_the_new_one_for_the_same_ho
     };
     assert_eq!(guarded.since(), 2);
     assert_eq!(Command::SetClusterVersion { version: 2 }.since(), 1);
+    // Applying a move to version 2 needs a replica that speaks it.
+    assert_eq!(Command::SetClusterVersion { version: 2 }.needs(), 2);
+    assert_eq!(renew("s", cert("x", Role::Admin)).needs(), 2);
 }

@@ -32,6 +32,30 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A `nodeagent --port-base` under which the ports of `partitions`
+/// partitions (the base, then every 10th port) are free.
+///
+/// Taken below Linux's ephemeral range (32768 and up): a port there can be
+/// handed out as the source port of any outgoing connection of a test
+/// running beside this one, and the instance that should listen on it then
+/// fails to start (seen in CI). A counter spread by pid keeps parallel
+/// tests apart.
+pub fn free_port_base(partitions: u16) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    assert!(partitions <= 10, "a base is 100 ports wide");
+    const LOW: u32 = 20_000;
+    const SLOTS: u32 = 120;
+    let start = std::process::id().wrapping_mul(31) % SLOTS;
+    loop {
+        let slot = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SLOTS;
+        let base = (LOW + slot * 100) as u16;
+        if (0..partitions).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + 10 * i)).is_ok()) {
+            return base;
+        }
+    }
+}
+
 /// A child process, SIGKILLed when dropped.
 pub struct Proc(pub Option<Child>);
 

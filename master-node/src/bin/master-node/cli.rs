@@ -337,7 +337,7 @@ pub enum CertCmd {
     /// Renew a certificate before it ends: a new key and certificate for the
     /// same holder (and hosts), written as cert.crt, cert.key (mode 0600) and
     /// ca.crt into --out; the old certificate is revoked in the same write.
-    /// Needs cluster version 2 (every voter upgraded).
+    /// Needs cluster version 2 (every replica upgraded).
     Renew {
         serial: String,
         /// Where to write the new certificate and key.
