@@ -104,13 +104,16 @@ pub struct Restored {
 /// before anything is written, and on any failure `data_dir` is left as it
 /// was found.
 pub fn restore(
-    file: &[u8],
+    file: Vec<u8>,
     data_dir: &Path,
     listen: &str,
     advertise: &str,
     new_ca: bool,
 ) -> Result<Restored, RecoveryError> {
-    let (header, mut state) = backup::verify(file)?;
+    let (header, mut state) = backup::verify(&file)?;
+    // At 1M partitions the file, the state and its records are each a
+    // gigabyte or more: each goes as soon as it is used.
+    drop(file);
     let token = JoinToken::generate("");
     let authority = if new_ca {
         pki::new_authority(&token.cluster_id, pki::now_secs())?
@@ -133,7 +136,7 @@ pub fn restore(
     let admin_dir = data_dir.join("admin");
     in_new_dir(data_dir, || {
         founding.replica_tls.save(data_dir)?;
-        seed(data_dir, &state, advertise)?;
+        seed(data_dir, state, advertise)?;
         founding.save_admin(&admin_dir).map_err(|source| RecoveryError::Io {
             path: admin_dir.clone(),
             source,
@@ -188,7 +191,7 @@ fn in_new_dir(dir: &Path, write: impl FnOnce() -> Result<(), RecoveryError>) -> 
 
 /// The state's stores, as a replica that installed it as a snapshot at the
 /// state's log index, in a cluster of itself alone.
-fn seed(data_dir: &Path, state: &Master, advertise: &str) -> Result<(), RecoveryError> {
+fn seed(data_dir: &Path, state: Master, advertise: &str) -> Result<(), RecoveryError> {
     let at = LogId::new(
         LeaderId {
             term: 1,
@@ -211,7 +214,9 @@ fn seed(data_dir: &Path, state: &Master, advertise: &str) -> Result<(), Recovery
     // Not committed: the replica starts as a follower and wins a real
     // election (term 2), whose first entry comes after the backup's index.
     let vote = Vote::new(1, RESTORED_REPLICA);
-    raft_store::seed::<MasterTypes, Master>(data_dir, &meta, &vote, persist::all_records(state))?;
+    let records = persist::all_records(&state);
+    drop(state);
+    raft_store::seed::<MasterTypes, Master>(data_dir, &meta, &vote, records)?;
     Ok(())
 }
 
@@ -401,7 +406,7 @@ mod tests {
         let (file, old) = backup_file();
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("restored");
-        let r = restore(&file, &data, "127.0.0.1:9", "10.1.1.1:9", false).unwrap();
+        let r = restore(file.clone(), &data, "127.0.0.1:9", "10.1.1.1:9", false).unwrap();
         assert_ne!(r.token.cluster_id, old.cluster.as_ref().unwrap().id);
         assert_eq!(r.backup.log_index, old.last_index);
         assert_eq!(Identity::load(&data).unwrap().unwrap(), r.identity);
@@ -438,7 +443,7 @@ mod tests {
     fn a_new_ca_replaces_the_backups() {
         let (file, old) = backup_file();
         let dir = tempfile::tempdir().unwrap();
-        let r = restore(&file, dir.path(), "127.0.0.1:9", "127.0.0.1:9", true).unwrap();
+        let r = restore(file.clone(), dir.path(), "127.0.0.1:9", "127.0.0.1:9", true).unwrap();
         let (_, sm) = raft_store::open::<MasterTypes, Master>(dir.path()).unwrap();
         let app = sm.app();
         let new = app.read().unwrap();
@@ -454,7 +459,13 @@ mod tests {
         let (file, _) = backup_file();
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("d");
-        let truncated = restore(&file[..file.len() - 1], &data, "127.0.0.1:9", "127.0.0.1:9", false);
+        let truncated = restore(
+            file[..file.len() - 1].to_vec(),
+            &data,
+            "127.0.0.1:9",
+            "127.0.0.1:9",
+            false,
+        );
         assert!(
             matches!(truncated, Err(RecoveryError::Backup(BackupError::Truncated { .. }))),
             "{:?}",
@@ -464,7 +475,7 @@ mod tests {
 
         std::fs::create_dir(&data).unwrap();
         std::fs::write(data.join("keep"), "mine").unwrap();
-        let used = restore(&file, &data, "127.0.0.1:9", "127.0.0.1:9", false);
+        let used = restore(file.clone(), &data, "127.0.0.1:9", "127.0.0.1:9", false);
         assert!(matches!(used, Err(RecoveryError::NotEmpty(_))), "{:?}", used.err());
         assert_eq!(std::fs::read_to_string(data.join("keep")).unwrap(), "mine");
     }
@@ -474,7 +485,7 @@ mod tests {
         let (file, _) = backup_file();
         let dir = tempfile::tempdir().unwrap();
         // A restored replica is alone already: nothing to recover.
-        restore(&file, dir.path(), "127.0.0.1:9", "127.0.0.1:9", false).unwrap();
+        restore(file.clone(), dir.path(), "127.0.0.1:9", "127.0.0.1:9", false).unwrap();
         assert!(matches!(recover(dir.path()), Err(RecoveryError::AlreadyAlone(1))));
 
         // Make it one of three voters, as if replicas 2 and 3 had joined.

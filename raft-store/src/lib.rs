@@ -107,7 +107,7 @@ pub fn seed<C: StoreTypes, A: StateMachine<C>>(
         return Err(refused("it already holds a log; only a new data dir can be seeded"));
     }
     std::fs::create_dir_all(data_dir).map_err(|e| StoreError::io(data_dir, "create", data_dir, e))?;
-    drop(StateMachineStore::<C, A>::seed(data_dir, meta, records)?);
+    StateMachineStore::<C, A>::seed(data_dir, meta, records)?;
     let log = LogStore::<C>::open(&data_dir.join("log"))?;
     log.write_vote(vote)?;
     log.purge_upto(&last)

@@ -427,12 +427,14 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
     /// `records` (as [`StateMachine::restore`] takes them), as if a snapshot
     /// at `meta` had been installed: the records with the applied id and
     /// membership, and the snapshot file a leader sends to replicas that
-    /// join later. `root` must hold no state yet.
+    /// join later. The application is not built here: the replica builds it
+    /// from these records when it opens the store. `root` must hold no
+    /// state yet.
     pub fn seed(
         root: &Path,
         meta: &Meta<C>,
         records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
-    ) -> Result<Self, StoreError> {
+    ) -> Result<(), StoreError> {
         if root.join("state").join("CURRENT").exists() {
             return Err(StoreError::Refused {
                 store: root.to_path_buf(),
@@ -440,18 +442,15 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
             });
         }
         let store = Self::open(root)?;
-        let tmp = store.shared.snap_dir.join("seeding.tmp");
-        let file = fs::File::create(&tmp).map_err(io_err(root, "create", &tmp))?;
-        let mut w = SnapshotWriter::create::<C>(file, meta).map_err(io_err(root, "write", &tmp))?;
-        for (k, v) in records {
-            w.record(&k, &codec::wrap_raw(&v))
-                .map_err(io_err(root, "write", &tmp))?;
-        }
-        w.finish().map_err(io_err(root, "write", &tmp))?;
-        let file = fs::File::open(&tmp).map_err(io_err(root, "open", &tmp))?;
-        store.install_snapshot_file(meta, file)?;
-        remove_path(root, &tmp)?;
-        Ok(store)
+        let mut records = records.into_iter();
+        // The empty first generation stays behind: the next open removes it.
+        let (_, tmp_snap) = store.write_generation(meta, || {
+            Ok(records.next().map(|(k, v)| {
+                let v = codec::wrap_raw(&v);
+                (k, v)
+            }))
+        })?;
+        store.publish_snapshot(&tmp_snap, meta)
     }
 
     /// Keeps the newest snapshot not ahead of the applied state; removes the
@@ -682,8 +681,37 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
                 reason: format!("holds the snapshot {header}, but {meta} was announced"),
             });
         }
+        let (new_dir, tmp_snap) = self.write_generation(meta, || reader.next_record())?;
 
-        // One pass: copy into our own snapshot file and into a new state generation.
+        let db = open_state_db(root, &new_dir)?;
+        {
+            // What was applied before is replaced, written or not.
+            let mut progress = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
+            let mut app = self.shared.app.write().unwrap_or_else(|e| e.into_inner());
+            *app = restore_app::<C, A>(root, &db)?;
+            *self.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(db);
+            *progress = Progress {
+                applied: (meta.last_log_id.clone(), meta.last_membership.clone()),
+                unwritten_since: None,
+                flushed_at: Instant::now(),
+            };
+        }
+        self.retire_generation(&new_dir)?;
+        self.publish_snapshot(&tmp_snap, meta)
+    }
+
+    /// Writes the records `next` yields (values with their format byte)
+    /// into a new state generation and a snapshot file at once, syncs both
+    /// and makes the generation the one a restart opens. Returns the
+    /// generation's directory and the snapshot file, still to publish. The
+    /// store keeps serving its current state meanwhile.
+    fn write_generation(
+        &self,
+        meta: &Meta<C>,
+        mut next: impl FnMut() -> Result<Option<snapshot::Record>, StoreError>,
+    ) -> Result<(PathBuf, PathBuf), StoreError> {
+        let root = &self.shared.root;
+        let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
         let tmp_snap = self.shared.snap_dir.join(format!("installing-{seq}.tmp"));
         let file = fs::File::create(&tmp_snap).map_err(io_err(root, "create", &tmp_snap))?;
         let mut copy = SnapshotWriter::create::<C>(file, meta).map_err(io_err(root, "write", &tmp_snap))?;
@@ -694,7 +722,7 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
             let db = open_state_db(root, &tmp_gen)?;
             let state = cf(&db, CF_STATE);
             let mut batch = WriteBatch::default();
-            while let Some((k, v)) = reader.next_record()? {
+            while let Some((k, v)) = next()? {
                 copy.record(&k, &v).map_err(io_err(root, "write", &tmp_snap))?;
                 batch.put_cf(state, k, v);
                 if batch.len() >= INSTALL_BATCH {
@@ -719,26 +747,22 @@ impl<C: StoreTypes, A: StateMachine<C>> StateMachineStore<C, A> {
         snapshot::sync_dir(root, &self.shared.state_dir)?;
         // The switch: from here on a restart opens the new generation.
         write_current(root, &self.shared.state_dir, next_gen)?;
+        Ok((new_dir, tmp_snap))
+    }
 
-        let db = open_state_db(root, &new_dir)?;
-        {
-            // What was applied before is replaced, written or not.
-            let mut progress = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
-            let mut app = self.shared.app.write().unwrap_or_else(|e| e.into_inner());
-            *app = restore_app::<C, A>(root, &db)?;
-            *self.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(db);
-            *progress = Progress {
-                applied: (meta.last_log_id.clone(), meta.last_membership.clone()),
-                unwritten_since: None,
-                flushed_at: Instant::now(),
-            };
-        }
+    /// Makes the generation in `new_dir` the store's and removes the one it
+    /// replaces.
+    fn retire_generation(&self, new_dir: &Path) -> Result<(), StoreError> {
+        let next_gen: u64 = new_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok())
+            .expect("generation directories are named by their number");
         let old_gen = std::mem::replace(
             &mut *self.shared.generation.lock().unwrap_or_else(|e| e.into_inner()),
             next_gen,
         );
-        remove_path(root, &self.shared.state_dir.join(old_gen.to_string()))?;
-        self.publish_snapshot(&tmp_snap, meta)
+        remove_path(&self.shared.root, &self.shared.state_dir.join(old_gen.to_string()))
     }
 }
 

@@ -19,7 +19,7 @@ pub async fn restore(a: RestoreArgs) -> Result<(), Fail> {
     check_empty(&r.data_dir)?;
     let file = std::fs::read(&a.from).map_err(|e| Fail(format!("cannot read {}: {e}", a.from.display())))?;
     let advertise = r.advertise();
-    let restored = recovery::restore(&file, &r.data_dir, &r.listen, &advertise, a.new_ca).map_err(|e| match e {
+    let restored = recovery::restore(file, &r.data_dir, &r.listen, &advertise, a.new_ca).map_err(|e| match e {
         RecoveryError::Backup(why) => Fail(format!(
             "{} is not a usable backup: {why}; nothing was written",
             a.from.display()
