@@ -405,16 +405,16 @@ impl Replica {
         Ok(replica)
     }
 
-    /// Whether a write stays within the cluster's limits; else its refusal
-    /// (not in the log: index 0).
+    /// Whether a write stays within the cluster's limits and its version;
+    /// else its refusal (not in the log: index 0).
     fn within_limits(&self, write: &ClientWrite) -> Result<(), (Reply, u64)> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         state
             .limits
             .check(&write.command)
             .map_err(|reason| (Reply::Refused(Refusal::TooLarge(reason)), 0))?;
-        // A kind of command some voter's release could not apply stays out
-        // of the log until the cluster's version says every voter speaks it.
+        // A kind of command some member's release could not apply stays out
+        // of the log until the cluster's version says every member speaks it.
         let (needs, cluster) = (write.command.since(), state.effective_version());
         if needs > cluster {
             return Err((
