@@ -53,7 +53,7 @@ pub enum Cmd {
     /// Computers: `computer add ID` creates a one-time registration token for `nodeagent register`.
     #[command(subcommand)]
     Computer(ComputerCmd),
-    /// Certificates: list and revoke.
+    /// Certificates: list, revoke and renew.
     #[command(subcommand)]
     Cert(CertCmd),
     /// Gateways: `gateway add NAME --host H` issues a slap-gateway's certificate.
