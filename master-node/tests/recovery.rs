@@ -43,6 +43,17 @@ async fn supply(client: &mut Native, url: &str) -> Result<u64, tonic::Status> {
     Ok(done.into_inner().log_index)
 }
 
+/// Declares COMP-B, the computer the releases are supplied to.
+async fn load_comp_b(client: &mut Native) {
+    client
+        .load_computer(pb::LoadComputerRequest {
+            computer_id: "COMP-B".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 /// Whether `state` has release `url` supplied to COMP-B.
 fn holds(state: &Master, url: &str) -> bool {
     state
@@ -112,11 +123,7 @@ fn a_backup_restores_into_a_new_cluster_with_exactly_its_writes() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _in_runtime = rt.enter();
     let mut client = cluster.native();
-    rt.block_on(client.load_computer(pb::LoadComputerRequest {
-        computer_id: "COMP-B".into(),
-        ..Default::default()
-    }))
-    .unwrap();
+    rt.block_on(load_comp_b(&mut client));
     // Releases supplied one after the other, with the index each was
     // acknowledged at, while the backup is taken.
     let acknowledged: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
@@ -261,11 +268,7 @@ fn a_survivor_recovers_the_cluster_after_the_majority_is_lost() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _in_runtime = rt.enter();
     let mut client = cluster.native();
-    rt.block_on(client.load_computer(pb::LoadComputerRequest {
-        computer_id: "COMP-B".into(),
-        ..Default::default()
-    }))
-    .unwrap();
+    rt.block_on(load_comp_b(&mut client));
     let urls: Vec<String> = (0..20).map(|i| format!("https://lab.example.org/sr-{i}.cfg")).collect();
     for url in &urls {
         rt.block_on(supply(&mut client, url)).unwrap();
