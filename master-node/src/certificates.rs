@@ -72,10 +72,12 @@ pub async fn issue_for_hosts(
 }
 
 /// Renews the live certificate `serial`: a new key and certificate for the
-/// same holder and hosts, valid `days` (0: as long as a new one of its
-/// kind), recorded with the old one's revocation in one write. Returns
-/// the new certificate and key, and the CA.
-pub async fn renew(replica: &Replica, serial: &str, days: u64) -> Result<(Issued, String), tonic::Status> {
+/// same holder and hosts, valid `lifetime_secs` (0: as long as the old one
+/// was), recorded in one write. The old certificate stays valid until it
+/// expires, so a holder that has not yet taken the new one loses nothing;
+/// `cert revoke` ends it sooner. Returns the new certificate and key, and
+/// the CA.
+pub async fn renew(replica: &Replica, serial: &str, lifetime_secs: u64) -> Result<(Issued, String), tonic::Status> {
     use tonic::Status;
     let serial = serial.to_ascii_lowercase();
     let (old, ca) = {
@@ -95,14 +97,17 @@ pub async fn renew(replica: &Replica, serial: &str, days: u64) -> Result<(Issued
             "a partition's certificate is the Master's to issue: it gives the partition a new one when its instance changes",
         ));
     }
-    let days = match (days, &old.role) {
-        (0, Role::Replica(_)) => crate::founding::REPLICA_DAYS,
-        (0, _) => pki::DEFAULT_DAYS,
-        (d, _) => d,
+    let old_pem = old.cert_pem.to_text();
+    let lifetime_secs = match lifetime_secs {
+        0 => slap_proto::live::Validity::of_pem(&old_pem)
+            .map(|v| pki::lifetime_of(v.not_before, v.not_after))
+            .filter(|l| *l > 0)
+            .unwrap_or(pki::DEFAULT_DAYS * 86400),
+        l => l,
     };
-    let hosts = pki::server_names_of(&old.cert_pem.to_text());
-    let issued =
-        pki::issue(&ca, &old.role, pki::now_secs(), days, &hosts).map_err(|e| Status::internal(e.to_string()))?;
+    let hosts = pki::server_names_of(&old_pem);
+    let issued = pki::issue_for(&ca, &old.role, pki::now_secs(), lifetime_secs, &hosts)
+        .map_err(|e| Status::internal(e.to_string()))?;
     let (reply, _) = replica
         .write(ClientWrite {
             request_id: None,
@@ -117,7 +122,7 @@ pub async fn renew(replica: &Replica, serial: &str, days: u64) -> Result<(Issued
         Reply::Refused(crate::state::Refusal::NotFound(m)) => Err(Status::not_found(m)),
         Reply::Refused(r) => Err(Status::invalid_argument(r.to_string())),
         _ => {
-            info!(role = %old.role, old = %serial, new = %issued.certificate.serial, "certificate renewed");
+            info!(role = %old.role, old = %serial, new = %issued.certificate.serial, lifetime_secs, "certificate renewed");
             Ok((issued, ca.cert_pem))
         }
     }

@@ -55,6 +55,16 @@ impl ClusterService {
         }
         self.replica.check_token(token)
     }
+
+    /// Whether the caller presented the live certificate `serial`.
+    fn holds(&self, peer: &Peer, serial: &str) -> bool {
+        let Some(fp) = peer.fingerprint else { return false };
+        let state = self.replica.state.read().unwrap_or_else(|e| e.into_inner());
+        state
+            .certificates
+            .get(&fp)
+            .is_some_and(|c| !c.revoked && c.serial.eq_ignore_ascii_case(serial))
+    }
 }
 
 #[tonic::async_trait]
@@ -238,6 +248,13 @@ impl Cluster for ClusterService {
                 .map_err(to_status)?;
             return Ok(Response::new(issued_reply(reply)));
         }
+        // As long as the old one, unless asked otherwise.
+        let lifetime = if req.seconds > 0 { req.seconds } else { req.days * 86400 };
+        if req.action == "renew" && self.holds(&peer, &req.serial) {
+            // A holder renews its own certificate, authenticated by it.
+            let renewed = crate::certificates::renew(&self.replica, &req.serial, lifetime).await?;
+            return Ok(Response::new(issued_reply(renewed)));
+        }
         self.operator(&peer, &req.token)?;
         match req.action.as_str() {
             "user" | "admin" => {
@@ -309,7 +326,7 @@ impl Cluster for ClusterService {
                 }
             }
             "renew" => {
-                let renewed = crate::certificates::renew(&self.replica, &req.serial, req.days).await?;
+                let renewed = crate::certificates::renew(&self.replica, &req.serial, lifetime).await?;
                 Ok(Response::new(issued_reply(renewed)))
             }
             "list" => {

@@ -28,9 +28,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
-use slap_proto::tls::{ClientIdentity, Expect, Trust};
+use slap_proto::live::LiveIdentity;
+use slap_proto::tls::{Expect, Trust};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
@@ -62,12 +63,13 @@ fn config_err(e: impl std::fmt::Display) -> ClusterTlsError {
     ClusterTlsError::Config(e.to_string())
 }
 
-/// A replica's certificate, key and the cluster's CA (PEM).
+/// A replica's certificate, key and the cluster's CA (PEM). The
+/// certificate and key are live: a renewal replaces them for the next
+/// handshakes without a restart ([`LiveIdentity`]).
 #[derive(Clone)]
 pub struct ReplicaTls {
     pub ca_pem: String,
-    pub cert_pem: String,
-    pub key_pem: String,
+    pub identity: Arc<LiveIdentity>,
 }
 
 impl std::fmt::Debug for ReplicaTls {
@@ -77,6 +79,20 @@ impl std::fmt::Debug for ReplicaTls {
 }
 
 impl ReplicaTls {
+    /// From PEM texts; the certificate must be the key's.
+    pub fn new(ca_pem: String, cert_pem: &str, key_pem: &str) -> Result<ReplicaTls, ClusterTlsError> {
+        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(config_err)?;
+        // The CA goes along, so a client that pins its hash can find it.
+        let identity = LiveIdentity::from_pem(cert_pem, key_pem, vec![ca]).map_err(config_err)?;
+        Ok(ReplicaTls { ca_pem, identity })
+    }
+
+    /// Where the certificate and key are kept under `data_dir`.
+    pub fn files(data_dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = data_dir.join("tls");
+        (dir.join("replica.crt"), dir.join("replica.key"))
+    }
+
     /// Reads `<data_dir>/tls/`.
     pub fn load(data_dir: &Path) -> Result<ReplicaTls, ClusterTlsError> {
         let dir = data_dir.join("tls");
@@ -87,14 +103,11 @@ impl ReplicaTls {
                 source,
             })
         };
-        Ok(ReplicaTls {
-            ca_pem: read("ca.crt")?,
-            cert_pem: read("replica.crt")?,
-            key_pem: read("replica.key")?,
-        })
+        ReplicaTls::new(read("ca.crt")?, &read("replica.crt")?, &read("replica.key")?)
     }
 
-    /// Writes `<data_dir>/tls/` (the key with mode 0600), synced.
+    /// Writes `<data_dir>/tls/` (the key with mode 0600), synced; each file
+    /// is renamed into place, so a reader never sees half of one.
     pub fn save(&self, data_dir: &Path) -> Result<(), ClusterTlsError> {
         let dir = data_dir.join("tls");
         let fail = |path: &Path| {
@@ -102,8 +115,9 @@ impl ReplicaTls {
             move |source| ClusterTlsError::Write { path, source }
         };
         std::fs::create_dir_all(&dir).map_err(fail(&dir))?;
-        pki::write_private(&dir.join("replica.key"), &self.key_pem).map_err(fail(&dir.join("replica.key")))?;
-        pki::write_public(&dir.join("replica.crt"), &self.cert_pem).map_err(fail(&dir.join("replica.crt")))?;
+        let (crt, key) = Self::files(data_dir);
+        slap_proto::live::install(&crt, &self.identity.cert_pem(), &key, &self.identity.key_pem())
+            .map_err(fail(&crt))?;
         pki::write_public(&dir.join("ca.crt"), &self.ca_pem).map_err(fail(&dir.join("ca.crt")))?;
         std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(fail(&dir))
     }
@@ -113,10 +127,10 @@ impl ReplicaTls {
         Trust::ca_pem(&self.ca_pem).map_err(config_err)
     }
 
-    /// Presenting this replica's certificate, towards `expect`.
+    /// Presenting this replica's certificate (the one held at each
+    /// handshake), towards `expect`.
     pub fn client_config(&self, expect: Expect) -> Result<Arc<rustls::ClientConfig>, ClusterTlsError> {
-        let identity = ClientIdentity::from_pem(&self.cert_pem, &self.key_pem).map_err(config_err)?;
-        slap_proto::tls::client_config(&self.trust()?, Some(&identity), expect).map_err(config_err)
+        slap_proto::tls::client_config_live(&self.trust()?, self.identity.clone(), expect).map_err(config_err)
     }
 
     /// Presenting no certificate (asking whether this replica was removed:
@@ -135,18 +149,11 @@ impl ReplicaTls {
             .allow_unauthenticated()
             .build()
             .map_err(config_err)?;
-        let mut certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(config_err)?;
-        // The CA goes along, so a client that pins its hash can find it.
-        certs.push(ca);
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(config_err)?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(config_err)?
             .with_client_cert_verifier(StateVerifier::new(chain, state, Policy::OptionalNotRevoked))
-            .with_single_cert(certs, key)
-            .map_err(config_err)?;
+            .with_cert_resolver(self.identity.clone());
         config.alpn_protocols = vec![b"h2".to_vec()];
         no_resumption(&mut config);
         Ok(config)

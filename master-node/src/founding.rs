@@ -71,11 +71,12 @@ impl Founding {
         let replica = pki::issue(&authority, &Role::Replica(1), now, REPLICA_DAYS, &server_names(addrs))?;
         let admin = pki::issue(&authority, &Role::Admin, now, pki::DEFAULT_DAYS, &[])?;
         Ok(Founding {
-            replica_tls: ReplicaTls {
-                ca_pem: authority.cert_pem.clone(),
-                cert_pem: replica.certificate.cert_pem.to_text(),
-                key_pem: replica.key_pem,
-            },
+            replica_tls: ReplicaTls::new(
+                authority.cert_pem.clone(),
+                &replica.certificate.cert_pem.to_text(),
+                &replica.key_pem,
+            )
+            .map_err(|e| PkiError::new(e.to_string()))?,
             admin_cert_pem: admin.certificate.cert_pem.to_text(),
             admin_key_pem: admin.key_pem,
             records: vec![replica.certificate, admin.certificate],

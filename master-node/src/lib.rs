@@ -26,6 +26,7 @@ pub mod native;
 pub mod pki;
 pub mod raft;
 pub mod recovery;
+pub mod renewal;
 pub mod replica;
 pub mod revisions;
 pub mod server;

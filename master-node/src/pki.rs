@@ -88,6 +88,25 @@ pub struct Issued {
     pub key_pem: String,
 }
 
+/// How far back a certificate's validity starts, for clocks slightly
+/// behind the signer's: an hour, or a tenth of a short lifetime (a
+/// certificate renewed at two thirds of its lifetime must not be due at
+/// once).
+pub fn backdate(lifetime_secs: u64) -> u64 {
+    (lifetime_secs / 10).min(3600)
+}
+
+/// The lifetime a certificate was issued for, from its validity span (the
+/// inverse of [`backdate`]): a renewal lasts as long as what it renews.
+pub fn lifetime_of(not_before: u64, not_after: u64) -> u64 {
+    let span = not_after.saturating_sub(not_before);
+    if span >= 36_000 + 3600 {
+        span - 3600
+    } else {
+        span * 10 / 11
+    }
+}
+
 /// Signs a certificate for `role`, valid from an hour ago for `days` days,
 /// with a new key. `server_names` adds subject alternative names (servers).
 pub fn issue(
@@ -97,8 +116,19 @@ pub fn issue(
     days: u64,
     server_names: &[String],
 ) -> Result<Issued, PkiError> {
+    issue_for(ca, role, now_secs, days * 86400, server_names)
+}
+
+/// As [`issue`], valid for `lifetime_secs` seconds.
+pub fn issue_for(
+    ca: &Authority,
+    role: &Role,
+    now_secs: u64,
+    lifetime_secs: u64,
+    server_names: &[String],
+) -> Result<Issued, PkiError> {
     let key = KeyPair::generate().map_err(err)?;
-    let certificate = sign(ca, role, now_secs, days, server_names, &key)?;
+    let certificate = sign(ca, role, now_secs, lifetime_secs, server_names, &key)?;
     let key_pem = key.serialize_pem();
     Ok(Issued {
         certificate: Certificate {
@@ -129,14 +159,14 @@ pub fn issue_for_request(
 ) -> Result<Certificate, PkiError> {
     let request = rcgen::CertificateSigningRequestParams::from_pem(request_pem)
         .map_err(|e| PkiError(format!("the certificate signing request is invalid: {e}")))?;
-    sign(ca, role, now_secs, days, server_names, &request.public_key)
+    sign(ca, role, now_secs, days * 86400, server_names, &request.public_key)
 }
 
 fn sign(
     ca: &Authority,
     role: &Role,
     now_secs: u64,
-    days: u64,
+    lifetime_secs: u64,
     server_names: &[String],
     public_key: &impl rcgen::PublicKeyData,
 ) -> Result<Certificate, PkiError> {
@@ -153,8 +183,8 @@ fn sign(
     // shows (`cert revoke` takes it from there; 1 in 128 did not match).
     serial[0] = 0x40 | (serial[0] & 0x3f);
     params.serial_number = Some(SerialNumber::from_slice(&serial));
-    params.not_before = unix_to_offset(now_secs.saturating_sub(3600))?;
-    let not_after = now_secs + days * 86400;
+    params.not_before = unix_to_offset(now_secs.saturating_sub(backdate(lifetime_secs)))?;
+    let not_after = now_secs + lifetime_secs;
     params.not_after = unix_to_offset(not_after)?;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -293,6 +323,18 @@ mod tests {
         // What the Master keeps of the half million partitions' pairs at
         // fleet size: the compact form.
         assert!(b.certificate.cert_pem.is_der() && b.certificate.key_pem.as_ref().is_some_and(Pem::is_der));
+    }
+
+    #[test]
+    fn a_lifetime_is_read_back_from_the_validity_it_gave() {
+        for lifetime in [30, 600, 35_999, 36_000, 36_001, 86_400, 3650 * 86_400] {
+            let now = 1_800_000_000;
+            let (nb, na) = (now - backdate(lifetime), now + lifetime);
+            let back = lifetime_of(nb, na);
+            assert!(back.abs_diff(lifetime) <= 1, "{lifetime} read back as {back}");
+        }
+        assert_eq!(backdate(365 * 86_400), 3600);
+        assert_eq!(backdate(30), 3);
     }
 
     #[test]

@@ -56,7 +56,9 @@ pub struct Replica {
     pub tls: ReplicaTls,
     /// How this replica calls its peers' cluster API (with its certificate).
     peer_tls: Arc<rustls::ClientConfig>,
-    peers: Mutex<HashMap<String, ClusterClient<Channel>>>,
+    /// Channels to peers' cluster API, with the generation of this
+    /// replica's certificate they were opened with.
+    peers: Mutex<HashMap<String, (u64, ClusterClient<Channel>)>>,
     /// Membership changes are made one at a time (see `membership`).
     pub(crate) membership: tokio::sync::Mutex<()>,
     /// Call counters and latencies of the SLAP and native APIs.
@@ -455,13 +457,17 @@ impl Replica {
 
     fn peer(&self, addr: &str) -> Result<ClusterClient<Channel>, Status> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = peers.get(addr) {
-            return Ok(c.clone());
+        // Dialed again after a renewal of this replica's certificate.
+        let generation = self.tls.identity.generation();
+        if let Some((opened, c)) = peers.get(addr) {
+            if *opened == generation {
+                return Ok(c.clone());
+            }
         }
         let ch = slap_proto::tls::channel(addr, self.peer_tls.clone())
             .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
         let client = ClusterClient::new(ch).max_decoding_message_size(64 << 20);
-        peers.insert(addr.to_string(), client.clone());
+        peers.insert(addr.to_string(), (generation, client.clone()));
         Ok(client)
     }
 

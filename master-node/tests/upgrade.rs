@@ -124,17 +124,29 @@ fn a_rolling_upgrade_under_load_fails_no_call_and_unlocks_the_new_commands() {
     );
     assert!(done.load(Ordering::Relaxed) > 40);
 
-    // Now the renewal works: the new certificate is written, the old one revoked.
+    // Now the renewal works: the new certificate is written under the
+    // holder's names and recorded; the old one stays valid until it expires.
     let renewed = renew();
     assert!(renewed.status.success(), "{}", String::from_utf8_lossy(&renewed.stderr));
-    assert!(out_dir.join("cert.crt").exists() && out_dir.join("cert.key").exists());
+    assert!(out_dir.join("admin.crt").exists() && out_dir.join("admin.key").exists());
+    let new_serial = slap_proto::live::Validity::of_pem(&std::fs::read_to_string(out_dir.join("admin.crt")).unwrap())
+        .unwrap()
+        .serial;
     let list = cli(&["cert", "list", "--peer", &peer, "--token", &token]);
-    let row = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .find(|l| l.starts_with(&serial))
-        .map(str::to_string)
-        .unwrap();
-    assert!(row.contains("revoked"), "{row}");
+    let listed = String::from_utf8_lossy(&list.stdout).to_string();
+    let row = |serial: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(serial))
+            .map(str::to_string)
+            .unwrap()
+    };
+    assert!(row(&serial).contains(" valid "), "{}", row(&serial));
+    assert!(
+        row(&new_serial).contains(" valid ") && row(&new_serial).ends_with("admin"),
+        "{}",
+        row(&new_serial)
+    );
     for (i, r) in cluster.replicas.iter_mut().enumerate() {
         assert!(!r.exited(), "replica {i} stopped");
     }

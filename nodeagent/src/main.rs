@@ -108,6 +108,9 @@ struct OneShot {
     #[arg(long, env = "NODEAGENT_MASTER", value_delimiter = ',', required = true)]
     master: Vec<String>,
     /// Where `nodeagent register` wrote computer.crt, computer.key and ca.crt.
+    /// `nodeagent run` reads the certificate again every second: a renewal
+    /// written here (`master-node cert renew SERIAL --out DIR`) is taken
+    /// without a restart.
     #[arg(long, env = "NODEAGENT_IDENTITY_DIR", default_value = "/etc/nodeagent")]
     identity_dir: std::path::PathBuf,
 }
@@ -279,6 +282,12 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Run(args) => {
             announce_mode(&args.one.node);
             let master = Arc::new(args.one.client()?);
+            if let Some(live) = master.identity() {
+                tokio::spawn(nodeagent::master::follow_identity_files(
+                    live.clone(),
+                    args.one.identity_dir.clone(),
+                ));
+            }
             let intervals = Intervals {
                 software: args.software_interval,
                 instance: args.instance_interval,

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +21,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use slap_proto::form;
+use slap_proto::live::LiveIdentity;
 use slap_proto::marshal::{self, Value};
 
 /// Why a call to the Master failed.
@@ -42,6 +44,7 @@ pub struct MasterClient {
     preferred: AtomicUsize,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
+    live: Option<Arc<LiveIdentity>>,
 }
 
 /// The computer's certificate, key and the cluster's CA (PEM), as
@@ -71,9 +74,16 @@ impl TlsIdentity {
         })
     }
 
-    fn client_config(&self) -> Result<rustls::ClientConfig, MasterError> {
+    /// The certificate and key as a [`LiveIdentity`]: what the client
+    /// presents can be replaced while it runs.
+    fn live(&self) -> Result<Arc<LiveIdentity>, MasterError> {
+        LiveIdentity::from_pem(&self.cert_pem, &self.key_pem, vec![])
+            .map_err(|e| MasterError::Invalid(format!("TLS identity: {e}")))
+    }
+
+    fn client_config(&self, live: Arc<LiveIdentity>) -> Result<rustls::ClientConfig, MasterError> {
         use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use rustls::pki_types::CertificateDer;
         let bad = |e: String| MasterError::Invalid(format!("TLS identity: {e}"));
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
@@ -81,16 +91,37 @@ impl TlsIdentity {
                 .add(c.map_err(|e| bad(e.to_string()))?)
                 .map_err(|e| bad(e.to_string()))?;
         }
-        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(e.to_string()))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| bad(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| bad(e.to_string()))
+        Ok(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| bad(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_client_cert_resolver(live),
+        )
+    }
+}
+
+/// Takes a renewed `computer.crt` and `computer.key` from `dir` without a
+/// restart (as `master-node cert renew SERIAL --out DIR` writes them):
+/// read every second, taken once the pair matches; the next connections
+/// present it, those open keep the old one (still valid until it expires).
+pub async fn follow_identity_files(live: Arc<LiveIdentity>, dir: std::path::PathBuf) {
+    let (crt, key) = (dir.join("computer.crt"), dir.join("computer.key"));
+    let mut last_error = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match live.reload(&crt, &key) {
+            Ok(Some(v)) => {
+                tracing::info!(serial = %v.serial, not_after = v.not_after, "computer certificate taken from {}", crt.display());
+                last_error.clear();
+            }
+            Ok(None) => {}
+            Err(e) if e.to_string() != last_error => {
+                tracing::warn!(error = %e, "computer certificate on disk not taken; keeping the one in use");
+                last_error = e.to_string();
+            }
+            Err(_) => {}
+        }
     }
 }
 
@@ -117,9 +148,10 @@ impl MasterClient {
                     .into(),
             ));
         }
-        let tls = match identity {
-            Some(id) => id.client_config()?,
-            None => rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        let live = identity.map(TlsIdentity::live).transpose()?;
+        let tls = match (identity, &live) {
+            (Some(id), Some(live)) => id.client_config(live.clone())?,
+            _ => rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))
             .with_safe_default_protocol_versions()
@@ -141,7 +173,14 @@ impl MasterClient {
             preferred: AtomicUsize::new(0),
             client: Client::builder(TokioExecutor::new()).build(connector),
             timeout: Duration::from_secs(60),
+            live,
         })
+    }
+
+    /// The certificate this client presents, when it has one: replace it
+    /// (or [`follow_identity_files`]) and the next connections present the new one.
+    pub fn identity(&self) -> Option<&Arc<LiveIdentity>> {
+        self.live.as_ref()
     }
 
     /// The URL partitions' own tools should use (the first configured).

@@ -33,6 +33,7 @@
 
 mod discovery;
 mod edge;
+mod renewal;
 mod tls;
 
 use slap_proto::limits::{document_etag, MIN_REVISION_HEADER};
@@ -80,7 +81,10 @@ struct Args {
     log_json: bool,
     /// Serve HTTPS with client certificates and reach the replicas over
     /// HTTPS, with gateway.crt, gateway.key and ca.crt from this directory
-    /// (`master-node gateway add`). Without it: plain HTTP both ways, for
+    /// (`master-node gateway add`). The certificate is read again every
+    /// second (a `master-node cert renew --out` into this directory is
+    /// taken without a restart) and renewed by the gateway itself at two
+    /// thirds of its lifetime. Without it: plain HTTP both ways, for
     /// replicas run with --insecure-http.
     #[arg(long)]
     tls_dir: Option<std::path::PathBuf>,
@@ -562,7 +566,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         fmt.init();
     }
-    let tls = args.tls_dir.as_deref().map(tls::TlsFiles::load).transpose()?;
+    let tls = args
+        .tls_dir
+        .as_deref()
+        .map(tls::TlsFiles::load)
+        .transpose()?
+        .map(Arc::new);
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_millis(500)));
@@ -597,6 +606,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let discovery = discovery::Discovery::new(args.replicas.clone(), connect);
     tokio::spawn(discovery.clone().run());
+    if let Some(files) = &tls {
+        tokio::spawn(renewal::keep_current(files.clone(), discovery.clone()));
+    }
     let gw = Arc::new(Gateway {
         discovery,
         scheme: if tls.is_some() { "https" } else { "http" },

@@ -8,27 +8,32 @@
 //! a revoked certificate is refused through any gateway as soon as the
 //! replica applied the revocation. A header a caller sends itself is dropped.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
+use slap_proto::live::LiveIdentity;
 
 /// The header carrying the verified caller's fingerprint to the replica.
 pub const CALLER_HEADER: &str = "x-slap-caller";
 
-/// The gateway's certificate, key and the cluster's CA.
+/// The gateway's certificate, key and the cluster's CA. The certificate
+/// and key are live: what the next handshakes present changes when they
+/// are renewed ([`crate::renewal`]).
 pub struct TlsFiles {
     pub ca: Vec<CertificateDer<'static>>,
-    pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
+    pub identity: Arc<LiveIdentity>,
+    /// gateway.crt and gateway.key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl TlsFiles {
     /// Reads gateway.crt, gateway.key and ca.crt from `dir`.
     pub fn load(dir: &Path) -> anyhow::Result<TlsFiles> {
         let read = |f: &str| {
-            std::fs::read(dir.join(f)).map_err(|e| {
+            std::fs::read_to_string(dir.join(f)).map_err(|e| {
                 anyhow::anyhow!(
                     "{}/{f}: {e} (make them with `master-node gateway add NAME --host HOST --out {}`)",
                     dir.display(),
@@ -36,13 +41,11 @@ impl TlsFiles {
                 )
             })
         };
-        let certs = |bytes: Vec<u8>| -> anyhow::Result<Vec<CertificateDer<'static>>> {
-            Ok(CertificateDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>()?)
-        };
         Ok(TlsFiles {
-            ca: certs(read("ca.crt")?)?,
-            chain: certs(read("gateway.crt")?)?,
-            key: PrivateKeyDer::from_pem_slice(&read("gateway.key")?)?,
+            ca: CertificateDer::pem_slice_iter(read("ca.crt")?.as_bytes()).collect::<Result<Vec<_>, _>>()?,
+            identity: LiveIdentity::from_pem(&read("gateway.crt")?, &read("gateway.key")?, vec![])?,
+            cert_file: dir.join("gateway.crt"),
+            key_file: dir.join("gateway.key"),
         })
     }
 
@@ -64,7 +67,7 @@ impl TlsFiles {
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_cert_resolver(self.identity.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         // A resumed TLS session skips the client certificate's verification.
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -80,13 +83,9 @@ impl TlsFiles {
             .first()
             .cloned()
             .ok_or_else(|| anyhow::anyhow!("ca.crt holds no certificate"))?;
-        let identity = slap_proto::tls::ClientIdentity {
-            chain: self.chain.clone(),
-            key: self.key.clone_key(),
-        };
-        Ok(slap_proto::tls::client_config(
+        Ok(slap_proto::tls::client_config_live(
             &slap_proto::tls::Trust::Ca(ca),
-            Some(&identity),
+            self.identity.clone(),
             slap_proto::tls::Expect::AnyReplica,
         )?)
     }
@@ -97,7 +96,7 @@ impl TlsFiles {
         Ok(rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(self.roots()?)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?)
+            .with_client_cert_resolver(self.identity.clone()))
     }
 }
 

@@ -22,6 +22,10 @@ mod xml_text;
 #[cfg(feature = "grpc")]
 pub mod tls;
 
+/// Certificates replaced while serving, and when to renew them.
+#[cfg(feature = "grpc")]
+pub mod live;
+
 /// gRPC: Raft transport and cluster operations (`proto/cluster.proto`).
 #[cfg(feature = "grpc")]
 pub mod cluster {

@@ -239,25 +239,46 @@ pub fn client_config(
     identity: Option<&ClientIdentity>,
     expect: Expect,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder = verifying(trust, expect)?;
+    let config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .map_err(|e| TlsError::Config(format!("client certificate: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(with_h2(config))
+}
+
+/// As [`client_config`], presenting whatever `identity` holds at each
+/// handshake (a renewed certificate is used from the next connection on).
+pub fn client_config_live(
+    trust: &Trust,
+    identity: Arc<crate::live::LiveIdentity>,
+    expect: Expect,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    Ok(with_h2(verifying(trust, expect)?.with_client_cert_resolver(identity)))
+}
+
+fn verifying(
+    trust: &Trust,
+    expect: Expect,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(ReplicaVerifier {
         trust: trust.clone(),
         expect,
         provider: provider.clone(),
     });
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let mut config = match identity {
-        Some(id) => builder
-            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
-            .map_err(|e| TlsError::Config(format!("client certificate: {e}")))?,
-        None => builder.with_no_client_auth(),
-    };
+        .with_custom_certificate_verifier(verifier))
+}
+
+fn with_h2(mut config: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Arc::new(config)
 }
 
 type Connecting = Pin<Box<dyn Future<Output = std::io::Result<hyper_util::rt::TokioIo<TlsTcp>>> + Send>>;

@@ -531,4 +531,36 @@ impl MasterApi for MasterService {
         let with_digest = req.get_ref().state_digest;
         Ok(Response::new(convert::cluster_view(&self.replica, with_digest)))
     }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewedCertificate>, Status> {
+        let Some(caller) = self.caller(&req)? else {
+            return Err(Status::unauthenticated(
+                "renewing a certificate needs that certificate (this port serves without TLS)",
+            ));
+        };
+        let serial = req.get_ref().serial.to_ascii_lowercase();
+        let holder = {
+            let state = self.replica.state.read().unwrap_or_else(|e| e.into_inner());
+            let found = state.certificates.values().find(|c| c.serial == serial);
+            found.map(|c| c.role.clone())
+        };
+        match holder {
+            None => return Err(Status::not_found(format!("no certificate has serial {serial}"))),
+            Some(role) if role != caller => {
+                return Err(Status::permission_denied(format!(
+                    "certificate {serial} is {role}'s, not yours ({caller}): a holder renews only its own"
+                )))
+            }
+            Some(_) => {}
+        }
+        let (issued, ca_pem) = crate::certificates::renew(&self.replica, &serial, req.get_ref().seconds).await?;
+        Ok(Response::new(pb::RenewedCertificate {
+            certificate_pem: issued.certificate.cert_pem.to_text(),
+            key_pem: issued.key_pem,
+            ca_pem,
+        }))
+    }
 }

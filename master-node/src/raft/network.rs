@@ -76,7 +76,10 @@ pub struct Network {
 }
 
 /// The channel to each peer, by node id and address.
-type Channels = Arc<Mutex<HashMap<(u64, String), RaftClient<Channel>>>>;
+/// One channel per peer, with the generation of this replica's certificate
+/// it was opened with: after a renewal the next call dials again, so the
+/// connection presents the new certificate (an operator may revoke the old).
+type Channels = Arc<Mutex<HashMap<(u64, String), (u64, RaftClient<Channel>)>>>;
 
 impl Network {
     /// Peers are called with this replica's certificate.
@@ -132,8 +135,11 @@ impl PeerClient {
     /// The shared channel to this peer, made on first use.
     fn client(&self) -> Result<RaftClient<Channel>, Unreachable<MasterTypes>> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = channels.get(&self.key()) {
-            return Ok(c.clone());
+        let generation = self.tls.identity.generation();
+        if let Some((opened, c)) = channels.get(&self.key()) {
+            if *opened == generation {
+                return Ok(c.clone());
+            }
         }
         let config = self
             .tls
@@ -143,7 +149,7 @@ impl PeerClient {
         let client = RaftClient::new(ch)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        channels.insert(self.key(), client.clone());
+        channels.insert(self.key(), (generation, client.clone()));
         Ok(client)
     }
 

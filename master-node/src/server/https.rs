@@ -52,7 +52,7 @@ fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 /// The replica's server certificate, issued on first use and kept on disk;
 /// issued again when the CA or the host names it must carry change (a new
-/// `--slap-advertise`).
+/// `--slap-advertise`), or when two thirds of its ten years have passed.
 fn server_identity(replica: &Replica, ca: &Authority, names: &[String]) -> Result<(String, String), TlsError> {
     let dir = replica.data_dir.join("tls");
     let (crt, key, names_file) = (dir.join("server.crt"), dir.join("server.key"), dir.join("server.names"));
@@ -65,7 +65,9 @@ fn server_identity(replica: &Replica, ca: &Authority, names: &[String]) -> Resul
     // Certificates kept before names were recorded carried only the listen host.
     let names_now = std::fs::read_to_string(&names_file).ok();
     if let (Ok(c), Ok(k), Some(ca_pem)) = (std::fs::read_to_string(&crt), std::fs::read_to_string(&key), ca_now) {
-        if ca_pem == ca.cert_pem && names_now.as_deref() == Some(wanted.as_str()) {
+        let current = slap_proto::live::Validity::of_pem(&c);
+        let due = current.is_none_or(|v| slap_proto::live::renewal_due(&v, pki::now_secs()));
+        if ca_pem == ca.cert_pem && names_now.as_deref() == Some(wanted.as_str()) && !due {
             return Ok((c, k));
         }
     }

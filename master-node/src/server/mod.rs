@@ -139,6 +139,7 @@ impl Running {
         let replica = Replica::start(identity, data_dir, raft.clone(), log, state, tls, !fresh)?;
         tokio::spawn(crate::certificates::run_issuer(Arc::downgrade(&replica)));
         tokio::spawn(crate::versions::raise_cluster_version(Arc::downgrade(&replica)));
+        tokio::spawn(crate::renewal::keep_current(Arc::downgrade(&replica)));
         let (stop, mut stop_rx) = watch::channel(false);
         // Accepted connections have Nagle's algorithm off (cluster_tls): Raft
         // and its callers exchange small messages, which Nagle plus delayed

@@ -103,8 +103,8 @@ impl Master {
         if self.certificates.contains_key(&new.fingerprint) {
             return invalid("this certificate is already recorded");
         }
-        // Checked above: neither step can be refused, so both happen.
-        self.revoke_certificate(&serial);
+        // The old one is not revoked: its holder may not have taken the new
+        // one yet (a renewal is not a compromise; `cert revoke` is for that).
         self.record_certificate(new, None)
     }
 

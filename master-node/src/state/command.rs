@@ -157,9 +157,10 @@ pub enum Command {
     /// Raises the cluster's version: the leader proposes it once every
     /// member says it speaks that version. Never lowers it.
     SetClusterVersion { version: u32 },
-    /// Replaces the live certificate with this serial by `certificate` (same
-    /// role), revoking the old one in the same write: `master-node cert
-    /// renew`. Since version 2.
+    /// Records `certificate` as the renewal of the live certificate with
+    /// this serial (same holder); the old one stays valid until it
+    /// expires: `master-node cert renew` and the automatic renewals of
+    /// replicas and gateways. Since version 2.
     RenewCertificate {
         serial: String,
         certificate: Box<Certificate>,

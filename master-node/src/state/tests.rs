@@ -1316,7 +1316,7 @@ fn the_cluster_version_only_rises_and_survives_a_restore() {
 }
 
 #[test]
-fn a_renewal_revokes_the_old_certificate_and_records_the_new_one_for_the_same_holder() {
+fn a_renewal_records_the_new_certificate_for_the_same_holder_and_keeps_the_old_valid() {
     let mut w = World::new();
     let cert = |name: &str, role: Role| Certificate {
         serial: format!("s-{name}"),
@@ -1348,13 +1348,24 @@ fn a_renewal_revokes_the_old_certificate_and_records_the_new_one_for_the_same_ho
     ));
     assert_eq!(w.m.certificates, before);
     assert_eq!(w.run(renew("S-OLD", cert("new", gw.clone()))), Reply::Done);
-    assert!(w.m.certificates[&fp("old")].revoked);
-    assert!(!w.m.certificates[&fp("new")].revoked);
+    assert!(
+        !w.m.certificates[&fp("old")].revoked,
+        "the old one stays valid until it expires: its holder may not have the new one yet"
+    );
+    assert_eq!(w.m.certificates[&fp("new")].role, gw);
+    // The same renewal recorded twice is refused.
+    assert!(matches!(
+        w.run(renew("s-old", cert("new", gw.clone()))),
+        Reply::Refused(Refusal::Invalid(_))
+    ));
     // A revoked certificate is not renewed again.
+    w.run(Command::RevokeCertificate { serial: "s-old".into() });
+    let before = w.m.certificates.clone();
     assert!(matches!(
         w.run(renew("s-old", cert("newer", gw))),
         Reply::Refused(Refusal::Invalid(_))
     ));
+    assert_eq!(w.m.certificates, before);
     // A renewal is of version 2, even inside a guard.
     assert_eq!(renew("s", cert("x", Role::Admin)).since(), 2);
     let guarded = Command::IfPartitionHolds {

@@ -335,17 +335,24 @@ pub enum CertCmd {
         admin: Admin,
     },
     /// Renew a certificate before it ends: a new key and certificate for the
-    /// same holder (and hosts), written as cert.crt, cert.key (mode 0600) and
-    /// ca.crt into --out; the old certificate is revoked in the same write.
-    /// Needs cluster version 2 (every replica upgraded).
+    /// same holder (and hosts), written into --out under the holder's own
+    /// file names (computer.crt and computer.key for a node, gateway.* for
+    /// a gateway, replica.* for a replica, NAME.* for a user), with ca.crt.
+    /// Point --out at the holder's directory and it takes them without a
+    /// restart. The old certificate stays valid until it expires (`cert
+    /// revoke` it if its key leaked). Replicas and gateways also renew their
+    /// own at two thirds of their lifetime. Needs cluster version 2.
     Renew {
         serial: String,
         /// Where to write the new certificate and key.
         #[arg(long)]
         out: PathBuf,
-        /// Validity in days (default: 365; a replica's, 3650).
+        /// Validity in days (default: as long as the certificate renewed).
         #[arg(long, default_value_t = 0)]
         days: u64,
+        /// Validity in seconds (short-lived certificates in tests).
+        #[arg(long, default_value_t = 0, hide = true)]
+        seconds: u64,
         #[command(flatten)]
         admin: Admin,
     },

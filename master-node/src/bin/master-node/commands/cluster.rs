@@ -137,12 +137,8 @@ pub async fn join(
         )));
     }
     std::fs::create_dir_all(&a.data_dir).map_err(|e| Fail(format!("{}: {e}", a.data_dir.display())))?;
-    master_node::cluster_tls::ReplicaTls {
-        ca_pem: reply.ca_pem.clone(),
-        cert_pem: reply.certificate_pem.clone(),
-        key_pem,
-    }
-    .save(&a.data_dir)?;
+    master_node::cluster_tls::ReplicaTls::new(reply.ca_pem.clone(), &reply.certificate_pem, &key_pem)?
+        .save(&a.data_dir)?;
     let identity = Identity {
         format: 1,
         cluster_id: reply.cluster_id.clone(),

@@ -64,10 +64,11 @@ pub async fn list_certificates(admin: &Admin) -> Result<(), Fail> {
     let reply = certificates(admin, "list", "", "", 0, vec![]).await?;
     println!("{:<34} {:<12} {:<8} role", "serial", "expires", "state");
     for c in reply.certificates {
-        let days = (c.not_after as i64 - master_node::pki::now_secs() as i64) / 86400;
+        let left = c.not_after as i64 - master_node::pki::now_secs() as i64;
+        let days = left.div_euclid(86400);
         let state = if c.revoked {
             "revoked"
-        } else if days < 0 {
+        } else if left < 0 {
             "expired"
         } else {
             "valid"
@@ -90,17 +91,34 @@ pub async fn revoke(admin: &Admin, serial: &str) -> Result<(), Fail> {
     Ok(())
 }
 
-/// `cert renew`: the new certificate, key and CA into `out`.
-pub async fn renew(admin: &Admin, serial: &str, out: &Path, days: u64) -> Result<(), Fail> {
-    let reply = certificates(admin, "renew", "", serial, days, vec![]).await?;
+/// `cert renew`: the new certificate, key and CA into `out`, named as the
+/// holder names its own (so a holder watching `out` takes them at once).
+pub async fn renew(admin: &Admin, serial: &str, out: &Path, days: u64, seconds: u64) -> Result<(), Fail> {
+    let reply = certificates_for(admin, "renew", "", serial, days, seconds, vec![]).await?;
+    let der = slap_proto::tls::Trust::ca_pem(&reply.certificate_pem)?;
+    let slap_proto::tls::Trust::Ca(der) = der else {
+        return Err(Fail("the Master answered without a certificate".into()));
+    };
+    let stem = match master_node::pki::role_of(der.as_ref()) {
+        Some(master_node::state::Role::Computer(_)) => "computer".to_string(),
+        Some(master_node::state::Role::Gateway(_)) => "gateway".to_string(),
+        Some(master_node::state::Role::Replica(_)) => "replica".to_string(),
+        Some(master_node::state::Role::Admin) => "admin".to_string(),
+        Some(master_node::state::Role::User(u)) => u,
+        _ => "cert".to_string(),
+    };
     std::fs::create_dir_all(out).map_err(|e| Fail(format!("{}: {e}", out.display())))?;
     let fail = |e: std::io::Error| Fail(format!("writing into {}: {e}", out.display()));
-    master_node::pki::write_private(&out.join("cert.key"), &reply.key_pem).map_err(fail)?;
-    std::fs::write(out.join("cert.crt"), &reply.certificate_pem).map_err(fail)?;
-    std::fs::write(out.join("ca.crt"), &reply.ca_pem).map_err(fail)?;
+    let (crt, key) = (out.join(format!("{stem}.crt")), out.join(format!("{stem}.key")));
+    master_node::pki::write_public(&out.join("ca.crt"), &reply.ca_pem).map_err(fail)?;
+    slap_proto::live::install(&crt, &reply.certificate_pem, &key, &reply.key_pem).map_err(fail)?;
+    let serial_new = slap_proto::live::Validity::of_pem(&reply.certificate_pem)
+        .map(|v| v.serial)
+        .unwrap_or_default();
     println!(
-        "certificate {serial} renewed and revoked: the new one is {}/cert.crt with cert.key (mode 0600); install them where the old ones were",
-        out.display()
+        "certificate {serial} renewed: the new one, {serial_new}, is {} with {stem}.key (mode 0600); \
+         the old one stays valid until it expires",
+        crt.display()
     );
     Ok(())
 }
@@ -113,6 +131,18 @@ async fn certificates(
     days: u64,
     hosts: Vec<String>,
 ) -> Result<slap_proto::cluster::CertificatesReply, Fail> {
+    certificates_for(admin, action, name, serial, days, 0, hosts).await
+}
+
+async fn certificates_for(
+    admin: &Admin,
+    action: &str,
+    name: &str,
+    serial: &str,
+    days: u64,
+    seconds: u64,
+    hosts: Vec<String>,
+) -> Result<slap_proto::cluster::CertificatesReply, Fail> {
     let client = admin.client()?;
     let req = slap_proto::cluster::CertificatesRequest {
         token: admin.token.clone(),
@@ -122,6 +152,7 @@ async fn certificates(
         registration: String::new(),
         days,
         hosts,
+        seconds,
     };
     Ok(client
         .call(|mut c| {

@@ -43,8 +43,9 @@ pub async fn run(cmd: Cmd) -> Result<(), Fail> {
             serial,
             out,
             days,
+            seconds,
             admin,
-        }) => identities::renew(&admin, &serial, &out, days).await,
+        }) => identities::renew(&admin, &serial, &out, days, seconds).await,
         Cmd::Usage(a) => accounting::usage(a).await,
         Cmd::Price(PriceCmd::Set {
             resource,

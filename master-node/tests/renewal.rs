@@ -1,0 +1,371 @@
+//! Certificates renewed while everything runs, over mutual TLS end to end
+//! (three replicas, a gateway, a node polling through it):
+//!
+//! - a node's certificate renewed by the operator into the node's identity
+//!   directory is taken by the running client without a restart, and no
+//!   poll fails meanwhile;
+//! - a replica given a short-lived certificate renews it itself at two
+//!   thirds of its lifetime, again and again, and keeps replicating; once
+//!   its older certificates are revoked it still works, because it dialed
+//!   its peers again with the new one;
+//! - a gateway given a short-lived certificate renews its own through a
+//!   replica, and callers keep going through it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{free_port, gateway_bin, Proc, BIN};
+use master_node::client::{Client, Credentials};
+use slap_proto::live::Validity;
+use slap_proto::marshal::{dumps, Value};
+
+fn cli(args: &[&str], peer: &str, token: &str) -> String {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .args(["--peer", peer, "--token", token])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `cert list` rows of a holder (its role as listed, e.g. "replica 3"):
+/// (serial, state).
+fn certificates_of(holder: &str, peer: &str, token: &str) -> Vec<(String, String)> {
+    cli(&["cert", "list"], peer, token)
+        .lines()
+        .filter(|l| l.ends_with(holder))
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols[0].to_string(), cols[4].to_string())
+        })
+        .collect()
+}
+
+fn serial_in(file: &Path) -> String {
+    Validity::of_pem(&std::fs::read_to_string(file).unwrap())
+        .unwrap()
+        .serial
+}
+
+fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < within, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn computer_xml(id: &str) -> String {
+    dumps(&Value::str_dict([
+        ("reference", Value::str(id)),
+        (
+            "partition_list",
+            Value::List(vec![Value::str_dict([
+                ("reference", Value::str("slappart0")),
+                (
+                    "address_list",
+                    Value::List(vec![Value::str_dict([("addr", Value::str("10.0.0.10"))])]),
+                ),
+            ])]),
+        ),
+    ]))
+    .unwrap()
+}
+
+struct Cluster {
+    replicas: Vec<Proc>,
+    raft: Vec<String>,
+    data: Vec<PathBuf>,
+    token: String,
+    admin: Credentials,
+}
+
+/// Three replicas serving SLAP over HTTPS.
+fn cluster(root: &Path, slap: &[u16]) -> Cluster {
+    let raft: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let data: Vec<PathBuf> = (0..3).map(|i| root.join(format!("r{i}"))).collect();
+    let mut replicas = vec![Proc::spawn_logged(
+        Path::new(BIN),
+        &[
+            "init".into(),
+            "--data-dir".into(),
+            data[0].display().to_string(),
+            "--listen".into(),
+            raft[0].clone(),
+            "--slap-listen".into(),
+            format!("127.0.0.1:{}", slap[0]),
+        ],
+        &root.join("r0.log"),
+    )];
+    let token_file = data[0].join("join-token");
+    wait_until("the first replica", Duration::from_secs(30), || token_file.exists());
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    let admin = Credentials::admin_of(&data[0]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for i in 1..3 {
+        replicas.push(Proc::spawn_logged(
+            Path::new(BIN),
+            &[
+                "join".into(),
+                "--peer".into(),
+                raft[0].clone(),
+                "--token".into(),
+                token.clone(),
+                "--data-dir".into(),
+                data[i].display().to_string(),
+                "--listen".into(),
+                raft[i].clone(),
+                "--slap-listen".into(),
+                format!("127.0.0.1:{}", slap[i]),
+            ],
+            &root.join(format!("r{i}.log")),
+        ));
+        wait_until("the joiner to vote", Duration::from_secs(60), || {
+            rt.block_on(Client::status_of(&raft[0], &admin))
+                .map(|s| s.members.iter().filter(|m| m.role == "voter").count() == i + 1)
+                .unwrap_or(false)
+        });
+    }
+    // Renewals are of version 2: the leader raises it once all three speak it.
+    wait_until("cluster version 2", Duration::from_secs(30), || {
+        rt.block_on(Client::status_of(&raft[0], &admin))
+            .is_ok_and(|s| s.cluster_version >= 2)
+    });
+    Cluster {
+        replicas,
+        raft,
+        data,
+        token,
+        admin,
+    }
+}
+
+#[test]
+fn certificates_are_renewed_and_taken_without_a_restart_while_nodes_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let slap: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut c = cluster(root, &slap);
+    let (peer, token) = (c.raft[0].clone(), c.token.clone());
+
+    // A gateway over TLS in front of the three.
+    let gw_dir = root.join("gateway");
+    cli(
+        &[
+            "gateway",
+            "add",
+            "gw1",
+            "--host",
+            "127.0.0.1",
+            "--out",
+            &gw_dir.display().to_string(),
+        ],
+        &peer,
+        &token,
+    );
+    let gw_port = free_port();
+    let replicas_arg = slap
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut gateway = Proc::spawn_logged(
+        &gateway_bin(),
+        &[
+            "--replicas".into(),
+            replicas_arg,
+            "--listen".into(),
+            format!("127.0.0.1:{gw_port}"),
+            "--tls-dir".into(),
+            gw_dir.display().to_string(),
+        ],
+        &root.join("gateway.log"),
+    );
+
+    // A node registered as COMP-R, polling and reporting through the gateway.
+    let registration = cli(&["computer", "add", "COMP-R"], &peer, &token).trim().to_string();
+    let node_dir = root.join("node");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(nodeagent::register::register(&peer, &registration, "COMP-R", &node_dir))
+        .unwrap();
+    let identity = nodeagent::master::TlsIdentity::load(&node_dir).unwrap();
+    let node = Arc::new(
+        nodeagent::master::MasterClient::with_identity(&[format!("https://127.0.0.1:{gw_port}")], Some(&identity))
+            .unwrap(),
+    );
+    let live = node.identity().unwrap().clone();
+    rt.spawn(nodeagent::master::follow_identity_files(live.clone(), node_dir.clone()));
+    let xml = computer_xml("COMP-R");
+    wait_until(
+        "the gateway to take the node's first call",
+        Duration::from_secs(30),
+        || {
+            rt.block_on(node.post("loadComputerConfigurationFromXML", &[("xml", &xml)]))
+                .is_ok()
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (calls, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::<String>::new())));
+    let poller = {
+        let (node, stop, calls, failed, xml) = (node.clone(), stop.clone(), calls.clone(), failed.clone(), xml.clone());
+        rt.spawn(async move {
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                // Polls, and every third round a write (through Raft).
+                let result = if round.is_multiple_of(3) {
+                    node.post("loadComputerConfigurationFromXML", &[("xml", &xml)])
+                        .await
+                        .map(|_| ())
+                } else {
+                    node.computer_plan("COMP-R", None, None).await.map(|_| ())
+                };
+                calls.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = result {
+                    failed.lock().unwrap().push(e.to_string());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    // 1. The node's certificate, renewed into its identity directory.
+    let computer = certificates_of("computer COMP-R", &peer, &token);
+    assert_eq!(computer.len(), 1, "{computer:?}");
+    let old_node_serial = computer[0].0.clone();
+    assert_eq!(live.validity().unwrap().serial, old_node_serial);
+    let said = cli(
+        &[
+            "cert",
+            "renew",
+            &old_node_serial,
+            "--out",
+            &node_dir.display().to_string(),
+        ],
+        &peer,
+        &token,
+    );
+    let new_node_serial = serial_in(&node_dir.join("computer.crt"));
+    assert_ne!(new_node_serial, old_node_serial);
+    assert!(said.contains(&new_node_serial), "{said}");
+    wait_until(
+        "the node to take its renewed certificate",
+        Duration::from_secs(10),
+        || live.validity().unwrap().serial == new_node_serial,
+    );
+    let rows = certificates_of("computer COMP-R", &peer, &token);
+    assert!(
+        rows.iter().all(|(_, state)| state == "valid") && rows.len() == 2,
+        "both valid: the old one until it expires: {rows:?}"
+    );
+
+    // 2. Replica 3 (data r2) given a 24-second certificate into its tls dir:
+    //    it takes it, then renews it itself at two thirds of its lifetime.
+    let tls3 = c.data[2].join("tls");
+    let original3 = serial_in(&tls3.join("replica.crt"));
+    cli(
+        &[
+            "cert",
+            "renew",
+            &original3,
+            "--seconds",
+            "24",
+            "--out",
+            &tls3.display().to_string(),
+        ],
+        &peer,
+        &token,
+    );
+    let operator3 = serial_in(&tls3.join("replica.crt"));
+    assert_ne!(operator3, original3);
+    // The gateway too, with a 24-second certificate.
+    let original_gw = serial_in(&gw_dir.join("gateway.crt"));
+    cli(
+        &[
+            "cert",
+            "renew",
+            &original_gw,
+            "--seconds",
+            "24",
+            "--out",
+            &gw_dir.display().to_string(),
+        ],
+        &peer,
+        &token,
+    );
+    let operator_gw = serial_in(&gw_dir.join("gateway.crt"));
+    wait_until(
+        "replica 3 and the gateway to renew their own certificates",
+        Duration::from_secs(60),
+        || {
+            let (r3, gw) = (
+                serial_in(&tls3.join("replica.crt")),
+                serial_in(&gw_dir.join("gateway.crt")),
+            );
+            r3 != operator3 && gw != operator_gw
+        },
+    );
+    let renewed3 = serial_in(&tls3.join("replica.crt"));
+    let listed3 = certificates_of("replica 3", &peer, &token);
+    assert!(
+        listed3.iter().any(|(s, st)| *s == renewed3 && st == "valid"),
+        "the renewal is recorded: {listed3:?}"
+    );
+    let gw_listed = certificates_of("gateway gw1", &peer, &token);
+    assert!(
+        gw_listed.len() >= 3,
+        "the gateway's own renewal is recorded: {gw_listed:?}"
+    );
+    let gw_log = std::fs::read_to_string(root.join("gateway.log")).unwrap();
+    assert!(
+        gw_log.contains("gateway certificate taken from") && gw_log.contains("renewed at two thirds of its lifetime"),
+        "{gw_log}"
+    );
+    let r3_log = std::fs::read_to_string(root.join("r2.log")).unwrap();
+    assert!(r3_log.contains("replica certificate taken from"), "{r3_log}");
+    assert!(r3_log.contains("renewed at two thirds of its lifetime"), "{r3_log}");
+
+    // Its older certificates revoked: replica 3 still replicates, on
+    // connections dialed again with the one it holds now.
+    for s in [&original3, &operator3] {
+        cli(&["cert", "revoke", s], &peer, &token);
+    }
+    let admin = c.admin.clone();
+    let applied = |i: usize| {
+        rt.block_on(Client::status_of(&c.raft[i], &admin))
+            .map(|s| s.applied)
+            .ok()
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let target = (0..2).filter_map(applied).max().unwrap();
+    wait_until(
+        "replica 3 to apply what the others did",
+        Duration::from_secs(30),
+        || applied(2).is_some_and(|a| a >= target),
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(poller).unwrap();
+    let failed = failed.lock().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed: {:?}",
+        failed.len(),
+        calls.load(Ordering::Relaxed),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(calls.load(Ordering::Relaxed) > 100, "the node kept calling");
+    assert!(!gateway.exited(), "the gateway stopped");
+    for (i, r) in c.replicas.iter_mut().enumerate() {
+        assert!(!r.exited(), "replica {i} stopped");
+    }
+}
