@@ -249,9 +249,10 @@ async fn main() {
     }
 
     // The node's certificate.
-    let (issued, ca) = master_node::certificates::issue(&running.replica, Role::Computer("COMP-1".into()), 30, None)
-        .await
-        .unwrap();
+    let master_node::certificates::Handover { issued, ca_pem: ca, .. } =
+        master_node::certificates::issue(&running.replica, Role::Computer("COMP-1".into()), 30, None)
+            .await
+            .unwrap();
     let cfg = {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};

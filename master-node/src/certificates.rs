@@ -39,6 +39,32 @@ pub enum IssueError {
     Refused(String),
 }
 
+/// A certificate as it is handed to its holder.
+pub struct Handover {
+    pub issued: Issued,
+    /// The certificate, then (during a CA rotation) the new CA
+    /// cross-signed by the old one, so a verifier that trusts only the old
+    /// CA accepts it.
+    pub cert_pem: String,
+    /// Every CA trusted (the signing one first): the holder's `ca.crt`.
+    pub ca_pem: String,
+}
+
+/// The cluster's signing CA, the CAs it trusts and the chain to send.
+fn signing(replica: &Replica) -> Option<(crate::state::Authority, String, String)> {
+    let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+    let ca = state.authority.clone()?;
+    Some((ca, state.trust_pem(), state.chain_pem().to_string()))
+}
+
+fn handover(issued: Issued, trust_pem: String, chain_pem: &str) -> Handover {
+    Handover {
+        cert_pem: format!("{}{chain_pem}", issued.certificate.cert_pem.to_text()),
+        ca_pem: trust_pem,
+        issued,
+    }
+}
+
 /// Signs a certificate for `role` and records it. With `registration`, the
 /// record consumes that computer registration token.
 pub async fn issue(
@@ -46,7 +72,7 @@ pub async fn issue(
     role: Role,
     days: u64,
     registration: Option<String>,
-) -> Result<(Issued, String), IssueError> {
+) -> Result<Handover, IssueError> {
     issue_for_hosts(replica, role, days, registration, &[]).await
 }
 
@@ -57,18 +83,12 @@ pub async fn issue_for_hosts(
     days: u64,
     registration: Option<String>,
     hosts: &[String],
-) -> Result<(Issued, String), IssueError> {
-    let ca = replica
-        .state
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .authority
-        .clone()
-        .ok_or(IssueError::NoAuthority)?;
+) -> Result<Handover, IssueError> {
+    let (ca, trust_pem, chain_pem) = signing(replica).ok_or(IssueError::NoAuthority)?;
     let issued = pki::issue(&ca, &role, pki::now_secs(), days, hosts)?;
     record(replica, &issued, registration).await?;
     info!(role = %role, serial = %issued.certificate.serial, "certificate issued");
-    Ok((issued, ca.cert_pem))
+    Ok(handover(issued, trust_pem, &chain_pem))
 }
 
 /// Renews the live certificate `serial`: a new key and certificate for the
@@ -76,17 +96,17 @@ pub async fn issue_for_hosts(
 /// was), recorded in one write. The old certificate stays valid until it
 /// expires, so a holder that has not yet taken the new one loses nothing;
 /// `cert revoke` ends it sooner. Returns the new certificate and key, and
-/// the CA.
-pub async fn renew(replica: &Replica, serial: &str, lifetime_secs: u64) -> Result<(Issued, String), tonic::Status> {
+/// the CAs.
+pub async fn renew(replica: &Replica, serial: &str, lifetime_secs: u64) -> Result<Handover, tonic::Status> {
     use tonic::Status;
     let serial = serial.to_ascii_lowercase();
-    let (old, ca) = {
+    let old = {
         let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
-        let old = state.certificates.values().find(|c| c.serial == serial).cloned();
-        (old, state.authority.clone())
+        state.certificates.values().find(|c| c.serial == serial).cloned()
     };
     let old = old.ok_or_else(|| Status::not_found(format!("no certificate has serial {serial}")))?;
-    let ca = ca.ok_or_else(|| Status::unavailable(IssueError::NoAuthority.to_string()))?;
+    let (ca, trust_pem, chain_pem) =
+        signing(replica).ok_or_else(|| Status::unavailable(IssueError::NoAuthority.to_string()))?;
     if old.revoked {
         return Err(Status::failed_precondition(format!(
             "certificate {serial} is revoked; issue a new one instead"
@@ -123,7 +143,7 @@ pub async fn renew(replica: &Replica, serial: &str, lifetime_secs: u64) -> Resul
         Reply::Refused(r) => Err(Status::invalid_argument(r.to_string())),
         _ => {
             info!(role = %old.role, old = %serial, new = %issued.certificate.serial, lifetime_secs, "certificate renewed");
-            Ok((issued, ca.cert_pem))
+            Ok(handover(issued, trust_pem, &chain_pem))
         }
     }
 }

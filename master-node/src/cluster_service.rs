@@ -56,6 +56,22 @@ impl ClusterService {
         self.replica.check_token(token)
     }
 
+    /// Writes a command of the cluster's own; a refusal becomes a status.
+    async fn cluster_write(&self, command: crate::state::Command) -> Result<(), Status> {
+        let (reply, _) = self
+            .replica
+            .write(ClientWrite {
+                request_id: None,
+                command,
+            })
+            .await?;
+        match reply {
+            crate::state::Reply::Refused(crate::state::Refusal::NotYet(m)) => Err(Status::failed_precondition(m)),
+            crate::state::Reply::Refused(r) => Err(Status::failed_precondition(r.to_string())),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the caller presented the live certificate `serial`.
     fn holds(&self, peer: &Peer, serial: &str) -> bool {
         let Some(fp) = peer.fingerprint else { return false };
@@ -108,7 +124,7 @@ impl Cluster for ClusterService {
                     cluster_id: self.replica.cluster_id.clone(),
                     node_id,
                     certificate_pem,
-                    ca_pem: self.replica.tls.ca_pem.clone(),
+                    ca_pem: self.replica.tls.ca_pem(),
                 }))
             }
         }
@@ -231,10 +247,10 @@ impl Cluster for ClusterService {
         let name_ok = |n: &str| {
             !n.is_empty() && n.len() <= 128 && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
         };
-        let issued_reply = |(issued, ca): (crate::pki::Issued, String)| CertificatesReply {
-            certificate_pem: issued.certificate.cert_pem.to_text(),
-            key_pem: issued.key_pem,
-            ca_pem: ca,
+        let issued_reply = |h: crate::certificates::Handover| CertificatesReply {
+            certificate_pem: h.cert_pem,
+            key_pem: h.issued.key_pem,
+            ca_pem: h.ca_pem,
             ..Default::default()
         };
         if req.action == "register" {
@@ -293,7 +309,7 @@ impl Cluster for ClusterService {
                     return Err(Status::invalid_argument("computer-token needs the computer id"));
                 }
                 // The token pins the CA, so the node can trust this port at registration.
-                let ca_pin = slap_proto::tls::pem_sha256(&self.replica.tls.ca_pem)
+                let ca_pin = slap_proto::tls::pem_sha256(&self.replica.tls.ca_pem())
                     .map_err(|e| Status::internal(e.to_string()))?;
                 let token = format!("SLAPREG2.{}.{ca_pin}", hex::encode(rand::random::<[u8; 20]>()));
                 self.replica
@@ -328,6 +344,51 @@ impl Cluster for ClusterService {
             "renew" => {
                 let renewed = crate::certificates::renew(&self.replica, &req.serial, lifetime).await?;
                 Ok(Response::new(issued_reply(renewed)))
+            }
+            "ca-rotate" => {
+                let (ca, cluster_id) = {
+                    let state = self.replica.state.read().unwrap_or_else(|e| e.into_inner());
+                    if state.rotation.is_some() {
+                        return Err(Status::failed_precondition(
+                            "a CA rotation is already under way: finish it first (`master-node ca finish`)",
+                        ));
+                    }
+                    (state.authority.clone(), self.replica.cluster_id.clone())
+                };
+                let ca = ca.ok_or_else(|| Status::unavailable(IssueError::NoAuthority.to_string()))?;
+                let (authority, cross_pem) = crate::pki::successor(&ca, &cluster_id, crate::pki::now_secs())
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let trust = format!("{}{}", authority.cert_pem, ca.cert_pem);
+                self.cluster_write(Command::RotateAuthority { authority, cross_pem })
+                    .await?;
+                tracing::info!("CA rotation started: a new CA signs from now on");
+                Ok(Response::new(CertificatesReply {
+                    ca_pem: trust,
+                    ..Default::default()
+                }))
+            }
+            "ca-finish" => {
+                let stragglers = self.replica.certificates_from_previous_ca()?;
+                if !stragglers.is_empty() && !req.force {
+                    let mut by_kind = std::collections::BTreeMap::<&str, usize>::new();
+                    for (role, _) in &stragglers {
+                        *by_kind.entry(role.kind()).or_default() += 1;
+                    }
+                    let some: Vec<String> = stragglers.iter().take(5).map(|(r, s)| format!("{s} ({r})")).collect();
+                    return Err(Status::failed_precondition(format!(
+                        "{} live certificates are still from the old CA ({by_kind:?}; e.g. {}): renew them \
+                         (`cert renew SERIAL --out DIR`) or revoke them, or finish with --force and their holders \
+                         are refused from then on",
+                        stragglers.len(),
+                        some.join(", ")
+                    )));
+                }
+                self.cluster_write(Command::FinishRotation).await?;
+                tracing::info!(
+                    cut = stragglers.len(),
+                    "CA rotation finished: the old CA is trusted no more"
+                );
+                Ok(Response::new(CertificatesReply::default()))
             }
             "list" => {
                 let state = self.replica.state.read().unwrap_or_else(|e| e.into_inner());

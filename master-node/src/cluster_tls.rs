@@ -29,8 +29,7 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use rustls::server::WebPkiClientVerifier;
-use slap_proto::live::LiveIdentity;
+use slap_proto::live::{LiveClientVerifier, LiveIdentity, LiveTrust};
 use slap_proto::tls::{Expect, Trust};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -63,13 +62,25 @@ fn config_err(e: impl std::fmt::Display) -> ClusterTlsError {
     ClusterTlsError::Config(e.to_string())
 }
 
-/// A replica's certificate, key and the cluster's CA (PEM). The
-/// certificate and key are live: a renewal replaces them for the next
-/// handshakes without a restart ([`LiveIdentity`]).
+/// A replica's certificate, key and the cluster's CAs. Both are live: a
+/// renewal replaces the certificate for the next handshakes, and a CA
+/// rotation the CAs trusted, without a restart ([`LiveIdentity`],
+/// [`LiveTrust`]; `renewal` keeps them in step with the state).
 #[derive(Clone)]
 pub struct ReplicaTls {
-    pub ca_pem: String,
+    pub trust: Arc<LiveTrust>,
     pub identity: Arc<LiveIdentity>,
+}
+
+/// What a replica sends after its certificate: the cross-signed CA during
+/// a rotation (`chain_pem`), then every CA trusted, so a client that pins
+/// either CA's hash finds it.
+pub fn chain_tail(trust: &LiveTrust, chain_pem: &str) -> Vec<CertificateDer<'static>> {
+    let mut tail: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect();
+    tail.extend(trust.certificates());
+    tail
 }
 
 impl std::fmt::Debug for ReplicaTls {
@@ -79,12 +90,19 @@ impl std::fmt::Debug for ReplicaTls {
 }
 
 impl ReplicaTls {
-    /// From PEM texts; the certificate must be the key's.
+    /// From PEM texts (`ca_pem` may hold two CAs during a rotation); the
+    /// certificate must be the key's.
     pub fn new(ca_pem: String, cert_pem: &str, key_pem: &str) -> Result<ReplicaTls, ClusterTlsError> {
-        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(config_err)?;
-        // The CA goes along, so a client that pins its hash can find it.
-        let identity = LiveIdentity::from_pem(cert_pem, key_pem, vec![ca]).map_err(config_err)?;
-        Ok(ReplicaTls { ca_pem, identity })
+        let trust = LiveTrust::from_pem(&ca_pem).map_err(config_err)?;
+        // The CAs go along; `renewal` adds the cross-signed one during a rotation.
+        let tail = chain_tail(&trust, "");
+        let identity = LiveIdentity::from_pem(cert_pem, key_pem, tail).map_err(config_err)?;
+        Ok(ReplicaTls { trust, identity })
+    }
+
+    /// The CAs trusted, as `ca.crt` holds them (the signing one first).
+    pub fn ca_pem(&self) -> String {
+        self.trust.pem()
     }
 
     /// Where the certificate and key are kept under `data_dir`.
@@ -118,13 +136,13 @@ impl ReplicaTls {
         let (crt, key) = Self::files(data_dir);
         slap_proto::live::install(&crt, &self.identity.cert_pem(), &key, &self.identity.key_pem())
             .map_err(fail(&crt))?;
-        pki::write_public(&dir.join("ca.crt"), &self.ca_pem).map_err(fail(&dir.join("ca.crt")))?;
+        pki::write_public(&dir.join("ca.crt"), &self.trust.pem()).map_err(fail(&dir.join("ca.crt")))?;
         std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(fail(&dir))
     }
 
-    /// How this replica trusts its peers: the CA itself.
+    /// How this replica trusts its peers: the CAs trusted at each handshake.
     pub fn trust(&self) -> Result<Trust, ClusterTlsError> {
-        Trust::ca_pem(&self.ca_pem).map_err(config_err)
+        Ok(Trust::Live(self.trust.clone()))
     }
 
     /// Presenting this replica's certificate (the one held at each
@@ -142,13 +160,7 @@ impl ReplicaTls {
     /// The server configuration of the cluster port.
     pub fn server_config(&self, state: Weak<RwLock<Master>>) -> Result<rustls::ServerConfig, ClusterTlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let ca = CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).map_err(config_err)?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.clone()).map_err(config_err)?;
-        let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()
-            .map_err(config_err)?;
+        let chain = LiveClientVerifier::new(self.trust.clone(), true).map_err(config_err)?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(config_err)?

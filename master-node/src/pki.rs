@@ -50,19 +50,43 @@ fn unix_to_offset(secs: u64) -> Result<time::OffsetDateTime, PkiError> {
 /// A new certificate authority for `cluster_id`.
 pub fn new_authority(cluster_id: &str, now_secs: u64) -> Result<Authority, PkiError> {
     let key = KeyPair::generate().map_err(err)?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("slapos-rs cluster {cluster_id} CA"));
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.not_before = unix_to_offset(now_secs.saturating_sub(3600))?;
-    params.not_after = unix_to_offset(now_secs + CA_YEARS * 365 * 86400)?;
+    let params = ca_params(format!("slapos-rs cluster {cluster_id} CA"), now_secs)?;
     let cert = params.self_signed(&key).map_err(err)?;
     Ok(Authority {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     })
+}
+
+fn ca_params(common_name: String, now_secs: u64) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = unix_to_offset(now_secs.saturating_sub(3600))?;
+    params.not_after = unix_to_offset(now_secs + CA_YEARS * 365 * 86400)?;
+    Ok(params)
+}
+
+/// The CA that replaces `current` in a rotation, and its certificate
+/// cross-signed by `current` (PEM): a new key and a name of its own (a
+/// certificate names its issuer, so the two CAs must not share one).
+pub fn successor(current: &Authority, cluster_id: &str, now_secs: u64) -> Result<(Authority, String), PkiError> {
+    let key = KeyPair::generate().map_err(err)?;
+    let name = format!("slapos-rs cluster {cluster_id} CA from {now_secs}");
+    let cert = ca_params(name.clone(), now_secs)?.self_signed(&key).map_err(err)?;
+    let old_key = KeyPair::from_pem(&current.key_pem).map_err(err)?;
+    let old = Issuer::from_ca_cert_pem(&current.cert_pem, old_key).map_err(err)?;
+    let cross = ca_params(name, now_secs)?.signed_by(&key, &old).map_err(err)?;
+    Ok((
+        Authority {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        },
+        cross.pem(),
+    ))
 }
 
 /// The subject common name of a role.
@@ -234,9 +258,10 @@ pub fn role_of_common_name(cn: &str) -> Option<Role> {
 /// The DNS names and IP addresses a certificate (PEM) is for, so a
 /// renewal serves the same hosts.
 pub fn server_names_of(cert_pem: &str) -> Vec<String> {
-    let Ok(slap_proto::tls::Trust::Ca(der)) = slap_proto::tls::Trust::ca_pem(cert_pem) else {
+    let Some(Ok(der)) = rustls::pki_types::pem::PemObject::pem_slice_iter(cert_pem.as_bytes()).next() else {
         return Vec::new();
     };
+    let der: rustls::pki_types::CertificateDer<'static> = der;
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
         return Vec::new();
     };
@@ -323,6 +348,52 @@ mod tests {
         // What the Master keeps of the half million partitions' pairs at
         // fleet size: the compact form.
         assert!(b.certificate.cert_pem.is_der() && b.certificate.key_pem.as_ref().is_some_and(Pem::is_der));
+    }
+
+    /// Whether `leaf` (DER) chains to `root` (PEM) with `intermediates` (PEM).
+    fn chains(leaf: &str, intermediates: &str, root: &str) -> bool {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, UnixTime};
+        let der = |pem: &str| {
+            CertificateDer::pem_slice_iter(pem.as_bytes())
+                .map(|c| c.unwrap())
+                .collect::<Vec<_>>()
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der(root).remove(0)).unwrap();
+        let leaf = der(leaf).remove(0);
+        let parsed = rustls::server::ParsedCertificate::try_from(&leaf).unwrap();
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &der(intermediates),
+            UnixTime::now(),
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .all,
+        )
+        .is_ok()
+    }
+
+    #[test]
+    fn a_successor_ca_is_trusted_through_its_cross_signed_certificate() {
+        let now = now_secs();
+        let old = new_authority("c1", now).unwrap();
+        let (new, cross) = successor(&old, "c1", now).unwrap();
+        assert_ne!(new.cert_pem, old.cert_pem);
+        let leaf = issue(&new, &Role::Computer("COMP-1".into()), now, 1, &["localhost".into()]).unwrap();
+        let leaf = leaf.certificate.cert_pem.to_text();
+        assert!(chains(&leaf, "", &new.cert_pem), "the new CA alone");
+        assert!(
+            chains(&leaf, &cross, &old.cert_pem),
+            "the old CA, through the cross-signed one"
+        );
+        assert!(!chains(&leaf, "", &old.cert_pem), "not the old CA without it");
+        let before = issue(&old, &Role::Admin, now, 1, &["localhost".into()]).unwrap();
+        assert!(
+            !chains(&before.certificate.cert_pem.to_text(), &cross, &new.cert_pem),
+            "the old CA's leaves need the old CA"
+        );
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct Replica {
     pub(crate) log: raft_store::LogStore<MasterTypes>,
     /// This replica's certificate and the cluster's CA.
     pub tls: ReplicaTls,
+    /// The SLAP port's certificate, once it serves HTTPS.
+    pub slap_identity: std::sync::OnceLock<Arc<slap_proto::live::LiveIdentity>>,
     /// How this replica calls its peers' cluster API (with its certificate).
     peer_tls: Arc<rustls::ClientConfig>,
     /// Channels to peers' cluster API, with the generation of this
@@ -394,6 +396,7 @@ impl Replica {
             state,
             log,
             tls,
+            slap_identity: std::sync::OnceLock::new(),
             peer_tls,
             peers: Mutex::new(HashMap::new()),
             membership: tokio::sync::Mutex::new(()),
@@ -801,7 +804,40 @@ impl Replica {
             expiring: Vec::new(),
             speaks_version: crate::raft::spoken_version(),
             cluster_version: self.state.read().unwrap_or_else(|e| e.into_inner()).effective_version(),
+            ca_rotation: self.state.read().unwrap_or_else(|e| e.into_inner()).rotation.is_some(),
         }
+    }
+
+    /// Holders still on the CA being rotated out: live certificates (not
+    /// revoked, not expired) it issued whose holder has no live certificate
+    /// from the new CA (a renewed one is superseded, not a straggler).
+    /// Role and serial. Reads every certificate's issuer: for `ca finish`,
+    /// not a hot path.
+    pub fn certificates_from_previous_ca(&self) -> Result<Vec<(crate::state::Role, String)>, Status> {
+        use rustls::pki_types::pem::PemObject;
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let Some(rotation) = &state.rotation else {
+            return Err(Status::failed_precondition(
+                "no CA rotation is under way (`master-node ca rotate` starts one)",
+            ));
+        };
+        let previous = rustls::pki_types::CertificateDer::from_pem_slice(rotation.previous_pem.as_bytes())
+            .map_err(|e| Status::internal(format!("the previous CA: {e}")))?;
+        let now = crate::pki::now_secs();
+        let (old, new): (Vec<_>, Vec<_>) = state
+            .certificates
+            .values()
+            .filter(|c| !c.revoked && c.not_after > now)
+            .partition(|c| {
+                rustls::pki_types::CertificateDer::from_pem_slice(c.cert_pem.to_text().as_bytes())
+                    .is_ok_and(|der| slap_proto::live::Validity::issued_by(&der, &previous))
+            });
+        let moved: std::collections::HashSet<&crate::state::Role> = new.iter().map(|c| &c.role).collect();
+        Ok(old
+            .into_iter()
+            .filter(|c| !moved.contains(&c.role))
+            .map(|c| (c.role.clone(), c.serial.clone()))
+            .collect())
     }
 
     /// Live certificates that end within [`EXPIRY_WARNING_DAYS`], by kind

@@ -619,8 +619,8 @@ async fn handshakes_refuse_revoked_expired_foreign_and_missing_certificates() {
         .port();
     running.serve_slap(&format!("127.0.0.1:{port}"), false).await.unwrap();
     let ca = r.state.read().unwrap().authority.clone().unwrap();
-    let (alice, _) = issue(&r, Role::User("alice".into()), 30, None).await.unwrap();
-    let (mallory, _) = issue(&r, Role::User("mallory".into()), 30, None).await.unwrap();
+    let alice = issue(&r, Role::User("alice".into()), 30, None).await.unwrap().issued;
+    let mallory = issue(&r, Role::User("mallory".into()), 30, None).await.unwrap().issued;
     // Expired: issued ten days ago for one day, and recorded.
     let expired = pki::issue(&ca, &Role::User("old".into()), pki::now_secs() - 10 * 86400, 1, &[]).unwrap();
     r.write(ClientWrite {
@@ -690,7 +690,7 @@ async fn the_slap_certificate_names_the_advertised_host() {
         .await
         .unwrap();
     let ca = r.state.read().unwrap().authority.clone().unwrap();
-    let (alice, _) = issue(&r, Role::User("alice".into()), 30, None).await.unwrap();
+    let alice = issue(&r, Role::User("alice".into()), 30, None).await.unwrap().issued;
     let config = client_config(
         &ca.cert_pem,
         Some((&alice.certificate.cert_pem.to_text(), &alice.key_pem)),

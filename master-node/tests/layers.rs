@@ -40,6 +40,7 @@ const MASTER_NODE_LAYERS: &[&str] = &[
     "membership",
     "authz",
     "certificates",
+    "renewal",
     "versions",
     // Handlers, each knowing nothing of how it is mounted.
     "slap",

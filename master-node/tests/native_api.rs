@@ -620,7 +620,12 @@ async fn a_user_and_a_node_over_http2_with_mutual_tls_and_a_watch() {
     let r = running.replica.clone();
     let issue = |role: Role| {
         let r = r.clone();
-        async move { master_node::certificates::issue(&r, role, 1, None).await.unwrap().0 }
+        async move {
+            master_node::certificates::issue(&r, role, 1, None)
+                .await
+                .unwrap()
+                .issued
+        }
     };
     let node_cert = issue(Role::Computer("X".into())).await;
     let user_cert = issue(Role::User("alice".into())).await;

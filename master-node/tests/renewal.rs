@@ -9,7 +9,12 @@
 //!   its older certificates are revoked it still works, because it dialed
 //!   its peers again with the new one;
 //! - a gateway given a short-lived certificate renews its own through a
-//!   replica, and callers keep going through it.
+//!   replica, and callers keep going through it;
+//! - a CA rotation: replicas and the gateway move to the new CA by
+//!   themselves, holders that trust only the old CA keep working until the
+//!   rotation is finished, finishing is refused while holders are left on
+//!   the old CA alone, and after it the old CA's certificates and join token
+//!   are refused, all while a node polls without one failed call.
 
 mod common;
 
@@ -202,8 +207,11 @@ fn certificates_are_renewed_and_taken_without_a_restart_while_nodes_poll() {
         nodeagent::master::MasterClient::with_identity(&[format!("https://127.0.0.1:{gw_port}")], Some(&identity))
             .unwrap(),
     );
-    let live = node.identity().unwrap().clone();
-    rt.spawn(nodeagent::master::follow_identity_files(live.clone(), node_dir.clone()));
+    let live = node.tls().unwrap().identity.clone();
+    rt.spawn(nodeagent::master::follow_identity_files(
+        node.tls().unwrap().clone(),
+        node_dir.clone(),
+    ));
     let xml = computer_xml("COMP-R");
     wait_until(
         "the gateway to take the node's first call",
@@ -364,6 +372,282 @@ fn certificates_are_renewed_and_taken_without_a_restart_while_nodes_poll() {
         &failed[..failed.len().min(5)]
     );
     assert!(calls.load(Ordering::Relaxed) > 100, "the node kept calling");
+    assert!(!gateway.exited(), "the gateway stopped");
+    for (i, r) in c.replicas.iter_mut().enumerate() {
+        assert!(!r.exited(), "replica {i} stopped");
+    }
+}
+
+/// A client configuration from `dir`'s NAME.crt, NAME.key and ca.crt (every
+/// CA in it trusted), as a user's tools would build it.
+fn user_config(dir: &Path, name: &str) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |f: String| std::fs::read(dir.join(f)).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&read("ca.crt".into())) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_slice_iter(&read(format!("{name}.crt")))
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(&read(format!("{name}.key"))).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    )
+}
+
+/// The status of a GET over a new TLS connection, or None if the
+/// handshake (either side's verification) failed.
+async fn tls_status(port: u16, config: Arc<rustls::ClientConfig>, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tls.read_to_end(&mut buf).await.ok()?;
+    String::from_utf8_lossy(&buf).split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The CAs in a PEM bundle file.
+fn cas_in(file: &Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    slap_proto::tls::ca_certificates(&std::fs::read_to_string(file).unwrap()).unwrap()
+}
+
+/// Whether the first certificate of `file` was issued by `ca`.
+fn issued_by(file: &Path, ca: &rustls::pki_types::CertificateDer<'_>) -> bool {
+    let leaf = slap_proto::tls::ca_certificates(&std::fs::read_to_string(file).unwrap()).unwrap();
+    Validity::issued_by(&leaf[0], ca)
+}
+
+const LIST: &str = "/hateoas/?mode=search&query=portal_type%3A%22Instance%20Tree%22%20AND%20validation_state%3Avalidated&select_list=title";
+
+#[test]
+fn a_ca_rotation_while_nodes_poll_fails_no_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let slap: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut c = cluster(root, &slap);
+    let (peer, token) = (c.raft[0].clone(), c.token.clone());
+    let old_ca = cas_in(&c.data[0].join("tls/ca.crt")).remove(0);
+
+    let gw_dir = root.join("gateway");
+    cli(
+        &[
+            "gateway",
+            "add",
+            "gw1",
+            "--host",
+            "127.0.0.1",
+            "--out",
+            &gw_dir.display().to_string(),
+        ],
+        &peer,
+        &token,
+    );
+    let gw_port = free_port();
+    let mut gateway = Proc::spawn_logged(
+        &gateway_bin(),
+        &[
+            "--replicas".into(),
+            slap.iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            "--listen".into(),
+            format!("127.0.0.1:{gw_port}"),
+            "--tls-dir".into(),
+            gw_dir.display().to_string(),
+        ],
+        &root.join("gateway.log"),
+    );
+    // Alice's certificate and ca.crt from before the rotation: the old CA only.
+    let ids = root.join("ids");
+    cli(
+        &["user", "add", "alice", "--out", &ids.display().to_string()],
+        &peer,
+        &token,
+    );
+
+    let registration = cli(&["computer", "add", "COMP-R"], &peer, &token).trim().to_string();
+    let node_dir = root.join("node");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(nodeagent::register::register(&peer, &registration, "COMP-R", &node_dir))
+        .unwrap();
+    let identity = nodeagent::master::TlsIdentity::load(&node_dir).unwrap();
+    let node = Arc::new(
+        nodeagent::master::MasterClient::with_identity(&[format!("https://127.0.0.1:{gw_port}")], Some(&identity))
+            .unwrap(),
+    );
+    let tls = node.tls().unwrap().clone();
+    rt.spawn(nodeagent::master::follow_identity_files(tls.clone(), node_dir.clone()));
+    let xml = computer_xml("COMP-R");
+    wait_until(
+        "the gateway to take the node's first call",
+        Duration::from_secs(30),
+        || {
+            rt.block_on(node.post("loadComputerConfigurationFromXML", &[("xml", &xml)]))
+                .is_ok()
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (calls, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::<String>::new())));
+    let poller = {
+        let (node, stop, calls, failed, xml) = (node.clone(), stop.clone(), calls.clone(), failed.clone(), xml.clone());
+        rt.spawn(async move {
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                let result = if round.is_multiple_of(3) {
+                    node.post("loadComputerConfigurationFromXML", &[("xml", &xml)])
+                        .await
+                        .map(|_| ())
+                } else {
+                    node.computer_plan("COMP-R", None, None).await.map(|_| ())
+                };
+                calls.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = result {
+                    failed.lock().unwrap().push(e.to_string());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    // Rotate: a new CA signs, both are trusted.
+    let said = cli(&["ca", "rotate"], &peer, &token);
+    let new_token = said
+        .lines()
+        .find_map(|l| l.split_once("): ").map(|(_, t)| t.trim().to_string()))
+        .filter(|t| t.starts_with("SLAP"))
+        .unwrap_or_else(|| panic!("no new join token in: {said}"));
+    assert_ne!(new_token, token);
+    wait_until(
+        "the replicas and the gateway to trust both CAs",
+        Duration::from_secs(20),
+        || c.data.iter().all(|d| cas_in(&d.join("tls/ca.crt")).len() == 2) && cas_in(&gw_dir.join("ca.crt")).len() == 2,
+    );
+    let new_ca = cas_in(&c.data[0].join("tls/ca.crt")).remove(0);
+    let status = cli(&["status"], &c.raft[2], &new_token);
+    assert!(status.contains("a CA rotation is under way"), "{status}");
+    assert_ne!(new_ca, old_ca, "the signing CA, first, is the new one");
+    wait_until(
+        "the replicas and the gateway to move to the new CA",
+        Duration::from_secs(30),
+        || {
+            c.data.iter().all(|d| {
+                issued_by(&d.join("tls/replica.crt"), &new_ca) && issued_by(&d.join("tls/server.crt"), &new_ca)
+            }) && issued_by(&gw_dir.join("gateway.crt"), &new_ca)
+        },
+    );
+    // Alice, who trusts only the old CA, still reaches the gateway (its new
+    // certificate carries the cross-signed CA) and is still accepted.
+    let alice = user_config(&ids, "alice");
+    assert_eq!(rt.block_on(tls_status(gw_port, alice.clone(), LIST)), Some(200));
+    // Bob, issued now, holds the new CA's certificate and both CAs.
+    let ids2 = root.join("ids2");
+    cli(
+        &["user", "add", "bob", "--out", &ids2.display().to_string()],
+        &peer,
+        &new_token,
+    );
+    assert!(issued_by(&ids2.join("bob.crt"), &new_ca));
+    assert_eq!(cas_in(&ids2.join("ca.crt")).len(), 2);
+    let bob = user_config(&ids2, "bob");
+    assert_eq!(rt.block_on(tls_status(gw_port, bob.clone(), LIST)), Some(200));
+    assert_eq!(rt.block_on(tls_status(slap[1], bob.clone(), LIST)), Some(200));
+
+    // The node's certificate and CAs, renewed into its directory.
+    let old_node = certificates_of("computer COMP-R", &peer, &new_token).remove(0).0;
+    cli(
+        &["cert", "renew", &old_node, "--out", &node_dir.display().to_string()],
+        &peer,
+        &new_token,
+    );
+    let new_node = serial_in(&node_dir.join("computer.crt"));
+    wait_until(
+        "the node to take its new certificate and CAs",
+        Duration::from_secs(10),
+        || tls.identity.validity().unwrap().serial == new_node && tls.trust.certificates().len() == 2,
+    );
+
+    // Finishing is refused while a holder is still on the old CA only
+    // (Alice, the administrator of init), and says who.
+    let refused = std::process::Command::new(BIN)
+        .args(["ca", "finish", "--peer", &peer, "--token", &new_token])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        why.contains("still from the old CA") && why.contains("user alice"),
+        "{why}"
+    );
+    assert!(
+        !why.contains("computer COMP-R") && !why.contains("replica"),
+        "renewed holders are not stragglers: {why}"
+    );
+    cli(&["ca", "finish", "--force"], &peer, &new_token);
+    wait_until(
+        "the replicas and the gateway to trust the new CA alone",
+        Duration::from_secs(20),
+        || c.data.iter().all(|d| cas_in(&d.join("tls/ca.crt")).len() == 1) && cas_in(&gw_dir.join("ca.crt")).len() == 1,
+    );
+    assert_eq!(cas_in(&c.data[2].join("tls/ca.crt"))[0], new_ca);
+    assert!(!cli(&["status"], &peer, &new_token).contains("CA rotation"));
+    // The old CA is trusted no more: Alice is refused at the handshake,
+    // the old join token no longer reaches the cluster; Bob goes on.
+    assert_eq!(rt.block_on(tls_status(gw_port, alice.clone(), LIST)), None);
+    assert_eq!(rt.block_on(tls_status(slap[2], alice, LIST)), None);
+    let stale = std::process::Command::new(BIN)
+        .args(["cert", "list", "--peer", &peer, "--token", &token])
+        .output()
+        .unwrap();
+    assert!(!stale.status.success());
+    assert_eq!(rt.block_on(tls_status(gw_port, bob.clone(), LIST)), Some(200));
+    // A replica restarted after the rotation comes back on the new CA.
+    c.replicas[1].stop();
+    c.replicas[1] = Proc::spawn_logged(
+        Path::new(BIN),
+        &[
+            "run".into(),
+            "--data-dir".into(),
+            c.data[1].display().to_string(),
+            "--slap-listen".into(),
+            format!("127.0.0.1:{}", slap[1]),
+        ],
+        &root.join("r1-again.log"),
+    );
+    wait_until("the restarted replica to serve Bob", Duration::from_secs(30), || {
+        rt.block_on(tls_status(slap[1], bob.clone(), LIST)) == Some(200)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(poller).unwrap();
+    let failed = failed.lock().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed: {:?}",
+        failed.len(),
+        calls.load(Ordering::Relaxed),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(calls.load(Ordering::Relaxed) > 50, "the node kept calling");
+    // A client started from the node's files as they stand now works too.
+    let fresh = nodeagent::master::MasterClient::with_identity(
+        &[format!("https://127.0.0.1:{gw_port}")],
+        Some(&nodeagent::master::TlsIdentity::load(&node_dir).unwrap()),
+    )
+    .unwrap();
+    assert!(rt.block_on(fresh.computer_plan("COMP-R", None, None)).is_ok());
     assert!(!gateway.exited(), "the gateway stopped");
     for (i, r) in c.replicas.iter_mut().enumerate() {
         assert!(!r.exited(), "replica {i} stopped");

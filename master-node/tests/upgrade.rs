@@ -2,7 +2,7 @@
 //! a new one (old, old, new: `--act-as-version 1`) takes writes through
 //! the gateway, refuses a kind of command the old releases could not apply
 //! with a sentence that says why, and is upgraded one replica at a time
-//! under load with no failed call. Once every voter speaks version 2 the
+//! under load with no failed call. Once every voter speaks this build's version the
 //! leader raises the cluster's version by itself, the new command works,
 //! and an old release can no longer join.
 
@@ -46,7 +46,10 @@ fn a_rolling_upgrade_under_load_fails_no_call_and_unlocks_the_new_commands() {
     let raft = cluster.raft.clone();
     let status = |addr: &str| rt.block_on(Client::status_of(addr, &admin)).ok();
     let st = status(&peer).unwrap();
-    assert_eq!((st.cluster_version, st.speaks_version), (1, 2));
+    assert_eq!(
+        (st.cluster_version, st.speaks_version),
+        (1, master_node::state::VERSION)
+    );
     assert_eq!(status(&raft[0]).unwrap().speaks_version, 1);
 
     // A renewal is of version 2: refused while old releases vote, with the reason.
@@ -103,14 +106,18 @@ fn a_rolling_upgrade_under_load_fails_no_call_and_unlocks_the_new_commands() {
     for i in [1, 0] {
         let before = done.load(Ordering::Relaxed);
         cluster.upgrade(i);
-        wait_for("the upgraded replica to speak version 2 and catch up", || {
-            let leader = status(&peer).map(|s| s.last_log_index).unwrap_or(u64::MAX);
-            status(&raft[i]).is_some_and(|s| s.speaks_version == 2 && s.applied + 5 >= leader)
-        });
+        wait_for(
+            "the upgraded replica to speak this build's version and catch up",
+            || {
+                let leader = status(&peer).map(|s| s.last_log_index).unwrap_or(u64::MAX);
+                status(&raft[i])
+                    .is_some_and(|s| s.speaks_version == master_node::state::VERSION && s.applied + 5 >= leader)
+            },
+        );
         wait_for("writes to go on", || done.load(Ordering::Relaxed) > before + 20);
     }
     wait_for("the cluster version to rise to 2", || {
-        (0..3).all(|i| status(&raft[i]).is_some_and(|s| s.cluster_version == 2))
+        (0..3).all(|i| status(&raft[i]).is_some_and(|s| s.cluster_version == master_node::state::VERSION))
     });
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
@@ -163,7 +170,8 @@ fn a_rolling_upgrade_under_load_fails_no_call_and_unlocks_the_new_commands() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        said.contains("cluster is at version 2") && said.contains("newer master-node"),
+        said.contains(&format!("cluster is at version {}", master_node::state::VERSION))
+            && said.contains("newer master-node"),
         "{said}"
     );
 
@@ -184,7 +192,7 @@ fn a_rolling_upgrade_under_load_fails_no_call_and_unlocks_the_new_commands() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        said.contains("at version 2") && said.contains("newer master-node"),
+        said.contains(&format!("at version {}", master_node::state::VERSION)) && said.contains("newer master-node"),
         "{said}"
     );
     assert!(!Path::new(&joiner).join("replica.json").exists());

@@ -282,9 +282,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Run(args) => {
             announce_mode(&args.one.node);
             let master = Arc::new(args.one.client()?);
-            if let Some(live) = master.identity() {
+            if let Some(tls) = master.tls() {
                 tokio::spawn(nodeagent::master::follow_identity_files(
-                    live.clone(),
+                    tls.clone(),
                     args.one.identity_dir.clone(),
                 ));
             }

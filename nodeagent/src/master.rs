@@ -21,7 +21,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use slap_proto::form;
-use slap_proto::live::LiveIdentity;
+use slap_proto::live::{LiveIdentity, LiveServerVerifier, LiveTrust};
 use slap_proto::marshal::{self, Value};
 
 /// Why a call to the Master failed.
@@ -44,7 +44,7 @@ pub struct MasterClient {
     preferred: AtomicUsize,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
-    live: Option<Arc<LiveIdentity>>,
+    live: Option<LiveTls>,
 }
 
 /// The computer's certificate, key and the cluster's CA (PEM), as
@@ -74,50 +74,66 @@ impl TlsIdentity {
         })
     }
 
-    /// The certificate and key as a [`LiveIdentity`]: what the client
-    /// presents can be replaced while it runs.
-    fn live(&self) -> Result<Arc<LiveIdentity>, MasterError> {
-        LiveIdentity::from_pem(&self.cert_pem, &self.key_pem, vec![])
-            .map_err(|e| MasterError::Invalid(format!("TLS identity: {e}")))
+    /// The certificate, key and CAs as live ones: what the client presents
+    /// and trusts can be replaced while it runs.
+    fn live(&self) -> Result<LiveTls, MasterError> {
+        let bad = |e: slap_proto::tls::TlsError| MasterError::Invalid(format!("TLS identity: {e}"));
+        Ok(LiveTls {
+            identity: LiveIdentity::from_pem(&self.cert_pem, &self.key_pem, vec![]).map_err(bad)?,
+            trust: LiveTrust::from_pem(&self.ca_pem).map_err(bad)?,
+        })
     }
+}
 
-    fn client_config(&self, live: Arc<LiveIdentity>) -> Result<rustls::ClientConfig, MasterError> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::CertificateDer;
-        let bad = |e: String| MasterError::Invalid(format!("TLS identity: {e}"));
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
-            roots
-                .add(c.map_err(|e| bad(e.to_string()))?)
-                .map_err(|e| bad(e.to_string()))?;
-        }
+/// The computer's certificate and the CAs it trusts, both replaceable
+/// while the agent runs.
+#[derive(Clone)]
+pub struct LiveTls {
+    pub identity: Arc<LiveIdentity>,
+    pub trust: Arc<LiveTrust>,
+}
+
+impl LiveTls {
+    fn client_config(&self) -> Result<rustls::ClientConfig, MasterError> {
         Ok(
             rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
-                .map_err(|e| bad(e.to_string()))?
-                .with_root_certificates(roots)
-                .with_client_cert_resolver(live),
+                .map_err(|e| MasterError::Invalid(format!("TLS identity: {e}")))?
+                .dangerous()
+                .with_custom_certificate_verifier(LiveServerVerifier::new(self.trust.clone()))
+                .with_client_cert_resolver(self.identity.clone()),
         )
     }
 }
 
-/// Takes a renewed `computer.crt` and `computer.key` from `dir` without a
-/// restart (as `master-node cert renew SERIAL --out DIR` writes them):
-/// read every second, taken once the pair matches; the next connections
-/// present it, those open keep the old one (still valid until it expires).
-pub async fn follow_identity_files(live: Arc<LiveIdentity>, dir: std::path::PathBuf) {
-    let (crt, key) = (dir.join("computer.crt"), dir.join("computer.key"));
+/// Takes a renewed `computer.crt` and `computer.key`, and a new `ca.crt`
+/// (two CAs during a CA rotation), from `dir` without a restart, as
+/// `master-node cert renew SERIAL --out DIR` writes them: read every
+/// second, taken once the pair matches; the next connections present and
+/// trust them, those open keep the old ones (still valid until they expire).
+pub async fn follow_identity_files(tls: LiveTls, dir: std::path::PathBuf) {
+    let (crt, key, ca) = (dir.join("computer.crt"), dir.join("computer.key"), dir.join("ca.crt"));
     let mut last_error = String::new();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        match live.reload(&crt, &key) {
+        let taken = tls.trust.reload(&ca).and_then(|cas_changed| {
+            if cas_changed {
+                tracing::info!(
+                    cas = tls.trust.certificates().len(),
+                    "trusting the CAs of {} from now on",
+                    ca.display()
+                );
+            }
+            tls.identity.reload(&crt, &key)
+        });
+        match taken {
             Ok(Some(v)) => {
                 tracing::info!(serial = %v.serial, not_after = v.not_after, "computer certificate taken from {}", crt.display());
                 last_error.clear();
             }
             Ok(None) => {}
             Err(e) if e.to_string() != last_error => {
-                tracing::warn!(error = %e, "computer certificate on disk not taken; keeping the one in use");
+                tracing::warn!(error = %e, "computer certificate or CAs on disk not taken; keeping the ones in use");
                 last_error = e.to_string();
             }
             Err(_) => {}
@@ -149,8 +165,8 @@ impl MasterClient {
             ));
         }
         let live = identity.map(TlsIdentity::live).transpose()?;
-        let tls = match (identity, &live) {
-            (Some(id), Some(live)) => id.client_config(live.clone())?,
+        let tls = match &live {
+            Some(live) => live.client_config()?,
             _ => rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))
@@ -177,9 +193,10 @@ impl MasterClient {
         })
     }
 
-    /// The certificate this client presents, when it has one: replace it
-    /// (or [`follow_identity_files`]) and the next connections present the new one.
-    pub fn identity(&self) -> Option<&Arc<LiveIdentity>> {
+    /// The certificate this client presents and the CAs it trusts, when
+    /// it has them: replace them (or [`follow_identity_files`]) and the
+    /// next connections use the new ones.
+    pub fn tls(&self) -> Option<&LiveTls> {
         self.live.as_ref()
     }
 

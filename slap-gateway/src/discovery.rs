@@ -24,6 +24,8 @@ pub struct Discovery {
     seeds: Vec<String>,
     order: RwLock<Vec<String>>,
     leader: RwLock<Option<String>>,
+    /// The CAs the cluster trusts, as a replica last said (PEM).
+    cas: RwLock<String>,
     /// Rings when a call failed: look again now.
     pub stale: Notify,
     connect: Connect,
@@ -36,6 +38,7 @@ impl Discovery {
             order: RwLock::new(seeds.clone()),
             seeds,
             leader: RwLock::new(None),
+            cas: RwLock::new(String::new()),
             stale: Notify::new(),
             connect,
         })
@@ -51,13 +54,19 @@ impl Discovery {
         self.leader.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The CAs the cluster trusts (PEM, the signing one first), once a
+    /// replica said.
+    pub fn cas(&self) -> String {
+        self.cas.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// A native-API channel to a replica.
     pub fn channel(&self, addr: &str) -> Option<Channel> {
         (self.connect)(addr)
     }
 
     /// Asks one replica; the new order if it answered.
-    async fn ask(&self, addr: &str) -> Option<(Vec<String>, Option<String>)> {
+    async fn ask(&self, addr: &str) -> Option<(Vec<String>, Option<String>, String)> {
         let channel = self.channel(addr)?;
         let mut client = MasterClient::new(channel);
         let call = client.cluster(ClusterRequest { state_digest: false });
@@ -85,7 +94,7 @@ impl Discovery {
                 order.push(s.clone());
             }
         }
-        Some((order, leader))
+        Some((order, leader, view.ca_pem))
     }
 
     /// Keeps the order fresh until the process ends.
@@ -101,7 +110,10 @@ impl Discovery {
                 c
             };
             for addr in candidates {
-                if let Some((order, leader)) = self.ask(&addr).await {
+                if let Some((order, leader, cas)) = self.ask(&addr).await {
+                    if !cas.is_empty() {
+                        *self.cas.write().unwrap_or_else(|e| e.into_inner()) = cas;
+                    }
                     let changed = *self.leader.read().unwrap_or_else(|e| e.into_inner()) != leader;
                     if changed {
                         tracing::info!(leader = ?leader, replicas = ?order, "leader learned");

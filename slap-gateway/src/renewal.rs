@@ -10,6 +10,11 @@
 //! files and takes it. Connections already open keep the old certificate,
 //! which stays valid until it expires; new handshakes use the new one. A
 //! failed renewal is tried again every [`RETRY`].
+//!
+//! The CAs it trusts follow the cluster's: every replica's `Cluster` answer
+//! carries them, and when they change (a CA rotation begins or ends) the
+//! gateway writes them to `ca.crt`, trusts them from the next handshake on,
+//! and renews its certificate at once if the signing CA did not issue it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,14 +48,26 @@ pub async fn keep_current(files: Arc<TlsFiles>, discovery: Arc<Discovery>) {
             }
             Err(_) => {}
         }
+        if let Err(e) = follow_the_cas(&files, &discovery) {
+            tracing::warn!(error = %e, "cannot take the cluster's CAs; keeping the ones in use");
+        }
         let Some(held) = files.identity.validity() else {
             continue;
         };
         let now = now_secs();
-        if !slap_proto::live::renewal_due(&held, now) || now < next_try {
+        // After a CA rotation, a certificate the signing CA did not issue is renewed at once.
+        let from_old_ca = match (files.trust.certificates().first(), files.identity.end_entity()) {
+            (Some(signer), Some(leaf)) if !discovery.cas().is_empty() => {
+                !slap_proto::live::Validity::issued_by(&leaf, signer)
+            }
+            _ => false,
+        };
+        if !(slap_proto::live::renewal_due(&held, now) || from_old_ca) || now < next_try {
             continue;
         }
         match renew(&files, &discovery, &held.serial).await {
+            Ok(serial) if from_old_ca => tracing::info!(old = %held.serial, new = %serial,
+                "gateway certificate renewed under the cluster's new CA"),
             Ok(serial) => tracing::info!(old = %held.serial, new = %serial,
                 "gateway certificate renewed at two thirds of its lifetime"),
             Err(e) => {
@@ -60,6 +77,25 @@ pub async fn keep_current(files: Arc<TlsFiles>, discovery: Arc<Discovery>) {
             }
         }
     }
+}
+
+/// Keeps ca.crt and the CAs trusted in step with the cluster's (a CA
+/// rotation adds one, its end removes the old one), and takes a ca.crt an
+/// operator wrote.
+fn follow_the_cas(files: &TlsFiles, discovery: &Discovery) -> Result<(), String> {
+    let cas = discovery.cas();
+    if !cas.is_empty() && cas != files.trust.pem() {
+        slap_proto::live::write_then_rename(&files.ca_file, &cas, 0o644)
+            .map_err(|e| format!("writing {}: {e}", files.ca_file.display()))?;
+    }
+    if files.trust.reload(&files.ca_file).map_err(|e| e.to_string())? {
+        tracing::info!(
+            cas = files.trust.certificates().len(),
+            "trusting the CAs of {} from now on",
+            files.ca_file.display()
+        );
+    }
+    Ok(())
 }
 
 /// Asks the replicas in turn (leader first) for a renewal of `serial`,
@@ -98,6 +134,10 @@ async fn renew(files: &TlsFiles, discovery: &Discovery, serial: &str) -> Result<
             .identity
             .replace(&renewed.certificate_pem, &renewed.key_pem)
             .map_err(|e| e.to_string())?;
+        if !renewed.ca_pem.is_empty() {
+            slap_proto::live::write_then_rename(&files.ca_file, &renewed.ca_pem, 0o644)
+                .map_err(|e| format!("writing {}: {e}", files.ca_file.display()))?;
+        }
         return Ok(slap_proto::live::Validity::of_pem(&renewed.certificate_pem)
             .map(|v| v.serial)
             .unwrap_or_default());

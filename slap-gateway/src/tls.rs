@@ -11,9 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
-use slap_proto::live::LiveIdentity;
+use slap_proto::live::{LiveClientVerifier, LiveIdentity, LiveServerVerifier, LiveTrust};
 
 /// The header carrying the verified caller's fingerprint to the replica.
 pub const CALLER_HEADER: &str = "x-slap-caller";
@@ -22,11 +20,13 @@ pub const CALLER_HEADER: &str = "x-slap-caller";
 /// and key are live: what the next handshakes present changes when they
 /// are renewed ([`crate::renewal`]).
 pub struct TlsFiles {
-    pub ca: Vec<CertificateDer<'static>>,
+    /// The CAs of ca.crt, read again with the certificate.
+    pub trust: Arc<LiveTrust>,
     pub identity: Arc<LiveIdentity>,
-    /// gateway.crt and gateway.key.
+    /// gateway.crt, gateway.key and ca.crt.
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    pub ca_file: PathBuf,
 }
 
 impl TlsFiles {
@@ -42,28 +42,20 @@ impl TlsFiles {
             })
         };
         Ok(TlsFiles {
-            ca: CertificateDer::pem_slice_iter(read("ca.crt")?.as_bytes()).collect::<Result<Vec<_>, _>>()?,
+            trust: LiveTrust::from_pem(&read("ca.crt")?)?,
             identity: LiveIdentity::from_pem(&read("gateway.crt")?, &read("gateway.key")?, vec![])?,
             cert_file: dir.join("gateway.crt"),
             key_file: dir.join("gateway.key"),
+            ca_file: dir.join("ca.crt"),
         })
     }
 
-    fn roots(&self) -> anyhow::Result<rustls::RootCertStore> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in &self.ca {
-            roots.add(c.clone())?;
-        }
-        Ok(roots)
-    }
-
-    /// Callers must present a certificate chaining to the CA. HTTP/2 (the
-    /// native API) and HTTP/1.1 (SLAP) are both offered.
+    /// Callers must present a certificate chaining to a CA of ca.crt (as
+    /// it stands at each handshake). HTTP/2 (the native API) and HTTP/1.1
+    /// (SLAP) are both offered.
     pub fn server_config(&self) -> anyhow::Result<rustls::ServerConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
-                .build()?;
+        let verifier = LiveClientVerifier::new(self.trust.clone(), false)?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
@@ -78,24 +70,20 @@ impl TlsFiles {
     /// For the native API's `Cluster` calls: the gateway's identity, and
     /// only a replica's certificate accepted.
     pub fn native_client_config(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-        let ca = self
-            .ca
-            .first()
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("ca.crt holds no certificate"))?;
         Ok(slap_proto::tls::client_config_live(
-            &slap_proto::tls::Trust::Ca(ca),
+            &slap_proto::tls::Trust::Live(self.trust.clone()),
             self.identity.clone(),
             slap_proto::tls::Expect::AnyReplica,
         )?)
     }
 
-    /// The gateway's own identity towards replicas, which it checks against the CA.
+    /// The gateway's own identity towards replicas, which it checks against the CAs.
     pub fn client_config(&self) -> anyhow::Result<rustls::ClientConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         Ok(rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(self.roots()?)
+            .dangerous()
+            .with_custom_certificate_verifier(LiveServerVerifier::new(self.trust.clone()))
             .with_client_cert_resolver(self.identity.clone()))
     }
 }

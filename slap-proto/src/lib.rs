@@ -18,6 +18,10 @@ pub mod rate;
 pub mod tioxml;
 mod xml_text;
 
+/// Certificates from PEM text, and TLS errors.
+#[cfg(feature = "grpc")]
+pub mod pem;
+
 /// Mutual TLS towards a replica's cluster port (client side).
 #[cfg(feature = "grpc")]
 pub mod tls;

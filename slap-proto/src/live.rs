@@ -19,17 +19,20 @@
 //! retries while the Master is unreachable.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::SignatureScheme;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
-use crate::tls::TlsError;
+use crate::pem::TlsError;
 
 /// A certificate (with its chain) and key, replaceable at run time.
 #[derive(Debug)]
@@ -37,7 +40,7 @@ pub struct LiveIdentity {
     current: RwLock<Loaded>,
     /// Certificates sent after the holder's own (a replica sends the CA so
     /// a client that pins the CA's hash can find it).
-    chain_tail: Vec<CertificateDer<'static>>,
+    chain_tail: RwLock<Vec<CertificateDer<'static>>>,
     provider: Arc<CryptoProvider>,
     /// How many times the certificate was replaced: a holder that caches
     /// connections dials again when it moves, so that every connection
@@ -82,6 +85,19 @@ impl Validity {
         Validity::of(der.as_ref())
     }
 
+    /// Whether the certificate (DER) was issued by the CA (DER): its
+    /// issuer is the CA's subject. Certificates name their issuer, and a
+    /// rotated CA has a name of its own.
+    pub fn issued_by(cert: &[u8], ca: &[u8]) -> bool {
+        let (Ok((_, cert)), Ok((_, ca))) = (
+            x509_parser::parse_x509_certificate(cert),
+            x509_parser::parse_x509_certificate(ca),
+        ) else {
+            return false;
+        };
+        cert.issuer().as_raw() == ca.subject().as_raw()
+    }
+
     /// When two thirds of the lifetime have passed.
     pub fn renew_at(&self) -> u64 {
         self.not_before + self.not_after.saturating_sub(self.not_before) / 3 * 2
@@ -112,7 +128,7 @@ impl LiveIdentity {
         let loaded = Self::load(&provider, &chain_tail, cert_pem, key_pem)?;
         Ok(Arc::new(LiveIdentity {
             current: RwLock::new(loaded),
-            chain_tail,
+            chain_tail: RwLock::new(chain_tail),
             provider,
             generation: Default::default(),
         }))
@@ -152,10 +168,22 @@ impl LiveIdentity {
     /// Replaces the certificate and key, if they pair; otherwise keeps the
     /// current ones and says why.
     pub fn replace(&self, cert_pem: &str, key_pem: &str) -> Result<(), TlsError> {
-        let loaded = Self::load(&self.provider, &self.chain_tail, cert_pem, key_pem)?;
+        let tail = self.chain_tail.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let loaded = Self::load(&self.provider, &tail, cert_pem, key_pem)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = loaded;
         self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Sends `tail` after the certificate from the next handshake on (a
+    /// replica's CAs change during a rotation).
+    pub fn set_chain_tail(&self, tail: Vec<CertificateDer<'static>>) -> Result<(), TlsError> {
+        if *self.chain_tail.read().unwrap_or_else(|e| e.into_inner()) == tail {
+            return Ok(());
+        }
+        *self.chain_tail.write().unwrap_or_else(|e| e.into_inner()) = tail;
+        let held = self.loaded();
+        self.replace(&held.cert_pem, &held.key_pem)
     }
 
     /// Moves each time the certificate is replaced (see the field's doc).
@@ -216,6 +244,253 @@ impl ResolvesClientCert for LiveIdentity {
     }
 }
 
+/// The CAs a holder trusts, replaceable at run time: during a CA rotation
+/// the bundle grows to two CAs, and shrinks back when it ends, without a
+/// restart of anything that verifies certificates.
+#[derive(Debug)]
+pub struct LiveTrust {
+    current: RwLock<Trusted>,
+    generation: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct Trusted {
+    pem: String,
+    certificates: Vec<CertificateDer<'static>>,
+    roots: Arc<RootCertStore>,
+}
+
+impl LiveTrust {
+    /// From a PEM bundle (one CA or more).
+    pub fn from_pem(pem: &str) -> Result<Arc<LiveTrust>, TlsError> {
+        Ok(Arc::new(LiveTrust {
+            current: RwLock::new(Self::load(pem)?),
+            generation: AtomicU64::new(0),
+        }))
+    }
+
+    fn load(pem: &str) -> Result<Trusted, TlsError> {
+        let certificates = crate::pem::ca_certificates(pem)?;
+        let mut roots = RootCertStore::empty();
+        for c in &certificates {
+            roots
+                .add(c.clone())
+                .map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
+        }
+        Ok(Trusted {
+            pem: pem.to_string(),
+            certificates,
+            roots: Arc::new(roots),
+        })
+    }
+
+    fn trusted(&self) -> Trusted {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Trusts the CAs of `pem` instead; `Ok(true)` if they changed.
+    pub fn replace(&self, pem: &str) -> Result<bool, TlsError> {
+        if self.trusted().pem == pem {
+            return Ok(false);
+        }
+        let loaded = Self::load(pem)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = loaded;
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(true)
+    }
+
+    /// Reads the bundle at `path` again; `Ok(true)` if it changed.
+    pub fn reload(&self, path: &Path) -> Result<bool, TlsError> {
+        let pem = std::fs::read_to_string(path).map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
+        self.replace(&pem)
+    }
+
+    /// The bundle, as read.
+    pub fn pem(&self) -> String {
+        self.trusted().pem
+    }
+
+    /// The CAs trusted now, the signing one first.
+    pub fn certificates(&self) -> Vec<CertificateDer<'static>> {
+        self.trusted().certificates
+    }
+
+    /// The CAs trusted now, as roots.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.trusted().roots
+    }
+
+    /// Moves each time the CAs change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// Verifies a server against the CAs trusted at each handshake, and its
+/// name, as rustls' own web PKI verifier does.
+#[derive(Debug)]
+pub struct LiveServerVerifier {
+    trust: Arc<LiveTrust>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl LiveServerVerifier {
+    pub fn new(trust: Arc<LiveTrust>) -> Arc<LiveServerVerifier> {
+        Arc::new(LiveServerVerifier {
+            trust,
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        })
+    }
+}
+
+impl ServerCertVerifier for LiveServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.trust.roots(),
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        rustls::client::verify_server_name(&parsed, server_name)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Verifies a client's certificate against the CAs trusted at each
+/// handshake (rustls' web PKI client verifier, built again when they change).
+#[derive(Debug)]
+pub struct LiveClientVerifier {
+    trust: Arc<LiveTrust>,
+    provider: Arc<CryptoProvider>,
+    /// Whether a client may present no certificate at all.
+    optional: bool,
+    built: RwLock<(u64, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl LiveClientVerifier {
+    /// `optional`: a client may present no certificate (calls that
+    /// authenticate otherwise).
+    pub fn new(trust: Arc<LiveTrust>, optional: bool) -> Result<Arc<LiveClientVerifier>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let built = Self::build(&trust, &provider, optional)?;
+        Ok(Arc::new(LiveClientVerifier {
+            built: RwLock::new((trust.generation(), built)),
+            trust,
+            provider,
+            optional,
+        }))
+    }
+
+    fn build(
+        trust: &LiveTrust,
+        provider: &Arc<CryptoProvider>,
+        optional: bool,
+    ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        let builder = WebPkiClientVerifier::builder_with_provider(trust.roots(), provider.clone());
+        let builder = if optional {
+            builder.allow_unauthenticated()
+        } else {
+            builder
+        };
+        builder.build().map_err(|e| TlsError::Config(e.to_string()))
+    }
+
+    fn inner(&self) -> Arc<dyn ClientCertVerifier> {
+        let generation = self.trust.generation();
+        {
+            let built = self.built.read().unwrap_or_else(|e| e.into_inner());
+            if built.0 == generation {
+                return built.1.clone();
+            }
+        }
+        match Self::build(&self.trust, &self.provider, self.optional) {
+            Ok(v) => {
+                *self.built.write().unwrap_or_else(|e| e.into_inner()) = (generation, v.clone());
+                v
+            }
+            // The bundle was checked when it was taken; keep the last good one.
+            Err(_) => self.built.read().unwrap_or_else(|e| e.into_inner()).1.clone(),
+        }
+    }
+}
+
+impl ClientCertVerifier for LiveClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        !self.optional
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: every client of ours has one certificate to send.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner().verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Writes a renewed certificate and key over `cert` and `key` so that a
 /// reader never sees half a file: each is written beside and renamed into
 /// place, the key first (mode 0600 from its creation), then the
@@ -225,7 +500,9 @@ pub fn install(cert: &Path, cert_pem: &str, key: &Path, key_pem: &str) -> std::i
     write_then_rename(cert, cert_pem, 0o644)
 }
 
-fn write_then_rename(path: &Path, content: &str, mode: u32) -> std::io::Result<()> {
+/// Writes `content` over `path` (a CA bundle, say) as [`install`] does:
+/// beside it, synced, then renamed into place.
+pub fn write_then_rename(path: &Path, content: &str, mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let name = path

@@ -34,41 +34,25 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Why a TLS setting could not be made or a peer was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{what}: {reason}")]
-    Pem { what: String, reason: String },
-    #[error("TLS: {0}")]
-    Config(String),
-    #[error("bad address {0:?}: {1}")]
-    Address(String, String),
-}
+pub use crate::pem::{ca_certificates, TlsError};
 
 /// How a client recognizes the cluster's CA.
 #[derive(Clone, Debug)]
 pub enum Trust {
-    /// The CA certificate itself.
-    Ca(CertificateDer<'static>),
+    /// The CA certificates themselves (two during a CA rotation).
+    Ca(Vec<CertificateDer<'static>>),
     /// The sha256 of the CA certificate's DER (a token's pin); the server
     /// sends the CA in its chain.
     Pinned([u8; 32]),
+    /// CAs that change while the program runs (a replica's, a gateway's:
+    /// read again from `ca.crt`, or from the replicated state).
+    Live(Arc<crate::live::LiveTrust>),
 }
 
 impl Trust {
-    /// Trust the CA in this PEM text (the first certificate in it).
+    /// Trust the CAs in this PEM text (every certificate in it).
     pub fn ca_pem(pem: &str) -> Result<Trust, TlsError> {
-        let der = CertificateDer::pem_slice_iter(pem.as_bytes())
-            .next()
-            .ok_or_else(|| TlsError::Pem {
-                what: "CA certificate".into(),
-                reason: "no certificate in it".into(),
-            })?
-            .map_err(|e| TlsError::Pem {
-                what: "CA certificate".into(),
-                reason: e.to_string(),
-            })?;
-        Ok(Trust::Ca(der))
+        Ok(Trust::Ca(ca_certificates(pem)?))
     }
 
     /// Trust the CA whose DER has this sha256 (64 hex digits).
@@ -83,10 +67,8 @@ impl Trust {
 
 /// sha256 (hex) of the first certificate's DER in a PEM text: a CA's pin.
 pub fn pem_sha256(pem: &str) -> Result<String, TlsError> {
-    match Trust::ca_pem(pem)? {
-        Trust::Ca(der) => Ok(hex::encode(Sha256::digest(der.as_ref()))),
-        Trust::Pinned(_) => unreachable!("ca_pem returns a certificate"),
-    }
+    let first = ca_certificates(pem)?.remove(0);
+    Ok(hex::encode(Sha256::digest(first.as_ref())))
 }
 
 /// A certificate chain and its key, presented to the server.
@@ -163,6 +145,16 @@ fn refuse(msg: impl Into<String>) -> rustls::Error {
     rustls::Error::General(msg.into())
 }
 
+fn roots_of(cas: impl IntoIterator<Item = CertificateDer<'static>>) -> Result<RootCertStore, rustls::Error> {
+    let mut roots = RootCertStore::empty();
+    for ca in cas {
+        roots
+            .add(ca)
+            .map_err(|e| refuse(format!("the cluster CA is unusable: {e}")))?;
+    }
+    Ok(roots)
+}
+
 impl ServerCertVerifier for ReplicaVerifier {
     fn verify_server_cert(
         &self,
@@ -172,20 +164,23 @@ impl ServerCertVerifier for ReplicaVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = match &self.trust {
-            Trust::Ca(der) => der.clone(),
-            Trust::Pinned(pin) => intermediates
-                .iter()
-                .find(|c| Sha256::digest(c.as_ref()).as_slice() == pin)
-                .map(|c| c.clone().into_owned())
-                .ok_or_else(|| {
-                    refuse("the server's CA is not the one the token pins: this is not the cluster the token is for")
-                })?,
+        let roots = match &self.trust {
+            Trust::Ca(ders) => Arc::new(roots_of(ders.iter().cloned())?),
+            Trust::Pinned(pin) => {
+                let ca = intermediates
+                    .iter()
+                    .find(|c| Sha256::digest(c.as_ref()).as_slice() == pin)
+                    .map(|c| c.clone().into_owned())
+                    .ok_or_else(|| {
+                        refuse(
+                            "the server's CA is not the one the token pins: this is not the cluster the token is \
+                             for (after a CA rotation, use the join token `master-node ca rotate` printed)",
+                        )
+                    })?;
+                Arc::new(roots_of([ca])?)
+            }
+            Trust::Live(live) => live.roots(),
         };
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(ca)
-            .map_err(|e| refuse(format!("the cluster CA is unusable: {e}")))?;
         let parsed = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,

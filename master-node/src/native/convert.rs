@@ -248,5 +248,6 @@ pub fn cluster_view(replica: &Replica, with_digest: bool) -> pb::ClusterView {
         replica_id: replica.id,
         applied_index,
         state_sha256,
+        ca_pem: state.trust_pem(),
     }
 }

@@ -556,11 +556,11 @@ impl MasterApi for MasterService {
             }
             Some(_) => {}
         }
-        let (issued, ca_pem) = crate::certificates::renew(&self.replica, &serial, req.get_ref().seconds).await?;
+        let h = crate::certificates::renew(&self.replica, &serial, req.get_ref().seconds).await?;
         Ok(Response::new(pb::RenewedCertificate {
-            certificate_pem: issued.certificate.cert_pem.to_text(),
-            key_pem: issued.key_pem,
-            ca_pem,
+            certificate_pem: h.cert_pem,
+            key_pem: h.issued.key_pem,
+            ca_pem: h.ca_pem,
         }))
     }
 }

@@ -16,8 +16,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -43,17 +43,11 @@ fn tls_err(e: impl std::fmt::Display) -> TlsError {
     TlsError(e.to_string())
 }
 
-fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    use rustls::pki_types::pem::PemObject;
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(tls_err)
-}
-
 /// The replica's server certificate, issued on first use and kept on disk;
-/// issued again when the CA or the host names it must carry change (a new
-/// `--slap-advertise`), or when two thirds of its ten years have passed.
-fn server_identity(replica: &Replica, ca: &Authority, names: &[String]) -> Result<(String, String), TlsError> {
+/// issued again when the CA that signs or the host names it must carry
+/// change (a CA rotation, a new `--slap-advertise`), or when two thirds of
+/// its ten years have passed. `Ok(None)`: what is on disk is still good.
+fn server_identity(replica: &Replica, ca: &Authority, names: &[String]) -> Result<Option<(String, String)>, TlsError> {
     let dir = replica.data_dir.join("tls");
     let (crt, key, names_file) = (dir.join("server.crt"), dir.join("server.key"), dir.join("server.names"));
     let mut names: Vec<String> = names.to_vec();
@@ -61,26 +55,91 @@ fn server_identity(replica: &Replica, ca: &Authority, names: &[String]) -> Resul
         names.insert(0, "localhost".to_string());
     }
     let wanted = names.join("\n");
-    let ca_now = std::fs::read_to_string(dir.join("ca.crt")).ok();
     // Certificates kept before names were recorded carried only the listen host.
     let names_now = std::fs::read_to_string(&names_file).ok();
-    if let (Ok(c), Ok(k), Some(ca_pem)) = (std::fs::read_to_string(&crt), std::fs::read_to_string(&key), ca_now) {
-        let current = slap_proto::live::Validity::of_pem(&c);
-        let due = current.is_none_or(|v| slap_proto::live::renewal_due(&v, pki::now_secs()));
-        if ca_pem == ca.cert_pem && names_now.as_deref() == Some(wanted.as_str()) && !due {
-            return Ok((c, k));
+    if let (Ok(c), Ok(_)) = (std::fs::read_to_string(&crt), std::fs::read_to_string(&key)) {
+        let leaf = CertificateDer::pem_slice_iter(c.as_bytes()).next().and_then(Result::ok);
+        let signer = CertificateDer::pem_slice_iter(ca.cert_pem.as_bytes())
+            .next()
+            .and_then(Result::ok);
+        let by_signer = matches!((&leaf, &signer), (Some(l), Some(s)) if slap_proto::live::Validity::issued_by(l, s));
+        let due =
+            slap_proto::live::Validity::of_pem(&c).is_none_or(|v| slap_proto::live::renewal_due(&v, pki::now_secs()));
+        if by_signer && names_now.as_deref() == Some(wanted.as_str()) && !due {
+            return Ok(None);
         }
     }
     std::fs::create_dir_all(&dir).map_err(tls_err)?;
     let issued = pki::issue(ca, &Role::Replica(replica.id), pki::now_secs(), 3650, &names).map_err(tls_err)?;
-    pki::write_private(&key, &issued.key_pem).map_err(tls_err)?;
-    std::fs::write(&crt, issued.certificate.cert_pem.to_text()).map_err(tls_err)?;
-    std::fs::write(dir.join("ca.crt"), &ca.cert_pem).map_err(tls_err)?;
+    let cert_pem = issued.certificate.cert_pem.to_text();
+    slap_proto::live::install(&crt, &cert_pem, &key, &issued.key_pem).map_err(tls_err)?;
     std::fs::write(&names_file, &wanted).map_err(tls_err)?;
-    Ok((issued.certificate.cert_pem.to_text(), issued.key_pem))
+    Ok(Some((cert_pem, issued.key_pem)))
 }
 
-/// The server configuration: mutual TLS against the cluster's CA.
+/// The SLAP port's certificate as kept on disk, issued or issued again
+/// first if needed (see [`server_identity`]).
+fn current_identity(replica: &Replica, ca: &Authority, names: &[String]) -> Result<(String, String), TlsError> {
+    if let Some(fresh) = server_identity(replica, ca, names)? {
+        return Ok(fresh);
+    }
+    let dir = replica.data_dir.join("tls");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(tls_err);
+    Ok((read("server.crt")?, read("server.key")?))
+}
+
+/// Issues the SLAP port's certificate again if its CA, names or age call
+/// for it, and serves the new one from the next handshake (called every
+/// second while the port serves). `Ok(true)` if it changed.
+pub fn refresh(replica: &Replica) -> Result<bool, TlsError> {
+    let Some(live) = replica.slap_identity.get() else {
+        return Ok(false);
+    };
+    let (ca, chain) = {
+        let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+        let Some(ca) = state.authority.clone() else {
+            return Ok(false);
+        };
+        (ca, state.chain_pem().to_string())
+    };
+    let names_file = replica.data_dir.join("tls").join("server.names");
+    let names: Vec<String> = std::fs::read_to_string(names_file)
+        .map_err(tls_err)?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    live.set_chain_tail(crate::cluster_tls::chain_tail(&replica.tls.trust, &chain))
+        .map_err(tls_err)?;
+    match server_identity(replica, &ca, &names)? {
+        Some((cert, key)) => {
+            live.replace(&cert, &key).map_err(tls_err)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Keeps the SLAP port's certificate current (see [`refresh`]) until the
+/// replica is dropped.
+async fn keep_current(replica: std::sync::Weak<Replica>) {
+    let mut last_error = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(replica) = replica.upgrade() else { return };
+        match refresh(&replica) {
+            Ok(true) => info!("SLAP port certificate issued again (CA rotation, new names, or two thirds of its life)"),
+            Ok(false) => last_error.clear(),
+            Err(e) if e.to_string() != last_error => {
+                warn!(error = %e, "the SLAP port's certificate could not be issued again; keeping the one in use");
+                last_error = e.to_string();
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// The server configuration: mutual TLS against the CAs the replica
+/// trusts at each handshake, presenting its live SLAP certificate.
 pub fn server_config(replica: &Arc<Replica>, names: &[String]) -> Result<Option<rustls::ServerConfig>, TlsError> {
     let Some(ca) = replica
         .state
@@ -92,25 +151,23 @@ pub fn server_config(replica: &Arc<Replica>, names: &[String]) -> Result<Option<
         return Ok(None);
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in pem_certs(&ca.cert_pem)? {
-        roots.add(c).map_err(tls_err)?;
-    }
-    let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(tls_err)?;
+    let chain = slap_proto::live::LiveClientVerifier::new(replica.tls.trust.clone(), false).map_err(tls_err)?;
     let verifier = StateVerifier::new(chain, Arc::downgrade(&replica.state), Policy::RequiredRecorded);
-    let (cert_pem, key_pem) = server_identity(replica, &ca, names)?;
-    let key = {
-        use rustls::pki_types::pem::PemObject;
-        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(tls_err)?
-    };
+    let (cert_pem, key_pem) = current_identity(replica, &ca, names)?;
+    let chain_pem = replica
+        .state
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .chain_pem()
+        .to_string();
+    let tail = crate::cluster_tls::chain_tail(&replica.tls.trust, &chain_pem);
+    let live = slap_proto::live::LiveIdentity::from_pem(&cert_pem, &key_pem, tail).map_err(tls_err)?;
+    let live = replica.slap_identity.get_or_init(|| live).clone();
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(tls_err)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(pem_certs(&cert_pem)?, key)
-        .map_err(tls_err)?;
+        .with_cert_resolver(live);
     // HTTP/2 for the native API (gRPC), HTTP/1.1 for SLAP's clients.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // A resumed session would skip the revocation check.
@@ -144,6 +201,7 @@ pub async fn serve(
         }
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(keep_current(Arc::downgrade(&replica)));
     let router = app;
     info!(addr = ?listener.local_addr().ok(), "serving SLAP over HTTPS (client certificates required)");
     loop {

@@ -45,6 +45,15 @@ impl Master {
             next_replica_id,
         });
         self.dirty.insert(Dirty::Cluster);
+        // A new CA ends any rotation the backup was in: neither of its CAs signs.
+        if self
+            .authority
+            .as_ref()
+            .is_some_and(|a| a.cert_pem != authority.cert_pem)
+            && self.rotation.take().is_some()
+        {
+            self.dirty.insert(Dirty::Rotation);
+        }
         self.authority = Some(authority);
         self.dirty.insert(Dirty::Authority);
         let replicas: BTreeSet<Role> = self
@@ -106,6 +115,53 @@ impl Master {
         // The old one is not revoked: its holder may not have taken the new
         // one yet (a renewal is not a compromise; `cert revoke` is for that).
         self.record_certificate(new, None)
+    }
+
+    /// Starts a rotation: `authority` signs from now on, the current one
+    /// stays trusted (see [`Command::RotateAuthority`]).
+    pub(super) fn rotate_authority(&mut self, authority: Authority, cross_pem: String) -> Reply {
+        let Some(current) = &self.authority else {
+            return invalid("the cluster has no certificate authority to rotate yet");
+        };
+        if self.rotation.is_some() {
+            return invalid("a CA rotation is already under way: finish it first (`master-node ca finish`)");
+        }
+        if authority.cert_pem == current.cert_pem {
+            return invalid("the new CA is the current one");
+        }
+        self.rotation = Some(Rotation {
+            previous_pem: current.cert_pem.clone(),
+            cross_pem,
+        });
+        self.authority = Some(authority);
+        self.dirty.insert(Dirty::Authority);
+        self.dirty.insert(Dirty::Rotation);
+        Reply::Done
+    }
+
+    /// Ends a rotation: the previous CA is trusted no more.
+    pub(super) fn finish_rotation(&mut self) -> Reply {
+        if self.rotation.take().is_none() {
+            return invalid("no CA rotation is under way (`master-node ca rotate` starts one)");
+        }
+        self.dirty.insert(Dirty::Rotation);
+        Reply::Done
+    }
+
+    /// Every CA a certificate may chain to (PEM, the signing one first):
+    /// the current one and, during a rotation, the previous one.
+    pub fn trust_pem(&self) -> String {
+        let mut pem = self.authority.as_ref().map(|a| a.cert_pem.clone()).unwrap_or_default();
+        if let Some(r) = &self.rotation {
+            pem.push_str(&r.previous_pem);
+        }
+        pem
+    }
+
+    /// What goes after a certificate issued now: the cross-signed CA
+    /// during a rotation, nothing otherwise.
+    pub fn chain_pem(&self) -> &str {
+        self.rotation.as_ref().map_or("", |r| r.cross_pem.as_str())
     }
 
     pub(super) fn set_authority(&mut self, a: &Authority) -> Reply {
@@ -248,14 +304,7 @@ impl Master {
             if c.revoked || c.not_after == 0 || c.not_after >= before {
                 continue;
             }
-            let kind = match c.role {
-                Role::Admin => "administrator",
-                Role::User(_) => "user",
-                Role::Computer(_) => "computer",
-                Role::Partition(..) => "partition",
-                Role::Replica(_) => "replica",
-                Role::Gateway(_) => "gateway",
-            };
+            let kind = c.role.kind();
             let (count, earliest) = expiring.entry(kind).or_insert((0, u64::MAX));
             *count += 1;
             *earliest = (*earliest).min(c.not_after);

@@ -165,19 +165,29 @@ pub enum Command {
         serial: String,
         certificate: Box<Certificate>,
     },
+    /// Starts a rotation of the certificate authority: `authority` signs
+    /// from now on; the one it replaces stays trusted, and `cross_pem`
+    /// (the new CA's certificate signed by the old one) goes along with
+    /// every certificate issued, so a holder that trusts only the old CA
+    /// still accepts the new ones: `master-node ca rotate`. Since version 3.
+    RotateAuthority { authority: Authority, cross_pem: String },
+    /// Ends the rotation: the old CA is trusted no more: `master-node ca
+    /// finish`. Since version 3.
+    FinishRotation,
 }
 
 /// The newest version of the command set this build speaks. A command kind
 /// of a higher version than the cluster's ([`Command::since`]) is refused
 /// before it reaches the log, so a replica of an older release, which could
 /// not apply it, never meets it.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 impl Command {
     /// The version of the command set that introduced this kind of command.
     pub fn since(&self) -> u32 {
         match self {
             Command::RenewCertificate { .. } => 2,
+            Command::RotateAuthority { .. } | Command::FinishRotation => 3,
             Command::IfPartitionHolds { then, .. } => then.since(),
             _ => 1,
         }
@@ -198,6 +208,7 @@ impl Command {
     pub fn kind(&self) -> &'static str {
         match self {
             Command::RenewCertificate { .. } => "certificate renewal",
+            Command::RotateAuthority { .. } | Command::FinishRotation => "CA rotation",
             Command::SetClusterVersion { .. } => "cluster version change",
             _ => "command",
         }

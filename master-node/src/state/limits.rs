@@ -189,7 +189,9 @@ impl Limits {
             | Command::ReserveReplicaId { .. }
             | Command::AnnounceReplica { .. }
             | Command::SetClusterVersion { .. }
-            | Command::RenewCertificate { .. } => Ok(()),
+            | Command::RenewCertificate { .. }
+            | Command::RotateAuthority { .. }
+            | Command::FinishRotation => Ok(()),
         }
     }
 
@@ -360,6 +362,9 @@ pub fn approximate_size(command: &Command) -> usize {
                 serial.len() + certificate.cert_pem.text_len() + 64 + FRAME
             }
             Command::SetAuthority(a) => a.cert_pem.len() + a.key_pem.len(),
+            Command::RotateAuthority { authority, cross_pem } => {
+                authority.cert_pem.len() + authority.key_pem.len() + cross_pem.len()
+            }
             _ => 4 * FRAME,
         }
 }

@@ -71,6 +71,7 @@ pub enum Dirty {
     Price(String, String),
     Limits,
     Version,
+    Rotation,
 }
 
 /// The whole state of the Master.
@@ -88,6 +89,9 @@ pub struct Master {
     pub cluster: Option<ClusterMeta>,
     /// The certificate authority, once installed.
     pub authority: Option<Authority>,
+    /// A rotation of the authority under way: the CA it replaced, still
+    /// trusted until `ca finish`.
+    pub rotation: Option<Rotation>,
     /// Issued certificates by fingerprint.
     pub certificates: BTreeMap<Fingerprint, Certificate>,
     /// Pending computer registrations: token sha256 -> computer.
@@ -286,6 +290,8 @@ impl Master {
                 Reply::Done
             }
             Command::SetAuthority(a) => self.set_authority(&a),
+            Command::RotateAuthority { authority, cross_pem } => self.rotate_authority(authority, cross_pem),
+            Command::FinishRotation => self.finish_rotation(),
             Command::AddRegistration { computer, token_sha256 } => {
                 self.registrations.insert(token_sha256.clone(), computer);
                 self.dirty.insert(Dirty::Registration(token_sha256));

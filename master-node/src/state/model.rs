@@ -218,6 +218,20 @@ pub enum Role {
     Gateway(String),
 }
 
+impl Role {
+    /// The kind of holder, as an operator counts them.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Role::Admin => "administrator",
+            Role::User(_) => "user",
+            Role::Computer(_) => "computer",
+            Role::Partition(..) => "partition",
+            Role::Replica(_) => "replica",
+            Role::Gateway(_) => "gateway",
+        }
+    }
+}
+
 impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -236,6 +250,17 @@ impl std::fmt::Display for Role {
 pub struct Authority {
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+/// A rotation of the certificate authority under way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotation {
+    /// The CA that signed before (PEM), trusted until the rotation ends.
+    pub previous_pem: String,
+    /// The current CA's certificate signed by the previous CA (PEM): sent
+    /// after every certificate issued meanwhile, so a holder that trusts
+    /// only the previous CA finds a path to it.
+    pub cross_pem: String,
 }
 
 /// A certificate the Master issued.

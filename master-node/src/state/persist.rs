@@ -58,6 +58,7 @@ pub fn key(d: &Dirty) -> Vec<u8> {
         Dirty::Price(r, release) => join("$", &[r, release]),
         Dirty::Limits => b"l".to_vec(),
         Dirty::Version => b"v".to_vec(),
+        Dirty::Rotation => b"o".to_vec(),
     }
 }
 
@@ -104,6 +105,7 @@ pub fn value_into<W: Extend<u8>>(m: &Master, d: &Dirty, out: W) -> Option<W> {
         // Not stored until raised (the record exists once set).
         Dirty::Version => (m.cluster_version > 0).then(|| enc(&m.cluster_version, out)),
         Dirty::Authority => m.authority.as_ref().map(|v| enc(v, out)),
+        Dirty::Rotation => m.rotation.as_ref().map(|v| enc(v, out)),
         Dirty::Certificate(f) => m.certificates.get(f).map(|v| enc(v, out)),
         Dirty::Registration(t) => m.registrations.get(t).map(|v| enc(v, out)),
         Dirty::ReplicaAddr(n) => m.replica_addrs.get(n).map(|a| enc(&(*n, a), out)),
@@ -126,6 +128,7 @@ pub fn all_records(m: &Master) -> Vec<(Vec<u8>, Vec<u8>)> {
         Dirty::Authority,
         Dirty::Limits,
         Dirty::Version,
+        Dirty::Rotation,
     ];
     keys.extend(m.certificates.keys().copied().map(Dirty::Certificate));
     keys.extend(m.registrations.keys().cloned().map(Dirty::Registration));
@@ -172,6 +175,7 @@ pub fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<
             }
             Some(b'k') if k.len() == 1 => m.cluster = Some(dec(&k, &v)?),
             Some(b'a') if k.len() == 1 => m.authority = Some(dec(&k, &v)?),
+            Some(b'o') if k.len() == 1 => m.rotation = Some(dec(&k, &v)?),
             Some(b'l') if k.len() == 1 => m.limits = dec(&k, &v)?,
             Some(b'v') if k.len() == 1 => m.cluster_version = dec(&k, &v)?,
             Some(b't') => {

@@ -1380,3 +1380,62 @@ fn a_renewal_records_the_new_certificate_for_the_same_holder_and_keeps_the_old_v
     assert_eq!(Command::SetClusterVersion { version: 2 }.needs(), 2);
     assert_eq!(renew("s", cert("x", Role::Admin)).needs(), 2);
 }
+
+#[test]
+fn a_ca_rotation_trusts_both_cas_until_it_is_finished_and_survives_a_restore() {
+    let mut w = World::new();
+    let ca = |name: &str| Authority {
+        cert_pem: format!("-----{name} cert-----\n"),
+        key_pem: format!("-----{name} key-----\n"),
+    };
+    let rotate = |a: Authority| Command::RotateAuthority {
+        authority: a,
+        cross_pem: "-----cross-----\n".into(),
+    };
+    // Nothing to rotate yet, nothing to finish: refused, nothing changed.
+    assert!(matches!(w.run(rotate(ca("new"))), Reply::Refused(Refusal::Invalid(_))));
+    assert!(matches!(
+        w.run(Command::FinishRotation),
+        Reply::Refused(Refusal::Invalid(_))
+    ));
+    assert_eq!((w.m.authority.as_ref(), w.m.rotation.as_ref()), (None, None));
+    w.run(Command::SetAuthority(ca("old")));
+    assert_eq!(w.m.trust_pem(), "-----old cert-----\n");
+    assert_eq!(w.m.chain_pem(), "");
+    assert!(
+        matches!(w.run(rotate(ca("old"))), Reply::Refused(Refusal::Invalid(_))),
+        "the same CA"
+    );
+
+    assert_eq!(w.run(rotate(ca("new"))), Reply::Done);
+    assert_eq!(w.m.authority, Some(ca("new")), "the new CA signs");
+    assert_eq!(
+        w.m.trust_pem(),
+        "-----new cert-----\n-----old cert-----\n",
+        "both trusted, the signing one first"
+    );
+    assert_eq!(w.m.chain_pem(), "-----cross-----\n");
+    // One rotation at a time.
+    let before = w.m.clone();
+    assert!(matches!(
+        w.run(rotate(ca("newer"))),
+        Reply::Refused(Refusal::Invalid(_))
+    ));
+    assert_eq!(w.m.authority, before.authority);
+    assert_eq!(w.m.rotation, before.rotation);
+    // A restore (a restart, a snapshot) keeps the rotation under way.
+    let back = persist::restore(&mut persist::all_records(&w.m).into_iter()).unwrap();
+    assert_eq!(
+        (back.authority.as_ref(), back.rotation.as_ref()),
+        (w.m.authority.as_ref(), w.m.rotation.as_ref())
+    );
+
+    assert_eq!(w.run(Command::FinishRotation), Reply::Done);
+    assert_eq!(w.m.trust_pem(), "-----new cert-----\n", "the old CA is trusted no more");
+    assert_eq!(w.m.chain_pem(), "");
+    let back = persist::restore(&mut persist::all_records(&w.m).into_iter()).unwrap();
+    assert_eq!(back.rotation, None, "the finished rotation's record is gone");
+    // Both are of version 3.
+    assert_eq!(rotate(ca("x")).since(), 3);
+    assert_eq!(Command::FinishRotation.needs(), 3);
+}

@@ -56,6 +56,9 @@ pub enum Cmd {
     /// Certificates: list, revoke and renew.
     #[command(subcommand)]
     Cert(CertCmd),
+    /// The cluster's certificate authority: rotate it, then finish the rotation.
+    #[command(subcommand)]
+    Ca(CaCmd),
     /// Gateways: `gateway add NAME --host H` issues a slap-gateway's certificate.
     #[command(subcommand)]
     Gateway(GatewayCmd),
@@ -316,6 +319,32 @@ pub enum ComputerCmd {
     /// Create a one-time token with which `nodeagent register` obtains computer ID's certificate.
     Add {
         id: String,
+        #[command(flatten)]
+        admin: Admin,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CaCmd {
+    /// Start a CA rotation: a new CA signs every certificate from now on,
+    /// and the current one stays trusted until `ca finish`. Certificates
+    /// issued meanwhile carry the new CA cross-signed by the old one, so
+    /// holders that trust only the old CA accept them. Replicas and
+    /// gateways move to the new CA by themselves within seconds; renew
+    /// nodes' and users' certificates (`cert renew SERIAL --out DIR`, into
+    /// the holder's directory: it writes the two CAs to ca.crt too). Prints
+    /// the join token for the new CA. Needs cluster version 3.
+    Rotate {
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Finish a CA rotation: the old CA is trusted no more. Refused while
+    /// live certificates from the old CA remain (listed), unless --force.
+    Finish {
+        /// Finish even though certificates from the old CA remain: their
+        /// holders are refused from then on.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         admin: Admin,
     },

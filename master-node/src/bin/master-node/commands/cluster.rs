@@ -131,7 +131,12 @@ pub async fn join(
             peer, reply.cluster_id, token.cluster_id
         )));
     }
-    if slap_proto::tls::pem_sha256(&reply.ca_pem)? != token.ca_sha256 {
+    // During a CA rotation the cluster trusts two CAs; the token may pin either.
+    let pinned = slap_proto::tls::ca_certificates(&reply.ca_pem)?.iter().any(|ca| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(ca.as_ref())) == token.ca_sha256
+    });
+    if !pinned {
         return Err(Fail(format!(
             "{peer} sent a CA that is not the one the token pins; not joining"
         )));
@@ -282,6 +287,7 @@ pub async fn status(a: StatusArgs) -> Result<(), Fail> {
             "leader_id": st.leader_id, "leader_addr": st.leader_addr, "last_log_index": st.last_log_index,
             "committed": st.committed, "applied": st.applied, "members": members,
             "certificates_expiring_within_30_days": expiring,
+            "ca_rotation": st.ca_rotation,
             "speaks_version": st.speaks_version.max(1), "cluster_version": st.cluster_version.max(1),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -318,6 +324,11 @@ pub async fn status(a: StatusArgs) -> Result<(), Fail> {
             m.role,
             fmt(m.matched),
             fmt(m.lag)
+        );
+    }
+    if st.ca_rotation {
+        println!(
+            "warning: a CA rotation is under way: both CAs are trusted; renew nodes' and users' certificates, then `master-node ca finish`"
         );
     }
     let now = master_node::pki::now_secs();

@@ -95,10 +95,7 @@ pub async fn revoke(admin: &Admin, serial: &str) -> Result<(), Fail> {
 /// holder names its own (so a holder watching `out` takes them at once).
 pub async fn renew(admin: &Admin, serial: &str, out: &Path, days: u64, seconds: u64) -> Result<(), Fail> {
     let reply = certificates_for(admin, "renew", "", serial, days, seconds, vec![]).await?;
-    let der = slap_proto::tls::Trust::ca_pem(&reply.certificate_pem)?;
-    let slap_proto::tls::Trust::Ca(der) = der else {
-        return Err(Fail("the Master answered without a certificate".into()));
-    };
+    let der = slap_proto::tls::ca_certificates(&reply.certificate_pem)?.remove(0);
     let stem = match master_node::pki::role_of(der.as_ref()) {
         Some(master_node::state::Role::Computer(_)) => "computer".to_string(),
         Some(master_node::state::Role::Gateway(_)) => "gateway".to_string(),
@@ -120,6 +117,53 @@ pub async fn renew(admin: &Admin, serial: &str, out: &Path, days: u64, seconds: 
          the old one stays valid until it expires",
         crt.display()
     );
+    Ok(())
+}
+
+/// `ca rotate`: starts the rotation, and prints the join token for the new CA.
+pub async fn rotate_ca(admin: &Admin) -> Result<(), Fail> {
+    let reply = certificates(admin, "ca-rotate", "", "", 0, vec![]).await?;
+    let pin = slap_proto::tls::pem_sha256(&reply.ca_pem)?;
+    println!(
+        "CA rotation started: a new CA (sha256 {pin}) signs from now on; the old one stays trusted until `ca finish`"
+    );
+    let mut token = master_node::identity::JoinToken::parse(&admin.token)?;
+    token.ca_sha256 = pin;
+    // The replica sends the new CA from its next second on: answer once
+    // the new token reaches it, so the token printed works at once.
+    let credentials = master_node::client::Credentials::token(&token)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while master_node::client::Client::status_of(&admin.peer, &credentials)
+        .await
+        .is_err()
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    println!("join token for the new CA (the old one works until `ca finish`; each replica's join-token file gets it too): {token}");
+    println!(
+        "next: renew node and user certificates into their holders' directories (`cert renew SERIAL --out DIR`); \
+         replicas and gateways renew their own; then `ca finish`"
+    );
+    Ok(())
+}
+
+/// `ca finish`: ends the rotation.
+pub async fn finish_ca_rotation(admin: &Admin, force: bool) -> Result<(), Fail> {
+    let client = admin.client()?;
+    let req = slap_proto::cluster::CertificatesRequest {
+        token: admin.token.clone(),
+        action: "ca-finish".into(),
+        force,
+        ..Default::default()
+    };
+    client
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.certificates(req).await }
+        })
+        .await?;
+    println!("CA rotation finished: only the new CA is trusted from now on");
     Ok(())
 }
 
@@ -153,6 +197,7 @@ async fn certificates_for(
         days,
         hosts,
         seconds,
+        force: false,
     };
     Ok(client
         .call(|mut c| {

@@ -12,7 +12,7 @@ mod identities;
 mod limits;
 mod recovery;
 
-use crate::cli::{BackupCmd, CertCmd, Cmd, ComputerCmd, GatewayCmd, LimitsCmd, PriceCmd, UserCmd};
+use crate::cli::{BackupCmd, CaCmd, CertCmd, Cmd, ComputerCmd, GatewayCmd, LimitsCmd, PriceCmd, UserCmd};
 pub use crate::fail::Fail;
 
 /// Runs one command.
@@ -38,6 +38,8 @@ pub async fn run(cmd: Cmd) -> Result<(), Fail> {
         }) => identities::add_gateway(&admin, &name, hosts, &out).await,
         Cmd::Computer(ComputerCmd::Add { id, admin }) => identities::add_computer(&admin, &id).await,
         Cmd::Cert(CertCmd::List { admin }) => identities::list_certificates(&admin).await,
+        Cmd::Ca(CaCmd::Rotate { admin }) => identities::rotate_ca(&admin).await,
+        Cmd::Ca(CaCmd::Finish { force, admin }) => identities::finish_ca_rotation(&admin, force).await,
         Cmd::Cert(CertCmd::Revoke { serial, admin }) => identities::revoke(&admin, &serial).await,
         Cmd::Cert(CertCmd::Renew {
             serial,
