@@ -108,8 +108,7 @@ pub fn refresh(replica: &Replica) -> Result<bool, TlsError> {
         .lines()
         .map(str::to_string)
         .collect();
-    live.set_chain_tail(crate::cluster_tls::chain_tail(&replica.tls.trust, &chain))
-        .map_err(tls_err)?;
+    live.set_chain_tail(cross_signed(&chain)).map_err(tls_err)?;
     match server_identity(replica, &ca, &names)? {
         Some((cert, key)) => {
             live.replace(&cert, &key).map_err(tls_err)?;
@@ -138,6 +137,16 @@ async fn keep_current(replica: std::sync::Weak<Replica>) {
     }
 }
 
+/// What the SLAP port sends after its certificate: the cross-signed CA
+/// during a rotation, for clients that trust only the old CA. Unlike the
+/// cluster port it sends no CA: its clients hold `ca.crt` and pin nothing,
+/// and every extra certificate costs each handshake.
+fn cross_signed(chain_pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect()
+}
+
 /// The server configuration: mutual TLS against the CAs the replica
 /// trusts at each handshake, presenting its live SLAP certificate.
 pub fn server_config(replica: &Arc<Replica>, names: &[String]) -> Result<Option<rustls::ServerConfig>, TlsError> {
@@ -160,7 +169,7 @@ pub fn server_config(replica: &Arc<Replica>, names: &[String]) -> Result<Option<
         .unwrap_or_else(|e| e.into_inner())
         .chain_pem()
         .to_string();
-    let tail = crate::cluster_tls::chain_tail(&replica.tls.trust, &chain_pem);
+    let tail = cross_signed(&chain_pem);
     let live = slap_proto::live::LiveIdentity::from_pem(&cert_pem, &key_pem, tail).map_err(tls_err)?;
     let live = replica.slap_identity.get_or_init(|| live).clone();
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
