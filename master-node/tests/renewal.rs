@@ -9,7 +9,8 @@
 //!   its older certificates are revoked it still works, because it dialed
 //!   its peers again with the new one;
 //! - a gateway given a short-lived certificate renews its own through a
-//!   replica, and callers keep going through it;
+//!   replica, and a node its own through the gateway, and callers keep
+//!   going;
 //! - a CA rotation: replicas and the gateway move to the new CA by
 //!   themselves, holders that trust only the old CA keep working until the
 //!   rotation is finished, finishing is refused while holders are left on
@@ -53,6 +54,17 @@ fn certificates_of(holder: &str, peer: &str, token: &str) -> Vec<(String, String
             (cols[0].to_string(), cols[4].to_string())
         })
         .collect()
+}
+
+/// Renews `serial` for 24 seconds into `dir` (the holder's own): the new serial.
+fn short_lived(serial: &str, dir: &Path, file: &str, peer: &str, token: &str) -> String {
+    let out = dir.display().to_string();
+    cli(
+        &["cert", "renew", serial, "--seconds", "24", "--out", &out],
+        peer,
+        token,
+    );
+    serial_in(&dir.join(file))
 }
 
 fn serial_in(file: &Path) -> String {
@@ -208,9 +220,11 @@ fn certificates_are_renewed_and_taken_without_a_restart_while_nodes_poll() {
             .unwrap(),
     );
     let live = node.tls().unwrap().identity.clone();
-    rt.spawn(nodeagent::master::follow_identity_files(
+    // As `nodeagent run` does: files followed, renewed at two thirds of the lifetime.
+    rt.spawn(nodeagent::master::keep_identity_current(
         node.tls().unwrap().clone(),
         node_dir.clone(),
+        format!("https://127.0.0.1:{gw_port}"),
     ));
     let xml = computer_xml("COMP-R");
     wait_until(
@@ -280,47 +294,34 @@ fn certificates_are_renewed_and_taken_without_a_restart_while_nodes_poll() {
     //    it takes it, then renews it itself at two thirds of its lifetime.
     let tls3 = c.data[2].join("tls");
     let original3 = serial_in(&tls3.join("replica.crt"));
-    cli(
-        &[
-            "cert",
-            "renew",
-            &original3,
-            "--seconds",
-            "24",
-            "--out",
-            &tls3.display().to_string(),
-        ],
-        &peer,
-        &token,
-    );
-    let operator3 = serial_in(&tls3.join("replica.crt"));
+    let operator3 = short_lived(&original3, &tls3, "replica.crt", &peer, &token);
     assert_ne!(operator3, original3);
     // The gateway too, with a 24-second certificate.
     let original_gw = serial_in(&gw_dir.join("gateway.crt"));
-    cli(
-        &[
-            "cert",
-            "renew",
-            &original_gw,
-            "--seconds",
-            "24",
-            "--out",
-            &gw_dir.display().to_string(),
-        ],
-        &peer,
-        &token,
-    );
-    let operator_gw = serial_in(&gw_dir.join("gateway.crt"));
+    let operator_gw = short_lived(&original_gw, &gw_dir, "gateway.crt", &peer, &token);
+    // And the node, with a 24-second certificate: it renews its own through the gateway.
+    let operator_node = short_lived(&new_node_serial, &node_dir, "computer.crt", &peer, &token);
     wait_until(
-        "replica 3 and the gateway to renew their own certificates",
+        "replica 3, the gateway and the node to renew their own certificates",
         Duration::from_secs(60),
         || {
-            let (r3, gw) = (
+            let (r3, gw, node) = (
                 serial_in(&tls3.join("replica.crt")),
                 serial_in(&gw_dir.join("gateway.crt")),
+                serial_in(&node_dir.join("computer.crt")),
             );
-            r3 != operator3 && gw != operator_gw
+            r3 != operator3 && gw != operator_gw && node != operator_node
         },
+    );
+    let self_renewed = serial_in(&node_dir.join("computer.crt"));
+    wait_until("the node to present its own renewal", Duration::from_secs(5), || {
+        live.validity().unwrap().serial == self_renewed
+    });
+    assert!(
+        certificates_of("computer COMP-R", &peer, &token)
+            .iter()
+            .any(|(s, st)| *s == self_renewed && st == "valid"),
+        "the node's own renewal is recorded"
     );
     let renewed3 = serial_in(&tls3.join("replica.crt"));
     let listed3 = certificates_of("replica 3", &peer, &token);

@@ -110,7 +110,8 @@ struct OneShot {
     /// Where `nodeagent register` wrote computer.crt, computer.key and ca.crt.
     /// `nodeagent run` reads the certificate again every second: a renewal
     /// written here (`master-node cert renew SERIAL --out DIR`) is taken
-    /// without a restart.
+    /// without a restart. It also renews the certificate itself at two
+    /// thirds of its lifetime, through the first https master URL.
     #[arg(long, env = "NODEAGENT_IDENTITY_DIR", default_value = "/etc/nodeagent")]
     identity_dir: std::path::PathBuf,
 }
@@ -282,10 +283,11 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Run(args) => {
             announce_mode(&args.one.node);
             let master = Arc::new(args.one.client()?);
-            if let Some(tls) = master.tls() {
-                tokio::spawn(nodeagent::master::follow_identity_files(
+            if let (Some(tls), Some(url)) = (master.tls(), args.one.master.iter().find(|u| u.starts_with("https://"))) {
+                tokio::spawn(nodeagent::master::keep_identity_current(
                     tls.clone(),
                     args.one.identity_dir.clone(),
+                    url.clone(),
                 ));
             }
             let intervals = Intervals {

@@ -112,33 +112,109 @@ impl LiveTls {
 /// second, taken once the pair matches; the next connections present and
 /// trust them, those open keep the old ones (still valid until they expire).
 pub async fn follow_identity_files(tls: LiveTls, dir: std::path::PathBuf) {
-    let (crt, key, ca) = (dir.join("computer.crt"), dir.join("computer.key"), dir.join("ca.crt"));
     let mut last_error = String::new();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let taken = tls.trust.reload(&ca).and_then(|cas_changed| {
-            if cas_changed {
-                tracing::info!(
-                    cas = tls.trust.certificates().len(),
-                    "trusting the CAs of {} from now on",
-                    ca.display()
-                );
+        take_identity_files(&tls, &dir, &mut last_error);
+    }
+}
+
+/// As [`follow_identity_files`], and renews the computer's certificate
+/// itself at two thirds of its lifetime, through `master_url`'s native API
+/// (`RenewCertificate`, which answers a computer for its own certificate
+/// only): the new pair and the CAs are written into `dir` and taken. A
+/// failed renewal is tried again every 10 seconds.
+pub async fn keep_identity_current(tls: LiveTls, dir: std::path::PathBuf, master_url: String) {
+    let mut last_error = String::new();
+    let mut next_try = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        take_identity_files(&tls, &dir, &mut last_error);
+        let Some(held) = tls.identity.validity() else { continue };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if !slap_proto::live::renewal_due(&held, now) || now < next_try {
+            continue;
+        }
+        match renew_own(&tls, &dir, &master_url, &held.serial).await {
+            Ok(serial) => tracing::info!(old = %held.serial, new = %serial,
+                "computer certificate renewed at two thirds of its lifetime"),
+            Err(e) => {
+                tracing::warn!(serial = %held.serial, not_after = held.not_after, error = %e,
+                    "computer certificate due for renewal, not renewed; trying again");
+                next_try = now + 10;
             }
-            tls.identity.reload(&crt, &key)
-        });
-        match taken {
-            Ok(Some(v)) => {
-                tracing::info!(serial = %v.serial, not_after = v.not_after, "computer certificate taken from {}", crt.display());
-                last_error.clear();
-            }
-            Ok(None) => {}
-            Err(e) if e.to_string() != last_error => {
-                tracing::warn!(error = %e, "computer certificate or CAs on disk not taken; keeping the ones in use");
-                last_error = e.to_string();
-            }
-            Err(_) => {}
         }
     }
+}
+
+fn take_identity_files(tls: &LiveTls, dir: &std::path::Path, last_error: &mut String) {
+    let (crt, key, ca) = (dir.join("computer.crt"), dir.join("computer.key"), dir.join("ca.crt"));
+    let taken = tls.trust.reload(&ca).and_then(|cas_changed| {
+        if cas_changed {
+            tracing::info!(
+                cas = tls.trust.certificates().len(),
+                "trusting the CAs of {} from now on",
+                ca.display()
+            );
+        }
+        tls.identity.reload(&crt, &key)
+    });
+    match taken {
+        Ok(Some(v)) => {
+            tracing::info!(serial = %v.serial, not_after = v.not_after, "computer certificate taken from {}", crt.display());
+            last_error.clear();
+        }
+        Ok(None) => {}
+        Err(e) if e.to_string() != *last_error => {
+            tracing::warn!(error = %e, "computer certificate or CAs on disk not taken; keeping the ones in use");
+            *last_error = e.to_string();
+        }
+        Err(_) => {}
+    }
+}
+
+/// Asks `master_url` (a gateway or a replica, https) to renew `serial`,
+/// writes the answer into `dir` and takes it; the new serial.
+async fn renew_own(tls: &LiveTls, dir: &std::path::Path, master_url: &str, serial: &str) -> Result<String, String> {
+    use slap_proto::master::master_client::MasterClient as Native;
+    let addr = master_url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{master_url} is not an https URL"))?
+        .trim_end_matches('/');
+    let config = slap_proto::tls::client_config_live(
+        &slap_proto::tls::Trust::Live(tls.trust.clone()),
+        tls.identity.clone(),
+        slap_proto::tls::Expect::ReplicaOrGateway,
+    )
+    .map_err(|e| e.to_string())?;
+    let channel = slap_proto::tls::channel(addr, config).map_err(|e| e.to_string())?;
+    let mut native = Native::new(channel);
+    let call = native.renew_certificate(slap_proto::master::RenewCertificateRequest {
+        serial: serial.to_string(),
+        seconds: 0,
+    });
+    let renewed = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .map_err(|_| format!("{addr}: no answer within 10 s"))?
+        .map_err(|s| format!("{addr}: {}", s.message()))?
+        .into_inner();
+    let (crt, key) = (dir.join("computer.crt"), dir.join("computer.key"));
+    if !renewed.ca_pem.is_empty() {
+        slap_proto::live::write_then_rename(&dir.join("ca.crt"), &renewed.ca_pem, 0o644)
+            .map_err(|e| format!("writing {}/ca.crt: {e}", dir.display()))?;
+        tls.trust.replace(&renewed.ca_pem).map_err(|e| e.to_string())?;
+    }
+    // On disk first: a restart takes the new pair too.
+    slap_proto::live::install(&crt, &renewed.certificate_pem, &key, &renewed.key_pem)
+        .map_err(|e| format!("writing {}: {e}", crt.display()))?;
+    tls.identity
+        .replace(&renewed.certificate_pem, &renewed.key_pem)
+        .map_err(|e| e.to_string())?;
+    Ok(slap_proto::live::Validity::of_pem(&renewed.certificate_pem)
+        .map(|v| v.serial)
+        .unwrap_or_default())
 }
 
 /// What a GET returned.
