@@ -104,30 +104,15 @@ pub async fn watch(replica: Arc<Replica>, stopped: watch::Sender<Option<Stopped>
 
 /// Asks the peers whether a leader of this cluster has dropped `replica`.
 async fn removed_by_leader(replica: &Replica, peers: &[String]) -> bool {
-    // Without its certificate: once removed, it is revoked and refused.
-    let config = match replica.tls.anonymous_client_config() {
-        Ok(c) => c,
-        Err(e) => {
-            warn!("cannot ask the peers whether this replica is still a member: {e}");
-            return false;
-        }
-    };
-    let credentials = crate::client::Credentials::from_config(config);
     for addr in peers {
-        let status = tokio::time::timeout(
-            Duration::from_secs(1),
-            crate::client::Client::status_of(addr, &credentials),
-        )
-        .await;
-        match status {
-            Ok(Ok(status)) if status.cluster_id == replica.cluster_id && status.state == "Leader" => {
+        match replica.peer_status(addr).await {
+            Ok(status) if status.cluster_id == replica.cluster_id && status.state == "Leader" => {
                 let listed = status.members.iter().any(|m| m.id == replica.id);
                 tracing::debug!(%addr, listed, "asked the leader whether this replica is a member");
                 return !listed;
             }
-            Ok(Ok(status)) => tracing::debug!(%addr, state = %status.state, "asked a peer: not the leader"),
-            Ok(Err(e)) => tracing::debug!(%addr, error = %e, "asked a peer: no status"),
-            Err(_) => tracing::debug!(%addr, "asked a peer: no answer within 1 s"),
+            Ok(status) => tracing::debug!(%addr, state = %status.state, "asked a peer: not the leader"),
+            Err(e) => tracing::debug!(%addr, error = %e, "asked a peer: no status"),
         }
     }
     false

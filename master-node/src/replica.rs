@@ -503,6 +503,24 @@ impl Replica {
         }
     }
 
+    /// A peer's `status`, asked without this replica's certificate (a
+    /// removed replica's is revoked, and status needs none), answered
+    /// within a second or an error that says why not.
+    pub async fn peer_status(&self, addr: &str) -> Result<slap_proto::cluster::StatusReply, String> {
+        let config = self.tls.anonymous_client_config().map_err(|e| e.to_string())?;
+        let credentials = crate::client::Credentials::from_config(config);
+        match tokio::time::timeout(
+            Duration::from_secs(1),
+            crate::client::Client::status_of(addr, &credentials),
+        )
+        .await
+        {
+            Ok(Ok(status)) => Ok(status),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 1 s".into()),
+        }
+    }
+
     /// The peer client of the current leader, or `None` if this is the leader.
     pub async fn leader_client(&self) -> Result<Option<ClusterClient<Channel>>, Status> {
         match self.leader().await? {

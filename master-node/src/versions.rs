@@ -74,27 +74,14 @@ pub async fn raise_cluster_version(replica: Weak<Replica>) {
 /// The lowest version the members speak, or `None` if one does not answer
 /// (it could be an older release: nothing is raised on a guess).
 async fn lowest_spoken(replica: &Arc<Replica>) -> Option<u32> {
-    let config = match replica.tls.anonymous_client_config() {
-        Ok(c) => c,
-        Err(e) => {
-            warn!("cannot ask the members which version they speak: {e}");
-            return None;
-        }
-    };
-    let credentials = crate::client::Credentials::from_config(config);
     let mut lowest = crate::raft::spoken_version();
     for member in replica.members() {
         if member.id == replica.id {
             continue;
         }
-        let status = tokio::time::timeout(
-            Duration::from_secs(1),
-            crate::client::Client::status_of(&member.addr, &credentials),
-        )
-        .await;
-        match status {
+        match replica.peer_status(&member.addr).await {
             // Releases before versions do not say: they speak version 1.
-            Ok(Ok(s)) if s.node_id == member.id => lowest = lowest.min(s.speaks_version.max(1)),
+            Ok(s) if s.node_id == member.id => lowest = lowest.min(s.speaks_version.max(1)),
             other => {
                 debug!(replica = member.id, "no version from this member: {other:?}");
                 return None;
