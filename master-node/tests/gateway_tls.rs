@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{free_port, gateway_bin, wait_for, Proc, BIN};
+use common::{client_config as client, free_port, gateway_bin, wait_for, Proc, BIN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn admin(args: &[&str], peer: &str, token: &str) -> String {
@@ -23,28 +23,6 @@ fn admin(args: &[&str], peer: &str, token: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn client(dir: &Path, name: &str) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let read = |f: String| std::fs::read(dir.join(f)).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&read("ca.crt".into())) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let chain = CertificateDer::pem_slice_iter(&read(format!("{name}.crt")))
-        .map(|c| c.unwrap())
-        .collect();
-    let key = PrivateKeyDer::from_pem_slice(&read(format!("{name}.key"))).unwrap();
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap(),
-    )
 }
 
 /// One GET over TLS: Some((status, body)), or None if the handshake failed.

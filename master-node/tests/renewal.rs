@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{free_port, gateway_bin, Proc, BIN};
+use common::{client_config, free_port, gateway_bin, Proc, BIN};
 use master_node::client::{Client, Credentials};
 use slap_proto::live::Validity;
 use slap_proto::marshal::{dumps, Value};
@@ -166,15 +166,80 @@ fn cluster(root: &Path, slap: &[u16]) -> Cluster {
     }
 }
 
-#[test]
-fn certificates_are_renewed_and_taken_without_a_restart_while_nodes_poll() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let slap: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut c = cluster(root, &slap);
-    let (peer, token) = (c.raft[0].clone(), c.token.clone());
+/// A node's calls, made until [`Poller::finish`]: polls, and every third
+/// round a write (through Raft).
+struct Poller {
+    stop: Arc<AtomicBool>,
+    calls: Arc<AtomicU64>,
+    failed: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
 
-    // A gateway over TLS in front of the three.
+impl Poller {
+    fn start(rt: &tokio::runtime::Runtime, node: Arc<nodeagent::master::MasterClient>, xml: String) -> Poller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (calls, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::<String>::new())));
+        let task = {
+            let (stop, calls, failed) = (stop.clone(), calls.clone(), failed.clone());
+            rt.spawn(async move {
+                let mut round = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    round += 1;
+                    let result = if round.is_multiple_of(3) {
+                        node.post("loadComputerConfigurationFromXML", &[("xml", &xml)])
+                            .await
+                            .map(|_| ())
+                    } else {
+                        node.computer_plan("COMP-R", None, None).await.map(|_| ())
+                    };
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = result {
+                        failed.lock().unwrap().push(e.to_string());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        Poller {
+            stop,
+            calls,
+            failed,
+            task,
+        }
+    }
+
+    /// Stops the calls; none may have failed, and more than `at_least` were made.
+    fn finish(self, rt: &tokio::runtime::Runtime, at_least: u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        rt.block_on(self.task).unwrap();
+        let failed = self.failed.lock().unwrap();
+        let calls = self.calls.load(Ordering::Relaxed);
+        assert!(
+            failed.is_empty(),
+            "{} of {calls} calls failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        assert!(calls > at_least, "the node kept calling");
+    }
+}
+
+/// Three replicas, a gateway over TLS in front of them, and a node
+/// registered as COMP-R calling through the gateway.
+struct Polled {
+    c: Cluster,
+    gw_dir: PathBuf,
+    gw_port: u16,
+    gateway: Proc,
+    node_dir: PathBuf,
+    tls: nodeagent::master::LiveTls,
+    rt: tokio::runtime::Runtime,
+    poller: Poller,
+}
+
+fn polled(root: &Path, slap: &[u16]) -> Polled {
+    let c = cluster(root, slap);
+    let (peer, token) = (c.raft[0].clone(), c.token.clone());
     let gw_dir = root.join("gateway");
     cli(
         &[
@@ -195,7 +260,7 @@ fn certificates_are_renewed_and_taken_without_a_restart_while_nodes_poll() {
         .map(|p| format!("127.0.0.1:{p}"))
         .collect::<Vec<_>>()
         .join(",");
-    let mut gateway = Proc::spawn_logged(
+    let gateway = Proc::spawn_logged(
         &gateway_bin(),
         &[
             "--replicas".into(),
@@ -207,24 +272,21 @@ fn certificates_are_renewed_and_taken_without_a_restart_while_nodes_poll() {
         ],
         &root.join("gateway.log"),
     );
-
-    // A node registered as COMP-R, polling and reporting through the gateway.
     let registration = cli(&["computer", "add", "COMP-R"], &peer, &token).trim().to_string();
     let node_dir = root.join("node");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(nodeagent::register::register(&peer, &registration, "COMP-R", &node_dir))
         .unwrap();
     let identity = nodeagent::master::TlsIdentity::load(&node_dir).unwrap();
-    let node = Arc::new(
-        nodeagent::master::MasterClient::with_identity(&[format!("https://127.0.0.1:{gw_port}")], Some(&identity))
-            .unwrap(),
-    );
-    let live = node.tls().unwrap().identity.clone();
+    let url = format!("https://127.0.0.1:{gw_port}");
+    let node =
+        Arc::new(nodeagent::master::MasterClient::with_identity(std::slice::from_ref(&url), Some(&identity)).unwrap());
+    let tls = node.tls().unwrap().clone();
     // As `nodeagent run` does: files followed, renewed at two thirds of the lifetime.
     rt.spawn(nodeagent::master::keep_identity_current(
-        node.tls().unwrap().clone(),
+        tls.clone(),
         node_dir.clone(),
-        format!("https://127.0.0.1:{gw_port}"),
+        url,
     ));
     let xml = computer_xml("COMP-R");
     wait_until(
@@ -235,30 +297,36 @@ fn certificates_are_renewed_and_taken_without_a_restart_while_nodes_poll() {
                 .is_ok()
         },
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let (calls, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::<String>::new())));
-    let poller = {
-        let (node, stop, calls, failed, xml) = (node.clone(), stop.clone(), calls.clone(), failed.clone(), xml.clone());
-        rt.spawn(async move {
-            let mut round = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                round += 1;
-                // Polls, and every third round a write (through Raft).
-                let result = if round.is_multiple_of(3) {
-                    node.post("loadComputerConfigurationFromXML", &[("xml", &xml)])
-                        .await
-                        .map(|_| ())
-                } else {
-                    node.computer_plan("COMP-R", None, None).await.map(|_| ())
-                };
-                calls.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = result {
-                    failed.lock().unwrap().push(e.to_string());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let poller = Poller::start(&rt, node, xml);
+    Polled {
+        c,
+        gw_dir,
+        gw_port,
+        gateway,
+        node_dir,
+        tls,
+        rt,
+        poller,
+    }
+}
+
+#[test]
+fn certificates_are_renewed_and_taken_without_a_restart_while_nodes_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let slap: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let Polled {
+        mut c,
+        gw_dir,
+        gw_port: _,
+        mut gateway,
+        node_dir,
+        tls,
+        rt,
+        poller,
+    } = polled(root, &slap);
+    let (peer, token) = (c.raft[0].clone(), c.token.clone());
+    let live = tls.identity.clone();
 
     // 1. The node's certificate, renewed into its identity directory.
     let computer = certificates_of("computer COMP-R", &peer, &token);
@@ -362,45 +430,11 @@ fn certificates_are_renewed_and_taken_without_a_restart_while_nodes_poll() {
         || applied(2).is_some_and(|a| a >= target),
     );
 
-    stop.store(true, Ordering::Relaxed);
-    rt.block_on(poller).unwrap();
-    let failed = failed.lock().unwrap();
-    assert!(
-        failed.is_empty(),
-        "{} of {} calls failed: {:?}",
-        failed.len(),
-        calls.load(Ordering::Relaxed),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(calls.load(Ordering::Relaxed) > 100, "the node kept calling");
+    poller.finish(&rt, 100);
     assert!(!gateway.exited(), "the gateway stopped");
     for (i, r) in c.replicas.iter_mut().enumerate() {
         assert!(!r.exited(), "replica {i} stopped");
     }
-}
-
-/// A client configuration from `dir`'s NAME.crt, NAME.key and ca.crt (every
-/// CA in it trusted), as a user's tools would build it.
-fn user_config(dir: &Path, name: &str) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let read = |f: String| std::fs::read(dir.join(f)).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&read("ca.crt".into())) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let chain = CertificateDer::pem_slice_iter(&read(format!("{name}.crt")))
-        .map(|c| c.unwrap())
-        .collect();
-    let key = PrivateKeyDer::from_pem_slice(&read(format!("{name}.key"))).unwrap();
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap(),
-    )
 }
 
 /// The status of a GET over a new TLS connection, or None if the
@@ -435,40 +469,18 @@ fn a_ca_rotation_while_nodes_poll_fails_no_call() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let slap: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut c = cluster(root, &slap);
+    let Polled {
+        mut c,
+        gw_dir,
+        gw_port,
+        mut gateway,
+        node_dir,
+        tls,
+        rt,
+        poller,
+    } = polled(root, &slap);
     let (peer, token) = (c.raft[0].clone(), c.token.clone());
     let old_ca = cas_in(&c.data[0].join("tls/ca.crt")).remove(0);
-
-    let gw_dir = root.join("gateway");
-    cli(
-        &[
-            "gateway",
-            "add",
-            "gw1",
-            "--host",
-            "127.0.0.1",
-            "--out",
-            &gw_dir.display().to_string(),
-        ],
-        &peer,
-        &token,
-    );
-    let gw_port = free_port();
-    let mut gateway = Proc::spawn_logged(
-        &gateway_bin(),
-        &[
-            "--replicas".into(),
-            slap.iter()
-                .map(|p| format!("127.0.0.1:{p}"))
-                .collect::<Vec<_>>()
-                .join(","),
-            "--listen".into(),
-            format!("127.0.0.1:{gw_port}"),
-            "--tls-dir".into(),
-            gw_dir.display().to_string(),
-        ],
-        &root.join("gateway.log"),
-    );
     // Alice's certificate and ca.crt from before the rotation: the old CA only.
     let ids = root.join("ids");
     cli(
@@ -476,51 +488,6 @@ fn a_ca_rotation_while_nodes_poll_fails_no_call() {
         &peer,
         &token,
     );
-
-    let registration = cli(&["computer", "add", "COMP-R"], &peer, &token).trim().to_string();
-    let node_dir = root.join("node");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(nodeagent::register::register(&peer, &registration, "COMP-R", &node_dir))
-        .unwrap();
-    let identity = nodeagent::master::TlsIdentity::load(&node_dir).unwrap();
-    let node = Arc::new(
-        nodeagent::master::MasterClient::with_identity(&[format!("https://127.0.0.1:{gw_port}")], Some(&identity))
-            .unwrap(),
-    );
-    let tls = node.tls().unwrap().clone();
-    rt.spawn(nodeagent::master::follow_identity_files(tls.clone(), node_dir.clone()));
-    let xml = computer_xml("COMP-R");
-    wait_until(
-        "the gateway to take the node's first call",
-        Duration::from_secs(30),
-        || {
-            rt.block_on(node.post("loadComputerConfigurationFromXML", &[("xml", &xml)]))
-                .is_ok()
-        },
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let (calls, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::<String>::new())));
-    let poller = {
-        let (node, stop, calls, failed, xml) = (node.clone(), stop.clone(), calls.clone(), failed.clone(), xml.clone());
-        rt.spawn(async move {
-            let mut round = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                round += 1;
-                let result = if round.is_multiple_of(3) {
-                    node.post("loadComputerConfigurationFromXML", &[("xml", &xml)])
-                        .await
-                        .map(|_| ())
-                } else {
-                    node.computer_plan("COMP-R", None, None).await.map(|_| ())
-                };
-                calls.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = result {
-                    failed.lock().unwrap().push(e.to_string());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
 
     // Rotate: a new CA signs, both are trusted.
     let said = cli(&["ca", "rotate"], &peer, &token);
@@ -550,7 +517,7 @@ fn a_ca_rotation_while_nodes_poll_fails_no_call() {
     );
     // Alice, who trusts only the old CA, still reaches the gateway (its new
     // certificate carries the cross-signed CA) and is still accepted.
-    let alice = user_config(&ids, "alice");
+    let alice = client_config(&ids, "alice");
     assert_eq!(rt.block_on(tls_status(gw_port, alice.clone(), LIST)), Some(200));
     // Bob, issued now, holds the new CA's certificate and both CAs.
     let ids2 = root.join("ids2");
@@ -561,7 +528,7 @@ fn a_ca_rotation_while_nodes_poll_fails_no_call() {
     );
     assert!(issued_by(&ids2.join("bob.crt"), &new_ca));
     assert_eq!(cas_in(&ids2.join("ca.crt")).len(), 2);
-    let bob = user_config(&ids2, "bob");
+    let bob = client_config(&ids2, "bob");
     assert_eq!(rt.block_on(tls_status(gw_port, bob.clone(), LIST)), Some(200));
     assert_eq!(rt.block_on(tls_status(slap[1], bob.clone(), LIST)), Some(200));
 
@@ -631,17 +598,7 @@ fn a_ca_rotation_while_nodes_poll_fails_no_call() {
     });
     std::thread::sleep(Duration::from_secs(2));
 
-    stop.store(true, Ordering::Relaxed);
-    rt.block_on(poller).unwrap();
-    let failed = failed.lock().unwrap();
-    assert!(
-        failed.is_empty(),
-        "{} of {} calls failed: {:?}",
-        failed.len(),
-        calls.load(Ordering::Relaxed),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(calls.load(Ordering::Relaxed) > 50, "the node kept calling");
+    poller.finish(&rt, 50);
     // A client started from the node's files as they stand now works too.
     let fresh = nodeagent::master::MasterClient::with_identity(
         &[format!("https://127.0.0.1:{gw_port}")],

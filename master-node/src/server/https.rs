@@ -102,13 +102,27 @@ pub fn refresh(replica: &Replica) -> Result<bool, TlsError> {
         };
         (ca, state.chain_pem().to_string())
     };
+    live.set_chain_tail(cross_signed(&chain)).map_err(tls_err)?;
+    // Decided from the certificate held, so the files are read only when
+    // it must change (this runs every second).
+    let signer = CertificateDer::pem_slice_iter(ca.cert_pem.as_bytes())
+        .next()
+        .and_then(Result::ok);
+    let held_good = match (live.end_entity(), signer, live.validity()) {
+        (Some(leaf), Some(signer), Some(v)) => {
+            slap_proto::live::Validity::issued_by(&leaf, &signer) && !slap_proto::live::renewal_due(&v, pki::now_secs())
+        }
+        _ => false,
+    };
+    if held_good {
+        return Ok(false);
+    }
     let names_file = replica.data_dir.join("tls").join("server.names");
     let names: Vec<String> = std::fs::read_to_string(names_file)
         .map_err(tls_err)?
         .lines()
         .map(str::to_string)
         .collect();
-    live.set_chain_tail(cross_signed(&chain)).map_err(tls_err)?;
     match server_identity(replica, &ca, &names)? {
         Some((cert, key)) => {
             live.replace(&cert, &key).map_err(tls_err)?;

@@ -186,6 +186,30 @@ pub fn log_tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
+/// A client configuration from `dir`'s NAME.crt, NAME.key and ca.crt
+/// (every CA in it trusted), as a user's tools build it.
+pub fn client_config(dir: &Path, name: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |f: String| std::fs::read(dir.join(f)).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&read("ca.crt".into())) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_slice_iter(&read(format!("{name}.crt")))
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(&read(format!("{name}.key"))).unwrap();
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    )
+}
+
 pub fn gateway_bin() -> PathBuf {
     let path = PathBuf::from(BIN).with_file_name("slap-gateway");
     assert!(
