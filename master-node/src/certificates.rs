@@ -9,7 +9,10 @@
 //! The leader runs [`run_issuer`], which gives every allocated partition a
 //! certificate, so a node can fetch it with
 //! `getComputerPartitionCertificate` before it deploys the instance. A freed
-//! partition's certificates are revoked inside `apply`.
+//! partition's certificates are revoked inside `apply`. During a CA
+//! rotation it also gives every partition whose certificate is from the
+//! previous CA one from the new CA; the node sees the new serial in its
+//! document and fetches it.
 //!
 //! Built on the replica handle; must not import the handlers and the server
 //! that call it (`cluster_service`, `server`).
@@ -150,13 +153,19 @@ pub async fn renew(replica: &Replica, serial: &str, lifetime_secs: u64) -> Resul
 
 /// Records a signed certificate through the log.
 async fn record(replica: &Replica, issued: &Issued, registration: Option<String>) -> Result<(), IssueError> {
+    let command = Command::RecordCertificate {
+        certificate: issued.certificate.clone(),
+        registration,
+    };
+    write(replica, command).await
+}
+
+/// Writes a certificate's record through the log.
+async fn write(replica: &Replica, command: Command) -> Result<(), IssueError> {
     let (reply, _) = replica
         .write(ClientWrite {
             request_id: None,
-            command: Command::RecordCertificate {
-                certificate: issued.certificate.clone(),
-                registration,
-            },
+            command,
         })
         .await
         .map_err(|s| IssueError::Write(s.message().to_string()))?;
@@ -206,15 +215,24 @@ pub async fn run_issuer(replica: std::sync::Weak<Replica>) {
 const ROUND: usize = 256;
 
 /// Issues certificates for up to [`ROUND`] waiting partitions; how many
-/// were recorded.
+/// were recorded. Partitions without a certificate come first; then,
+/// during a CA rotation (version 4), those whose certificate is from the
+/// previous CA get one from the new CA beside it.
 async fn issue_round(replica: &Arc<Replica>) -> Result<usize, IssueError> {
-    let (ca, missing) = {
+    let (ca, missing, replace) = {
         let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
-        let missing: Vec<Role> = state
+        let mut missing: Vec<Role> = state
             .uncertified_partitions(ROUND)
             .map(|(c, p)| Role::Partition(c.clone(), p.clone()))
             .collect();
-        (state.authority.clone(), missing)
+        let replace = missing.is_empty() && state.effective_version() >= 4;
+        if replace {
+            missing = state
+                .stale_partitions(ROUND)
+                .map(|(c, p)| Role::Partition(c.clone(), p.clone()))
+                .collect();
+        }
+        (state.authority.clone(), missing, replace)
     };
     let Some(ca) = ca else { return Ok(0) };
     if missing.is_empty() {
@@ -230,7 +248,20 @@ async fn issue_round(replica: &Arc<Replica>) -> Result<usize, IssueError> {
     })
     .await
     .map_err(|e| IssueError::Write(format!("the signing task failed: {e}")))??;
-    let results = futures::future::join_all(signed.iter().map(|issued| record(replica, issued, None))).await;
+    let results = futures::future::join_all(signed.iter().map(|issued| async move {
+        if replace {
+            write(
+                replica,
+                Command::ReplacePartitionCertificate {
+                    certificate: Box::new(issued.certificate.clone()),
+                },
+            )
+            .await
+        } else {
+            record(replica, issued, None).await
+        }
+    }))
+    .await;
     let mut recorded = 0;
     for r in results {
         match r {

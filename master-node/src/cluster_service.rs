@@ -375,10 +375,15 @@ impl Cluster for ClusterService {
                         *by_kind.entry(role.kind()).or_default() += 1;
                     }
                     let some: Vec<String> = stragglers.iter().take(5).map(|(r, s)| format!("{s} ({r})")).collect();
+                    let partitions = if by_kind.contains_key("partition") {
+                        "; partitions' certificates are replaced by the leader itself, try again in a moment"
+                    } else {
+                        ""
+                    };
                     return Err(Status::failed_precondition(format!(
                         "{} live certificates are still from the old CA ({by_kind:?}; e.g. {}): renew them \
                          (`cert renew SERIAL --out DIR`) or revoke them, or finish with --force and their holders \
-                         are refused from then on",
+                         are refused from then on{partitions}",
                         stragglers.len(),
                         some.join(", ")
                     )));

@@ -11,8 +11,10 @@
 //! - a gateway given a short-lived certificate renews its own through a
 //!   replica, and a node its own through the gateway, and callers keep
 //!   going;
-//! - a CA rotation: replicas and the gateway move to the new CA by
-//!   themselves, holders that trust only the old CA keep working until the
+//! - a CA rotation: replicas, the gateway and the node move to the new CA
+//!   by themselves, the partition's certificate is replaced from the new CA
+//!   (its document names the new one, the old one stays valid until the
+//!   rotation ends), holders that trust only the old CA keep working until the
 //!   rotation is finished, finishing is refused while holders are left on
 //!   the old CA alone, and after it the old CA's certificates and join token
 //!   are refused, all while a node polls without one failed call.
@@ -24,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{client_config, free_port, gateway_bin, Proc, BIN};
+use common::{client_config, form, free_port, gateway_bin, Proc, BIN};
 use master_node::client::{Client, Credentials};
 use slap_proto::live::Validity;
 use slap_proto::marshal::{dumps, Value};
@@ -287,6 +289,7 @@ fn polled(root: &Path, slap: &[u16]) -> Polled {
         tls.clone(),
         node_dir.clone(),
         url,
+        Duration::from_secs(1),
     ));
     let xml = computer_xml("COMP-R");
     wait_until(
@@ -440,15 +443,75 @@ fn certificates_are_renewed_and_taken_without_a_restart_while_nodes_poll() {
 /// The status of a GET over a new TLS connection, or None if the
 /// handshake (either side's verification) failed.
 async fn tls_status(port: u16, config: Arc<rustls::ClientConfig>, path: &str) -> Option<u16> {
+    tls_call(port, config, path, None).await.map(|(status, _)| status)
+}
+
+/// A GET, or with `form` a POST, over a new TLS connection: the status
+/// and the whole answer, or None if the handshake failed.
+async fn tls_call(
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+    path: &str,
+    form: Option<&str>,
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let req = match form {
+        None => format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+        Some(body) => format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    };
     tls.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
     tls.read_to_end(&mut buf).await.ok()?;
-    String::from_utf8_lossy(&buf).split_whitespace().nth(1)?.parse().ok()
+    let answer = String::from_utf8_lossy(&buf).into_owned();
+    Some((answer.split_whitespace().nth(1)?.parse().ok()?, answer))
+}
+
+/// Waits until the node's document names a certificate for slappart0 of
+/// COMP-R and `getComputerPartitionCertificate` gives that one, with
+/// `ok(pem)` true: its serial, and the certificate and key as fetched.
+fn wait_for_partition_certificate(
+    rt: &tokio::runtime::Runtime,
+    node: &nodeagent::master::MasterClient,
+    ok: impl Fn(&str) -> bool,
+) -> (String, String) {
+    let query = [("computer_id", "COMP-R"), ("computer_partition_id", "slappart0")];
+    let mut found = None;
+    wait_until("the partition's certificate", Duration::from_secs(30), || {
+        let named = rt
+            .block_on(node.computer_plan("COMP-R", None, None))
+            .ok()
+            .and_then(|fetched| fetched.map(|(plan, _)| plan))
+            .and_then(|plan| plan.partitions.into_iter().find_map(|p| p.instance?.certificate_serial));
+        let fetched = match rt.block_on(node.get("getComputerPartitionCertificate", &query, None)) {
+            Ok(nodeagent::master::Fetched::Body(body, _)) => String::from_utf8_lossy(&body).into_owned(),
+            _ => return false,
+        };
+        let Some(Value::Dict(d)) = slap_proto::marshal::loads(&fetched).ok() else {
+            return false;
+        };
+        let field = |k: &str| {
+            d.iter()
+                .find(|(key, _)| key.as_str() == Some(k))
+                .and_then(|(_, v)| v.as_str())
+                .map(String::from)
+        };
+        let (Some(cert), Some(key)) = (field("certificate"), field("key")) else {
+            return false;
+        };
+        let serial = Validity::of_pem(&cert).map(|v| v.serial);
+        if named.is_some() && named == serial && ok(&cert) {
+            found = Some((serial.unwrap(), format!("{cert}{key}")));
+        }
+        found.is_some()
+    });
+    found.unwrap()
 }
 
 /// The CAs in a PEM bundle file.
@@ -461,6 +524,8 @@ fn issued_by(file: &Path, ca: &rustls::pki_types::CertificateDer<'_>) -> bool {
     let leaf = slap_proto::tls::ca_certificates(&std::fs::read_to_string(file).unwrap()).unwrap();
     Validity::issued_by(&leaf[0], ca)
 }
+
+const SR: &str = "https://example.org/blog/software.toml";
 
 const LIST: &str = "/hateoas/?mode=search&query=portal_type%3A%22Instance%20Tree%22%20AND%20validation_state%3Avalidated&select_list=title";
 
@@ -488,6 +553,41 @@ fn a_ca_rotation_while_nodes_poll_fails_no_call() {
         &peer,
         &token,
     );
+    let alice = client_config(&ids, "alice");
+    // Partitions' certificates are replaced in a rotation since version 4.
+    wait_until("cluster version 4", Duration::from_secs(30), || {
+        rt.block_on(Client::status_of(&c.raft[0], &c.admin))
+            .is_ok_and(|s| s.cluster_version >= 4)
+    });
+    // Alice's instance on the node's partition, which gets a certificate.
+    let admin = client_config(&c.data[0].join("admin"), "admin");
+    let supply = form(&[("url", SR), ("computer_id", "COMP-R")]);
+    let supplied = rt.block_on(tls_call(gw_port, admin, "/supplySupply", Some(&supply)));
+    assert_eq!(supplied.as_ref().map(|(s, _)| *s), Some(200), "{supplied:?}");
+    let request = form(&[
+        ("software_release", SR),
+        ("partition_reference", "blog"),
+        ("partition_parameter_xml", "<marshal><dictionary id=\"i2\"/></marshal>"),
+        ("filter_xml", "<marshal><dictionary id=\"i2\"/></marshal>"),
+        ("software_type", "default"),
+        ("state", "<marshal><string>started</string></marshal>"),
+        ("shared_xml", "<marshal><bool>0</bool></marshal>"),
+    ]);
+    let requested = rt.block_on(tls_call(
+        gw_port,
+        alice.clone(),
+        "/requestComputerPartition",
+        Some(&request),
+    ));
+    assert_eq!(requested.as_ref().map(|(s, _)| *s), Some(200), "{requested:?}");
+    let node = nodeagent::master::MasterClient::with_identity(
+        &[format!("https://127.0.0.1:{gw_port}")],
+        Some(&nodeagent::master::TlsIdentity::load(&node_dir).unwrap()),
+    )
+    .unwrap();
+    let (old_partition, _) = wait_for_partition_certificate(&rt, &node, |pem| {
+        slap_proto::tls::ca_certificates(pem).is_ok_and(|c| Validity::issued_by(&c[0], &old_ca))
+    });
 
     // Rotate: a new CA signs, both are trusted.
     let said = cli(&["ca", "rotate"], &peer, &token);
@@ -517,7 +617,6 @@ fn a_ca_rotation_while_nodes_poll_fails_no_call() {
     );
     // Alice, who trusts only the old CA, still reaches the gateway (its new
     // certificate carries the cross-signed CA) and is still accepted.
-    let alice = client_config(&ids, "alice");
     assert_eq!(rt.block_on(tls_status(gw_port, alice.clone(), LIST)), Some(200));
     // Bob, issued now, holds the new CA's certificate and both CAs.
     let ids2 = root.join("ids2");
@@ -532,18 +631,26 @@ fn a_ca_rotation_while_nodes_poll_fails_no_call() {
     assert_eq!(rt.block_on(tls_status(gw_port, bob.clone(), LIST)), Some(200));
     assert_eq!(rt.block_on(tls_status(slap[1], bob.clone(), LIST)), Some(200));
 
-    // The node's certificate and CAs, renewed into its directory.
-    let old_node = certificates_of("computer COMP-R", &peer, &new_token).remove(0).0;
-    cli(
-        &["cert", "renew", &old_node, "--out", &node_dir.display().to_string()],
-        &peer,
-        &new_token,
-    );
-    let new_node = serial_in(&node_dir.join("computer.crt"));
-    wait_until(
-        "the node to take its new certificate and CAs",
-        Duration::from_secs(10),
-        || tls.identity.validity().unwrap().serial == new_node && tls.trust.certificates().len() == 2,
+    // The node learns the new CA from the cluster, renews its certificate
+    // under it by itself, and takes both.
+    wait_until("the node to move to the new CA", Duration::from_secs(20), || {
+        issued_by(&node_dir.join("computer.crt"), &new_ca)
+            && tls.identity.validity().unwrap().serial == serial_in(&node_dir.join("computer.crt"))
+            && tls.trust.certificates().len() == 2
+    });
+    assert_eq!(cas_in(&node_dir.join("ca.crt")).len(), 2);
+    // The partition's certificate is replaced from the new CA; its
+    // document names the new one, and the old one stays valid meanwhile.
+    let (new_partition, partition_pem) = wait_for_partition_certificate(&rt, &node, |pem| {
+        slap_proto::tls::ca_certificates(pem).is_ok_and(|c| Validity::issued_by(&c[0], &new_ca))
+    });
+    assert_ne!(new_partition, old_partition);
+    assert!(partition_pem.contains("BEGIN PRIVATE KEY"));
+    let partitions = certificates_of("partition slappart0 of COMP-R", &peer, &new_token);
+    assert!(
+        partitions.contains(&(old_partition.clone(), "valid".into()))
+            && partitions.contains(&(new_partition.clone(), "valid".into())),
+        "{partitions:?}"
     );
 
     // Finishing is refused while a holder is still on the old CA only
@@ -559,7 +666,7 @@ fn a_ca_rotation_while_nodes_poll_fails_no_call() {
         "{why}"
     );
     assert!(
-        !why.contains("computer COMP-R") && !why.contains("replica"),
+        !why.contains("computer COMP-R") && !why.contains("replica") && !why.contains("partition"),
         "renewed holders are not stragglers: {why}"
     );
     cli(&["ca", "finish", "--force"], &peer, &new_token);
@@ -580,6 +687,13 @@ fn a_ca_rotation_while_nodes_poll_fails_no_call() {
         .unwrap();
     assert!(!stale.status.success());
     assert_eq!(rt.block_on(tls_status(gw_port, bob.clone(), LIST)), Some(200));
+    // The partition's old certificate ended with the rotation, its new one goes on.
+    let partitions = certificates_of("partition slappart0 of COMP-R", &peer, &new_token);
+    assert!(
+        partitions.contains(&(old_partition.clone(), "revoked".into()))
+            && partitions.contains(&(new_partition.clone(), "valid".into())),
+        "{partitions:?}"
+    );
     // A replica restarted after the rotation comes back on the new CA.
     c.replicas[1].stop();
     c.replicas[1] = Proc::spawn_logged(

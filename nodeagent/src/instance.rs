@@ -66,6 +66,8 @@ pub struct Instances {
     pub supervisor: Arc<Supervisor>,
     resources: BTreeMap<String, PartitionResource>,
     deployed: HashMap<String, String>,
+    /// The serial of the certificate kept for each partition, once read.
+    certificate_serials: HashMap<String, String>,
     /// How long promises may take to pass after a run's configurations.
     pub promise_wait: Duration,
 }
@@ -96,6 +98,7 @@ impl Instances {
             supervisor,
             resources: resources.into_iter().map(|r| (r.id.clone(), r)).collect(),
             deployed,
+            certificate_serials: HashMap::new(),
             promise_wait: Duration::from_secs(30),
         }
     }
@@ -175,6 +178,7 @@ impl Instances {
             });
         }
         if !force && self.deployed.get(&r.id) == Some(&fingerprint) {
+            self.keep_certificate_current(r, inst).await;
             return Step::Done(Outcome::Unchanged);
         }
         let started = Instant::now();
@@ -363,11 +367,41 @@ impl Instances {
         self.cfg.agent_dir().join("certs").join(partition)
     }
 
+    /// The serial of the certificate kept for a partition, if any.
+    fn kept_certificate_serial(&mut self, partition: &str) -> Option<String> {
+        if let Some(serial) = self.certificate_serials.get(partition) {
+            return Some(serial.clone());
+        }
+        let pem = std::fs::read_to_string(self.certificate_dir(partition).join("partition.crt")).ok()?;
+        let serial = slap_proto::live::Validity::of_pem(&pem)?.serial;
+        self.certificate_serials.insert(partition.to_string(), serial.clone());
+        Some(serial)
+    }
+
+    /// Fetches the partition's certificate again when the document names
+    /// another one than the one kept (the Master gave it a new one during a
+    /// CA rotation, or issued it after the deployment): the files change,
+    /// the instance is not redeployed.
+    async fn keep_certificate_current(&mut self, r: &PartitionResource, inst: &InstancePlan) {
+        let Some(wanted) = &inst.certificate_serial else { return };
+        let kept = self.kept_certificate_serial(&r.id);
+        if kept.as_ref() == Some(wanted) {
+            return;
+        }
+        self.place_certificate(r).await;
+        let now = self.kept_certificate_serial(&r.id);
+        if now.as_ref() == Some(wanted) {
+            info!(partition = %r.id, old = ?kept, new = %wanted, "partition certificate replaced without a redeployment");
+        }
+    }
+
     /// Fetches the partition's certificate from the Master
     /// (`getComputerPartitionCertificate`) and keeps it for the instance.
     /// The Master issues it right after allocation; a certificate not issued
-    /// yet is waited for briefly, then left for the next deployment.
-    async fn place_certificate(&self, r: &PartitionResource) {
+    /// yet is waited for briefly, then left for the next run (the document
+    /// names it once issued, see [`Self::keep_certificate_current`]).
+    async fn place_certificate(&mut self, r: &PartitionResource) {
+        self.certificate_serials.remove(&r.id);
         use std::os::unix::fs::PermissionsExt;
         let query = [
             ("computer_id", self.cfg.computer_id.as_str()),

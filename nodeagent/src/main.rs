@@ -157,6 +157,12 @@ struct RunArgs {
     /// How often usage is posted.
     #[arg(long, default_value = "1d", value_parser = parse_duration)]
     usage_interval: Duration,
+    /// With an https master: how often to ask it which CAs the cluster
+    /// trusts. When a CA rotation begins the node trusts both CAs and
+    /// renews its certificate under the new one; when it ends, the new
+    /// one alone.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    ca_check_interval: Duration,
     /// Stop every partition's processes when the agent exits (default: they
     /// keep running and the next agent re-adopts them).
     #[arg(long)]
@@ -288,6 +294,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     tls.clone(),
                     args.one.identity_dir.clone(),
                     url.clone(),
+                    args.ca_check_interval,
                 ));
             }
             let intervals = Intervals {

@@ -124,20 +124,45 @@ pub async fn follow_identity_files(tls: LiveTls, dir: std::path::PathBuf) {
 /// (`RenewCertificate`, which answers a computer for its own certificate
 /// only): the new pair and the CAs are written into `dir` and taken. A
 /// failed renewal is tried again every 10 seconds.
-pub async fn keep_identity_current(tls: LiveTls, dir: std::path::PathBuf, master_url: String) {
+///
+/// Every `ca_check` it also asks the cluster's CAs (the native `Cluster`
+/// call). When they changed (a CA rotation began or ended) it writes them
+/// to `ca.crt` and trusts them, and renews its certificate at once if the
+/// CA that signs now did not issue it: nodes move to a new CA by
+/// themselves, as replicas and gateways do.
+pub async fn keep_identity_current(tls: LiveTls, dir: std::path::PathBuf, master_url: String, ca_check: Duration) {
     let mut last_error = String::new();
-    let mut next_try = 0;
+    let mut last_ca_error = String::new();
+    let (mut next_try, mut next_ca_check) = (0, 0);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         take_identity_files(&tls, &dir, &mut last_error);
-        let Some(held) = tls.identity.validity() else { continue };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        if !slap_proto::live::renewal_due(&held, now) || now < next_try {
+        if now >= next_ca_check {
+            next_ca_check = now + ca_check.as_secs().max(1);
+            match follow_cluster_cas(&tls, &dir, &master_url).await {
+                Ok(()) => last_ca_error.clear(),
+                Err(e) if e != last_ca_error => {
+                    tracing::warn!(error = %e, "cannot learn the cluster's CAs; keeping the ones in use");
+                    last_ca_error = e;
+                }
+                Err(_) => {}
+            }
+        }
+        let Some(held) = tls.identity.validity() else { continue };
+        // After a CA rotation, a certificate the signing CA did not issue is renewed at once.
+        let from_old_ca = match (tls.trust.certificates().first(), tls.identity.end_entity()) {
+            (Some(signer), Some(leaf)) => !slap_proto::live::Validity::issued_by(&leaf, signer),
+            _ => false,
+        };
+        if !(slap_proto::live::renewal_due(&held, now) || from_old_ca) || now < next_try {
             continue;
         }
         match renew_own(&tls, &dir, &master_url, &held.serial).await {
+            Ok(serial) if from_old_ca => tracing::info!(old = %held.serial, new = %serial,
+                "computer certificate renewed under the cluster's new CA"),
             Ok(serial) => tracing::info!(old = %held.serial, new = %serial,
                 "computer certificate renewed at two thirds of its lifetime"),
             Err(e) => {
@@ -175,10 +200,18 @@ fn take_identity_files(tls: &LiveTls, dir: &std::path::Path, last_error: &mut St
     }
 }
 
-/// Asks `master_url` (a gateway or a replica, https) to renew `serial`,
-/// writes the answer into `dir` and takes it; the new serial.
-async fn renew_own(tls: &LiveTls, dir: &std::path::Path, master_url: &str, serial: &str) -> Result<String, String> {
-    use slap_proto::master::master_client::MasterClient as Native;
+/// The native API of `master_url` (a gateway or a replica, https), as this
+/// computer; the address, for errors.
+fn native_api(
+    tls: &LiveTls,
+    master_url: &str,
+) -> Result<
+    (
+        slap_proto::master::master_client::MasterClient<tonic::transport::Channel>,
+        String,
+    ),
+    String,
+> {
     let addr = master_url
         .strip_prefix("https://")
         .ok_or_else(|| format!("{master_url} is not an https URL"))?
@@ -190,7 +223,39 @@ async fn renew_own(tls: &LiveTls, dir: &std::path::Path, master_url: &str, seria
     )
     .map_err(|e| e.to_string())?;
     let channel = slap_proto::tls::channel(addr, config).map_err(|e| e.to_string())?;
-    let mut native = Native::new(channel);
+    Ok((
+        slap_proto::master::master_client::MasterClient::new(channel),
+        addr.to_string(),
+    ))
+}
+
+/// Asks `master_url` which CAs the cluster trusts and, when they differ
+/// from those in use, writes them to `dir/ca.crt` and trusts them.
+async fn follow_cluster_cas(tls: &LiveTls, dir: &std::path::Path, master_url: &str) -> Result<(), String> {
+    let (mut native, addr) = native_api(tls, master_url)?;
+    let call = native.cluster(slap_proto::master::ClusterRequest::default());
+    let view = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .map_err(|_| format!("{addr}: no answer within 10 s"))?
+        .map_err(|s| format!("{addr}: {}", s.message()))?
+        .into_inner();
+    if view.ca_pem.is_empty() || view.ca_pem == tls.trust.pem() {
+        return Ok(());
+    }
+    slap_proto::live::write_then_rename(&dir.join("ca.crt"), &view.ca_pem, 0o644)
+        .map_err(|e| format!("writing {}/ca.crt: {e}", dir.display()))?;
+    tls.trust.replace(&view.ca_pem).map_err(|e| e.to_string())?;
+    tracing::info!(
+        cas = tls.trust.certificates().len(),
+        "trusting the cluster's CAs from now on (a CA rotation began or ended)"
+    );
+    Ok(())
+}
+
+/// Asks `master_url` (a gateway or a replica, https) to renew `serial`,
+/// writes the answer into `dir` and takes it; the new serial.
+async fn renew_own(tls: &LiveTls, dir: &std::path::Path, master_url: &str, serial: &str) -> Result<String, String> {
+    let (mut native, addr) = native_api(tls, master_url)?;
     let call = native.renew_certificate(slap_proto::master::RenewCertificateRequest {
         serial: serial.to_string(),
         seconds: 0,
@@ -475,6 +540,9 @@ pub struct InstancePlan {
     pub shared: Vec<SharedPlan>,
     /// `_access_status` as last reported, if any.
     pub access_status: Option<String>,
+    /// The serial of the certificate the partition should hold, when the
+    /// Master says (`_certificate_serial`, our Master's own attribute).
+    pub certificate_serial: Option<String>,
 }
 
 /// A shared instance hosted by a partition.
@@ -560,6 +628,7 @@ impl ComputerPlan {
                         parameters: string_params(params),
                         shared,
                         access_status: access,
+                        certificate_serial: attr(a, "_certificate_serial").and_then(Value::as_str).map(String::from),
                     })
                 }
             };

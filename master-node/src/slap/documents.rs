@@ -184,6 +184,15 @@ pub fn computer_partition(m: &Master, p: &Partition) -> Value {
     if let Some(status) = access_status(&inst.reported) {
         attrs.push(("_access_status", Value::str(status)));
     }
+    // Not in SlapOS's documents (its clients ignore attributes they do not
+    // know): tells the node which certificate to hold for the partition, so
+    // it fetches a new one (a CA rotation) without redeploying. Since
+    // version 4, whose writes move the revision when it changes.
+    if m.effective_version() >= 4 {
+        if let Some(cert) = m.partition_certificate(&p.computer, &p.id) {
+            attrs.push(("_certificate_serial", Value::str(cert.serial.clone())));
+        }
+    }
     object("ComputerPartition", args, attrs)
 }
 
@@ -296,6 +305,37 @@ mod tests {
         Format {
             partitions: u8,
         },
+        /// A certificate for a placed instance's partition (the issuer's).
+        Certify {
+            instance: u8,
+        },
+        /// The partition's certificate revoked (`cert revoke`).
+        Revoke {
+            instance: u8,
+        },
+        /// A CA rotation started (the next of [`Cas`]).
+        Rotate,
+        /// A partition's certificate replaced from the new CA.
+        Replace {
+            instance: u8,
+        },
+        FinishRotation,
+    }
+
+    /// The CAs a case rotates through, made once (key generation is slow).
+    struct Cas(Vec<(Authority, String)>);
+
+    fn cas() -> &'static Cas {
+        static CAS: std::sync::OnceLock<Cas> = std::sync::OnceLock::new();
+        CAS.get_or_init(|| {
+            let first = crate::pki::new_authority("docs", 1).unwrap();
+            let mut all = vec![(first, String::new())];
+            for _ in 0..2 {
+                let next = crate::pki::successor(&all.last().unwrap().0, "docs", 1).unwrap();
+                all.push(next);
+            }
+            Cas(all)
+        })
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -308,6 +348,11 @@ mod tests {
             1 => any::<u8>().prop_map(|instance| Op::NodeDestroyed { instance }),
             1 => any::<u8>().prop_map(|instance| Op::Bang { instance }),
             1 => (2..5u8).prop_map(|partitions| Op::Format { partitions }),
+            2 => any::<u8>().prop_map(|instance| Op::Certify { instance }),
+            1 => any::<u8>().prop_map(|instance| Op::Revoke { instance }),
+            1 => Just(Op::Rotate),
+            2 => any::<u8>().prop_map(|instance| Op::Replace { instance }),
+            1 => Just(Op::FinishRotation),
         ]
     }
 
@@ -431,6 +476,35 @@ mod tests {
                 }
             }
             Op::Format { partitions } => format(partitions),
+            Op::Certify { instance } | Op::Replace { instance } => {
+                let (computer, partition) = partition_of(&placed(m, instance)?);
+                let role = Role::Partition(computer, partition);
+                let ca = m.authority.as_ref()?;
+                let certificate = crate::pki::issue(ca, &role, 10, 1, &[]).unwrap().certificate;
+                if matches!(op, Op::Certify { .. }) {
+                    Command::RecordCertificate {
+                        certificate,
+                        registration: None,
+                    }
+                } else {
+                    Command::ReplacePartitionCertificate {
+                        certificate: Box::new(certificate),
+                    }
+                }
+            }
+            Op::Revoke { instance } => {
+                let (computer, partition) = partition_of(&placed(m, instance)?);
+                Command::RevokeCertificate {
+                    serial: m.partition_certificate(&computer, &partition)?.serial.clone(),
+                }
+            }
+            Op::Rotate => {
+                let current = m.authority.as_ref()?;
+                let at = cas().0.iter().position(|(a, _)| a.cert_pem == current.cert_pem)?;
+                let (authority, cross_pem) = cas().0.get(at + 1)?.clone();
+                Command::RotateAuthority { authority, cross_pem }
+            }
+            Op::FinishRotation => Command::FinishRotation,
         })
     }
 
@@ -447,8 +521,14 @@ mod tests {
             };
             run(&mut m, format(3));
             run(&mut m, Command::Supply { computer: "COMP-1".into(), url: SR.into(), state: SupplyState::Available });
+            run(&mut m, Command::SetAuthority(cas().0[0].0.clone()));
             let mut seen: BTreeMap<u64, String> = BTreeMap::new();
-            for op in ops {
+            for (i, op) in ops.into_iter().enumerate() {
+                // Version 4, whose documents show certificates, from a few
+                // commands in: the switch moves the revision too.
+                if i == 5 {
+                    run(&mut m, Command::SetClusterVersion { version: 4 });
+                }
                 if let Some(c) = command(&m, &op) {
                     run(&mut m, c);
                 }

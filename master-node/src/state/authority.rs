@@ -53,6 +53,8 @@ impl Master {
             && self.rotation.take().is_some()
         {
             self.dirty.insert(Dirty::Rotation);
+            self.stale_partition_certs.clear();
+            self.superseded_certs.clear();
         }
         self.authority = Some(authority);
         self.dirty.insert(Dirty::Authority);
@@ -86,6 +88,12 @@ impl Master {
         if version > current {
             self.cluster_version = version;
             self.dirty.insert(Dirty::Version);
+            // From version 4 documents show their partitions' certificate
+            // serials: the documents of computers with one change now.
+            if current < 4 && version >= 4 {
+                let certified: BTreeSet<ComputerId> = self.partition_certs.keys().map(|(c, _)| c.clone()).collect();
+                self.certs_moved.extend(certified);
+            }
         }
         Reply::Done
     }
@@ -133,17 +141,35 @@ impl Master {
             previous_pem: current.cert_pem.clone(),
             cross_pem,
         });
+        // Every partition's certificate is from an earlier CA now.
+        self.stale_partition_certs = self.partition_certs.keys().cloned().collect();
         self.authority = Some(authority);
         self.dirty.insert(Dirty::Authority);
         self.dirty.insert(Dirty::Rotation);
         Reply::Done
     }
 
-    /// Ends a rotation: the previous CA is trusted no more.
+    /// Ends a rotation: the previous CA is trusted no more. Since version 4
+    /// the partitions' certificates from it are revoked too: the superseded
+    /// ones, and those of partitions not yet given a new one (`--force`),
+    /// which the issuer then gives a certificate from the new CA.
     pub(super) fn finish_rotation(&mut self) -> Reply {
-        if self.rotation.take().is_none() {
+        if self.rotation.is_none() {
             return invalid("no CA rotation is under way (`master-node ca rotate` starts one)");
         }
+        if self.effective_version() >= 4 {
+            let stale: Vec<Fingerprint> = std::mem::take(&mut self.stale_partition_certs)
+                .iter()
+                .filter_map(|key| self.partition_certs.get(key).copied())
+                .collect();
+            let superseded: Vec<Fingerprint> = self.superseded_certs.values().copied().collect();
+            for fingerprint in stale.into_iter().chain(superseded) {
+                self.revoke_fingerprint(fingerprint);
+            }
+        }
+        self.rotation = None;
+        self.stale_partition_certs.clear();
+        self.superseded_certs.clear();
         self.dirty.insert(Dirty::Rotation);
         Reply::Done
     }
@@ -194,6 +220,14 @@ impl Master {
             if self.partition_certs.contains_key(&(c.clone(), p.clone())) {
                 return invalid(format!("partition {p} of {c} already has a live certificate"));
             }
+            // Signed by a replica that had not yet seen the rotation: the
+            // partition would keep a certificate `ca finish` cuts.
+            if self.rotation.is_some() && !self.signed_by_authority(cert) {
+                return invalid(format!(
+                    "the certificate for partition {p} of {c} is not from the CA that signs now; sign it again"
+                ));
+            }
+            self.certs_moved.insert(c.clone());
         }
         self.index_certificate(cert);
         self.certificates.insert(cert.fingerprint, cert.clone());
@@ -212,22 +246,104 @@ impl Master {
 
     /// Rebuilds the certificates' indexes from the records (after restore;
     /// [`Master::uncertified`] is rebuilt from them afterwards).
+    ///
+    /// Outside a rotation a partition has at most one live certificate.
+    /// During one it may have two: the one from the CA that signs now is
+    /// its certificate, the other is superseded; one from an older CA alone
+    /// is stale. Telling them apart reads each partition certificate's
+    /// issuer, which only a restore during a rotation pays.
     pub(super) fn reindex_certificates(&mut self) {
+        let signing = self
+            .rotation
+            .as_ref()
+            .and(self.authority.as_ref())
+            .and_then(|a| Pem::from_text(&a.cert_pem).der().map(<[u8]>::to_vec));
         let Master {
             certificates,
             partition_certs,
+            stale_partition_certs,
+            superseded_certs,
             poller_revocations,
             ..
         } = self;
         partition_certs.clear();
+        stale_partition_certs.clear();
+        superseded_certs.clear();
         *poller_revocations = 0;
+        let mut old_ca: BTreeMap<(ComputerId, PartitionId), Fingerprint> = BTreeMap::new();
         for cert in certificates.values() {
             let (revocation, live_for) = indexed(cert);
             *poller_revocations += u64::from(revocation);
-            if let Some(key) = live_for {
-                partition_certs.insert(key, cert.fingerprint);
+            let Some(key) = live_for else { continue };
+            match &signing {
+                Some(ca) if !signed_by(cert, ca) => {
+                    old_ca.insert(key, cert.fingerprint);
+                }
+                _ => {
+                    partition_certs.insert(key, cert.fingerprint);
+                }
             }
         }
+        for (key, fingerprint) in old_ca {
+            if partition_certs.contains_key(&key) {
+                superseded_certs.insert(key, fingerprint);
+            } else {
+                partition_certs.insert(key.clone(), fingerprint);
+                stale_partition_certs.insert(key);
+            }
+        }
+    }
+
+    /// Whether `cert` was signed by the CA that signs now (its issuer is
+    /// that CA's subject).
+    fn signed_by_authority(&self, cert: &Certificate) -> bool {
+        self.authority
+            .as_ref()
+            .and_then(|a| Pem::from_text(&a.cert_pem).der().map(|ca| signed_by(cert, ca)))
+            .unwrap_or(false)
+    }
+
+    /// During a rotation: partitions whose certificate is still from the
+    /// previous CA, up to `n`, in key order (the issuer's work).
+    pub fn stale_partitions(&self, n: usize) -> impl Iterator<Item = &(ComputerId, PartitionId)> {
+        self.stale_partition_certs.iter().take(n)
+    }
+
+    /// Gives a partition whose certificate is from the previous CA one from
+    /// the new CA; the old one is superseded, still valid until `ca finish`
+    /// (see [`Command::ReplacePartitionCertificate`]).
+    pub(super) fn replace_partition_certificate(&mut self, cert: &Certificate) -> Reply {
+        let Role::Partition(c, p) = &cert.role else {
+            return invalid("only a partition's certificate is replaced this way; others are renewed");
+        };
+        if self.rotation.is_none() {
+            return invalid("no CA rotation is under way: a partition's certificate is replaced only during one");
+        }
+        let key = (c.clone(), p.clone());
+        if !self.stale_partition_certs.contains(&key) {
+            return invalid(format!(
+                "partition {p} of {c} has no certificate from the previous CA to replace"
+            ));
+        }
+        if cert.revoked || !self.signed_by_authority(cert) {
+            return invalid(format!(
+                "the replacement for partition {p} of {c} must be a live certificate from the CA that signs now"
+            ));
+        }
+        if self.certificates.contains_key(&cert.fingerprint) {
+            return invalid("this certificate is already recorded");
+        }
+        // A stale partition has no superseded certificate: only a
+        // replacement makes one, and it leaves the partition current.
+        if let Some(old) = self.partition_certs.remove(&key) {
+            self.superseded_certs.insert(key.clone(), old);
+        }
+        self.stale_partition_certs.remove(&key);
+        self.certificates.insert(cert.fingerprint, cert.clone());
+        self.dirty.insert(Dirty::Certificate(cert.fingerprint));
+        self.partition_certs.insert(key, cert.fingerprint);
+        self.certs_moved.insert(c.clone());
+        Reply::Done
     }
 
     /// Keeps [`Master::uncertified`] true of one partition after its state
@@ -249,8 +365,21 @@ impl Master {
 
     pub(super) fn revoke_certificate(&mut self, serial: &str) -> Reply {
         let serial = serial.to_ascii_lowercase();
-        let Some(cert) = self.certificates.values_mut().find(|c| c.serial == serial) else {
+        let Some(fingerprint) = self
+            .certificates
+            .values()
+            .find(|c| c.serial == serial)
+            .map(|c| c.fingerprint)
+        else {
             return refused_not_found(format!("no certificate has serial {serial}"));
+        };
+        self.revoke_fingerprint(fingerprint);
+        Reply::Done
+    }
+
+    fn revoke_fingerprint(&mut self, fingerprint: Fingerprint) {
+        let Some(cert) = self.certificates.get_mut(&fingerprint) else {
+            return;
         };
         if !cert.revoked {
             cert.revoked = true;
@@ -259,39 +388,59 @@ impl Master {
                 self.poller_revocations += 1;
             }
             if let Role::Partition(c, p) = &cert.role {
-                let key = (c.clone(), p.clone());
-                if self.partition_certs.get(&key) == Some(&cert.fingerprint) {
-                    self.partition_certs.remove(&key);
-                    let (c, p) = key;
-                    self.recheck_certified(&c, &p);
-                }
+                let (fingerprint, key) = (cert.fingerprint, (c.clone(), p.clone()));
+                self.unindex_partition_certificate(key, fingerprint);
             }
         }
-        Reply::Done
     }
 
     pub(super) fn revoke_role(&mut self, role: &Role) -> Reply {
-        let serials: Vec<String> = self
+        let live: Vec<Fingerprint> = self
             .certificates
             .values()
             .filter(|c| &c.role == role && !c.revoked)
-            .map(|c| c.serial.clone())
+            .map(|c| c.fingerprint)
             .collect();
-        for serial in serials {
-            self.revoke_certificate(&serial);
+        for fingerprint in live {
+            self.revoke_fingerprint(fingerprint);
         }
         Reply::Done
     }
 
-    /// Revokes the live certificate of a partition whose instance is gone,
-    /// so the old instance can no longer act for it.
+    /// Takes a partition's certificate, just revoked, out of the indexes.
+    /// Its superseded one, if it was the current one, becomes current again
+    /// (stale: the issuer replaces it), as a restore would find it.
+    fn unindex_partition_certificate(&mut self, key: (ComputerId, PartitionId), fingerprint: Fingerprint) {
+        if self.superseded_certs.get(&key) == Some(&fingerprint) {
+            self.superseded_certs.remove(&key);
+        } else if self.partition_certs.get(&key) == Some(&fingerprint) {
+            self.partition_certs.remove(&key);
+            self.stale_partition_certs.remove(&key);
+            if let Some(previous) = self.superseded_certs.remove(&key) {
+                self.partition_certs.insert(key.clone(), previous);
+                self.stale_partition_certs.insert(key.clone());
+            }
+            self.certs_moved.insert(key.0.clone());
+            let (c, p) = key;
+            self.recheck_certified(&c, &p);
+        }
+    }
+
+    /// Revokes the live certificates of a partition whose instance is gone
+    /// (its current one and, during a rotation, the one it superseded), so
+    /// the old instance can no longer act for it.
     pub(super) fn revoke_partition_certificates(&mut self, computer: &str, partition: &str) {
         let key = (computer.to_string(), partition.to_string());
-        if let Some(fp) = self.partition_certs.remove(&key) {
+        self.stale_partition_certs.remove(&key);
+        for fp in [self.partition_certs.remove(&key), self.superseded_certs.remove(&key)]
+            .into_iter()
+            .flatten()
+        {
             if let Some(cert) = self.certificates.get_mut(&fp) {
                 cert.revoked = true;
                 self.dirty.insert(Dirty::Certificate(fp));
             }
+            self.certs_moved.insert(computer.to_string());
         }
         self.recheck_certified(computer, partition);
     }
@@ -349,6 +498,13 @@ fn indexed(cert: &Certificate) -> (bool, Option<(ComputerId, PartitionId)>) {
         _ => None,
     };
     (revocation, live_for)
+}
+
+/// Whether `cert` names `ca_der`'s subject as its issuer.
+fn signed_by(cert: &Certificate, ca_der: &[u8]) -> bool {
+    cert.cert_pem
+        .der()
+        .is_some_and(|der| slap_proto::live::Validity::issued_by(der, ca_der))
 }
 
 fn reads_computers(role: &Role) -> bool {

@@ -174,13 +174,19 @@ pub enum Command {
     /// Ends the rotation: the old CA is trusted no more: `master-node ca
     /// finish`. Since version 3.
     FinishRotation,
+    /// During a CA rotation, gives a partition whose live certificate is
+    /// from the previous CA a `certificate` from the new one; the old one
+    /// stays valid beside it until the rotation ends, so the instance
+    /// using it loses nothing while its node fetches the new one. The
+    /// leader's issuer writes it. Since version 4.
+    ReplacePartitionCertificate { certificate: Box<Certificate> },
 }
 
 /// The newest version of the command set this build speaks. A command kind
 /// of a higher version than the cluster's ([`Command::since`]) is refused
 /// before it reaches the log, so a replica of an older release, which could
 /// not apply it, never meets it.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 impl Command {
     /// The version of the command set that introduced this kind of command.
@@ -188,6 +194,7 @@ impl Command {
         match self {
             Command::RenewCertificate { .. } => 2,
             Command::RotateAuthority { .. } | Command::FinishRotation => 3,
+            Command::ReplacePartitionCertificate { .. } => 4,
             Command::IfPartitionHolds { then, .. } => then.since(),
             _ => 1,
         }
@@ -209,6 +216,7 @@ impl Command {
         match self {
             Command::RenewCertificate { .. } => "certificate renewal",
             Command::RotateAuthority { .. } | Command::FinishRotation => "CA rotation",
+            Command::ReplacePartitionCertificate { .. } => "partition certificate replacement",
             Command::SetClusterVersion { .. } => "cluster version change",
             _ => "command",
         }

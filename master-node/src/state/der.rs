@@ -71,6 +71,15 @@ impl Pem {
         }
     }
 
+    /// The DER bytes, when it is held as DER (as every PEM the Master
+    /// writes is).
+    pub fn der(&self) -> Option<&[u8]> {
+        match &self.0 {
+            Repr::Der(_, der) => Some(der),
+            Repr::Text(_) => None,
+        }
+    }
+
     /// Whether it is held as DER bytes (the compact form).
     pub fn is_der(&self) -> bool {
         matches!(self.0, Repr::Der(..))

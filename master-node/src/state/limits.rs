@@ -191,7 +191,8 @@ impl Limits {
             | Command::SetClusterVersion { .. }
             | Command::RenewCertificate { .. }
             | Command::RotateAuthority { .. }
-            | Command::FinishRotation => Ok(()),
+            | Command::FinishRotation
+            | Command::ReplacePartitionCertificate { .. } => Ok(()),
         }
     }
 
@@ -360,6 +361,9 @@ pub fn approximate_size(command: &Command) -> usize {
             Command::RecordCertificate { certificate, .. } => certificate.cert_pem.text_len() + 64 + FRAME,
             Command::RenewCertificate { serial, certificate } => {
                 serial.len() + certificate.cert_pem.text_len() + 64 + FRAME
+            }
+            Command::ReplacePartitionCertificate { certificate } => {
+                certificate.cert_pem.text_len() + certificate.key_pem.as_ref().map_or(0, |k| k.text_len()) + 64 + FRAME
             }
             Command::SetAuthority(a) => a.cert_pem.len() + a.key_pem.len(),
             Command::RotateAuthority { authority, cross_pem } => {

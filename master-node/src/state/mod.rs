@@ -120,6 +120,17 @@ pub struct Master {
     /// Busy partitions without a live certificate: the leader's issuer
     /// takes its work from here rather than scanning every partition.
     uncertified: BTreeSet<(ComputerId, PartitionId)>,
+    /// During a CA rotation, partitions whose live certificate is not from
+    /// the CA that signs now: the leader's issuer replaces them.
+    stale_partition_certs: BTreeSet<(ComputerId, PartitionId)>,
+    /// During a CA rotation, a partition's certificate from the previous CA
+    /// kept valid beside its replacement until the node has taken the new
+    /// one (`ca finish` revokes them).
+    superseded_certs: BTreeMap<(ComputerId, PartitionId), Fingerprint>,
+    /// Computers whose partitions' live certificates changed in the command
+    /// being applied: their documents show the serials (version 4), so
+    /// their revisions move once the command is done.
+    certs_moved: BTreeSet<ComputerId>,
     children: BTreeMap<InstanceId, BTreeSet<InstanceId>>,
     hosted: BTreeMap<InstanceId, BTreeSet<InstanceId>>,
     /// Instances waiting for a place, by creation sequence number.
@@ -182,6 +193,13 @@ impl Master {
             request_id, command, ..
         } = proposal;
         let reply = self.execute(seq, now, command);
+        // A document shows its partitions' certificate serials since
+        // version 4 (see `documents::computer_partition`).
+        for computer in std::mem::take(&mut self.certs_moved) {
+            if self.effective_version() >= 4 {
+                self.touch_computer(seq, &computer);
+            }
+        }
         if let Some(rid) = request_id {
             self.dirty.insert(Dirty::Session(rid.client.clone()));
             self.sessions.insert(
@@ -292,6 +310,7 @@ impl Master {
             Command::SetAuthority(a) => self.set_authority(&a),
             Command::RotateAuthority { authority, cross_pem } => self.rotate_authority(authority, cross_pem),
             Command::FinishRotation => self.finish_rotation(),
+            Command::ReplacePartitionCertificate { certificate } => self.replace_partition_certificate(&certificate),
             Command::AddRegistration { computer, token_sha256 } => {
                 self.registrations.insert(token_sha256.clone(), computer);
                 self.dirty.insert(Dirty::Registration(token_sha256));

@@ -1439,3 +1439,171 @@ fn a_ca_rotation_trusts_both_cas_until_it_is_finished_and_survives_a_restore() {
     assert_eq!(rotate(ca("x")).since(), 3);
     assert_eq!(Command::FinishRotation.needs(), 3);
 }
+
+#[test]
+fn a_rotation_replaces_partition_certificates_and_keeps_the_old_ones_until_it_ends() {
+    let mut w = World::new();
+    w.run(Command::SetClusterVersion { version: 4 });
+    w.computer("COMP-1", 3, &[]);
+    let (old_ca, new_ca) = (signing::ca("old CA"), signing::ca("new CA"));
+    let cross_pem = "-----cross-----\n".to_string();
+    w.run(Command::SetAuthority(old_ca.clone()));
+    let mut partitions = Vec::new();
+    for title in ["a", "b", "c"] {
+        let (c, p) = instance(w.request("alice", title, &[], &[])).partition.unwrap();
+        partitions.push((c, p));
+    }
+    let issue = |ca: &Authority, (c, p): &(String, String)| signing::partition(ca, c, p);
+    for key in &partitions {
+        let record = Command::RecordCertificate {
+            certificate: issue(&old_ca, key),
+            registration: None,
+        };
+        assert_eq!(w.run(record), Reply::Done);
+    }
+    let old_of = |m: &Master, (c, p): &(String, String)| m.partition_certificate(c, p).unwrap().clone();
+    let old: Vec<Certificate> = partitions.iter().map(|k| old_of(&w.m, k)).collect();
+    let replace = |cert: Certificate| Command::ReplacePartitionCertificate {
+        certificate: Box::new(cert),
+    };
+    // Outside a rotation nothing is replaced.
+    assert!(matches!(
+        w.run(replace(issue(&old_ca, &partitions[0]))),
+        Reply::Refused(Refusal::Invalid(_))
+    ));
+    assert_eq!(w.m.stale_partitions(10).count(), 0);
+
+    w.run(Command::RotateAuthority {
+        authority: new_ca.clone(),
+        cross_pem,
+    });
+    let stale: Vec<_> = w.m.stale_partitions(10).cloned().collect();
+    assert_eq!(
+        stale, partitions,
+        "every partition's certificate is from the old CA now"
+    );
+    // A certificate from the old CA signed late is refused, for a
+    // replacement as for a partition without one.
+    let refused = w.run(replace(issue(&old_ca, &partitions[0])));
+    assert!(
+        matches!(refused, Reply::Refused(Refusal::Invalid(ref m)) if m.contains("CA that signs now")),
+        "{refused:?}"
+    );
+
+    let revision = w.m.computers["COMP-1"].revision;
+    let new0 = issue(&new_ca, &partitions[0]);
+    assert_eq!(w.run(replace(new0.clone())), Reply::Done);
+    assert!(
+        w.m.computers["COMP-1"].revision > revision,
+        "the document shows the new serial"
+    );
+    assert_eq!(
+        w.m.partition_certificate(&partitions[0].0, &partitions[0].1),
+        Some(&new0)
+    );
+    assert!(
+        !w.m.certificates[&old[0].fingerprint].revoked,
+        "the old one stays valid"
+    );
+    assert!(
+        matches!(
+            w.run(replace(issue(&new_ca, &partitions[0]))),
+            Reply::Refused(Refusal::Invalid(_))
+        ),
+        "replaced once"
+    );
+    assert_eq!(w.m.stale_partitions(10).count(), 2);
+    // Replaced, then its new certificate revoked (`cert revoke`): the old
+    // one is its certificate again, and stale.
+    let new1 = issue(&new_ca, &partitions[1]);
+    w.run(replace(new1.clone()));
+    w.run(Command::RevokeCertificate {
+        serial: new1.serial.clone(),
+    });
+    assert_eq!(
+        w.m.partition_certificate(&partitions[1].0, &partitions[1].1),
+        Some(&old[1])
+    );
+    assert!(w.m.stale_partitions(10).any(|k| *k == partitions[1]));
+
+    // A restore (a restart, a snapshot) during the rotation rebuilds the
+    // same indexes from the records and the CAs.
+    let back = persist::restore(&mut persist::all_records(&w.m).into_iter()).unwrap();
+    let mut expected = w.m.clone();
+    expected.dirty.clear();
+    assert_eq!(back, expected);
+
+    // Freeing a replaced partition revokes both of its certificates.
+    w.run(Command::Request(RequestSpec {
+        requester: RequestOrigin::User("alice".into()),
+        title: "a".into(),
+        software_release: SR.into(),
+        software_type: "default".into(),
+        parameters: Params::new(),
+        sla: Params::new(),
+        shared: false,
+        state: Some(RequestedState::Destroyed),
+    }));
+    w.run(Command::DestroyedPartition {
+        computer: partitions[0].0.clone(),
+        partition: partitions[0].1.clone(),
+    });
+    assert!(w.m.certificates[&old[0].fingerprint].revoked);
+    assert!(w.m.certificates[&new0.fingerprint].revoked);
+
+    // Finishing revokes what is left of the old CA: partition c's
+    // superseded certificate, and b's (never replaced), which the issuer
+    // then gives one from the new CA.
+    let new2 = issue(&new_ca, &partitions[2]);
+    w.run(replace(new2.clone()));
+    assert_eq!(w.run(Command::FinishRotation), Reply::Done);
+    assert!(w.m.certificates[&old[2].fingerprint].revoked);
+    assert!(!w.m.certificates[&new2.fingerprint].revoked);
+    assert!(w.m.certificates[&old[1].fingerprint].revoked);
+    assert!(w.m.partition_certificate(&partitions[1].0, &partitions[1].1).is_none());
+    assert!(w.m.uncertified_partitions(10).any(|k| *k == partitions[1]));
+    assert_eq!(w.m.stale_partitions(10).count(), 0);
+    let back = persist::restore(&mut persist::all_records(&w.m).into_iter()).unwrap();
+    let mut expected = w.m.clone();
+    expected.dirty.clear();
+    assert_eq!(back, expected);
+    assert_eq!(replace(new2).since(), 4);
+}
+
+/// Certificates signed for real (the state reads their issuer during a CA
+/// rotation), made here because the pki module is a layer above the state.
+mod signing {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair};
+    use sha2::{Digest, Sha256};
+
+    pub fn ca(name: &str) -> Authority {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Authority {
+            cert_pem: params.self_signed(&key).unwrap().pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// A certificate for partition `p` of `c` signed by `ca`.
+    pub fn partition(ca: &Authority, c: &str, p: &str) -> Certificate {
+        let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, KeyPair::from_pem(&ca.key_pem).unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::default().signed_by(&key, &issuer).unwrap();
+        let digest: [u8; 32] = Sha256::digest(cert.der()).into();
+        Certificate {
+            serial: digest[..8].iter().map(|b| format!("{b:02x}")).collect(),
+            fingerprint: Fingerprint(digest),
+            role: Role::Partition(c.into(), p.into()),
+            cert_pem: Pem::from_text(&cert.pem()),
+            key_pem: Some(Pem::from_text(&key.serialize_pem())),
+            not_after: 0,
+            revoked: false,
+        }
+    }
+}
