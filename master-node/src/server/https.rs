@@ -34,6 +34,16 @@ use crate::state::{Authority, Role};
 /// end (10 s polls in the fleet simulator at 200 nodes).
 const STREAMS_PER_CONNECTION: u32 = 1 << 16;
 
+/// Streams one HTTP/2 connection's caller may reset before the replica
+/// took them up. h2's default, 20, guards against rapid-reset floods, but a
+/// gateway resets every forwarded call its own caller abandoned, over its
+/// one connection, and under load more than 20 wait to be taken up: the
+/// replica then ended the connection (GOAWAY ENHANCE_YOUR_CALM) and every
+/// call on it failed (765 `ResourceExhausted` in a 1M-partition fleet run,
+/// docs/benchmarks.md). Callers are authenticated and rate-limited; the
+/// bound stays, scaled to the streams a connection carries.
+const PENDING_RESETS_PER_CONNECTION: usize = 4096;
+
 /// Why HTTPS could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("SLAP over TLS: {0}")]
@@ -263,7 +273,10 @@ pub async fn serve(
             let service = hyper_util::service::TowerToHyperService::new(app);
             let io = hyper_util::rt::TokioIo::new(tls);
             let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            builder.http2().max_concurrent_streams(STREAMS_PER_CONNECTION);
+            builder
+                .http2()
+                .max_concurrent_streams(STREAMS_PER_CONNECTION)
+                .max_pending_accept_reset_streams(PENDING_RESETS_PER_CONNECTION);
             if let Err(e) = builder.serve_connection(io, service).await {
                 debug!(%peer, error = %e, "connection ended");
             }

@@ -70,6 +70,9 @@ pub enum StartError {
     Tls(#[from] ClusterTlsError),
 }
 
+/// How long a stopping replica lets open cluster-port calls finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// A started replica: its shared core and a way to stop it.
 pub struct Running {
     pub replica: Arc<Replica>,
@@ -333,6 +336,13 @@ impl Running {
                 id: token.cluster_id.clone(),
                 token_sha256: token.secret_sha256(),
             },
+            // Its only member speaks this version: a new cluster starts at
+            // it, rather than at 1 until the leader's first round raises it
+            // (a `cert renew` right after `init` was refused as if an old
+            // release voted). Joiners that speak less are refused.
+            Command::SetClusterVersion {
+                version: crate::raft::spoken_version(),
+            },
             Command::SetAuthority(founding.authority.clone()),
         ];
         commands.extend(founding.records.iter().map(|c| Command::RecordCertificate {
@@ -356,10 +366,21 @@ impl Running {
         Ok(())
     }
 
-    /// Stops serving and shuts Raft down.
+    /// Stops serving and shuts Raft down. Open cluster-port connections
+    /// get [`SHUTDOWN_GRACE`] to finish their calls: peers keep theirs open
+    /// for as long as this replica lives, so waiting for them to close
+    /// first kept a replica that was told to stop running (SIGTERM had no
+    /// effect until SIGKILL).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let _ = self.server.await;
+        let mut server = self.server;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+            info!(
+                grace = ?SHUTDOWN_GRACE,
+                "cluster connections still open after the grace period; closing them"
+            );
+            server.abort();
+        }
         if let Err(e) = self.replica.raft.shutdown().await {
             warn!("raft shutdown: {e}");
         }
