@@ -22,6 +22,10 @@ mod xml_text;
 #[cfg(feature = "grpc")]
 pub mod pem;
 
+/// The handshake signature checks the verifiers share.
+#[cfg(feature = "grpc")]
+mod signatures;
+
 /// Mutual TLS towards a replica's cluster port (client side).
 #[cfg(feature = "grpc")]
 pub mod tls;
