@@ -153,10 +153,7 @@ pub async fn keep_identity_current(tls: LiveTls, dir: std::path::PathBuf, master
         }
         let Some(held) = tls.identity.validity() else { continue };
         // After a CA rotation, a certificate the signing CA did not issue is renewed at once.
-        let from_old_ca = match (tls.trust.certificates().first(), tls.identity.end_entity()) {
-            (Some(signer), Some(leaf)) => !slap_proto::live::Validity::issued_by(&leaf, signer),
-            _ => false,
-        };
+        let from_old_ca = slap_proto::live::from_another_ca(&tls.identity, &tls.trust);
         if !(slap_proto::live::renewal_due(&held, now) || from_old_ca) || now < next_try {
             continue;
         }

@@ -56,12 +56,8 @@ pub async fn keep_current(files: Arc<TlsFiles>, discovery: Arc<Discovery>) {
         };
         let now = now_secs();
         // After a CA rotation, a certificate the signing CA did not issue is renewed at once.
-        let from_old_ca = match (files.trust.certificates().first(), files.identity.end_entity()) {
-            (Some(signer), Some(leaf)) if !discovery.cas().is_empty() => {
-                !slap_proto::live::Validity::issued_by(&leaf, signer)
-            }
-            _ => false,
-        };
+        let from_old_ca =
+            !discovery.cas().is_empty() && slap_proto::live::from_another_ca(&files.identity, &files.trust);
         if !(slap_proto::live::renewal_due(&held, now) || from_old_ca) || now < next_try {
             continue;
         }

@@ -260,6 +260,16 @@ struct Trusted {
     roots: Arc<RootCertStore>,
 }
 
+/// Whether the certificate `identity` presents was issued by another CA
+/// than the first of `trust` (the signing one): after a CA rotation, a
+/// holder renews it at once. False while either is empty.
+pub fn from_another_ca(identity: &LiveIdentity, trust: &LiveTrust) -> bool {
+    match (trust.certificates().first(), identity.end_entity()) {
+        (Some(signer), Some(leaf)) => !Validity::issued_by(&leaf, signer),
+        _ => false,
+    }
+}
+
 impl LiveTrust {
     /// From a PEM bundle (one CA or more).
     pub fn from_pem(pem: &str) -> Result<Arc<LiveTrust>, TlsError> {

@@ -815,26 +815,10 @@ fn a_partition_has_one_live_certificate_and_restore_agrees() {
     assert_eq!(w.run(record("bb")), Reply::Done);
     assert!(matches!(w.run(record("aa")), Reply::Refused(Refusal::Invalid(_))));
     assert_eq!(w.m.partition_certificate(&c, &p).map(|c| c.fingerprint), Some(fp("bb")));
-    let back = persist::restore(&mut persist::all_records(&w.m).into_iter()).unwrap();
-    let mut expected = w.m.clone();
-    expected.dirty.clear();
-    assert_eq!(back, expected, "the index rebuilt at restore is the live one");
+    assert_restore_agrees(&w.m, "the index rebuilt at restore is the live one");
     // Freeing the partition revokes its certificate on every replica alike.
     w.request("alice", "a", &[], &[]);
-    w.run(Command::Request(RequestSpec {
-        requester: RequestOrigin::User("alice".into()),
-        title: "a".into(),
-        software_release: SR.into(),
-        software_type: "default".into(),
-        parameters: Params::new(),
-        sla: Params::new(),
-        shared: false,
-        state: Some(RequestedState::Destroyed),
-    }));
-    w.run(Command::DestroyedPartition {
-        computer: c.clone(),
-        partition: p.clone(),
-    });
+    destroy_and_free(&mut w, "a", &(c.clone(), p.clone()));
     assert!(w.m.partition_certificate(&c, &p).is_none());
     assert!(w.m.certificates.values().all(|c| c.revoked));
 }
@@ -1528,26 +1512,10 @@ fn a_rotation_replaces_partition_certificates_and_keeps_the_old_ones_until_it_en
 
     // A restore (a restart, a snapshot) during the rotation rebuilds the
     // same indexes from the records and the CAs.
-    let back = persist::restore(&mut persist::all_records(&w.m).into_iter()).unwrap();
-    let mut expected = w.m.clone();
-    expected.dirty.clear();
-    assert_eq!(back, expected);
+    assert_restore_agrees(&w.m, "restored during the rotation");
 
     // Freeing a replaced partition revokes both of its certificates.
-    w.run(Command::Request(RequestSpec {
-        requester: RequestOrigin::User("alice".into()),
-        title: "a".into(),
-        software_release: SR.into(),
-        software_type: "default".into(),
-        parameters: Params::new(),
-        sla: Params::new(),
-        shared: false,
-        state: Some(RequestedState::Destroyed),
-    }));
-    w.run(Command::DestroyedPartition {
-        computer: partitions[0].0.clone(),
-        partition: partitions[0].1.clone(),
-    });
+    destroy_and_free(&mut w, "a", &partitions[0]);
     assert!(w.m.certificates[&old[0].fingerprint].revoked);
     assert!(w.m.certificates[&new0.fingerprint].revoked);
 
@@ -1563,11 +1531,34 @@ fn a_rotation_replaces_partition_certificates_and_keeps_the_old_ones_until_it_en
     assert!(w.m.partition_certificate(&partitions[1].0, &partitions[1].1).is_none());
     assert!(w.m.uncertified_partitions(10).any(|k| *k == partitions[1]));
     assert_eq!(w.m.stale_partitions(10).count(), 0);
-    let back = persist::restore(&mut persist::all_records(&w.m).into_iter()).unwrap();
-    let mut expected = w.m.clone();
-    expected.dirty.clear();
-    assert_eq!(back, expected);
+    assert_restore_agrees(&w.m, "restored after the rotation");
     assert_eq!(replace(new2).since(), 4);
+}
+
+/// A restore of `m`'s records gives `m` back, indexes included.
+fn assert_restore_agrees(m: &Master, why: &str) {
+    let back = persist::restore(&mut persist::all_records(m).into_iter()).unwrap();
+    let mut expected = m.clone();
+    expected.dirty.clear();
+    assert_eq!(back, expected, "{why}");
+}
+
+/// Alice destroys her instance `title`, and the node frees its partition.
+fn destroy_and_free(w: &mut World, title: &str, (c, p): &(String, String)) {
+    w.run(Command::Request(RequestSpec {
+        requester: RequestOrigin::User("alice".into()),
+        title: title.into(),
+        software_release: SR.into(),
+        software_type: "default".into(),
+        parameters: Params::new(),
+        sla: Params::new(),
+        shared: false,
+        state: Some(RequestedState::Destroyed),
+    }));
+    w.run(Command::DestroyedPartition {
+        computer: c.clone(),
+        partition: p.clone(),
+    });
 }
 
 /// Certificates signed for real (the state reads their issuer during a CA
