@@ -343,8 +343,10 @@ impl Instances {
 
         // Hosted shared instances: one failing does not fail the host or the others.
         if let Some(shared) = &profile.shared {
+            let mut files = BTreeMap::new();
             for s in &inst.shared {
-                if let Err(e) = self.serve_shared(r, &live, shared, s).await {
+                let rendered = files.entry(s.reference.clone()).or_insert_with(Vec::new);
+                if let Err(e) = self.serve_shared(r, &live, shared, s, rendered).await {
                     warn!(partition = %r.id, shared = %s.reference, error = %e, "shared instance failed");
                     self.post(
                         r,
@@ -354,6 +356,7 @@ impl Instances {
                     .await;
                 }
             }
+            self.forget_gone_shared(r, files);
         }
 
         // Checked by `confirm`: the deployment counts only once the instance works.
@@ -454,20 +457,30 @@ impl Instances {
         facts: &Facts,
         template: &crate::release::SharedTemplate,
         s: &crate::master::SharedPlan,
+        rendered: &mut Vec<String>,
     ) -> Result<(), String> {
         let mut f = facts.clone();
+        let about = SharedFacts::of(s);
         f.set("shared.reference", s.reference.clone());
         f.set("shared.title", s.title.clone());
+        f.set("shared.owner", about.owner.clone());
+        f.set("shared.serial", about.serial.clone());
+        f.set("shared.json", about.json.clone());
         f.set_all("shared.param", &s.parameters);
         for file in &template.file {
-            let rendered = crate::release::FileTemplate {
+            let rendered_file = crate::release::FileTemplate {
                 path: f.render("shared file path", &file.path).map_err(|e| e.to_string())?,
                 content: file.content.clone(),
                 mode: file.mode.clone(),
             };
-            self.render_file(r, &f, &rendered)?;
+            rendered.push(rendered_file.path.clone());
+            self.render_file(r, &f, &rendered_file)?;
         }
         let mut conn = BTreeMap::new();
+        if let Some(result) = &template.result {
+            let path = f.render("shared result", result).map_err(|e| e.to_string())?;
+            conn = shared_result(&r.dir, &path, &about.serial).await?;
+        }
         for (k, t) in &template.connection {
             conn.insert(
                 k.clone(),
@@ -479,6 +492,44 @@ impl Instances {
             self.publish(r, &conn, Some(&s.reference)).await?;
         }
         Ok(())
+    }
+
+    /// Removes the files rendered for shared instances the partition no
+    /// longer hosts, so what the instance reads from them (a route, a
+    /// virtual host) goes away with the shared instance.
+    fn forget_gone_shared(&self, r: &PartitionResource, now: BTreeMap<String, Vec<String>>) {
+        let record = self.cfg.agent_dir().join("shared").join(format!("{}.json", r.id));
+        let before: BTreeMap<String, Vec<String>> = std::fs::read_to_string(&record)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let kept: std::collections::BTreeSet<&String> = now.values().flatten().collect();
+        let root = r.dir.canonicalize().unwrap_or_else(|_| r.dir.clone());
+        for (reference, paths) in &before {
+            if now.contains_key(reference) {
+                continue;
+            }
+            for p in paths.iter().filter(|p| !kept.contains(p)) {
+                if p.starts_with('/') || p.split('/').any(|c| c == "..") {
+                    continue;
+                }
+                let path = r.dir.join(p);
+                // The partition's user owns the directories: only remove
+                // what really lies inside the partition.
+                let inside = path
+                    .parent()
+                    .and_then(|d| d.canonicalize().ok())
+                    .is_some_and(|d| d.starts_with(&root));
+                if inside && std::fs::remove_file(&path).is_ok() {
+                    info!(partition = %r.id, shared = %reference, file = %p, "removed the file of a shared instance no longer hosted");
+                }
+            }
+        }
+        let written = std::fs::create_dir_all(record.parent().unwrap_or(&record))
+            .and_then(|_| std::fs::write(&record, serde_json::to_string(&now).unwrap_or_default()));
+        if let Err(e) = written {
+            warn!(partition = %r.id, error = %e, "cannot record the files of shared instances");
+        }
     }
 
     fn render_file(
@@ -710,6 +761,95 @@ async fn render_published(
             other => return other.map_err(|e| e.to_string()),
         }
     }
+}
+
+/// The keys of a shared instance's entry that say who it is rather than
+/// what it asks.
+const SHARED_IDENTITY_KEYS: [&str; 5] = [
+    "slave_reference",
+    "slave_title",
+    "slave_owner",
+    "slap_software_type",
+    "timestamp",
+];
+
+/// What the agent tells a release about a hosted shared instance, beside
+/// its parameters.
+struct SharedFacts {
+    /// The requesting user's key, as the Master gives it (`slave_owner`).
+    owner: String,
+    /// Changes whenever what the shared instance asks changes.
+    serial: String,
+    /// Everything as one JSON object (`reference`, `title`, `owner`,
+    /// `serial`, `parameters`), escaped, for a service to read.
+    json: String,
+}
+
+impl SharedFacts {
+    fn of(s: &crate::master::SharedPlan) -> SharedFacts {
+        use sha2::Digest;
+        let owner = s.parameters.get("slave_owner").cloned().unwrap_or_default();
+        let parameters: BTreeMap<&String, &String> = s
+            .parameters
+            .iter()
+            .filter(|(k, _)| !SHARED_IDENTITY_KEYS.contains(&k.as_str()))
+            .collect();
+        let asked = serde_json::json!({
+            "reference": s.reference, "title": s.title, "owner": owner, "parameters": parameters,
+        });
+        let serial = hex::encode(&sha2::Sha256::digest(asked.to_string().as_bytes())[..8]);
+        let mut whole = asked;
+        whole["serial"] = serde_json::Value::String(serial.clone());
+        SharedFacts {
+            owner,
+            serial,
+            json: whole.to_string(),
+        }
+    }
+}
+
+/// Waits for the instance's result for one shared instance (see
+/// [`crate::release::SharedTemplate::result`]) at the version `serial`.
+async fn shared_result(dir: &std::path::Path, path: &str, serial: &str) -> Result<BTreeMap<String, String>, String> {
+    let deadline = tokio::time::Instant::now() + FILE_WAIT;
+    let mut last = String::from("not written yet");
+    while tokio::time::Instant::now() < deadline {
+        match crate::release::read_partition_file(dir, path) {
+            Err(crate::release::ReleaseError::NotYet(_)) => {}
+            Err(e) => return Err(e.to_string()),
+            Ok(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+                Err(e) => last = format!("not JSON ({e})"),
+                Ok(v) if v["serial"].as_str() != Some(serial) => {
+                    last = format!("for version {} (waiting for {serial})", v["serial"]);
+                }
+                Ok(v) => {
+                    if let Some(e) = v["error"].as_str() {
+                        return Err(e.to_string());
+                    }
+                    let mut conn = BTreeMap::new();
+                    if let Some(map) = v["connection"].as_object() {
+                        for (k, v) in map {
+                            match v {
+                                serde_json::Value::Null => {}
+                                serde_json::Value::String(s) => {
+                                    conn.insert(k.clone(), s.clone());
+                                }
+                                other => {
+                                    conn.insert(k.clone(), other.to_string());
+                                }
+                            }
+                        }
+                    }
+                    return Ok(conn);
+                }
+            },
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!(
+        "the instance gave no result for this shared instance within {} s in {path}: {last}",
+        FILE_WAIT.as_secs()
+    ))
 }
 
 fn render_published_once(

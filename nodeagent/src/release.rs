@@ -167,6 +167,13 @@ pub struct SharedTemplate {
     pub file: Vec<FileTemplate>,
     #[serde(default)]
     pub connection: BTreeMap<String, String>,
+    /// A file the instance writes for each shared instance once it has
+    /// taken it into account (a JSON object naming `serial`, with
+    /// `connection` or `error`): its connection parameters are published
+    /// with those of `connection`, its error reported for that shared
+    /// instance alone.
+    #[serde(default)]
+    pub result: Option<String>,
 }
 
 /// Why a release could not be read or used.

@@ -1,6 +1,7 @@
 //! The example releases, end to end through a real master-node, with the
 //! agent in unprivileged mode: a key-value service whose instance requests a
-//! client child, and a frontend hosting shared instances.
+//! client child, and the frontend (the real `slapos-frontend`) serving it
+//! through a shared instance.
 
 mod common;
 
@@ -17,7 +18,9 @@ fn example_manifests_match_their_files() {
         .parent()
         .unwrap()
         .join("software");
-    for name in ["hello-http", "kvstore", "frontend"] {
+    // (The frontend's manifest is made with its binary's digest by
+    // software/frontend/make-release.)
+    for name in ["hello-http", "kvstore"] {
         let url = format!("file://{}/{name}/software.toml", root.display());
         let text = std::fs::read_to_string(root.join(name).join("software.toml")).unwrap();
         let release = nodeagent::release::Release::parse(&url, &text).unwrap();
@@ -75,7 +78,7 @@ async fn kvstore_child_and_frontend_shared_instances() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let kv = example_release("kvstore");
-    let fe = example_release("frontend");
+    let fe = make_frontend_release(&tmp.path().join("frontend-release"));
     supply(&slap, computer, &kv).await;
     supply(&slap, computer, &fe).await;
 
@@ -100,15 +103,48 @@ async fn kvstore_child_and_frontend_shared_instances() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    // The frontend hosts a shared instance and publishes its route.
+    // The frontend serves the store through a shared instance: the route
+    // file appears, the frontend judges it, the agent publishes its result.
     request(&slap, &fe, "front", "default", &[], "started", false).await;
-    wait_connection(&slap, &fe, "front", "default", &[], false, "url").await;
-    let params = [("backend", "http://backend.example/")];
+    let front = wait_connection(&slap, &fe, "front", "default", &[], false, "url").await;
+    let params = [("backend-url", url.as_str())];
     request(&slap, &fe, "site", "default", &params, "started", true).await;
-    let route = wait_connection(&slap, &fe, "site", "default", &params, true, "url").await;
-    let (status, body) = wait_http(&route).await;
-    assert_eq!(status, 200);
-    assert_eq!(body.trim(), "route site -> http://backend.example/");
+    let site = wait_connection(&slap, &fe, "site", "default", &params, true, "site-url").await;
+    assert!(site.starts_with(&front), "{site} is not under the frontend's {front}");
+    let (status, body) = wait_http(&format!("{site}kv/store")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.trim().parse::<u64>().is_ok(),
+        "the store's value through the frontend: {body:?}"
+    );
+    let ca = wait_connection(&slap, &fe, "site", "default", &params, true, "ca-certificate").await;
+    assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{ca}");
+
+    // A shared instance the frontend refuses fails alone: the agent
+    // reports its error, the other route keeps working.
+    let bad = [("backend-url", "ftp://files.example/")];
+    request(&slap, &fe, "broken", "default", &bad, "started", true).await;
+    wait_for(
+        "the refusal of the broken shared instance",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("only http and https are proxied")
+        },
+    );
+    assert_eq!(http_get(&format!("{site}kv/store")).await.map(|r| r.0), Some(200));
+
+    // Destroying the shared instance removes its route.
+    request(&slap, &fe, "site", "default", &params, "destroyed", true).await;
+    let start = std::time::Instant::now();
+    while http_get(&format!("{site}kv/store")).await.map(|r| r.0) != Some(404) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the destroyed shared instance's route stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     // The agent's own metrics: three started instances (store, its client,
     // the frontend), their processes running, the Master reachable.
@@ -135,4 +171,21 @@ async fn kvstore_child_and_frontend_shared_instances() {
     agent.terminate();
     // --stop-on-exit: nothing of the partitions is left listening.
     assert!(http_get(&url).await.is_none(), "the kv server outlived --stop-on-exit");
+}
+
+/// The frontend release, made from the workspace's slapos-frontend.
+fn make_frontend_release(dir: &std::path::Path) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../software/frontend/make-release");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(dir)
+        .arg(workspace_bin("slapos-frontend"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "make-release: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

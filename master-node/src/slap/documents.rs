@@ -66,6 +66,12 @@ fn access_status(report: &Option<InstanceReport>) -> Option<String> {
     }
 }
 
+/// A stable key for a user that does not name them.
+pub fn owner_key(owner: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(format!("slapos shared instance owner\0{owner}").as_bytes())[..12])
+}
+
 /// The entry of a shared instance in its host's `slave_instance_list`:
 /// its parameters and connection parameters merged, plus its identity.
 fn slave_entry(shared: &Instance) -> Value {
@@ -75,6 +81,10 @@ fn slave_entry(shared: &Instance) -> Value {
     }
     entries.push((Value::str("slave_title"), Value::str(shared.title.clone())));
     entries.push((Value::str("slave_reference"), Value::str(shared.id.clone())));
+    // Not in SlapOS's documents: lets a host tell whether two shared
+    // instances belong to the same user (a frontend keeps a domain with its
+    // owner) without learning who the user is.
+    entries.push((Value::str("slave_owner"), Value::str(owner_key(&shared.owner))));
     entries.push((
         Value::str("slap_software_type"),
         Value::str(shared.software_type.clone()),
