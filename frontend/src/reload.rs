@@ -201,7 +201,6 @@ impl Reloader {
         ) {
             tracing::warn!(error = %e, "cannot keep the domain claims");
         }
-        let summary = self.publish(&specs, &table, &unreadable);
         let served: Vec<String> = table
             .verdicts
             .iter()
@@ -209,7 +208,11 @@ impl Reloader {
             .map(|(k, _)| k.clone())
             .collect();
         self.frontend.metrics.keep_routes(&served);
-        *self.frontend.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        // Served before published: a site-url is never handed out before
+        // its route answers.
+        let table = Arc::new(table);
+        *self.frontend.table.write().unwrap_or_else(|p| p.into_inner()) = table.clone();
+        let summary = self.publish(&specs, &table, &unreadable);
         self.frontend.metrics.reloads.fetch_add(1, Ordering::Relaxed);
         self.frontend
             .metrics
