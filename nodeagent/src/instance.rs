@@ -277,6 +277,7 @@ impl Instances {
         let certs = self.certificate_dir(&r.id);
         f.set("partition.cert_file", certs.join("partition.crt").to_string_lossy());
         f.set("partition.key_file", certs.join("partition.key").to_string_lossy());
+        f.set("partition.ca_file", certs.join("ca.crt").to_string_lossy());
         f.set("computer.id", self.cfg.computer_id.clone());
         f.set("master.url", self.master.primary_url());
         f.set("software.dir", sw_dir.to_string_lossy());
@@ -314,6 +315,9 @@ impl Instances {
                     .map_err(|e| e.to_string())?,
                 stop_timeout_secs: p.stop_timeout,
             });
+        }
+        for t in &profile.tunnel {
+            specs.push(self.tunnel_process(r, &facts, t)?);
         }
         self.supervisor.apply(r, specs).await.map_err(|e| e.to_string())?;
 
@@ -437,12 +441,18 @@ impl Instances {
         let (Some(cert), Some(key)) = (get("certificate"), get("key")) else {
             return;
         };
+        // The CAs the cluster trusts, which the Master sends with it: what a
+        // tunnel checks its peer against.
+        let ca = get("ca_certificate").unwrap_or_default();
         let dir = self.certificate_dir(&r.id);
         let written = std::fs::create_dir_all(&dir).and_then(|_| {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
             for (name, content) in [("partition.crt", cert), ("partition.key", key)] {
                 write_if_changed(&dir, name, content, Some(0o400))?;
                 std::os::unix::fs::chown(dir.join(name), Some(r.uid), Some(r.gid))?;
+            }
+            if !ca.is_empty() {
+                write_if_changed(&dir, "ca.crt", ca, Some(0o444))?;
             }
             Ok(())
         });
@@ -492,6 +502,53 @@ impl Instances {
             self.publish(r, &conn, Some(&s.reference)).await?;
         }
         Ok(())
+    }
+
+    /// The process that runs one end of a tunnel: this binary's `tunnel`
+    /// command, as the partition's user, with the partition's certificate.
+    fn tunnel_process(
+        &self,
+        r: &PartitionResource,
+        facts: &Facts,
+        t: &crate::release::TunnelTemplate,
+    ) -> Result<ProcessSpec, String> {
+        let what = format!("tunnel {}", t.name);
+        let render = |v: &str| facts.render(&what, v).map_err(|e| e.to_string());
+        let exe = std::env::current_exe().map_err(|e| format!("{what}: cannot tell where nodeagent is: {e}"))?;
+        let certs = self.certificate_dir(&r.id);
+        let mut argv = vec![
+            exe.to_string_lossy().into_owned(),
+            "tunnel".into(),
+            "--name".into(),
+            t.name.clone(),
+            "--listen".into(),
+            render(&t.listen)?,
+        ];
+        if let Some(forward) = &t.forward {
+            argv.extend(["--forward".into(), render(forward)?]);
+            for a in &t.allow {
+                let a = render(a)?;
+                if !a.trim().is_empty() {
+                    argv.extend(["--allow".into(), a]);
+                }
+            }
+        }
+        if let (Some(connect), Some(peer)) = (&t.connect, &t.peer) {
+            argv.extend(["--connect".into(), render(connect)?, "--peer".into(), render(peer)?]);
+        }
+        for (flag, file) in [
+            ("--cert", "partition.crt"),
+            ("--key", "partition.key"),
+            ("--ca", "ca.crt"),
+        ] {
+            argv.extend([flag.into(), certs.join(file).to_string_lossy().into_owned()]);
+        }
+        Ok(ProcessSpec {
+            name: format!("tunnel-{}", t.name),
+            argv,
+            env: BTreeMap::from([("RUST_LOG".to_string(), "info".to_string())]),
+            stop_timeout_secs: 5,
+        })
     }
 
     /// Removes the files rendered for shared instances the partition no

@@ -31,4 +31,5 @@ pub mod register;
 pub mod release;
 pub mod software;
 pub mod supervisor;
+pub mod tunnel;
 pub mod usage;

@@ -97,6 +97,10 @@ enum Cmd {
         #[command(flatten)]
         node: NodeConfig,
     },
+    /// One end of a tunnel between partitions, as the agent runs it for a
+    /// release's `[[instance.TYPE.tunnel]]` (docs/software-release.md).
+    #[command(hide = true)]
+    Tunnel(nodeagent::tunnel::TunnelArgs),
 }
 
 #[derive(Args)]
@@ -193,7 +197,9 @@ fn init_logging(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only for a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if json {
         builder.json().init();
     } else {
@@ -359,6 +365,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Cmd::Tunnel(args) => {
+            nodeagent::tunnel::run(args).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Report(one) => {
             let (plan, instances) = one.instances().await?;

@@ -82,9 +82,36 @@ pub struct Profile {
     /// Per hosted shared instance.
     #[serde(default)]
     pub shared: Option<SharedTemplate>,
+    /// Tunnels to or from other partitions, over mutual TLS.
+    #[serde(default)]
+    pub tunnel: Vec<TunnelTemplate>,
     /// Run before a partition is wiped.
     #[serde(default)]
     pub destroy: Option<Vec<String>>,
+}
+
+/// One end of a tunnel between partitions (see [`crate::tunnel`]): a server
+/// end has `forward` and `allow`, a client end `connect` and `peer`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelTemplate {
+    /// Names the supervised process (`tunnel-NAME`).
+    pub name: String,
+    /// Where this end listens, host:port.
+    pub listen: String,
+    /// Server end: the partition's service, host:port.
+    #[serde(default)]
+    pub forward: Option<String>,
+    /// Server end: the partitions let in, COMPUTER/PARTITION (empty
+    /// entries are skipped, so an optional parameter may fill one).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Client end: the server end, host:port.
+    #[serde(default)]
+    pub connect: Option<String>,
+    /// Client end: the partition the server end must be.
+    #[serde(default)]
+    pub peer: Option<String>,
 }
 
 /// A file rendered into the partition.
@@ -222,6 +249,22 @@ impl Release {
                         reason: format!(
                             "instance.{ty} promise {}: give exactly one of command, tcp, http",
                             pr.name
+                        ),
+                    });
+                }
+            }
+            for t in &p.tunnel {
+                let server = t.forward.is_some();
+                let client = t.connect.is_some() && t.peer.is_some();
+                if server == client
+                    || (server && (t.connect.is_some() || t.peer.is_some()))
+                    || (!server && !t.allow.is_empty())
+                {
+                    return Err(ReleaseError::Parse {
+                        url: url.into(),
+                        reason: format!(
+                            "instance.{ty} tunnel {}: a server end has forward (and allow), a client end connect and peer",
+                            t.name
                         ),
                     });
                 }

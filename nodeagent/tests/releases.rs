@@ -189,3 +189,169 @@ fn make_frontend_release(dir: &std::path::Path) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// A release with a service behind a tunnel's server end, and a client
+/// type whose tunnel client end reaches it.
+fn tunnel_release(dir: &std::path::Path) -> String {
+    let server_py = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../software/common/server.py");
+    let manifest = format!(
+        r#"
+name = "tunnel-test"
+
+[instance.default]
+parameters = {{ allow = "" }}
+
+[[instance.default.file]]
+path = "www/index.html"
+content = "served through the tunnel by {{{{partition.id}}}}"
+
+[[instance.default.process]]
+name = "web"
+command = ["/usr/bin/python3", "{server}", "--bind", "{{{{partition.ipv4}}}}", "--port", "{{{{partition.port}}}}", "--root", "{{{{partition.dir}}}}/www"]
+
+[[instance.default.tunnel]]
+name = "web"
+listen = "{{{{partition.ipv4}}}}:{{{{partition.port.1}}}}"
+forward = "{{{{partition.ipv4}}}}:{{{{partition.port}}}}"
+allow = ["{{{{param.allow}}}}"]
+
+[instance.default.connection]
+tunnel = "{{{{partition.ipv4}}}}:{{{{partition.port.1}}}}"
+partition = "{{{{computer.id}}}}/{{{{partition.id}}}}"
+
+[instance.client]
+
+[[instance.client.tunnel]]
+name = "web"
+listen = "{{{{partition.ipv4}}}}:{{{{partition.port.1}}}}"
+connect = "{{{{param.server}}}}"
+peer = "{{{{param.server-partition}}}}"
+
+[instance.client.connection]
+local = "http://{{{{partition.ipv4}}}}:{{{{partition.port.1}}}}/"
+partition = "{{{{computer.id}}}}/{{{{partition.id}}}}"
+"#,
+        server = server_py.display()
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("software.toml"), manifest).unwrap();
+    format!("file://{}/software.toml", dir.display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_lets_in_only_the_partitions_it_allows_and_outlives_a_server_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let master = Master::init(tmp.path());
+    let slap = MasterClient::new(&[master.url()]);
+    let computer = "COMP-TUNNEL";
+    let port_base = common::free_port_base(4);
+    let args = [
+        "run",
+        "--master",
+        &master.url(),
+        "--computer-id",
+        computer,
+        "--mode",
+        "unprivileged",
+        "--instance-root",
+        tmp.path().join("srv").to_str().unwrap(),
+        "--software-root",
+        tmp.path().join("opt").to_str().unwrap(),
+        "--partitions",
+        "4",
+        "--port-base",
+        &port_base.to_string(),
+        "--stop-on-exit",
+    ]
+    .map(String::from);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log = tmp.path().join("agent.log");
+    let _agent = Proc::spawn(&workspace_bin("nodeagent"), &refs, &log);
+    let start = std::time::Instant::now();
+    while slap.computer_plan(computer, None, None).await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the agent never reported capacity"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sr = tunnel_release(&tmp.path().join("release"));
+    supply(&slap, computer, &sr).await;
+
+    request(&slap, &sr, "server", "default", &[], "started", false).await;
+    let tunnel = wait_connection(&slap, &sr, "server", "default", &[], false, "tunnel").await;
+    let server_partition = wait_connection(&slap, &sr, "server", "default", &[], false, "partition").await;
+    let client_params = [
+        ("server", tunnel.as_str()),
+        ("server-partition", server_partition.as_str()),
+    ];
+    request(&slap, &sr, "allowed", "client", &client_params, "started", false).await;
+    request(&slap, &sr, "stranger", "client", &client_params, "started", false).await;
+    let allowed_url = wait_connection(&slap, &sr, "allowed", "client", &client_params, false, "local").await;
+    let allowed = wait_connection(&slap, &sr, "allowed", "client", &client_params, false, "partition").await;
+    let stranger_url = wait_connection(&slap, &sr, "stranger", "client", &client_params, false, "local").await;
+
+    // The server end lets in the partition it is told to.
+    let allow = [("allow", allowed.as_str())];
+    request(&slap, &sr, "server", "default", &allow, "started", false).await;
+    let served = format!(
+        "served through the tunnel by {}",
+        server_partition.split('/').nth(1).unwrap()
+    );
+    let start = std::time::Instant::now();
+    loop {
+        if let Some((200, body)) = http_get(&format!("{allowed_url}index.html")).await {
+            assert_eq!(body, served);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the allowed partition never got through; agent log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Another partition of the cluster is refused at the handshake: no
+    // answer, and the server end logs and counts the refusal.
+    assert_eq!(http_get(&format!("{stranger_url}index.html")).await, None);
+    let stranger = wait_connection(&slap, &sr, "stranger", "client", &client_params, false, "partition").await;
+    let server_log = tmp
+        .path()
+        .join("srv")
+        .join(server_partition.split('/').nth(1).unwrap())
+        .join("var/log/tunnel-web.log");
+    wait_for("the refusal in the server end's log", Duration::from_secs(10), || {
+        std::fs::read_to_string(&server_log)
+            .unwrap_or_default()
+            .contains(&format!("partition {stranger} is not allowed through this tunnel"))
+    });
+    let logged = std::fs::read_to_string(&server_log).unwrap_or_default();
+    assert!(logged.contains("refused=1"), "{logged}");
+
+    // The server end restarts (killed; the supervisor starts it again):
+    // the client end carries on with the next connection.
+    let srv = tmp.path().join("srv/.nodeagent/run");
+    let record = std::fs::read_dir(&srv)
+        .unwrap()
+        .flatten()
+        .map(|d| d.path().join("tunnel-web.json"))
+        .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("--forward")))
+        .expect("the server end's process record");
+    let pid = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&record).unwrap()).unwrap()["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        if let Some((200, body)) = http_get(&format!("{allowed_url}index.html")).await {
+            assert_eq!(body, served);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the tunnel did not come back after its server end restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -30,6 +30,10 @@ mod signatures;
 #[cfg(feature = "grpc")]
 pub mod tls;
 
+/// Mutual TLS between partitions (tunnels).
+#[cfg(feature = "grpc")]
+pub mod peers;
+
 /// Certificates replaced while serving, and when to renew them.
 #[cfg(feature = "grpc")]
 pub mod live;

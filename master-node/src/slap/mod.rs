@@ -664,7 +664,9 @@ async fn destroyed(State(r): State<Arc<Replica>>, h: HeaderMap, body: Bytes) -> 
 
 /// `getComputerPartitionCertificate`: the certificate and key the Master
 /// issued to the partition's current instance (marshalled
-/// `{'certificate': PEM, 'key': PEM}`).
+/// `{'certificate': PEM, 'key': PEM}`), and, beyond SlapOS's answer, the
+/// CAs a partition's peer may chain to (`ca_certificate`), which the node
+/// agent's tunnels check peers against.
 async fn partition_certificate(State(replica): State<Arc<Replica>>, RawQuery(q): RawQuery) -> SlapResult {
     let f = Fields::parse(q.as_deref().unwrap_or(""))?;
     let (c, p) = (f.need("computer_id")?, f.need("computer_partition_id")?);
@@ -696,6 +698,7 @@ async fn partition_certificate(State(replica): State<Arc<Replica>>, RawQuery(q):
                     .unwrap_or_default(),
             ),
         ),
+        ("ca_certificate", Value::str(state.trust_pem())),
     ]);
     drop(state);
     marshal_response(&doc)
