@@ -33,7 +33,7 @@ type Sink = Option<std::io::BufWriter<Box<dyn Write + Send>>>;
 
 /// Where lines go; cheap to clone.
 #[derive(Clone)]
-pub struct AccessLog(Arc<Mutex<Sink>>);
+pub struct AccessLog(Arc<Mutex<Sink>>, bool);
 
 const TIME: &[time::format_description::FormatItem<'static>] =
     time::macros::format_description!("[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000");
@@ -41,9 +41,18 @@ const TIME: &[time::format_description::FormatItem<'static>] =
 impl AccessLog {
     /// Lines to `sink`, or nowhere.
     pub fn new(sink: Option<Box<dyn Write + Send>>) -> AccessLog {
-        AccessLog(Arc::new(Mutex::new(
-            sink.map(|s| std::io::BufWriter::with_capacity(64 * 1024, s)),
-        )))
+        let on = sink.is_some();
+        AccessLog(
+            Arc::new(Mutex::new(
+                sink.map(|s| std::io::BufWriter::with_capacity(64 * 1024, s)),
+            )),
+            on,
+        )
+    }
+
+    /// Whether lines go anywhere (so a request need not gather them).
+    pub fn enabled(&self) -> bool {
+        self.1
     }
 
     pub fn write(&self, e: Entry<'_>) {

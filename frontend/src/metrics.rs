@@ -1,12 +1,13 @@
 //! The frontend's counters, served as Prometheus text on the admin
 //! listener (`/metrics`).
 
-use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use hyper::StatusCode;
+
+use crate::route::RouteTable;
 
 /// Counters shared by every connection; cheap to clone.
 #[derive(Clone, Default)]
@@ -16,8 +17,6 @@ pub struct Metrics(Arc<Inner>);
 pub struct Inner {
     /// Responses by status class (1xx … 5xx).
     responses: [AtomicU64; 5],
-    /// Requests per route, by reference.
-    per_route: Mutex<BTreeMap<String, u64>>,
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
@@ -42,24 +41,9 @@ impl Metrics {
         self.responses[class].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn count_route(&self, reference: &str) {
-        let mut m = self.per_route.lock().unwrap_or_else(|p| p.into_inner());
-        match m.get_mut(reference) {
-            Some(n) => *n += 1,
-            None => {
-                m.insert(reference.to_string(), 1);
-            }
-        }
-    }
-
-    /// Forgets the counters of routes no longer served.
-    pub fn keep_routes(&self, served: &[String]) {
-        let mut m = self.per_route.lock().unwrap_or_else(|p| p.into_inner());
-        m.retain(|k, _| served.contains(k));
-    }
-
-    /// Everything, in the Prometheus text format.
-    pub fn render(&self) -> String {
+    /// Everything, in the Prometheus text format, with the request count
+    /// of every route of `routes`.
+    pub fn render(&self, routes: &RouteTable) -> String {
         let mut out = String::new();
         let g = |o: &mut String, name: &str, kind: &str, help: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
@@ -77,8 +61,12 @@ impl Metrics {
             );
         }
         let _ = writeln!(out, "# HELP frontend_route_requests_total Requests matched to each route.\n# TYPE frontend_route_requests_total counter");
-        for (r, n) in self.per_route.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(out, "frontend_route_requests_total{{route=\"{r}\"}} {n}");
+        for (r, n) in routes.counters() {
+            let _ = writeln!(
+                out,
+                "frontend_route_requests_total{{route=\"{r}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
         }
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         g(

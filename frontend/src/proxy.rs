@@ -151,15 +151,19 @@ impl Frontend {
         arrival: Arrival,
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
-        let method = req.method().clone();
-        let target = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "/".into());
-        let version = req.version();
-        let referer = header_text(req.headers(), header::REFERER);
-        let agent = header_text(req.headers(), header::USER_AGENT);
+        // What the access log line needs, gathered only when there is one.
+        let logged = self.access_log.enabled().then(|| {
+            (
+                req.method().clone(),
+                req.uri()
+                    .path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "/".into()),
+                req.version(),
+                header_text(req.headers(), header::REFERER),
+                header_text(req.headers(), header::USER_AGENT),
+            )
+        });
         let table = self.routes();
         let host = requested_host(&req);
         let route = table.lookup(&host, req.uri().path()).cloned();
@@ -173,24 +177,26 @@ impl Frontend {
         let status = response.status();
         self.metrics.count_response(status);
         if let Some(r) = &route {
-            self.metrics.count_route(&r.reference);
+            r.requests.fetch_add(1, Ordering::Relaxed);
         }
-        self.access_log.write(Entry {
-            peer: arrival.peer,
-            method: method.as_str(),
-            target: &target,
-            version,
-            status: status.as_u16(),
-            bytes: response
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok()),
-            referer: &referer,
-            user_agent: &agent,
-            elapsed: started.elapsed(),
-            route: route.as_ref().map(|r| r.reference.as_str()),
-        });
+        if let Some((method, target, version, referer, agent)) = logged {
+            self.access_log.write(Entry {
+                peer: arrival.peer,
+                method: method.as_str(),
+                target: &target,
+                version,
+                status: status.as_u16(),
+                bytes: response
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+                referer: &referer,
+                user_agent: &agent,
+                elapsed: started.elapsed(),
+                route: route.as_ref().map(|r| r.reference.as_str()),
+            });
+        }
         Ok(response)
     }
 

@@ -160,7 +160,7 @@ impl Reloader {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
-        let table = RouteTable::build(&specs, &claims);
+        let table = RouteTable::build(&specs, &claims, &self.frontend.routes().counters());
 
         // Certificates first, so a new domain's handshake finds one as soon
         // as its route is served.
@@ -201,13 +201,6 @@ impl Reloader {
         ) {
             tracing::warn!(error = %e, "cannot keep the domain claims");
         }
-        let served: Vec<String> = table
-            .verdicts
-            .iter()
-            .filter(|(_, v)| matches!(v, Verdict::Served(_)))
-            .map(|(k, _)| k.clone())
-            .collect();
-        self.frontend.metrics.keep_routes(&served);
         // Served before published: a site-url is never handed out before
         // its route answers.
         let table = Arc::new(table);

@@ -12,6 +12,7 @@
 //! which is what lets the reloader swap tables under live traffic.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,6 +126,10 @@ pub struct Route {
     pub timeout: Duration,
     /// The user's own certificate for the domain, checked.
     pub certificate: Option<Arc<rustls::sign::CertifiedKey>>,
+    /// Requests matched to this route, kept across reloads (see
+    /// [`RouteTable::build`]); one atomic per route, so counting costs no
+    /// lock on the request path.
+    pub requests: Arc<AtomicU64>,
 }
 
 fn flag(params: &BTreeMap<String, String>, name: &str, default: bool) -> Result<bool, String> {
@@ -218,6 +223,7 @@ impl Route {
             websocket: flag(p, "websocket", false)?,
             timeout: Duration::from_secs(timeout),
             certificate,
+            requests: Arc::default(),
         })
     }
 
@@ -267,15 +273,22 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Checks `specs` (any order) against each other and against `claims`.
-    pub fn build(specs: &[RouteSpec], claims: &Claims) -> RouteTable {
+    /// Checks `specs` (any order) against each other and against `claims`;
+    /// a route already served keeps its request counter from `counters`
+    /// (the previous table's, [`RouteTable::counters`]).
+    pub fn build(specs: &[RouteSpec], claims: &Claims, counters: &BTreeMap<String, Arc<AtomicU64>>) -> RouteTable {
         let mut specs: Vec<&RouteSpec> = specs.iter().collect();
         specs.sort_by(|a, b| a.reference.cmp(&b.reference));
         let mut verdicts = BTreeMap::new();
         let mut routes = Vec::new();
         for spec in specs {
             match Route::from_spec(spec) {
-                Ok(r) => routes.push(r),
+                Ok(mut r) => {
+                    if let Some(c) = counters.get(&r.reference) {
+                        r.requests = c.clone();
+                    }
+                    routes.push(r)
+                }
                 Err(e) => {
                     verdicts.insert(spec.reference.clone(), Verdict::Refused(e));
                 }
@@ -357,6 +370,17 @@ impl RouteTable {
         self.len() == 0
     }
 
+    /// Every served route's request counter, by reference.
+    pub fn counters(&self) -> BTreeMap<String, Arc<AtomicU64>> {
+        self.verdicts
+            .iter()
+            .filter_map(|(k, v)| match v {
+                Verdict::Served(r) => Some((k.clone(), r.requests.clone())),
+                Verdict::Refused(_) => None,
+            })
+            .collect()
+    }
+
     /// The served routes that bring their own certificate.
     pub fn user_certificates(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.by_domain.values().flatten().filter(|r| r.certificate.is_some())
@@ -426,7 +450,7 @@ mod tests {
             ),
             spec("e", "u1", &[("backend-url", "http://[::1]:4/"), ("ssl-crt", "x")]),
         ];
-        let t = RouteTable::build(&specs, &Claims::new());
+        let t = RouteTable::build(&specs, &Claims::new(), &BTreeMap::new());
         assert!(matches!(t.verdicts["a"], Verdict::Served(_)));
         assert!(refused(&t, "b").contains("not a URL"));
         assert!(refused(&t, "c").contains("timeout"));
@@ -449,9 +473,9 @@ mod tests {
         );
         // Alice claimed it before Mallory's shared instance appeared: kept,
         // although Mallory's reference sorts first.
-        let t1 = RouteTable::build(std::slice::from_ref(&mine), &Claims::new());
+        let t1 = RouteTable::build(std::slice::from_ref(&mine), &Claims::new(), &BTreeMap::new());
         assert_eq!(t1.claims["shop.example"], "alice");
-        let t2 = RouteTable::build(&[mine.clone(), theirs.clone()], &t1.claims);
+        let t2 = RouteTable::build(&[mine.clone(), theirs.clone()], &t1.claims, &BTreeMap::new());
         assert!(refused(&t2, "0-first-by-name").contains("another user"));
         assert_eq!(t2.lookup("shop.example", "/").unwrap().reference, "a");
         // Alice may add a second route on her domain.
@@ -464,11 +488,11 @@ mod tests {
                 ("path-prefix", "/api/"),
             ],
         );
-        let t3 = RouteTable::build(&[mine.clone(), theirs.clone(), more], &t2.claims);
+        let t3 = RouteTable::build(&[mine.clone(), theirs.clone(), more], &t2.claims, &BTreeMap::new());
         assert_eq!(t3.lookup("shop.example", "/api/x").unwrap().reference, "b");
         assert_eq!(t3.lookup("shop.example", "/apix").unwrap().reference, "a");
         // Once Alice's instances are gone, the domain is free for Mallory.
-        let t4 = RouteTable::build(std::slice::from_ref(&theirs), &t3.claims);
+        let t4 = RouteTable::build(std::slice::from_ref(&theirs), &t3.claims, &BTreeMap::new());
         assert!(matches!(t4.verdicts["0-first-by-name"], Verdict::Served(_)));
         assert_eq!(t4.claims["shop.example"], "mallory");
     }
@@ -479,14 +503,14 @@ mod tests {
             spec("a", "u", &[("backend-url", "http://[::1]:1/"), ("path-prefix", "/x")]),
             spec("b", "u", &[("backend-url", "http://[::1]:2/"), ("path-prefix", "/x/")]),
         ];
-        let t = RouteTable::build(&specs, &Claims::new());
+        let t = RouteTable::build(&specs, &Claims::new(), &BTreeMap::new());
         assert!(refused(&t, "b").contains("already served by shared instance a"));
     }
 
     #[test]
     fn paths_are_matched_on_segments_and_rewritten_under_the_backend_path() {
         let s = spec("r1", "u", &[("backend-url", "http://[::1]:1/base/")]);
-        let t = RouteTable::build(&[s], &Claims::new());
+        let t = RouteTable::build(&[s], &Claims::new(), &BTreeMap::new());
         let r = t.lookup("any.host", "/r1/page").unwrap();
         assert_eq!(r.upstream_path("/r1/page", Some("a=1")), "/base/page?a=1");
         assert_eq!(r.upstream_path("/r1", None), "/base/");

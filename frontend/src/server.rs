@@ -106,7 +106,7 @@ pub async fn serve_admin(listener: TcpListener, frontend: Arc<Frontend>, mut shu
                 let frontend = frontend.clone();
                 async move {
                     let (status, body) = match req.uri().path() {
-                        "/metrics" => (StatusCode::OK, frontend.metrics.render()),
+                        "/metrics" => (StatusCode::OK, frontend.metrics.render(&frontend.routes())),
                         "/healthz" => (StatusCode::OK, format!("ok, {} routes\n", frontend.routes().len())),
                         _ => (StatusCode::NOT_FOUND, "/metrics or /healthz\n".to_string()),
                     };

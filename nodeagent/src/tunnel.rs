@@ -28,6 +28,10 @@ use clap::Args;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
+/// Bytes copied per read: four TLS records, fewer system calls than
+/// tokio's 8 KiB default for bulk transfers.
+const COPY_BUFFER: usize = 64 * 1024;
+
 /// `nodeagent tunnel`: one end of a tunnel.
 #[derive(Args, Debug, Clone)]
 pub struct TunnelArgs {
@@ -133,7 +137,7 @@ async fn serve_one(stream: TcpStream, files: &Files, allow: &[String], forward: 
     let mut service = TcpStream::connect(forward)
         .await
         .with_context(|| format!("the service at {forward}"))?;
-    let _ = tokio::io::copy_bidirectional(&mut tls, &mut service).await;
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut service, COPY_BUFFER, COPY_BUFFER).await;
     Ok(())
 }
 
@@ -152,6 +156,6 @@ async fn dial_one(mut local: TcpStream, files: &Files, connect: &str, expect: &s
     .await
     .context("no TLS handshake within 10 s")?
     .context("TLS handshake")?;
-    let _ = tokio::io::copy_bidirectional(&mut local, &mut tls).await;
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut local, &mut tls, COPY_BUFFER, COPY_BUFFER).await;
     Ok(())
 }
