@@ -8,7 +8,8 @@
 //! - [`route`]: what a shared instance asks, checked on its own and against
 //!   the others (a domain belongs to its first owner); pure.
 //! - [`certs`]: the server certificate per domain (SNI): the user's own,
-//!   checked, or one signed by the frontend's CA.
+//!   checked, one from the cluster's CA ([`cluster_ca`]), or, without a
+//!   Master to ask, one signed by the frontend's own CA.
 //! - [`proxy`]: one request, forwarded with `X-Forwarded-*` set and
 //!   hop-by-hop headers dropped, bodies streamed, WebSockets passed.
 //! - [`reload`]: the route files the node agent writes, watched and served
@@ -21,6 +22,7 @@
 
 pub mod access_log;
 pub mod certs;
+pub mod cluster_ca;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

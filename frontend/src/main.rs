@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use frontend::access_log::AccessLog;
 use frontend::certs::{SigningAuthority, SiteCertificates};
+use frontend::cluster_ca::{ClusterCa, MasterAccess};
 use frontend::metrics::Metrics;
 use frontend::proxy::{upstream, Frontend};
 use frontend::reload::{Directories, PublicAddress, Reloader};
@@ -77,6 +78,27 @@ struct Serve {
     /// How often the route files are looked at, in milliseconds.
     #[arg(long, default_value_t = 200)]
     scan_interval_ms: u64,
+    /// The Master's SLAP URL: domains without the user's own certificate
+    /// get one from the cluster's CA, asked for as this partition (with
+    /// --computer-id, --partition-id, --partition-cert, --partition-key and
+    /// --master-ca). Without it (or empty), the frontend's own CA signs them.
+    #[arg(long)]
+    master_url: Option<String>,
+    /// This partition's computer, for --master-url.
+    #[arg(long)]
+    computer_id: Option<String>,
+    /// This partition's id, for --master-url.
+    #[arg(long)]
+    partition_id: Option<String>,
+    /// This partition's certificate (PEM), for --master-url.
+    #[arg(long)]
+    partition_cert: Option<PathBuf>,
+    /// This partition's key (PEM), for --master-url.
+    #[arg(long)]
+    partition_key: Option<PathBuf>,
+    /// The CAs the Master's certificate is checked against, for --master-url.
+    #[arg(long)]
+    master_ca: Option<PathBuf>,
     /// How long open connections may finish their requests at shutdown.
     #[arg(long, default_value_t = 10)]
     drain_secs: u64,
@@ -102,6 +124,44 @@ fn roots(files: &[PathBuf]) -> anyhow::Result<rustls::RootCertStore> {
     Ok(store)
 }
 
+/// How the frontend asks the Master for site certificates, if it was told.
+fn master_access(args: &Serve) -> anyhow::Result<Option<MasterAccess>> {
+    let Some(url) = args.master_url.clone().filter(|u| !u.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let text = |v: &Option<String>, flag: &str| {
+        v.clone()
+            .filter(|v| !v.trim().is_empty())
+            .with_context(|| format!("--master-url needs {flag}"))
+    };
+    let file = |v: &Option<PathBuf>, flag: &str| {
+        v.clone()
+            .filter(|p| !p.as_os_str().is_empty())
+            .with_context(|| format!("--master-url needs {flag}"))
+    };
+    let access = MasterAccess {
+        url,
+        computer: text(&args.computer_id, "--computer-id")?,
+        partition: text(&args.partition_id, "--partition-id")?,
+        cert_file: file(&args.partition_cert, "--partition-cert")?,
+        key_file: file(&args.partition_key, "--partition-key")?,
+        ca_file: file(&args.master_ca, "--master-ca")?,
+    };
+    // A node that talks to its Master without certificates gives its
+    // partitions none: nothing to ask with.
+    if let Some(missing) = [&access.cert_file, &access.key_file, &access.ca_file]
+        .into_iter()
+        .find(|f| !f.exists())
+    {
+        tracing::warn!(
+            file = %missing.display(),
+            "the partition has no certificate to ask the Master with: domains get certificates from the frontend's own CA"
+        );
+        return Ok(None);
+    }
+    Ok(Some(access))
+}
+
 async fn serve(args: Serve) -> anyhow::Result<()> {
     let hosts: Vec<String> = args.hosts.iter().filter(|h| !h.trim().is_empty()).cloned().collect();
     if hosts.is_empty() {
@@ -114,6 +174,10 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let authority = SigningAuthority::load_or_create(&args.state).map_err(anyhow::Error::msg)?;
+    let cluster = master_access(&args)?.map(|access| {
+        tracing::info!(master = %access.url, "domains get their certificates from the cluster's CA");
+        ClusterCa::new(access, &args.state)
+    });
     let public_host = args
         .public_host
         .clone()
@@ -151,13 +215,14 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         frontend.clone(),
         certificates.clone(),
         authority,
+        cluster,
         PublicAddress {
             host: public_host,
             http_port: args.http_port,
             https_port: args.https_port,
         },
     );
-    reloader.reload_if_changed();
+    reloader.reload_if_changed().await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
@@ -205,10 +270,17 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_millis(args.scan_interval_ms.max(10)));
+    // Site certificates due for renewal, or waiting for the Master.
+    let mut renew = tokio::time::interval(Duration::from_secs(30));
     loop {
         tokio::select! {
-            _ = tick.tick() => { reloader.reload_if_changed(); }
-            _ = hup.recv() => { tracing::info!("SIGHUP: reloading"); reloader.reload(); }
+            _ = tick.tick() => { reloader.reload_if_changed().await; }
+            _ = renew.tick() => {
+                if reloader.certificates_due() {
+                    reloader.reload().await;
+                }
+            }
+            _ = hup.recv() => { tracing::info!("SIGHUP: reloading"); reloader.reload().await; }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

@@ -20,6 +20,7 @@ use rustls::sign::CertifiedKey;
 use serde_json::json;
 
 use crate::certs::{SigningAuthority, SiteCertificates};
+use crate::cluster_ca::{AskError, ClusterCa, SiteCertificate};
 use crate::proxy::Frontend;
 use crate::route::{domain_verification, Claims, Route, RouteSpec, RouteTable, Verdict};
 
@@ -71,9 +72,26 @@ pub struct Reloader {
     frontend: Arc<Frontend>,
     certificates: Arc<SiteCertificates>,
     authority: SigningAuthority,
+    /// Certificates from the frontend's own CA, by domain.
     issued: BTreeMap<String, Arc<CertifiedKey>>,
+    /// Where site certificates come from by default, when the frontend
+    /// knows its Master.
+    cluster: Option<ClusterCa>,
+    /// Site certificates from the cluster's CA in use, by domain.
+    sites: BTreeMap<String, SiteCertificate>,
+    /// Domains served with a stand-in certificate while the Master could
+    /// not be asked: the next reload asks again.
+    waiting: bool,
+    /// The CAs to trust for each domain's certificate, as published.
+    trusted: BTreeMap<String, String>,
     public: PublicAddress,
     seen: Option<Seen>,
+}
+
+/// How one domain is certified in a reload.
+enum Certified {
+    Served(Arc<CertifiedKey>, String),
+    Refused(String),
 }
 
 /// What one reload found.
@@ -89,6 +107,7 @@ impl Reloader {
         frontend: Arc<Frontend>,
         certificates: Arc<SiteCertificates>,
         authority: SigningAuthority,
+        cluster: Option<ClusterCa>,
         public: PublicAddress,
     ) -> Reloader {
         Reloader {
@@ -97,9 +116,20 @@ impl Reloader {
             certificates,
             authority,
             issued: BTreeMap::new(),
+            cluster,
+            sites: BTreeMap::new(),
+            waiting: false,
+            trusted: BTreeMap::new(),
             public,
             seen: None,
         }
+    }
+
+    /// Whether a reload would change a certificate: one from the cluster's
+    /// CA is due for renewal, or a domain waits for the Master.
+    pub fn certificates_due(&self) -> bool {
+        let now = now_secs();
+        self.waiting || self.sites.values().any(|s| s.due(now))
     }
 
     fn scan(&self) -> std::io::Result<Seen> {
@@ -118,7 +148,7 @@ impl Reloader {
     }
 
     /// Reloads when the route files changed since the last look.
-    pub fn reload_if_changed(&mut self) -> Option<Summary> {
+    pub async fn reload_if_changed(&mut self) -> Option<Summary> {
         let now = match self.scan() {
             Ok(s) => s,
             Err(e) => {
@@ -130,11 +160,11 @@ impl Reloader {
             return None;
         }
         self.seen = Some(now);
-        Some(self.reload())
+        Some(self.reload().await)
     }
 
     /// Reads every route file and serves what they say.
-    pub fn reload(&mut self) -> Summary {
+    pub async fn reload(&mut self) -> Summary {
         let mut specs = Vec::new();
         let mut unreadable = BTreeMap::new();
         if let Ok(entries) = std::fs::read_dir(&self.dirs.routes) {
@@ -160,40 +190,43 @@ impl Reloader {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
-        let table = RouteTable::build(&specs, &claims, &self.frontend.routes().counters());
+        let mut table = RouteTable::build(&specs, &claims, &self.frontend.routes().counters());
 
         // Certificates first, so a new domain's handshake finds one as soon
         // as its route is served.
         let mut by_domain = BTreeMap::new();
+        let mut cas = BTreeMap::new();
         for route in table.user_certificates() {
             if let (Some(d), Some(c)) = (&route.domain, &route.certificate) {
                 by_domain.entry(d.clone()).or_insert_with(|| c.clone());
             }
         }
-        let domains: Vec<String> = table.domains().cloned().collect();
-        for d in &domains {
-            if by_domain.contains_key(d) {
-                continue;
-            }
-            let issued = match self.issued.get(d) {
-                Some(c) => Some(c.clone()),
-                None => match self.authority.issue(std::slice::from_ref(d)) {
-                    Ok(c) => {
-                        self.issued.insert(d.clone(), c.clone());
-                        Some(c)
-                    }
-                    Err(e) => {
-                        tracing::warn!(domain = %d, error = %e, "cannot issue a certificate");
-                        None
-                    }
-                },
-            };
-            if let Some(c) = issued {
-                by_domain.insert(d.clone(), c);
+        let domains: Vec<(String, String)> = table
+            .domains()
+            .filter(|d| !by_domain.contains_key(*d))
+            .filter_map(|d| Some((d.clone(), table.first_reference(d)?)))
+            .collect();
+        self.waiting = false;
+        for (d, reference) in &domains {
+            // One unanswered ask is enough for this reload: the others
+            // would wait as long, and the routes must not.
+            match self.certify(d, reference).await {
+                Some(Certified::Served(key, ca)) => {
+                    by_domain.insert(d.clone(), key);
+                    cas.insert(d.clone(), ca);
+                }
+                Some(Certified::Refused(e)) => table.refuse_domain(d, &e),
+                None => {}
             }
         }
-        self.issued.retain(|d, _| domains.contains(d));
+        let served: Vec<String> = table.domains().cloned().collect();
+        self.issued.retain(|d, _| served.contains(d));
+        self.sites.retain(|d, _| served.contains(d));
+        if let Some(cluster) = &self.cluster {
+            cluster.forget_others(&served);
+        }
         self.certificates.replace(by_domain);
+        self.trusted = cas;
 
         if let Err(e) = write_atomically(
             &claims_file,
@@ -219,6 +252,61 @@ impl Reloader {
         summary
     }
 
+    /// The certificate for `domain` (named by shared instance `reference`)
+    /// when the user brought none; `None` if none could be made.
+    async fn certify(&mut self, domain: &str, reference: &str) -> Option<Certified> {
+        let now = now_secs();
+        if let Some(cluster) = &self.cluster {
+            let current = self.sites.get(domain).cloned().or_else(|| cluster.kept(domain));
+            if let Some(site) = current.as_ref().filter(|s| !s.due(now)) {
+                self.sites.insert(domain.to_string(), site.clone());
+                return Some(Certified::Served(site.key.clone(), site.ca_pem.clone()));
+            }
+            let asked = if self.waiting {
+                Err(AskError::Unavailable(
+                    "the Master did not answer an earlier ask of this reload".into(),
+                ))
+            } else {
+                cluster.ask(domain, reference).await
+            };
+            match asked {
+                Ok(site) => {
+                    let served = Certified::Served(site.key.clone(), site.ca_pem.clone());
+                    self.sites.insert(domain.to_string(), site);
+                    return Some(served);
+                }
+                Err(AskError::Refused(e)) => {
+                    self.sites.remove(domain);
+                    return Some(Certified::Refused(e));
+                }
+                Err(AskError::Unavailable(e)) => {
+                    self.waiting = true;
+                    if let Some(site) = current.filter(|s| s.valid(now)) {
+                        tracing::warn!(%domain, error = %e, "cannot renew the site certificate yet; serving the current one");
+                        let served = Certified::Served(site.key.clone(), site.ca_pem.clone());
+                        self.sites.insert(domain.to_string(), site);
+                        return Some(served);
+                    }
+                    tracing::warn!(%domain, error = %e, "no certificate from the cluster's CA yet; serving one from the frontend's CA meanwhile");
+                }
+            }
+        }
+        let key = match self.issued.get(domain) {
+            Some(c) => c.clone(),
+            None => match self.authority.issue(&[domain.to_string()]) {
+                Ok(c) => {
+                    self.issued.insert(domain.to_string(), c.clone());
+                    c
+                }
+                Err(e) => {
+                    tracing::warn!(%domain, error = %e, "cannot issue a certificate");
+                    return None;
+                }
+            },
+        };
+        Some(Certified::Served(key, self.authority.cert_pem.clone()))
+    }
+
     fn connection(&self, route: &Route) -> serde_json::Value {
         let host = route.domain.clone().unwrap_or_else(|| self.public.host.clone());
         let plain = self.public.url(&host, false, &route.path_prefix);
@@ -232,6 +320,15 @@ impl Reloader {
         if let Some(d) = &route.domain {
             c["domain"] = json!(d);
             c["domain-verification"] = json!(domain_verification(&route.owner, d));
+        }
+        // The CAs a client checks the HTTPS site against: none for the
+        // user's own certificate (theirs to know).
+        let ca = match &route.domain {
+            Some(d) => self.trusted.get(d).cloned(),
+            None => Some(self.authority.cert_pem.clone()),
+        };
+        if let Some(ca) = ca {
+            c["ca-certificate"] = json!(ca);
         }
         c
     }
@@ -278,6 +375,13 @@ impl Reloader {
 
 /// Writes `text` at `path` through a temporary file and a rename, so a
 /// reader sees the old content or the new, never half.
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;

@@ -144,23 +144,7 @@ fn flag(params: &BTreeMap<String, String>, name: &str, default: bool) -> Result<
     }
 }
 
-/// A virtual host name: lowercase DNS labels, a `*.` wildcard refused.
-pub fn check_domain(domain: &str) -> Result<String, String> {
-    let d = domain.trim().trim_end_matches('.').to_ascii_lowercase();
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    };
-    if d.is_empty() || d.len() > 253 || !d.split('.').all(label_ok) {
-        return Err(format!(
-            "domain {domain:?} is not a host name (letters, digits, '-', dots)"
-        ));
-    }
-    Ok(d)
-}
+pub use slap_proto::domain::check_domain;
 
 impl Route {
     /// Checks one spec on its own.
@@ -381,6 +365,21 @@ impl RouteTable {
             .collect()
     }
 
+    /// The first route (by reference) served on `domain`.
+    pub fn first_reference(&self, domain: &str) -> Option<String> {
+        self.by_domain.get(domain)?.iter().map(|r| r.reference.clone()).min()
+    }
+
+    /// Stops serving `domain`: each of its routes is refused with `reason`
+    /// and its claim is dropped (it was never this frontend's to give).
+    pub fn refuse_domain(&mut self, domain: &str, reason: &str) {
+        for r in self.by_domain.remove(domain).unwrap_or_default() {
+            self.verdicts
+                .insert(r.reference.clone(), Verdict::Refused(reason.to_string()));
+        }
+        self.claims.remove(domain);
+    }
+
     /// The served routes that bring their own certificate.
     pub fn user_certificates(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.by_domain.values().flatten().filter(|r| r.certificate.is_some())
@@ -495,6 +494,40 @@ mod tests {
         let t4 = RouteTable::build(std::slice::from_ref(&theirs), &t3.claims, &BTreeMap::new());
         assert!(matches!(t4.verdicts["0-first-by-name"], Verdict::Served(_)));
         assert_eq!(t4.claims["shop.example"], "mallory");
+    }
+
+    #[test]
+    fn a_domain_the_cluster_refuses_is_refused_with_every_route_on_it() {
+        let specs = vec![
+            spec(
+                "a",
+                "u",
+                &[("backend-url", "http://[::1]:1/"), ("domain", "shop.example")],
+            ),
+            spec(
+                "b",
+                "u",
+                &[
+                    ("backend-url", "http://[::1]:2/"),
+                    ("domain", "shop.example"),
+                    ("path-prefix", "/api"),
+                ],
+            ),
+            spec(
+                "c",
+                "u",
+                &[("backend-url", "http://[::1]:3/"), ("domain", "blog.example")],
+            ),
+        ];
+        let mut t = RouteTable::build(&specs, &Claims::new(), &BTreeMap::new());
+        assert_eq!(t.first_reference("shop.example").as_deref(), Some("a"));
+        t.refuse_domain("shop.example", "not yours");
+        assert_eq!(refused(&t, "a"), "not yours");
+        assert_eq!(refused(&t, "b"), "not yours");
+        assert!(t.lookup("shop.example", "/api").is_none());
+        assert!(!t.claims.contains_key("shop.example"));
+        assert_eq!(t.lookup("blog.example", "/").unwrap().reference, "c");
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

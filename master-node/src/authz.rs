@@ -8,7 +8,7 @@
 //! | calls | allowed |
 //! |---|---|
 //! | a node's own calls (poll, format, software reports, usage, bang) | that computer |
-//! | a partition's calls (register, publish, state reports, children, IPs) | that partition, its computer |
+//! | a partition's calls (register, publish, state reports, children, IPs, its shared instances' site certificates) | that partition, its computer |
 //! | `getComputerPartitionCertificate`, `destroyedComputerPartition` | the partition's computer |
 //! | `requestComputerPartition` from a partition (with `computer_id`) | that partition, its computer |
 //! | `requestComputerPartition` as a user, HATEOAS reads | users (their own trees) |
@@ -150,7 +150,8 @@ pub fn need_of(path: &str, fields: &[(String, String)]) -> Result<Need, String> 
         | "softwareInstanceRename"
         | "setComputerPartitionConnectionXml"
         | "updateComputerPartitionRelatedInstanceList"
-        | "getHostingSubscriptionIpList" => partition()?,
+        | "getHostingSubscriptionIpList"
+        | "requestSharedInstanceCertificate" => partition()?,
         "requestComputerPartition" => {
             if form::get(fields, "computer_partition_id").is_some() {
                 partition()?

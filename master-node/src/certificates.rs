@@ -276,3 +276,52 @@ async fn issue_round(replica: &Arc<Replica>) -> Result<usize, IssueError> {
     // (a partition freed meanwhile) must not spin the issuer.
     Ok(recorded)
 }
+
+/// How long a site certificate lasts; the frontend asks again after two
+/// thirds of it.
+pub const SITE_DAYS: u64 = 30;
+
+/// A site certificate as its frontend gets it.
+pub struct SiteHandover {
+    pub site: pki::SiteCertificate,
+    /// The certificate, then the chain a client that trusts only the
+    /// previous CA needs during a rotation.
+    pub cert_pem: String,
+    /// Every CA clients may trust it through.
+    pub ca_pem: String,
+}
+
+/// Signs a certificate for `domain`, which the caller has checked belongs
+/// to the shared instance asking ([`crate::state::Master::check_site`]).
+/// A name of the Master's own servers (a replica's or a gateway's) is
+/// refused: a certificate for it would let a frontend pass for the Master.
+///
+/// Not recorded in the log: it names no holder and opens nothing on the
+/// cluster's ports, it lasts [`SITE_DAYS`], and the log line is its trace.
+pub fn issue_site(replica: &Replica, domain: &str) -> Result<SiteHandover, IssueError> {
+    let (ca, trust_pem, chain_pem) = signing(replica).ok_or(IssueError::NoAuthority)?;
+    let reserved = {
+        let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+        state
+            .certificates
+            .values()
+            .filter(|c| !c.revoked && matches!(c.role, Role::Replica(_) | Role::Gateway(_)))
+            .any(|c| {
+                pki::server_names_of(&c.cert_pem.to_text())
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(domain))
+            })
+    };
+    if reserved {
+        return Err(IssueError::Refused(format!(
+            "{domain} is the name of one of the Master's own servers"
+        )));
+    }
+    let site = pki::issue_site(&ca, domain, pki::now_secs(), SITE_DAYS * 86400)?;
+    info!(%domain, serial = %site.serial, "site certificate issued");
+    Ok(SiteHandover {
+        cert_pem: format!("{}{chain_pem}", site.cert_pem),
+        ca_pem: trust_pem,
+        site,
+    })
+}

@@ -194,11 +194,48 @@ fn sign(
     server_names: &[String],
     public_key: &impl rcgen::PublicKeyData,
 ) -> Result<Certificate, PkiError> {
+    let signed = sign_subject(
+        ca,
+        &common_name(role),
+        true,
+        now_secs,
+        lifetime_secs,
+        server_names,
+        public_key,
+    )?;
+    Ok(Certificate {
+        serial: signed.serial,
+        fingerprint: fingerprint(signed.cert.der()),
+        role: role.clone(),
+        cert_pem: Pem::from_text(&signed.cert.pem()),
+        key_pem: None,
+        not_after: signed.not_after,
+        revoked: false,
+    })
+}
+
+struct Signed {
+    cert: rcgen::Certificate,
+    serial: String,
+    not_after: u64,
+}
+
+/// Signs a certificate naming `subject_cn`, for client authentication
+/// (`client_auth`) and, with `server_names`, for servers.
+fn sign_subject(
+    ca: &Authority,
+    subject_cn: &str,
+    client_auth: bool,
+    now_secs: u64,
+    lifetime_secs: u64,
+    server_names: &[String],
+    public_key: &impl rcgen::PublicKeyData,
+) -> Result<Signed, PkiError> {
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(err)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(err)?;
     let mut params = CertificateParams::new(server_names.to_vec()).map_err(err)?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name(role));
+    dn.push(DnType::CommonName, subject_cn);
     params.distinguished_name = dn;
     let mut serial = [0u8; 16];
     rand::Rng::fill(&mut rand::rng(), &mut serial[..]);
@@ -211,19 +248,55 @@ fn sign(
     let not_after = now_secs + lifetime_secs;
     params.not_after = unix_to_offset(not_after)?;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = Vec::new();
+    if client_auth {
+        params.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
+    }
     if !server_names.is_empty() {
         params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
     }
     let cert = params.signed_by(public_key, &issuer).map_err(err)?;
-    Ok(Certificate {
+    Ok(Signed {
+        cert,
         serial: hex::encode(serial),
-        fingerprint: fingerprint(cert.der()),
-        role: role.clone(),
-        cert_pem: Pem::from_text(&cert.pem()),
-        key_pem: None,
         not_after,
-        revoked: false,
+    })
+}
+
+/// A server certificate for a site a frontend serves (see
+/// [`issue_site`]).
+pub struct SiteCertificate {
+    pub serial: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_after: u64,
+}
+
+/// Signs a server certificate for `domain` alone, with a new key. It names
+/// no role (`site:DOMAIN`, which [`role_of`] does not read) and is not for
+/// client authentication, so it opens nothing on the cluster's ports: it
+/// only lets browsers that trust the cluster's CA trust the site.
+pub fn issue_site(
+    ca: &Authority,
+    domain: &str,
+    now_secs: u64,
+    lifetime_secs: u64,
+) -> Result<SiteCertificate, PkiError> {
+    let key = KeyPair::generate().map_err(err)?;
+    let signed = sign_subject(
+        ca,
+        &format!("site:{domain}"),
+        false,
+        now_secs,
+        lifetime_secs,
+        &[domain.to_string()],
+        &key,
+    )?;
+    Ok(SiteCertificate {
+        serial: signed.serial,
+        cert_pem: signed.cert.pem(),
+        key_pem: key.serialize_pem(),
+        not_after: signed.not_after,
     })
 }
 
@@ -394,6 +467,27 @@ mod tests {
             !chains(&before.certificate.cert_pem.to_text(), &cross, &new.cert_pem),
             "the old CA's leaves need the old CA"
         );
+    }
+
+    #[test]
+    fn a_site_certificate_is_for_its_domain_and_no_identity() {
+        use rustls::pki_types::pem::PemObject;
+        let now = now_secs();
+        let ca = new_authority("c1", now).unwrap();
+        let site = issue_site(&ca, "shop.example.com", now, 86_400).unwrap();
+        assert!(chains(&site.cert_pem, "", &ca.cert_pem));
+        assert_eq!(server_names_of(&site.cert_pem), vec!["shop.example.com".to_string()]);
+        let der = rustls::pki_types::CertificateDer::pem_slice_iter(site.cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(role_of(&der), None, "a site certificate names no role");
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        let eku = parsed.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth, "a server certificate only");
+        // The key is the certificate's.
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(site.key_pem.as_bytes()).unwrap();
+        rustls::sign::CertifiedKey::from_der(vec![der], key, &rustls::crypto::ring::default_provider()).unwrap();
     }
 
     #[test]

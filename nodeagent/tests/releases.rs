@@ -120,6 +120,45 @@ async fn kvstore_child_and_frontend_shared_instances() {
     let ca = wait_connection(&slap, &fe, "site", "default", &params, true, "ca-certificate").await;
     assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{ca}");
 
+    // A domain without the user's own certificate is served over HTTPS
+    // with a certificate from the cluster's CA, which the frontend asks the
+    // Master for as its partition: a client that trusts only the cluster's
+    // CA reaches the store by the domain's name (SNI).
+    let named = [("backend-url", url.as_str()), ("domain", "kv.example.test")];
+    request(&slap, &fe, "named", "default", &named, "started", true).await;
+    let secure = wait_connection(&slap, &fe, "named", "default", &named, true, "secure-access").await;
+    assert!(secure.starts_with("https://kv.example.test:"), "{secure}");
+    let published_ca = wait_connection(&slap, &fe, "named", "default", &named, true, "ca-certificate").await;
+    let cluster_ca = std::fs::read_to_string(master.data_dir.join("admin/ca.crt")).unwrap();
+    assert_eq!(
+        published_ca.trim(),
+        cluster_ca.trim(),
+        "the published CA is the cluster's"
+    );
+    let ca_file = tmp.path().join("cluster-ca.crt");
+    std::fs::write(&ca_file, &published_ca).unwrap();
+    let https_port = secure.trim_end_matches('/').rsplit(':').next().unwrap().to_string();
+    let curl = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&ca_file)
+        .arg("--resolve")
+        .arg(format!("kv.example.test:{https_port}:127.0.0.1"))
+        .arg(format!("{secure}kv/store"))
+        .output()
+        .unwrap();
+    assert!(
+        curl.status.success() && String::from_utf8_lossy(&curl.stdout).trim().parse::<u64>().is_ok(),
+        "HTTPS through the cluster's CA: {}{}",
+        String::from_utf8_lossy(&curl.stdout),
+        String::from_utf8_lossy(&curl.stderr)
+    );
+    assert!(
+        std::fs::read_to_string(&master.log)
+            .unwrap_or_default()
+            .contains("site certificate issued"),
+        "the Master logs what its CA signed"
+    );
+
     // A shared instance the frontend refuses fails alone: the agent
     // reports its error, the other route keeps working.
     let bad = [("backend-url", "ftp://files.example/")];

@@ -10,6 +10,7 @@
 //!   [`instance_xml`]: the instance XML masters store parameters in;
 //!   [`tioxml`]: the usage journals nodes report.
 
+pub mod domain;
 pub mod form;
 pub mod instance_xml;
 pub mod limits;

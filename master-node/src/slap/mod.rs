@@ -17,6 +17,8 @@
 //!
 //! Served so far: getFullComputerInformation (and getComputerInformation),
 //! registerComputerPartition, loadComputerConfigurationFromXML, supplySupply,
+//! getComputerPartitionCertificate, requestSharedInstanceCertificate (ours:
+//! a frontend's site certificate, see `sites`),
 //! requestComputerPartition, setComputerPartitionConnectionXml, the instance
 //! and software state reports, softwareInstanceBang,
 //! updateComputerPartitionRelatedInstanceList, useComputer (validated, not
@@ -29,6 +31,7 @@
 mod computer;
 pub mod documents;
 pub mod hateoas;
+mod sites;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,6 +150,7 @@ pub fn router(replica: Arc<Replica>) -> Router {
         .route("/computerBang", post(computer_bang))
         .route("/useComputer", post(use_computer))
         .route("/getComputerPartitionCertificate", get(partition_certificate))
+        .route("/requestSharedInstanceCertificate", post(sites::site_certificate))
         .route("/hateoas", get(hateoas::root))
         .route("/hateoas/", get(hateoas::root))
         .route("/hateoas/partitions/{title}", get(hateoas::partition))

@@ -38,6 +38,7 @@ pub mod model;
 mod params;
 pub mod persist;
 mod reports;
+mod sites;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -45,6 +46,7 @@ use std::sync::Arc;
 pub use command::*;
 pub use model::*;
 pub use params::Params;
+pub use sites::SiteRefusal;
 
 /// How long a client's last answer is kept for retries (leader time).
 pub const SESSION_TTL_US: u64 = 3600 * 1_000_000;

@@ -1598,3 +1598,81 @@ mod signing {
         }
     }
 }
+
+#[test]
+fn a_site_certificate_goes_to_the_first_user_naming_the_domain_across_the_cluster() {
+    let mut w = World::new();
+    w.computer("COMP-1", 4, &[]);
+    let host = instance(w.request("alice", "frontend", &[], &[]));
+    let (c, p) = host.partition.clone().unwrap();
+    let shared = |w: &mut World, user: &str, title: &str, domain: &str| {
+        instance(w.run(Command::Request(RequestSpec {
+            requester: RequestOrigin::User(user.into()),
+            title: title.into(),
+            software_release: SR.into(),
+            software_type: "default".into(),
+            parameters: params(&[("domain", domain), ("backend-url", "http://[::1]:8080")]),
+            sla: Params::new(),
+            shared: true,
+            state: None,
+        })))
+    };
+    let bob = shared(&mut w, "bob", "shop", "shop.example.com");
+    let carol = shared(&mut w, "carol", "mine", "Shop.Example.COM.");
+    assert_eq!(bob.host.as_deref(), Some(host.id.as_str()));
+
+    assert_eq!(
+        w.m.check_site(&c, &p, &bob.id, "SHOP.example.com"),
+        Ok("shop.example.com".into())
+    );
+    let taken = w.m.check_site(&c, &p, &carol.id, "shop.example.com");
+    assert!(
+        matches!(&taken, Err(SiteRefusal::Forbidden(m)) if m.contains("another user")),
+        "{taken:?}"
+    );
+    let other = w.m.check_site(&c, &p, &bob.id, "other.example.com");
+    assert!(
+        matches!(&other, Err(SiteRefusal::Forbidden(m)) if m.contains("does not ask")),
+        "{other:?}"
+    );
+    let free =
+        w.m.partitions_of(&c)
+            .into_iter()
+            .find(|q| q.instance.is_none())
+            .unwrap()
+            .id
+            .clone();
+    assert!(matches!(
+        w.m.check_site(&c, &free, &bob.id, "shop.example.com"),
+        Err(SiteRefusal::NotFound(_))
+    ));
+    assert!(matches!(
+        w.m.check_site(&c, &p, "SOFTINST-999", "shop.example.com"),
+        Err(SiteRefusal::NotFound(_))
+    ));
+    assert!(matches!(
+        w.m.check_site(&c, &p, &bob.id, "localhost"),
+        Err(SiteRefusal::Invalid(_))
+    ));
+    assert!(matches!(
+        w.m.check_site(&c, &p, &bob.id, "*.example.com"),
+        Err(SiteRefusal::Invalid(_))
+    ));
+
+    // Once bob no longer wants it, the domain passes to the next user.
+    w.run(Command::Request(RequestSpec {
+        requester: RequestOrigin::User("bob".into()),
+        title: "shop".into(),
+        software_release: SR.into(),
+        software_type: "default".into(),
+        parameters: Params::new(),
+        sla: Params::new(),
+        shared: true,
+        state: Some(RequestedState::Destroyed),
+    }));
+    assert_eq!(
+        w.m.check_site(&c, &p, &carol.id, "shop.example.com"),
+        Ok("shop.example.com".into())
+    );
+    assert!(w.m.check_site(&c, &p, &bob.id, "shop.example.com").is_err());
+}
