@@ -9,7 +9,8 @@
 #   user can run, below).
 # - The real `slapos` client (PyPI slapos.core 1.26.1) in a Python 3.12 venv,
 #   for the conformance tests, and beside it the recipes of the buildout
-#   release those tests deploy (software/buildout-hello/recipe).
+#   release those tests deploy (software/buildout-hello/recipe, and
+#   slapos.cookbook from PyPI).
 #   protoc is not needed: it comes vendored with the protoc-bin-vendored crate.
 # - CARGO_TARGET_DIR defaults to /var/tmp/slapos-target, outside the checkout,
 #   so RocksDB's C++ (about 30 minutes cold on 2 cores) is compiled once per
@@ -102,6 +103,16 @@ if [ "$(cat "$SLAPOS_VENV/.slapos-rs-recipe.sha256" 2>/dev/null)" != "$recipe_su
   "$SLAPOS_VENV/bin/pip" install -q --no-build-isolation --no-deps --force-reinstall "$recipe_tmp"
   rm -rf "$recipe_tmp"
   echo "$recipe_sum" >"$SLAPOS_VENV/.slapos-rs-recipe.sha256"
+fi
+
+# SlapOS's own recipes (slapos.cookbook, from PyPI with its dependencies):
+# the buildout release uses its slapconfiguration and publish recipes, as
+# real SlapOS releases do.
+cookbook_version=1.0.514
+if ! "$SLAPOS_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('slapos.cookbook') != '$cookbook_version')" 2>/dev/null; then
+  echo "setup: installing slapos.cookbook $cookbook_version into $SLAPOS_VENV"
+  "$SLAPOS_VENV/bin/pip" install -q "slapos.cookbook==$cookbook_version"
+  chmod -R a+rX "$SLAPOS_VENV"
 fi
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/slapos-target}"

@@ -13,8 +13,9 @@
 //!   `slapos node report` destroys the tree until every partition is free.
 //!
 //! Three replicas behind slap-gateway; the leader is SIGKILLed in the middle
-//! and every command must still succeed. The recipes the release uses are
-//! installed beside slapgrid by `scripts/setup.sh`.
+//! and every command must still succeed. The recipes the release uses
+//! (slapos.cookbook's `slapconfiguration` and `publish`, unmodified, and the
+//! repository's own) are installed beside slapgrid by `scripts/setup.sh`.
 
 mod common;
 
@@ -278,6 +279,16 @@ fn slapgrid_deploys_a_buildout_release_and_destroys_it() {
     );
     let root_conn = connection(slap, "myinst");
     assert_eq!(lookup(&root_conn, "greeting"), Some(greeting), "{root_conn:?}");
+    // SlapOS's own recipes did it: the cookbook's publish part is what the
+    // typed profiles installed (its values come from the cookbook's
+    // slapconfiguration).
+    let cookbook_parts = (0..3)
+        .filter(|p| {
+            std::fs::read_to_string(node.join(format!("srv/slappart{p}/.installed-switch-softwaretype.cfg")))
+                .is_ok_and(|t| t.contains("recipe = slapos.cookbook:publish"))
+        })
+        .count();
+    assert_eq!(cookbook_parts, 2, "the root and its child ran slapos.cookbook:publish");
     let child_url = lookup(&root_conn, "child-url").unwrap().to_string();
     assert_eq!(child_url, format!("http://{}:{port}/", child_address(slap)));
     // The child's service runs as its partition's user under supervisord.

@@ -1,10 +1,17 @@
-"""Buildout recipes for instances deployed by the unmodified `slapos node`.
+"""Buildout recipes for instances deployed by the unmodified `slapos node`,
+and the extension that lets SlapOS's own recipes run on PyPI's zc.buildout.
 
 SlapOS's own recipes (slapos.cookbook) run on SlapOS's fork of zc.buildout,
 which lets an option hold any Python object; zc.buildout from PyPI (the one
-slapos.core installs) accepts only strings, so `slapos.cookbook:slapconfiguration`
-and `:request` fail there. These recipes do the same work with string options
-only, through the real client library (`slapos.slap`):
+slapos.core installs) accepts only strings and raises "Option values must be
+strings" when `slapos.cookbook:slapconfiguration` stores its address sets,
+its parameter dict and the shared instance list. A profile that names this
+package in `[buildout] extensions` gets `extension`, which stores such a
+value as text instead (see `as_option_text`), so the cookbook's recipes run
+unmodified.
+
+The recipes do the same work as the cookbook's with string options only,
+through the real client library (`slapos.slap`):
 
 - `configuration`: reads the partition's instance from the Master
   (`registerComputerPartition`): software type, title, addresses, and one
@@ -18,7 +25,8 @@ only, through the real client library (`slapos.slap`):
   on its next run, as SlapOS's request recipe does.
 - `publish`: publishes connection parameters
   (`setComputerPartitionConnectionXml`); with `shared-url-base`, also one
-  `url` per shared instance this partition hosts.
+  `url` per shared instance this partition hosts (a section with only that
+  publishes nothing for the partition itself).
 - `file`: writes `inline` to `output`, with `$${` made `${` (PyPI's
   zc.buildout keeps the escape as it is), so a software build can write
   the instance profiles.
@@ -36,6 +44,40 @@ import zc.buildout
 import zc.buildout.buildout
 
 log = logging.getLogger("slapos_rs_recipe")
+
+
+def as_option_text(value):
+    """The text an option holds for a value that is not a string: sets as
+    sorted JSON lists, lists, tuples and dicts as JSON (keys sorted),
+    booleans as `true`/`false`, None as empty, numbers as written."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return json.dumps(sorted(value, key=str), default=str)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def extension(buildout):
+    """Buildout extension: options take any value, stored as text
+    (`as_option_text`), as SlapOS's fork of zc.buildout lets recipes do."""
+    options = zc.buildout.buildout.Options
+    if getattr(options.__setitem__, "_stores_any_value", False):
+        return
+    strings_only = options.__setitem__
+
+    def __setitem__(self, option, value):
+        if not isinstance(value, str):
+            value = as_option_text(value)
+        strings_only(self, option, value)
+
+    __setitem__._stores_any_value = True
+    options.__setitem__ = __setitem__
 
 
 def _partition(options):
@@ -176,7 +218,10 @@ class Publish:
     def install(self):
         partition = _partition(self.options)
         published = {k: v for k, v in self.options.items() if k not in _CONNECTION_OPTIONS}
-        partition.setConnectionDict(published)
+        # With nothing of its own (only shared URLs), the partition's
+        # connection parameters are left to another section.
+        if published:
+            partition.setConnectionDict(published)
         base = self.options.get("shared-url-base")
         if base:
             hosted = json.loads(self.buildout["slap-configuration"]["slave-instance-list"])
