@@ -83,7 +83,8 @@ pub struct ClusterCa {
     dir: PathBuf,
 }
 
-fn now_secs() -> u64 {
+/// Unix seconds now.
+pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -241,14 +242,14 @@ impl ClusterCa {
     }
 
     /// Forgets the certificates of domains no longer served.
-    pub fn forget_others(&self, served: &[String]) {
+    pub fn forget_others(&self, served: &std::collections::BTreeSet<String>) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
             let domain = name.trim_end_matches(".pem").trim_end_matches(".ca");
-            if domain != name && !served.iter().any(|d| d == domain) {
+            if domain != name && !served.contains(domain) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -259,20 +260,23 @@ impl ClusterCa {
 mod tests {
     use super::*;
 
+    /// A Master on a port nothing listens on, with partition files missing.
+    fn unreachable_master(state: &std::path::Path) -> ClusterCa {
+        let access = MasterAccess {
+            url: "https://[::1]:1".into(),
+            computer: "COMP-1".into(),
+            partition: "slappart0".into(),
+            cert_file: state.join("missing.crt"),
+            key_file: state.join("missing.key"),
+            ca_file: state.join("missing.ca"),
+        };
+        ClusterCa::new(access, state)
+    }
+
     #[test]
     fn a_kept_certificate_is_read_back_and_others_are_forgotten() {
         let state = tempfile::tempdir().unwrap();
-        let ca = ClusterCa::new(
-            MasterAccess {
-                url: "https://[::1]:1".into(),
-                computer: "COMP-1".into(),
-                partition: "slappart0".into(),
-                cert_file: "/nonexistent".into(),
-                key_file: "/nonexistent".into(),
-                ca_file: "/nonexistent".into(),
-            },
-            state.path(),
-        );
+        let ca = unreachable_master(state.path());
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["shop.example.com".to_string()])
             .unwrap()
@@ -287,24 +291,14 @@ mod tests {
         let kept = ca.kept("shop.example.com").expect("kept");
         assert_eq!(kept.ca_pem, "CA");
         assert!(kept.valid(now_secs()) && !kept.due(now_secs()));
-        ca.forget_others(&["other.example.com".to_string()]);
+        ca.forget_others(&["other.example.com".to_string()].into());
         assert!(ca.kept("shop.example.com").is_none());
     }
 
     #[tokio::test]
     async fn an_unreachable_master_is_unavailable_not_a_refusal() {
         let state = tempfile::tempdir().unwrap();
-        let ca = ClusterCa::new(
-            MasterAccess {
-                url: "https://[::1]:1".into(),
-                computer: "COMP-1".into(),
-                partition: "slappart0".into(),
-                cert_file: state.path().join("missing.crt"),
-                key_file: state.path().join("missing.key"),
-                ca_file: state.path().join("missing.ca"),
-            },
-            state.path(),
-        );
+        let ca = unreachable_master(state.path());
         assert!(matches!(
             ca.ask("shop.example.com", "SOFTINST-1").await,
             Err(AskError::Unavailable(_))

@@ -20,7 +20,7 @@ use rustls::sign::CertifiedKey;
 use serde_json::json;
 
 use crate::certs::{SigningAuthority, SiteCertificates};
-use crate::cluster_ca::{AskError, ClusterCa, SiteCertificate};
+use crate::cluster_ca::{now_secs, AskError, ClusterCa, SiteCertificate};
 use crate::proxy::Frontend;
 use crate::route::{domain_verification, Claims, Route, RouteSpec, RouteTable, Verdict};
 
@@ -219,7 +219,7 @@ impl Reloader {
                 None => {}
             }
         }
-        let served: Vec<String> = table.domains().cloned().collect();
+        let served: std::collections::BTreeSet<String> = table.domains().cloned().collect();
         self.issued.retain(|d, _| served.contains(d));
         self.sites.retain(|d, _| served.contains(d));
         if let Some(cluster) = &self.cluster {
@@ -375,13 +375,6 @@ impl Reloader {
 
 /// Writes `text` at `path` through a temporary file and a rename, so a
 /// reader sees the old content or the new, never half.
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
