@@ -1,25 +1,29 @@
-//! Where an instance goes: the SLA filter (reference §3.4) and the choice of
-//! a partition among those that match.
+//! Where an instance goes: the SLA filter (reference §3.4, and the market's
+//! conditions, see [`super::market`]) and the choice of a partition among
+//! those that match.
 //!
 //! The choice is deterministic, because every replica makes it inside
 //! `apply`: it depends only on the state and the proposal's sequence
-//! number. To spread load it prefers the matching computer with the fewest
-//! busy partitions; among equally loaded ones it takes the first at or after
-//! a point that the sequence number picks on a fixed hash of computer ids,
-//! so equal computers fill evenly instead of the first one filling up.
+//! number. It takes the cheapest computer (its offer's hourly price, else
+//! the catalog's; free before any price); among equally priced ones, it
+//! prefers the one with the fewest busy partitions; among equally loaded
+//! ones it takes the first at or after a point that the sequence number
+//! picks on a fixed hash of computer ids, so equal computers (and their
+//! providers) fill evenly instead of the first one filling up.
 //!
 //! A cloud has thousands of computers, so the choice does not scan them: the
 //! [`PlacementIndex`] keeps, per software release, the computers that have
-//! it supplied and a free partition, ordered by load. An unconstrained
-//! request, or one naming its computer, takes the first entry that fits; a
-//! request with other SLA keys walks the entries in load order until one
-//! matches.
+//! it supplied and a partition to sell, ordered by price, then load. An
+//! unconstrained request, or one naming its computer, takes the first entry
+//! that fits; a request with other SLA keys walks the entries in that order
+//! until one matches, and stops at the first price above its `max_price`.
 //!
 //! Part of the state machine: imports only the state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
+use super::market::{Conditions, Terms, CONDITION_KEYS};
 use super::model::*;
 use super::Master;
 
@@ -56,6 +60,8 @@ pub struct Filter {
     pub unique_by_network: bool,
     pub capability: Option<String>,
     pub categories: Vec<(String, String)>,
+    /// The market's conditions (price, CPU, memory, provider).
+    pub conditions: Conditions,
 }
 
 impl Filter {
@@ -82,6 +88,13 @@ impl Filter {
                     ))
                 }
                 "capability" => f.capability = Some(value.clone()),
+                k if CONDITION_KEYS.contains(&k) && !shared => f.conditions.read(k, value)?,
+                k if CONDITION_KEYS.contains(&k) => {
+                    return Err(format!(
+                        "SLA key {k} is a market condition for a partition; a shared instance has none; \
+                         placement is impossible"
+                    ))
+                }
                 k if CATEGORY_KEYS.contains(&k) => f.categories.push((key.clone(), value.clone())),
                 k if PASSTHROUGH_KEYS.contains(&k) => {}
                 _ => return Err(format!("SLA key {key:?} is unknown; placement is impossible")),
@@ -105,6 +118,26 @@ impl Filter {
             && self.categories.iter().all(|(k, v)| cat(k) == Some(v))
     }
 
+    /// [`Filter::accepts_computer`] on the market's terms: the region is
+    /// the offer's where it states one; and the conditions hold.
+    pub fn accepts_terms(&self, computer: &Computer, terms: &Terms) -> bool {
+        let cat = |k: &str| computer.categories.get(k);
+        self.computer_guid.as_ref().is_none_or(|g| *g == computer.id)
+            && self
+                .network_guid
+                .as_ref()
+                .is_none_or(|g| cat("network_guid") == Some(g))
+            && self
+                .project_guid
+                .as_ref()
+                .is_none_or(|g| cat("project_guid") == Some(g))
+            && self.categories.iter().all(|(k, v)| match k.as_str() {
+                "region" => terms.region == Some(v.as_str()),
+                _ => cat(k) == Some(v),
+            })
+            && self.conditions.accepts(terms)
+    }
+
     /// Whether `partition` satisfies the capability rule: a requested
     /// capability must be declared; partitions declaring capabilities take
     /// only instances that ask for one of them.
@@ -114,11 +147,26 @@ impl Filter {
 
     /// [`Filter::accepts_partition`] for a partition declaring `capabilities`.
     pub fn accepts_capabilities(&self, capabilities: &[String]) -> bool {
+        self.accepts_offered_capabilities(capabilities, &[])
+    }
+
+    /// [`Filter::accepts_capabilities`] on a computer whose offer gives
+    /// every partition it sells `offered` (a partition declaring none
+    /// takes a request for one of those).
+    pub fn accepts_offered_capabilities(&self, capabilities: &[String], offered: &[String]) -> bool {
         match &self.capability {
-            Some(c) => capabilities.contains(c),
+            Some(c) => capabilities.contains(c) || (capabilities.is_empty() && offered.contains(c)),
             None => capabilities.is_empty(),
         }
     }
+}
+
+/// Checks the market conditions of an SLA (see [`Conditions::read`]).
+pub fn check_conditions(sla: &Params) -> Result<(), String> {
+    let mut conditions = Conditions::default();
+    sla.iter()
+        .filter(|(k, _)| CONDITION_KEYS.contains(&k.as_str()))
+        .try_for_each(|(k, v)| conditions.read(k, v))
 }
 
 /// The network a computer belongs to, for `mode=unique_by_network`; a
@@ -146,35 +194,53 @@ impl Master {
         } else {
             BTreeSet::new()
         };
+        let conditions = &filter.conditions;
         // The first free partition of `slot`'s computer that the filter takes.
         let fits = |slot: &Slot| -> Option<(ComputerId, PartitionId)> {
+            if !conditions.accepts_price(slot.rank.price()) {
+                return None;
+            }
             let computer = self.computers.get(&slot.computer)?;
-            if !filter.accepts_computer(computer) || used_networks.contains(&network_of(computer)) {
+            let terms = self.terms_of(computer);
+            if !filter.accepts_terms(computer, &terms) || used_networks.contains(&network_of(computer)) {
                 return None;
             }
             let room = self.placement.rooms.get(&slot.computer)?;
             let position = room
                 .free
                 .iter()
-                .filter(|(caps, _)| filter.accepts_capabilities(caps))
+                .filter(|(caps, _)| filter.accepts_offered_capabilities(caps, terms.capabilities))
                 .filter_map(|(_, positions)| positions.first())
                 .min()?;
             Some((computer.id.clone(), computer.partitions.get(*position)?.clone()))
+        };
+        // Prices only grow along the walk: past the ceiling, nothing fits.
+        let beyond = |rank: &Rank| {
+            conditions
+                .max_price
+                .as_ref()
+                .is_some_and(|max| rank.micros > max.unit_price)
         };
         let chosen = match &filter.computer_guid {
             Some(id) => self
                 .placement
                 .rooms
                 .get(id)
-                .filter(|room| room.releases.contains(release) && room.has_free())
-                .and_then(|room| fits(&room.slot(id))),
-            None => self.placement.first_fitting(release, spread_point(seq), fits),
+                .filter(|room| room.releases.contains(release) && self.placement.sells(id, room))
+                .and_then(|room| fits(&self.placement.slot(id, room, release))),
+            None => self.placement.first_fitting(release, spread_point(seq), beyond, fits),
         };
         chosen.ok_or_else(|| {
-            if self.placement.supplied.get(release).is_some_and(|n| *n > 0) {
-                format!("no free partition matches the SLA on the computers that have {release} supplied")
-            } else {
+            if !self.placement.supplied.contains_key(release) {
                 format!("no computer has {release} supplied")
+            } else if conditions.any() {
+                format!(
+                    "no offer meets the conditions ({}) with a partition free on the computers that have \
+                     {release} supplied; it is allocated as soon as one does",
+                    conditions.describe()
+                )
+            } else {
+                format!("no free partition matches the SLA on the computers that have {release} supplied")
             }
         })
     }
@@ -236,31 +302,84 @@ impl Master {
 /// Free room for placement, indexed so that choosing a partition does not
 /// scan every computer.
 ///
-/// Derived from computers, partitions and installations, never stored: it is
-/// rebuilt at restore ([`PlacementIndex::build`]) and kept up to date by the
-/// few commands that change what it reflects: a format or a supply
+/// Derived from computers, partitions, installations, offers, owners and
+/// catalog prices, never stored: it is rebuilt at restore
+/// ([`PlacementIndex::build`]) and kept up to date by the few commands that
+/// change what it reflects: a format or a supply
 /// ([`PlacementIndex::refresh`]), a placement and a freed partition
-/// ([`PlacementIndex::occupy`], [`PlacementIndex::vacate`]).
+/// ([`PlacementIndex::occupy`], [`PlacementIndex::vacate`]), an offer or an
+/// owner ([`PlacementIndex::set_terms`]) and a catalog hosting price
+/// ([`PlacementIndex::set_catalog`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct PlacementIndex {
     /// Per release: the computers that have it supplied and at least one
-    /// free partition, by load.
+    /// partition to sell, by price, then load.
     candidates: BTreeMap<SoftwareUrl, BTreeSet<Slot>>,
     /// How many computers have each release supplied, with room or not (to
     /// tell "supplied nowhere" from "no room").
     supplied: BTreeMap<SoftwareUrl, usize>,
     /// Per computer: its load, its free partitions, its supplied releases.
     rooms: BTreeMap<ComputerId, Room>,
+    /// Computers that sell on their own terms (an offer, or none at all).
+    terms: BTreeMap<ComputerId, Sale>,
+    /// The catalog's hourly hosting prices, by release ("" for every release).
+    catalog: BTreeMap<SoftwareUrl, Rank>,
 }
 
-/// A computer's place among the candidates of a release: by load, then by
-/// a fixed hash of its id (where equally loaded computers take turns), then
-/// by id.
+/// How a computer that does not sell at the catalog sells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Sale {
+    /// Through its offer: at this price, at most this many partitions busy.
+    Offer { rank: Rank, partitions: usize },
+    /// Not at all: it has an owner and no offer.
+    Withheld,
+}
+
+/// An hourly price as placement orders it: by amount, then currency (free
+/// is zero, before any price).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Rank {
+    pub(crate) micros: i64,
+    /// "" when free.
+    pub(crate) currency: String,
+}
+
+impl Rank {
+    /// `price` as a rank.
+    pub(crate) fn of(price: &super::ledger::Price) -> Rank {
+        Rank {
+            micros: price.unit_price,
+            currency: price.currency.clone(),
+        }
+    }
+
+    /// The price, `None` when free.
+    pub(crate) fn price(&self) -> Option<(&i64, &str)> {
+        (!self.currency.is_empty()).then_some((&self.micros, self.currency.as_str()))
+    }
+}
+
+/// A computer's place among the candidates of a release: by price, then by
+/// load, then by a fixed hash of its id (where equally priced and loaded
+/// computers take turns), then by id.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Slot {
+    rank: Rank,
     busy: usize,
     spread: u64,
     computer: ComputerId,
+}
+
+impl Slot {
+    /// The first slot of the group (`rank`, `busy`) at `spread`.
+    fn at(rank: &Rank, busy: usize, spread: u64) -> Slot {
+        Slot {
+            rank: rank.clone(),
+            busy,
+            spread,
+            computer: String::new(),
+        }
+    }
 }
 
 /// What the index knows of one computer.
@@ -278,14 +397,6 @@ struct Room {
 impl Room {
     fn has_free(&self) -> bool {
         !self.free.is_empty()
-    }
-
-    fn slot(&self, computer: &str) -> Slot {
-        Slot {
-            busy: self.busy,
-            spread: spread_of(computer),
-            computer: computer.to_string(),
-        }
     }
 }
 
@@ -320,8 +431,14 @@ impl PlacementIndex {
         computers: &BTreeMap<ComputerId, Computer>,
         partitions: &BTreeMap<(ComputerId, PartitionId), Partition>,
         installations: &BTreeMap<(ComputerId, SoftwareUrl), SoftwareInstallation>,
+        terms: BTreeMap<ComputerId, Sale>,
+        catalog: BTreeMap<SoftwareUrl, Rank>,
     ) -> Self {
-        let mut index = Self::default();
+        let mut index = Self {
+            terms,
+            catalog,
+            ..Self::default()
+        };
         for id in computers.keys() {
             index.refresh(id, computers, partitions, installations);
         }
@@ -396,6 +513,54 @@ impl PlacementIndex {
         });
     }
 
+    /// Computer `computer` sells on `sale` from now on (`None`: at the catalog).
+    pub(crate) fn set_terms(&mut self, computer: &str, sale: Option<Sale>) {
+        let Some(room) = self.rooms.remove(computer) else {
+            match sale {
+                Some(s) => self.terms.insert(computer.to_string(), s),
+                None => self.terms.remove(computer),
+            };
+            return;
+        };
+        self.unlist(computer, &room);
+        match sale {
+            Some(s) => self.terms.insert(computer.to_string(), s),
+            None => self.terms.remove(computer),
+        };
+        self.list(computer, &room);
+        self.rooms.insert(computer.to_string(), room);
+    }
+
+    /// The catalog's hourly hosting price of `release` ("" for every
+    /// release) is `rank` from now on (`None`: no price).
+    pub(crate) fn set_catalog(&mut self, release: &str, rank: Option<Rank>) {
+        // Computers on the catalog that have this release (any, for the
+        // general price) move; the others keep their place.
+        let moved: Vec<ComputerId> = self
+            .rooms
+            .iter()
+            .filter(|(id, room)| {
+                !self.terms.contains_key(*id) && (release.is_empty() || room.releases.contains(release))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let rooms: Vec<(ComputerId, Room)> = moved
+            .into_iter()
+            .filter_map(|id| self.rooms.remove(&id).map(|r| (id, r)))
+            .collect();
+        for (id, room) in &rooms {
+            self.unlist(id, room);
+        }
+        match rank {
+            Some(r) => self.catalog.insert(release.to_string(), r),
+            None => self.catalog.remove(release),
+        };
+        for (id, room) in rooms {
+            self.list(&id, &room);
+            self.rooms.insert(id, room);
+        }
+    }
+
     fn change(&mut self, computer: &str, f: impl FnOnce(&mut Room)) {
         let Some(mut room) = self.rooms.remove(computer) else {
             return;
@@ -406,21 +571,51 @@ impl PlacementIndex {
         self.rooms.insert(computer.to_string(), room);
     }
 
+    /// The hourly price `computer` sells `release` at.
+    fn rank(&self, computer: &str, release: &str) -> Rank {
+        match self.terms.get(computer) {
+            Some(Sale::Offer { rank, .. }) => rank.clone(),
+            _ => self
+                .catalog
+                .get(release)
+                .or_else(|| self.catalog.get(""))
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Whether `computer` has a partition to sell now.
+    fn sells(&self, computer: &str, room: &Room) -> bool {
+        room.has_free()
+            && match self.terms.get(computer) {
+                None => true,
+                Some(Sale::Offer { partitions, .. }) => room.busy < *partitions,
+                Some(Sale::Withheld) => false,
+            }
+    }
+
+    fn slot(&self, computer: &str, room: &Room, release: &str) -> Slot {
+        Slot {
+            rank: self.rank(computer, release),
+            busy: room.busy,
+            spread: spread_of(computer),
+            computer: computer.to_string(),
+        }
+    }
+
     fn list(&mut self, computer: &str, room: &Room) {
-        if !room.has_free() {
+        if !self.sells(computer, room) {
             return;
         }
         for release in &room.releases {
-            self.candidates
-                .entry(release.clone())
-                .or_default()
-                .insert(room.slot(computer));
+            let slot = self.slot(computer, room, release);
+            self.candidates.entry(release.clone()).or_default().insert(slot);
         }
     }
 
     fn unlist(&mut self, computer: &str, room: &Room) {
-        let slot = room.slot(computer);
         for release in &room.releases {
+            let slot = self.slot(computer, room, release);
             if let Some(set) = self.candidates.get_mut(release) {
                 set.remove(&slot);
                 if set.is_empty() {
@@ -430,36 +625,39 @@ impl PlacementIndex {
         }
     }
 
-    /// The first candidate of `release` that `fits` accepts, least loaded
-    /// first; among equally loaded ones, from `point` on, wrapping around.
-    fn first_fitting<T>(&self, release: &str, point: u64, fits: impl Fn(&Slot) -> Option<T>) -> Option<T> {
+    /// The first candidate of `release` that `fits` accepts: cheapest
+    /// first, then least loaded; among equally priced and loaded ones,
+    /// from `point` on, wrapping around. Stops at the first price that is
+    /// `beyond` what the request pays.
+    fn first_fitting<T>(
+        &self,
+        release: &str,
+        point: u64,
+        beyond: impl Fn(&Rank) -> bool,
+        fits: impl Fn(&Slot) -> Option<T>,
+    ) -> Option<T> {
         let set = self.candidates.get(release)?;
-        let mut level = set.first()?.busy;
+        let first = set.first()?;
+        let (mut rank, mut busy) = (first.rank.clone(), first.busy);
         loop {
-            let at = |spread: u64| Slot {
-                busy: level,
-                spread,
-                computer: String::new(),
-            };
-            let after_point = set.range((Bound::Included(at(point)), Bound::Excluded(at_next_level(level))));
-            let before_point = set.range((Bound::Included(at(0)), Bound::Excluded(at(point))));
+            if beyond(&rank) {
+                return None;
+            }
+            let end = Slot::at(&rank, busy + 1, 0);
+            let after_point = set.range((
+                Bound::Included(Slot::at(&rank, busy, point)),
+                Bound::Excluded(end.clone()),
+            ));
+            let before_point = set.range((
+                Bound::Included(Slot::at(&rank, busy, 0)),
+                Bound::Excluded(Slot::at(&rank, busy, point)),
+            ));
             if let Some(found) = after_point.chain(before_point).find_map(&fits) {
                 return Some(found);
             }
-            level = set
-                .range((Bound::Included(at_next_level(level)), Bound::Unbounded))
-                .next()?
-                .busy;
+            let next = set.range((Bound::Included(end), Bound::Unbounded)).next()?;
+            (rank, busy) = (next.rank.clone(), next.busy);
         }
-    }
-}
-
-/// The smallest slot of the level after `level`.
-fn at_next_level(level: usize) -> Slot {
-    Slot {
-        busy: level + 1,
-        spread: 0,
-        computer: String::new(),
     }
 }
 

@@ -180,13 +180,26 @@ pub enum Command {
     /// using it loses nothing while its node fetches the new one. The
     /// leader's issuer writes it. Since version 4.
     ReplacePartitionCertificate { certificate: Box<Certificate> },
+    /// Publishes (or replaces) a computer's offer on the market: its
+    /// owner, the computer itself or an administrator. New allocations
+    /// only: running instances keep the terms they were allocated at.
+    /// Since version 5.
+    SetOffer(Box<super::market::Offer>),
+    /// Takes a computer's offer down. Since version 5.
+    WithdrawOffer { computer: ComputerId },
+    /// Names (or forgets) the user who owns a computer: who sets its offer
+    /// and is credited for its work (administrators). Since version 5.
+    SetComputerOwner {
+        computer: ComputerId,
+        owner: Option<String>,
+    },
 }
 
 /// The newest version of the command set this build speaks. A command kind
 /// of a higher version than the cluster's ([`Command::since`]) is refused
 /// before it reaches the log, so a replica of an older release, which could
 /// not apply it, never meets it.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 impl Command {
     /// The version of the command set that introduced this kind of command.
@@ -195,6 +208,7 @@ impl Command {
             Command::RenewCertificate { .. } => 2,
             Command::RotateAuthority { .. } | Command::FinishRotation => 3,
             Command::ReplacePartitionCertificate { .. } => 4,
+            Command::SetOffer(_) | Command::WithdrawOffer { .. } | Command::SetComputerOwner { .. } => 5,
             Command::IfPartitionHolds { then, .. } => then.since(),
             _ => 1,
         }
@@ -218,6 +232,8 @@ impl Command {
             Command::RotateAuthority { .. } | Command::FinishRotation => "CA rotation",
             Command::ReplacePartitionCertificate { .. } => "partition certificate replacement",
             Command::SetClusterVersion { .. } => "cluster version change",
+            Command::SetOffer(_) | Command::WithdrawOffer { .. } => "market offer",
+            Command::SetComputerOwner { .. } => "computer owner change",
             _ => "command",
         }
     }

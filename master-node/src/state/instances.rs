@@ -19,6 +19,11 @@ impl Master {
         if spec.software_release.trim().is_empty() {
             return Err(invalid("a request needs a software release URL"));
         }
+        // A market condition that cannot be read is the caller's mistake,
+        // told at once, not a request left waiting for ever.
+        if !spec.shared {
+            super::allocation::check_conditions(&spec.sla).map_err(invalid)?;
+        }
         let (scope, requester, root_of_requester, owner) = match &spec.requester {
             RequestOrigin::User(user) => {
                 if user.is_empty() {
@@ -286,6 +291,7 @@ impl Master {
                         }
                         self.recheck_certified(&c, &p);
                         self.dirty.insert(Dirty::Partition(c.clone(), p));
+                        self.agree(now, id, &c);
                         self.bump(seq, now, id);
                         // A new instance may be the host waiting shared ones need.
                         self.place_pending_shared(seq, now);

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::market::{billing_scale, Agreement, OPERATOR};
 use super::model::{ComputerId, InstanceId, PartitionId, SoftwareUrl};
 
 /// Money, in millionths of the currency unit.
@@ -156,6 +157,11 @@ pub struct Ledger {
     pub journals: BTreeMap<String, u64>,
     /// Prices by (resource key, release or "" for every release).
     pub prices: BTreeMap<(String, String), Price>,
+    /// The terms each instance allocated through an offer agreed to (kept
+    /// after the instance is gone: its movements are still billed).
+    pub agreements: BTreeMap<InstanceId, Agreement>,
+    /// Who owns each computer that has an owner: its provider.
+    pub owners: BTreeMap<ComputerId, String>,
 }
 
 impl Ledger {
@@ -165,6 +171,25 @@ impl Ledger {
         self.prices
             .get(&(resource.to_string(), release.to_string()))
             .or_else(|| self.prices.get(&(resource.to_string(), String::new())))
+    }
+
+    /// What `m` is billed at, per how many of its counted units: the
+    /// instance's agreed price if it was allocated through an offer, else
+    /// the catalog.
+    pub fn billing_price(&self, m: &Movement) -> Option<(Price, i128)> {
+        match self.agreements.get(&m.instance) {
+            Some(a) => a.price_of(&m.resource).map(|p| (p, billing_scale(&m.resource))),
+            None => self.price(&m.resource, &m.release).map(|p| (p.clone(), 1)),
+        }
+    }
+
+    /// Who is credited for `m`: the provider its instance's terms name,
+    /// else the computer's owner, else the operator.
+    pub fn provider_of<'a>(&'a self, m: &'a Movement) -> &'a str {
+        match self.agreements.get(&m.instance) {
+            Some(a) => &a.provider,
+            None => self.owners.get(&m.source).map_or(OPERATOR, String::as_str),
+        }
     }
 }
 
@@ -230,11 +255,19 @@ fn portion(m: &Movement, p: &Period) -> Quantity {
 }
 
 /// Money for `quantity` at `price`, rounded half up to the micro unit.
+#[cfg(test)]
 fn amount(quantity: Quantity, price: Option<&Price>) -> Micros {
+    scaled_amount(quantity, price, 1)
+}
+
+/// Money for `quantity` at `price` per `scale` units (a price per GiB
+/// of a quantity counted in bytes), rounded half up to the micro unit.
+fn scaled_amount(quantity: Quantity, price: Option<&Price>, scale: i128) -> Micros {
     price
         .map(|p| {
             let exact = quantity.0 * i128::from(p.unit_price);
-            let rounded = (exact + Quantity::ONE / 2).div_euclid(Quantity::ONE);
+            let divisor = Quantity::ONE * scale;
+            let rounded = (exact + divisor / 2).div_euclid(divisor);
             Micros::try_from(rounded).unwrap_or(if rounded < 0 { Micros::MIN } else { Micros::MAX })
         })
         .unwrap_or(0)
@@ -256,6 +289,12 @@ pub struct Line {
     pub unit: String,
     pub unit_price: Option<Micros>,
     pub currency: Option<String>,
+    /// What `unit_price` is per: the line's unit, or `GiB` for a byte
+    /// resource priced by an offer.
+    pub price_unit: String,
+    /// Priced at the terms the instance was allocated at (an offer), not
+    /// at the catalog.
+    pub agreed: bool,
     /// The sum of each movement's amount.
     pub amount: Micros,
     pub movements: usize,
@@ -274,14 +313,27 @@ pub struct Report {
 /// Who a report is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReportFor {
-    /// What a user's subscriptions used, line by line.
+    /// What a user's subscriptions used, line by line: their invoice.
     Subscriber(String),
     /// What a computer provided, per subscriber.
     Computer(ComputerId),
+    /// What a provider's computers earned, per computer and subscriber:
+    /// their statement. Every movement is on exactly one subscriber's
+    /// invoice and one provider's statement, at the same amount.
+    Provider(String),
 }
 
-/// What a report line gathers: subscription, resource, release, provider, subscriber.
-type LineKey = (InstanceId, String, SoftwareUrl, ComputerId, String);
+/// What a report line gathers: subscription, resource, release, provider,
+/// subscriber, and the price (movements at different prices, such as two
+/// instances agreed at different offers, are different lines).
+type LineKey = (
+    InstanceId,
+    String,
+    SoftwareUrl,
+    ComputerId,
+    String,
+    Option<(Micros, String, i128)>,
+);
 
 /// The report of `who` for `period`. Open hosting spans count up to `now_us`
 /// (the Master's own clock, the same on every replica at one log position).
@@ -296,6 +348,7 @@ pub fn report(ledger: &Ledger, who: &ReportFor, period: &Period, now_us: u64) ->
         let mine = match who {
             ReportFor::Subscriber(u) => &m.destination == u,
             ReportFor::Computer(c) => &m.source == c,
+            ReportFor::Provider(p) => ledger.provider_of(m) == p,
         };
         if !mine {
             continue;
@@ -309,15 +362,18 @@ pub fn report(ledger: &Ledger, who: &ReportFor, period: &Period, now_us: u64) ->
         }
         let (computer, subscriber) = match who {
             ReportFor::Subscriber(_) => (String::new(), String::new()),
-            ReportFor::Computer(_) => (m.source.clone(), m.destination.clone()),
+            ReportFor::Computer(_) | ReportFor::Provider(_) => (m.source.clone(), m.destination.clone()),
         };
-        let price = ledger.price(&m.resource, &m.release);
+        let price = ledger.billing_price(m);
         let key = (
             m.subscription.clone(),
             m.resource.clone(),
             m.release.clone(),
             computer.clone(),
             subscriber.clone(),
+            price
+                .as_ref()
+                .map(|(p, scale)| (p.unit_price, p.currency.clone(), *scale)),
         );
         let (line, sum) = lines.entry(key).or_insert_with(|| {
             let line = Line {
@@ -328,15 +384,20 @@ pub fn report(ledger: &Ledger, who: &ReportFor, period: &Period, now_us: u64) ->
                 subscriber,
                 quantity: 0.0,
                 unit: m.unit.clone(),
-                unit_price: price.map(|p| p.unit_price),
-                currency: price.map(|p| p.currency.clone()),
+                unit_price: price.as_ref().map(|(p, _)| p.unit_price),
+                currency: price.as_ref().map(|(p, _)| p.currency.clone()),
+                price_unit: match &price {
+                    Some((_, scale)) if *scale > 1 => "GiB".into(),
+                    _ => m.unit.clone(),
+                },
+                agreed: ledger.agreements.contains_key(&m.instance),
                 amount: 0,
                 movements: 0,
             };
             (line, Quantity::default())
         });
         sum.0 += q.0;
-        line.amount += amount(q, price);
+        line.amount += price.as_ref().map_or(0, |(p, scale)| scaled_amount(q, Some(p), *scale));
         line.movements += 1;
     }
     let lines: Vec<Line> = lines
@@ -477,7 +538,14 @@ impl Master {
         Reply::Done
     }
 
-    pub(super) fn set_price(&mut self, resource: &str, release: Option<&str>, price: Option<&Price>) -> Reply {
+    pub(super) fn set_price(
+        &mut self,
+        seq: u64,
+        now: u64,
+        resource: &str,
+        release: Option<&str>,
+        price: Option<&Price>,
+    ) -> Reply {
         if resource.trim().is_empty() {
             return invalid("a price needs a resource (hosting, cpu, memory, disk, network, or a release's own)");
         }
@@ -493,6 +561,12 @@ impl Master {
             None => {
                 self.ledger.prices.remove(&key);
             }
+        }
+        if key.0 == HOSTING {
+            // Computers without an offer sell at the catalog's hosting
+            // price: a request waiting for a cheaper one may fit now.
+            self.reprice_catalog(&key.1);
+            self.place_pending(seq, now);
         }
         self.dirty.insert(Dirty::Price(key.0, key.1));
         Reply::Done
@@ -690,7 +764,7 @@ mod tests {
                 // Recomputed from the movements alone.
                 let mut expected = 0i64;
                 for m in l.movements.values() {
-                    let mine = match &who { ReportFor::Subscriber(u) => &m.destination == u, ReportFor::Computer(c) => &m.source == c };
+                    let mine = match &who { ReportFor::Subscriber(u) => &m.destination == u, ReportFor::Computer(c) => &m.source == c, ReportFor::Provider(p) => l.provider_of(m) == p };
                     if mine {
                         expected += amount(portion(m, &nov), l.price(&m.resource, &m.release));
                     }

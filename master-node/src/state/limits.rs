@@ -178,6 +178,22 @@ impl Limits {
                 self.check(then)
             }
             Command::SetLimits(limits) => limits.sane(),
+            Command::SetOffer(offer) => {
+                self.field("the computer's reference", &offer.computer)?;
+                self.field("the offer's CPU model", &offer.specs.cpu_model)?;
+                self.field("the offer's region", &offer.specs.region)?;
+                self.field("the offer's network", &offer.specs.network)?;
+                offer
+                    .specs
+                    .capabilities
+                    .iter()
+                    .try_for_each(|c| self.field("a capability", c))
+            }
+            Command::WithdrawOffer { computer } => self.field("the computer's reference", computer),
+            Command::SetComputerOwner { computer, owner } => {
+                self.field("the computer's reference", computer)?;
+                owner.as_deref().map_or(Ok(()), |o| self.field("the owner's name", o))
+            }
             // Written by the cluster itself (its creation, certificates it
             // signed, replica ids and addresses), never by a client.
             Command::InitCluster { .. }

@@ -34,6 +34,7 @@ mod der;
 mod instances;
 pub mod ledger;
 pub mod limits;
+pub mod market;
 pub mod model;
 mod params;
 pub mod persist;
@@ -74,6 +75,9 @@ pub enum Dirty {
     Limits,
     Version,
     Rotation,
+    Offer(ComputerId),
+    Owner(ComputerId),
+    Agreement(InstanceId),
 }
 
 /// The whole state of the Master.
@@ -102,6 +106,8 @@ pub struct Master {
     pub replica_addrs: BTreeMap<u64, String>,
     /// Accounting: movements, open hosting spans, booked journals, prices.
     pub ledger: ledger::Ledger,
+    /// Computers' offers on the market.
+    pub market: market::Market,
     /// What one call may carry (set by administrators).
     pub limits: limits::Limits,
     /// The version of the command set every voter speaks, as the leader
@@ -301,7 +307,10 @@ impl Master {
                 resource,
                 release,
                 price,
-            } => self.set_price(&resource, release.as_deref(), price.as_ref()),
+            } => self.set_price(seq, now, &resource, release.as_deref(), price.as_ref()),
+            Command::SetOffer(offer) => self.set_offer(seq, now, *offer),
+            Command::WithdrawOffer { computer } => self.withdraw_offer(seq, now, &computer),
+            Command::SetComputerOwner { computer, owner } => self.set_owner(seq, now, &computer, owner.as_deref()),
             Command::AnnounceReplica { id, public_addr } => {
                 if self.replica_addrs.get(&id) != Some(&public_addr) {
                     self.replica_addrs.insert(id, public_addr);
@@ -530,7 +539,9 @@ impl Master {
             .filter(|(key, p)| p.state == SlapState::Busy && !self.partition_certs.contains_key(*key))
             .map(|(key, _)| key.clone())
             .collect();
-        self.placement = allocation::PlacementIndex::build(&self.computers, &self.partitions, &self.installations);
+        let (terms, catalog) = self.placement_terms();
+        self.placement =
+            allocation::PlacementIndex::build(&self.computers, &self.partitions, &self.installations, terms, catalog);
         self.revised = self.computers.values().map(|c| (c.revision, c.id.clone())).collect();
     }
 

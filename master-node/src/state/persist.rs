@@ -8,7 +8,9 @@
 //! certificates, `g/<token sha256>` for computer registrations, `n/<id>`
 //! for replicas' public addresses, and for accounting `u/<id>` (movements),
 //! `h/<instance>` (open hosting spans), `j/<sha256>` (booked journals) and
-//! `$/<resource>\0<release>` (prices). Values are postcard.
+//! `$/<resource>\0<release>` (prices), and for the market `f/<computer>`
+//! (offers), `w/<computer>` (owners) and `e/<instance>` (the terms an
+//! instance was allocated at). Values are postcard.
 //!
 //! Part of the state machine: imports only the state (the store's format is
 //! raft-store's business).
@@ -59,6 +61,9 @@ pub fn key(d: &Dirty) -> Vec<u8> {
         Dirty::Limits => b"l".to_vec(),
         Dirty::Version => b"v".to_vec(),
         Dirty::Rotation => b"o".to_vec(),
+        Dirty::Offer(c) => join("f", &[c]),
+        Dirty::Owner(c) => join("w", &[c]),
+        Dirty::Agreement(i) => join("e", &[i]),
     }
 }
 
@@ -117,6 +122,9 @@ pub fn value_into<W: Extend<u8>>(m: &Master, d: &Dirty, out: W) -> Option<W> {
             .prices
             .get(&(r.clone(), release.clone()))
             .map(|p| enc(&(r, release, p), out)),
+        Dirty::Offer(c) => m.market.offers.get(c).map(|v| enc(v, out)),
+        Dirty::Owner(c) => m.ledger.owners.get(c).map(|o| enc(&(c, o), out)),
+        Dirty::Agreement(i) => m.ledger.agreements.get(i).map(|a| enc(&(i, a), out)),
     }
 }
 
@@ -142,6 +150,9 @@ pub fn all_records(m: &Master) -> Vec<(Vec<u8>, Vec<u8>)> {
             .keys()
             .map(|(r, release)| Dirty::Price(r.clone(), release.clone())),
     );
+    keys.extend(m.market.offers.keys().cloned().map(Dirty::Offer));
+    keys.extend(m.ledger.owners.keys().cloned().map(Dirty::Owner));
+    keys.extend(m.ledger.agreements.keys().cloned().map(Dirty::Agreement));
     keys.extend(m.computers.keys().cloned().map(Dirty::Computer));
     keys.extend(m.computers.keys().cloned().map(Dirty::Revision));
     keys.extend(m.partitions.keys().map(|(c, p)| Dirty::Partition(c.clone(), p.clone())));
@@ -230,6 +241,18 @@ pub fn restore(records: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<
             Some(b'$') => {
                 let (r, release, p): (String, String, super::ledger::Price) = dec(&k, &v)?;
                 m.ledger.prices.insert((r, release), p);
+            }
+            Some(b'f') => {
+                let offer: super::market::Offer = dec(&k, &v)?;
+                m.market.offers.insert(offer.computer.clone(), offer);
+            }
+            Some(b'w') => {
+                let (computer, owner): (ComputerId, String) = dec(&k, &v)?;
+                m.ledger.owners.insert(computer, owner);
+            }
+            Some(b'e') => {
+                let (instance, agreement): (InstanceId, super::market::Agreement) = dec(&k, &v)?;
+                m.ledger.agreements.insert(instance, agreement);
             }
             Some(b'n') => {
                 let (id, addr): (u64, String) = dec(&k, &v)?;

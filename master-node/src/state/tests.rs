@@ -183,7 +183,8 @@ fn check_invariants(m: &Master) {
 /// would build, and it chooses what the rule, spelled out over every
 /// computer, chooses.
 fn check_placement_index(m: &Master) {
-    let rebuilt = allocation::PlacementIndex::build(&m.computers, &m.partitions, &m.installations);
+    let (terms, catalog) = m.placement_terms();
+    let rebuilt = allocation::PlacementIndex::build(&m.computers, &m.partitions, &m.installations, terms, catalog);
     assert_eq!(m.placement, rebuilt, "the placement index drifted from the state");
     let roots: BTreeSet<&str> = m.instances.values().map(|i| i.root.as_str()).collect();
     let filters = [
@@ -204,6 +205,15 @@ fn check_placement_index(m: &Master) {
             unique_by_network: true,
             ..Filter::default()
         },
+        Filter {
+            conditions: market::conditions(&[("max_price", "0.03EUR"), ("min_cpu", "4")]),
+            ..Filter::default()
+        },
+        Filter {
+            capability: Some("gpu".into()),
+            conditions: market::conditions(&[("not_provider", "p0")]),
+            ..Filter::default()
+        },
     ];
     for filter in &filters {
         for root in roots.iter().copied().chain(["SOFTINST-none"]) {
@@ -219,11 +229,13 @@ fn check_placement_index(m: &Master) {
 }
 
 /// The placement rule over every computer: among the computers that have
-/// `release` supplied, pass the filter, are on a network the tree does not
-/// use yet (`unique_by_network`) and have a free partition the filter takes,
-/// the least loaded; among those, the first at or after the sequence
-/// number's point on the computers' spread, wrapping around; its first such
-/// partition.
+/// `release` supplied, sell a partition (an offer's count not reached; an
+/// owner's computer only through an offer), pass the filter and its market
+/// conditions, are on a network the tree does not use yet
+/// (`unique_by_network`) and have a free partition the filter takes, the
+/// cheapest (offer, else catalog, else free); among those the least loaded;
+/// among those, the first at or after the sequence number's point on the
+/// computers' spread, wrapping around; its first such partition.
 fn reference_choice(
     m: &Master,
     filter: &Filter,
@@ -242,34 +254,49 @@ fn reference_choice(
     } else {
         BTreeSet::new()
     };
+    let catalog = |key: &str| m.ledger.prices.get(&(ledger::HOSTING.to_string(), key.to_string()));
     let mut eligible = Vec::new();
     for c in m.computers.values() {
         let supplied = m
             .installations
             .get(&(c.id.clone(), release.to_string()))
             .is_some_and(|s| s.requested == SupplyState::Available);
-        if !supplied || !filter.accepts_computer(c) || used.contains(&allocation::network_of(c)) {
+        let terms = m.terms_of(c);
+        if !supplied || !filter.accepts_terms(c, &terms) || used.contains(&allocation::network_of(c)) {
             continue;
         }
+        let (price, sells) = match m.market.offers.get(&c.id) {
+            Some(o) => (Some(o.hosting.clone()), o.partitions as usize),
+            None if m.ledger.owners.contains_key(&c.id) => continue,
+            None => (catalog(release).or_else(|| catalog("")).cloned(), usize::MAX),
+        };
+        let rank = price.map_or((0, String::new()), |p| (p.unit_price, p.currency));
+        let within = match &filter.conditions.max_price {
+            None => true,
+            Some(max) => rank.1.is_empty() || (rank.1 == max.currency && rank.0 <= max.unit_price),
+        };
         let parts: Vec<&Partition> = c
             .partitions
             .iter()
             .map(|p| &m.partitions[&(c.id.clone(), p.clone())])
             .collect();
         let busy = parts.iter().filter(|p| p.state == SlapState::Busy).count();
-        let free = parts
-            .iter()
-            .find(|p| p.state == SlapState::Free && filter.accepts_partition(p));
+        if !within || busy >= sells {
+            continue;
+        }
+        let free = parts.iter().find(|p| {
+            p.state == SlapState::Free && filter.accepts_offered_capabilities(&p.capabilities, terms.capabilities)
+        });
         if let Some(free) = free {
-            eligible.push((busy, allocation::spread_of(&c.id), c.id.clone(), free.id.clone()));
+            eligible.push((rank, busy, allocation::spread_of(&c.id), c.id.clone(), free.id.clone()));
         }
     }
-    let least = eligible.iter().map(|e| e.0).min()?;
-    let mut tied: Vec<_> = eligible.into_iter().filter(|e| e.0 == least).collect();
+    let best = eligible.iter().map(|e| (e.0.clone(), e.1)).min()?;
+    let mut tied: Vec<_> = eligible.into_iter().filter(|e| (e.0.clone(), e.1) == best).collect();
     tied.sort();
     let point = allocation::spread_point(seq);
-    let chosen = tied.iter().find(|e| e.1 >= point).or(tied.first())?;
-    Some((chosen.2.clone(), chosen.3.clone()))
+    let chosen = tied.iter().find(|e| e.2 >= point).or(tied.first())?;
+    Some((chosen.3.clone(), chosen.4.clone()))
 }
 
 #[test]
@@ -1560,6 +1587,8 @@ fn destroy_and_free(w: &mut World, title: &str, (c, p): &(String, String)) {
         partition: p.clone(),
     });
 }
+
+mod market;
 
 /// Certificates signed for real (the state reads their issuer during a CA
 /// rotation), made here because the pki module is a layer above the state.

@@ -218,12 +218,16 @@ pub struct LimitArgs {
 
 #[derive(Args)]
 pub struct UsageArgs {
-    /// The subscriber (a user name)...
-    #[arg(long, required_unless_present = "computer", conflicts_with = "computer")]
+    /// The subscriber (a user name): their invoice...
+    #[arg(long, required_unless_present_any = ["computer", "provider"], conflicts_with_all = ["computer", "provider"])]
     pub subscriber: Option<String>,
-    /// ...or the providing computer.
-    #[arg(long)]
+    /// ...or the providing computer...
+    #[arg(long, conflicts_with = "provider")]
     pub computer: Option<String>,
+    /// ...or a provider (a computer's owner, or `operator`): their
+    /// statement, what their computers earned.
+    #[arg(long)]
+    pub provider: Option<String>,
     /// The month, YYYY-MM.
     #[arg(long)]
     pub period: String,

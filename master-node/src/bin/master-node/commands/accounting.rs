@@ -57,10 +57,11 @@ async fn write_price(
 pub async fn usage(a: UsageArgs) -> Result<(), Fail> {
     use master_node::state::ledger::{format_money, Period, ReportFor};
     let period = Period::parse(&a.period).map_err(Fail)?;
-    let who = match (&a.subscriber, &a.computer) {
-        (Some(s), _) => ReportFor::Subscriber(s.clone()),
-        (None, Some(c)) => ReportFor::Computer(c.clone()),
-        (None, None) => return Err(Fail("give --subscriber NAME or --computer ID".into())),
+    let who = match (&a.subscriber, &a.computer, &a.provider) {
+        (Some(s), _, _) => ReportFor::Subscriber(s.clone()),
+        (None, Some(c), _) => ReportFor::Computer(c.clone()),
+        (None, None, Some(p)) => ReportFor::Provider(p.clone()),
+        (None, None, None) => return Err(Fail("give --subscriber NAME, --computer ID or --provider NAME".into())),
     };
     let mut client = a.admin.client()?;
     client.token = a.admin.token.clone();
@@ -81,6 +82,7 @@ pub async fn usage(a: UsageArgs) -> Result<(), Fail> {
     match &who {
         ReportFor::Subscriber(s) => println!("usage of {s} in {}", a.period),
         ReportFor::Computer(c) => println!("provided by {c} in {}", a.period),
+        ReportFor::Provider(p) => println!("statement of provider {p} in {}", a.period),
     }
     if report.lines.is_empty() {
         println!("(nothing)");
@@ -90,6 +92,7 @@ pub async fn usage(a: UsageArgs) -> Result<(), Fail> {
         let group = match &who {
             ReportFor::Subscriber(_) => l.subscription.clone(),
             ReportFor::Computer(_) => l.subscriber.clone(),
+            ReportFor::Provider(_) => format!("{} for {}", l.computer, l.subscriber),
         };
         if current.as_ref() != Some(&group) {
             match &who {
@@ -97,6 +100,7 @@ pub async fn usage(a: UsageArgs) -> Result<(), Fail> {
                 ReportFor::Computer(_) => {
                     println!("\nfor {}", if group.is_empty() { "(no subscriber)" } else { &group })
                 }
+                ReportFor::Provider(_) => println!("\ncomputer {group}"),
             }
             println!(
                 "  {:<10} {:>16} {:<7} {:>14} {:>16}  release",
@@ -105,6 +109,7 @@ pub async fn usage(a: UsageArgs) -> Result<(), Fail> {
             current = Some(group);
         }
         let price = match (&l.unit_price, &l.currency) {
+            (Some(p), Some(c)) if l.price_unit != l.unit => format!("{} {c}/{}", format_money(*p), l.price_unit),
             (Some(p), Some(c)) => format!("{} {c}", format_money(*p)),
             _ => "unpriced".into(),
         };
