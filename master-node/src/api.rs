@@ -33,6 +33,8 @@ pub enum Query {
     },
     /// The cluster's limits.
     Limits,
+    /// The market's offers (of one computer, or all).
+    Offers { computer: Option<String> },
 }
 
 /// The answer to a [`Query`].
@@ -47,6 +49,7 @@ pub enum Answer {
     Instances(Vec<Instance>),
     Usage(Report),
     Limits(crate::state::limits::Limits),
+    Offers(Vec<crate::state::market::OfferView>),
 }
 
 /// Answers `query` from `state`.
@@ -77,6 +80,7 @@ pub fn answer(state: &Master, query: &Query) -> Answer {
             Answer::Usage(ledger::report(&state.ledger, who, &period, state.clock))
         }
         Query::Limits => Answer::Limits(state.limits.clone()),
+        Query::Offers { computer } => Answer::Offers(state.offer_views(computer.as_deref())),
         Query::StateDigest => Answer::StateDigest {
             last_index: state.last_index,
             sha256: digest(state),

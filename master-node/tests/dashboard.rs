@@ -50,7 +50,8 @@ async fn write(r: &Replica, command: MasterCommand) {
     .unwrap();
 }
 
-/// Two computers, Alice's and Bob's trees, one published connection.
+/// Two computers (X is carol's, on the market), Alice's and Bob's trees,
+/// one published connection.
 async fn populate(r: &Replica) {
     for c in ["X", "Y"] {
         write(
@@ -83,6 +84,34 @@ async fn populate(r: &Replica) {
         )
         .await;
     }
+    write(
+        r,
+        MasterCommand::SetComputerOwner {
+            computer: "X".into(),
+            owner: Some("carol".into()),
+        },
+    )
+    .await;
+    write(
+        r,
+        MasterCommand::SetOffer(Box::new(master_node::state::market::Offer {
+            computer: "X".into(),
+            hosting: master_node::state::ledger::Price {
+                unit_price: 45_000,
+                currency: "EUR".into(),
+            },
+            resources: [("cpu".to_string(), 10)].into_iter().collect(),
+            specs: master_node::state::market::Specs {
+                cpu_count: 8,
+                memory_bytes: 32 << 30,
+                region: "eu-west".into(),
+                capabilities: vec!["gpu".into()],
+                ..Default::default()
+            },
+            partitions: 2,
+        })),
+    )
+    .await;
     for (user, title, c) in [("alice", "alice-blog <b>", "X"), ("bob", "bob-db", "Y")] {
         write(
             r,
@@ -165,6 +194,38 @@ async fn each_role_sees_its_own_and_the_form_requests_as_the_caller() {
     );
     let (_, none) = get_as(&r, Some(&alice), "/dashboard/computers", None).await;
     assert!(none.contains("No computer to show"));
+    // The market: every offer with its provider, price and fill; an
+    // instance shows the price it was allocated at.
+    let (st, market) = get_as(&r, Some(&alice), "/dashboard/market", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(market.contains("<td>carol</td>"), "{market}");
+    assert!(market.contains("0.045000 EUR") && market.contains("eu-west") && market.contains("gpu"));
+    assert!(
+        market.contains("<td>1/2</td><td>50 %</td>"),
+        "alice's blog fills one of two: {market}"
+    );
+    assert!(
+        page.contains("0.045000 EUR"),
+        "alice's blog shows its agreed price: {page}"
+    );
+    let (_, bob_page) = get_as(&r, Some(&Role::User("bob".into())), "/dashboard/instances", None).await;
+    assert!(
+        bob_page.contains("catalog"),
+        "bob's db on Y is at the catalog: {bob_page}"
+    );
+    let (_, carol_usage) = get_as(
+        &r,
+        Some(&Role::User("carol".into())),
+        "/dashboard/usage?period=2026-11",
+        None,
+    )
+    .await;
+    assert!(
+        !carol_usage.contains("Statement of operator"),
+        "carol sees only her statement"
+    );
+    let (_, alice_usage) = get_as(&r, Some(&alice), "/dashboard/usage?period=2026-11", None).await;
+    assert!(!alice_usage.contains("Statement of"), "alice provides nothing");
     let (st, cluster) = get_as(&r, Some(&alice), "/dashboard", None).await;
     assert_eq!(st, StatusCode::OK);
     assert!(cluster.contains("(leader)"), "{cluster}");
@@ -358,6 +419,7 @@ async fn chromium_loads_every_page_and_submits_the_form() {
             ("computers", "/dashboard/computers", "slappart1"),
             ("instances", "/dashboard/instances", "https://alice.example/"),
             ("usage", "/dashboard/usage?period=2026-11", "Usage"),
+            ("market", "/dashboard/market", "carol"),
             ("request", "/dashboard/request", "Request an instance"),
         ] {
             d.open(&format!("{base}{path}"));

@@ -70,6 +70,17 @@ fn request(title: &str, sla: &[(&str, &str)]) -> pb::RequestInstanceRequest {
     }
 }
 
+fn offer_of(computer: &str, price: &str, currency: &str) -> pb::Offer {
+    pb::Offer {
+        computer_id: computer.into(),
+        price_per_hour: price.into(),
+        currency: currency.into(),
+        partitions: 2,
+        region: "eu".into(),
+        ..Default::default()
+    }
+}
+
 /// The state without what moves on its own (counters, certificates issued
 /// in the background).
 fn domain(m: &Master) -> Master {
@@ -352,6 +363,56 @@ async fn every_method_is_checked_against_the_callers_role() {
                     resource: "cpu".into(),
                     unit_price: "0.01".into(),
                     currency: "EUR".into(),
+                    ..Default::default()
+                }
+            ),
+            vec!["admin"],
+        ),
+        (
+            "GetUsage (provider)",
+            case!(
+                get_usage,
+                pb::UsageReportRequest {
+                    provider: "alice".into(),
+                    period: "2026-11".into(),
+                    ..Default::default()
+                }
+            ),
+            vec!["user A", "admin"],
+        ),
+        (
+            "ListOffers",
+            case!(list_offers, pb::ListOffersRequest::default()),
+            everyone.clone(),
+        ),
+        (
+            "SetOffer",
+            case!(
+                set_offer,
+                pb::SetOfferRequest {
+                    offer: Some(offer_of("X", "0.05", "EUR")),
+                    ..Default::default()
+                }
+            ),
+            node_of_x.clone(),
+        ),
+        (
+            "WithdrawOffer",
+            case!(
+                withdraw_offer,
+                pb::WithdrawOfferRequest {
+                    computer_id: "X".into(),
+                    ..Default::default()
+                }
+            ),
+            node_of_x.clone(),
+        ),
+        (
+            "SetComputerOwner",
+            case!(
+                set_computer_owner,
+                pb::SetComputerOwnerRequest {
+                    computer_id: "Y".into(),
                     ..Default::default()
                 }
             ),
@@ -749,4 +810,192 @@ async fn a_user_and_a_node_over_http2_with_mutual_tls_and_a_watch() {
     );
     running.shutdown().await;
     drop(dir);
+}
+
+/// Offers: who may set one, what is refused (and leaves the state as it
+/// was), what the market lists, and the terms an allocation shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_are_the_owners_and_bad_ones_store_nothing() {
+    let (_dir, running, _f) = master().await;
+    let svc = MasterService::new(running.replica.clone());
+    let admin = Role::Admin;
+    for c in ["X", "Y"] {
+        svc.load_computer(as_role(computer(c), &admin)).await.unwrap();
+        svc.supply(as_role(
+            pb::SupplyRequest {
+                computer_id: c.into(),
+                url: SR.into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    }
+    svc.set_computer_owner(as_role(
+        pb::SetComputerOwnerRequest {
+            computer_id: "X".into(),
+            owner: "carol".into(),
+            ..Default::default()
+        },
+        &admin,
+    ))
+    .await
+    .unwrap();
+    // Y, the operator's, sells at the catalog.
+    svc.set_price(as_role(
+        pb::SetPriceRequest {
+            resource: "hosting".into(),
+            unit_price: "0.03".into(),
+            currency: "EUR".into(),
+            ..Default::default()
+        },
+        &admin,
+    ))
+    .await
+    .unwrap();
+    let carol = Role::User("carol".into());
+    let bob = Role::User("bob".into());
+    let set = |o: pb::Offer, role: &Role| {
+        let (svc, role) = (&svc, role.clone());
+        async move {
+            svc.set_offer(as_role(
+                pb::SetOfferRequest {
+                    offer: Some(o),
+                    ..Default::default()
+                },
+                &role,
+            ))
+            .await
+        }
+    };
+    let state = running.replica.state.clone();
+    let before = domain(&state.read().unwrap());
+    let mut unknown_resource = offer_of("X", "0.05", "EUR");
+    unknown_resource.resource_prices.insert("gold".into(), "1".into());
+    let mut too_many = offer_of("X", "0.05", "EUR");
+    too_many.partitions = 9;
+    let refusals = [
+        (
+            offer_of("X", "-0.05", "EUR"),
+            &carol,
+            Code::InvalidArgument,
+            "not negative",
+        ),
+        (
+            offer_of("X", "cheap", "EUR"),
+            &carol,
+            Code::InvalidArgument,
+            "not an amount",
+        ),
+        (offer_of("X", "0.05", "XYZ"), &carol, Code::InvalidArgument, "ISO 4217"),
+        (offer_of("X", "0.05", ""), &carol, Code::InvalidArgument, "ISO 4217"),
+        (unknown_resource, &carol, Code::InvalidArgument, "gold"),
+        (too_many, &carol, Code::InvalidArgument, "has 3 partitions"),
+        (offer_of("X", "0.05", "EUR"), &bob, Code::PermissionDenied, "not yours"),
+        (
+            offer_of("Y", "0.05", "EUR"),
+            &carol,
+            Code::PermissionDenied,
+            "not yours",
+        ),
+        (offer_of("Z", "0.05", "EUR"), &admin, Code::NotFound, "does not exist"),
+    ];
+    for (o, role, code, says) in refusals {
+        let what = format!("{o:?} by {role}");
+        let s = set(o, role).await.expect_err(&what);
+        assert_eq!(s.code(), code, "{what}: {s:?}");
+        assert!(
+            s.message().contains(says),
+            "{what}: {} should say {says:?}",
+            s.message()
+        );
+        assert!(
+            domain(&state.read().unwrap()) == before,
+            "{what}: a refused offer changed the state"
+        );
+    }
+    // The owner's offer, listed with its provider.
+    set(offer_of("X", "0.05", "EUR"), &carol).await.unwrap();
+    let listed = svc
+        .list_offers(as_role(pb::ListOffersRequest::default(), &bob))
+        .await
+        .unwrap()
+        .into_inner()
+        .offers;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            listed[0].computer_id.as_str(),
+            listed[0].provider.as_str(),
+            listed[0].price_per_hour.as_str()
+        ),
+        ("X", "carol", "0.050000")
+    );
+    // A request within its conditions takes it, and shows its terms; one
+    // that no offer meets waits with its reason.
+    let alice = Role::User("alice".into());
+    let got = svc
+        .request(as_role(
+            request("a", &[("max_price", "0.06 EUR"), ("region", "eu")]),
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.computer_id, "X");
+    let terms = got.agreement.expect("terms");
+    assert_eq!(
+        (terms.provider.as_str(), terms.price_per_hour_micros),
+        ("carol", 50_000)
+    );
+    let waits = svc
+        .request(as_role(request("b", &[("max_price", "0.01 EUR")]), &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !waits.placed && waits.pending_reason.contains("max_price"),
+        "neither X at 0.05 nor Y at the catalog's 0.03: {waits:?}"
+    );
+    let bad = svc
+        .request(as_role(request("c", &[("max_price", "0.01")]), &alice))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("needs a currency"), "{}", bad.message());
+    // The statement is the provider's.
+    let statement = |role: &Role| {
+        let (svc, role) = (&svc, role.clone());
+        async move {
+            svc.get_usage(as_role(
+                pb::UsageReportRequest {
+                    provider: "carol".into(),
+                    period: "2026-11".into(),
+                    ..Default::default()
+                },
+                &role,
+            ))
+            .await
+        }
+    };
+    statement(&carol).await.unwrap();
+    assert_eq!(statement(&bob).await.unwrap_err().code(), Code::PermissionDenied);
+    // Withdrawn, an owner's computer sells nothing more.
+    svc.withdraw_offer(as_role(
+        pb::WithdrawOfferRequest {
+            computer_id: "X".into(),
+            ..Default::default()
+        },
+        &carol,
+    ))
+    .await
+    .unwrap();
+    let after = svc
+        .request(as_role(request("d", &[("computer_guid", "X")]), &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!after.placed, "{after:?}");
+    running.shutdown().await;
 }

@@ -194,6 +194,127 @@ fn a_user_requests_lists_shows_and_destroys_with_slapctl() {
         text.stdout
     );
 
+    // The market: an administrator names COMP-1's owner; only bob may
+    // offer it; bad offers are refused with a sentence.
+    let owned = slapctl(slap, &certs, "ops", &["owner", "COMP-1", "bob"]);
+    assert!(
+        owned.ok && owned.stdout.contains("COMP-1 is bob's"),
+        "{}{}",
+        owned.stdout,
+        owned.stderr
+    );
+    let offer = |user: &str, extra: &[&str]| {
+        let mut args = vec!["offer", "set", "COMP-1", "--partitions", "2"];
+        args.extend(extra);
+        slapctl(slap, &certs, user, &args)
+    };
+    let theirs = offer("alice", &["--price", "0.04", "--currency", "EUR"]);
+    assert!(!theirs.ok && theirs.stderr.contains("not yours"), "{}", theirs.stderr);
+    for (extra, says) in [
+        (&["--price", "-0.04", "--currency", "EUR"][..], "not negative"),
+        (&["--price", "four", "--currency", "EUR"][..], "not an amount"),
+        (&["--price", "0.04", "--currency", "XYZ"][..], "ISO 4217"),
+        (
+            &["--price", "0.04", "--currency", "EUR", "--memory", "lots"][..],
+            "--memory",
+        ),
+    ] {
+        let bad = offer("bob", extra);
+        assert!(!bad.ok && bad.stderr.contains(says), "{extra:?}: {}", bad.stderr);
+    }
+    let empty = json(&slapctl(slap, &certs, "alice", &["--json", "offer", "show"]));
+    assert_eq!(empty, serde_json::json!([]), "refused offers store nothing");
+    wait_for("the cluster to take offers (version 5)", || {
+        offer(
+            "bob",
+            &[
+                "--price",
+                "0.04",
+                "--currency",
+                "EUR",
+                "--region",
+                "eu",
+                "--cpus",
+                "4",
+                "--memory",
+                "8GiB",
+            ],
+        )
+        .ok
+    });
+    let offers = json(&slapctl(slap, &certs, "alice", &["--json", "offer", "show"]));
+    assert_eq!(offers[0]["provider"], "bob");
+    assert_eq!(offers[0]["price_per_hour"], "0.040000");
+    assert_eq!(offers[0]["partitions_busy"], 1, "alice's blog");
+    let bought = json(&slapctl(
+        slap,
+        &certs,
+        "alice",
+        &[
+            "--json",
+            "request",
+            "market-app",
+            SR,
+            "--sla",
+            "max_price=0.05EUR",
+            "--sla",
+            "region=eu",
+            "--sla",
+            "min_memory=4GiB",
+        ],
+    ));
+    assert_eq!(bought["computer"], "COMP-1");
+    assert_eq!(bought["agreement"]["price_per_hour_micros"], 40_000);
+    assert_eq!(bought["agreement"]["provider"], "bob");
+    let shown = slapctl(slap, &certs, "alice", &["show", "market-app"]);
+    assert!(
+        shown.stdout.contains("price: 0.040000 EUR per partition-hour from bob"),
+        "{}",
+        shown.stdout
+    );
+    let waiting = slapctl(
+        slap,
+        &certs,
+        "alice",
+        &["request", "too-cheap", SR, "--sla", "max_price=0.01EUR"],
+    );
+    assert!(
+        waiting.ok && waiting.stdout.contains("not placed yet") && waiting.stdout.contains("max_price 0.010000 EUR"),
+        "{}{}",
+        waiting.stdout,
+        waiting.stderr
+    );
+    let statement = slapctl(
+        slap,
+        &certs,
+        "bob",
+        &["usage", "--period", "2026-12", "--provider", "bob"],
+    );
+    assert!(
+        statement.ok && statement.stdout.contains("statement of provider bob"),
+        "{}",
+        statement.stderr
+    );
+    let not_hers = slapctl(
+        slap,
+        &certs,
+        "alice",
+        &["usage", "--period", "2026-12", "--provider", "bob"],
+    );
+    assert!(!not_hers.ok, "{}", not_hers.stdout);
+    let withdrawn = slapctl(slap, &certs, "bob", &["offer", "withdraw", "COMP-1"]);
+    assert!(
+        withdrawn.ok && withdrawn.stdout.contains("withdrawn"),
+        "{}",
+        withdrawn.stderr
+    );
+    let kept = json(&slapctl(slap, &certs, "alice", &["--json", "show", "market-app"]));
+    assert_eq!(
+        kept["agreement"]["price_per_hour_micros"], 40_000,
+        "running instances keep their price"
+    );
+    assert!(slapctl(slap, &certs, "alice", &["destroy", "too-cheap"]).ok);
+
     // Without a Master or a certificate: what to give.
     let out = Command::new(slapctl_bin()).args(["list"]).env_clear().output().unwrap();
     assert!(!out.status.success());

@@ -398,3 +398,158 @@ fn real_slapos_client_over_mutual_tls() {
     let (ok, out) = slapos_try(root, &["service", "list", "--cfg", &alice]);
     assert!(ok, "{out}");
 }
+
+/// The market through the unmodified client: `slapos request --node
+/// max_price=... region=...` (the client's name for the SLA) through the
+/// gateway lands on the cheapest computer in that region; a request no
+/// offer satisfies is reported as provisioning (SLAP 408, with the reason
+/// the native API shows), never failed, and is allocated as soon as an
+/// offer suits it.
+#[test]
+fn real_slapos_request_with_market_conditions() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cluster = SlapCluster::start(&root.join("cluster"));
+    let slap = cluster.gateway_port;
+    format_node(root, slap);
+    std::fs::write(
+        root.join("client.cfg"),
+        format!("[slapos]\nmaster_url = http://127.0.0.1:{slap}/\nmaster_rest_url = http://127.0.0.1:{slap}/hateoas\n[slapconsole]\n"),
+    )
+    .unwrap();
+    let sr = root.join("software.cfg");
+    std::fs::write(&sr, "[buildout]\n").unwrap();
+    let sr = sr.display().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut native = rt.block_on(async { cluster.native() });
+    rt.block_on(
+        native.load_computer(slap_proto::master::LoadComputerRequest {
+            computer_id: "COMP-2".into(),
+            partitions: (0..3)
+                .map(|i| slap_proto::master::PartitionSpec {
+                    id: format!("slappart{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    for computer in ["COMP-1", "COMP-2"] {
+        slapos(root, &["supply", &sr, computer, "--cfg", "client.cfg"]);
+    }
+    let offer = |native: &mut slap_proto::master::master_client::MasterClient<tonic::transport::Channel>,
+                 computer: &str,
+                 price: &str,
+                 region: &str| {
+        let req = slap_proto::master::SetOfferRequest {
+            offer: Some(slap_proto::master::Offer {
+                computer_id: computer.into(),
+                price_per_hour: price.into(),
+                currency: "EUR".into(),
+                region: region.into(),
+                partitions: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // The cluster takes market commands once every replica has said
+        // it speaks their version, a moment after it forms.
+        common::wait_for("the cluster to take offers", || {
+            match rt.block_on(native.set_offer(req.clone())) {
+                Ok(_) => true,
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => false,
+                Err(s) => panic!("offer refused: {s:?}"),
+            }
+        });
+    };
+    // COMP-1 is cheaper but in the US.
+    offer(&mut native, "COMP-1", "0.02", "us");
+    offer(&mut native, "COMP-2", "0.04", "eu");
+    let out = slapos(
+        root,
+        &[
+            "request",
+            "eu-app",
+            &sr,
+            "--cfg",
+            "client.cfg",
+            "--node",
+            "max_price=0.05EUR",
+            "region=eu",
+        ],
+    );
+    assert!(out.contains("State is : started."), "{out}");
+    let placed = |native: &mut slap_proto::master::master_client::MasterClient<tonic::transport::Channel>,
+                  title: &str| {
+        rt.block_on(native.get_instance(slap_proto::master::GetInstanceRequest {
+            title: title.into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+    };
+    let eu = placed(&mut native, "eu-app");
+    assert_eq!(eu.computer_id, "COMP-2", "the only offer in eu within the price");
+    let terms = eu.agreement.expect("allocated through an offer");
+    assert_eq!((terms.price_per_hour_micros, terms.currency.as_str()), (40_000, "EUR"));
+
+    // Nothing at 0.01 EUR: reported as provisioning, not as an error.
+    let (ok, out) = slapos_try(
+        root,
+        &[
+            "request",
+            "cheap",
+            &sr,
+            "--cfg",
+            "client.cfg",
+            "--node",
+            "max_price=0.01EUR",
+        ],
+    );
+    assert!(!ok && out.contains("Master is provisioning it"), "{out}");
+    let cheap = placed(&mut native, "cheap");
+    assert!(!cheap.placed);
+    assert!(
+        cheap.pending_reason.contains("max_price 0.010000 EUR"),
+        "{}",
+        cheap.pending_reason
+    );
+    let (status, body) = http(
+        slap,
+        "POST",
+        "/requestComputerPartition",
+        &common::form(&[
+            ("software_release", &sr),
+            ("partition_reference", "cheap"),
+            ("software_type", "default"),
+            ("shared_xml", "<marshal><bool>0</bool></marshal>"),
+            ("partition_parameter_xml", "<marshal><dictionary id=\"i2\"/></marshal>"),
+            (
+                "filter_xml",
+                &slap_proto::marshal::dumps(&Value::str_dict(vec![("max_price", Value::str("0.01EUR"))])).unwrap(),
+            ),
+            ("state", "<marshal><none/></marshal>"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("max_price"), "SLAP's status says why: {body}");
+
+    // A provider lowers its price: the waiting request takes it.
+    offer(&mut native, "COMP-1", "0.01", "us");
+    let out = slapos(
+        root,
+        &[
+            "request",
+            "cheap",
+            &sr,
+            "--cfg",
+            "client.cfg",
+            "--node",
+            "max_price=0.01EUR",
+        ],
+    );
+    assert!(out.contains("State is : started."), "{out}");
+    assert_eq!(placed(&mut native, "cheap").computer_id, "COMP-1");
+}

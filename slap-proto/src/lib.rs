@@ -16,6 +16,7 @@ pub mod instance_xml;
 pub mod limits;
 pub mod marshal;
 pub mod rate;
+pub mod size;
 pub mod tioxml;
 mod xml_text;
 

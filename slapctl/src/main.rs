@@ -6,7 +6,12 @@
 //! slapctl show blog
 //! slapctl destroy blog
 //! slapctl usage --period 2026-11
+//! slapctl request gpu-job https://…/software.cfg --sla max_price=0.05EUR --sla min_cpu=8
+//! slapctl offer set COMP-1 --price 0.05 --currency EUR --partitions 8 --region eu
+//! slapctl offer show
+//! slapctl usage --period 2026-11 --provider alice     (what alice's computers earned)
 //! slapctl supply https://…/software.cfg COMP-1        (administrators)
+//! slapctl owner COMP-1 alice                           (administrators)
 //! slapctl completions bash > /etc/bash_completion.d/slapctl
 //! ```
 //!
@@ -20,6 +25,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+
+mod market;
 
 use anyhow::{bail, Context};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -85,7 +92,9 @@ enum Cmd {
         /// Parameters from a file: a JSON or YAML mapping of strings.
         #[arg(long)]
         params_file: Option<PathBuf>,
-        /// Where it may run, key=value (region=eu, computer_guid=COMP-1, ...; repeatable).
+        /// Where it may run, key=value (region=eu, computer_guid=COMP-1,
+        /// max_price=0.05EUR, min_cpu=4, min_memory=8GiB, capability=gpu,
+        /// provider=alice, not_provider=bob; repeatable).
         #[arg(long = "sla", value_name = "KEY=VALUE")]
         sla: Vec<String>,
         /// started or stopped (default: keep the current state; new: started).
@@ -104,12 +113,24 @@ enum Cmd {
     Show { title: String },
     /// Destroy an instance and what it requested.
     Destroy { title: String },
-    /// What you used in a month, with prices.
+    /// What you used in a month, with prices (your invoice), or with
+    /// --provider what a provider's computers earned (their statement).
     Usage {
         /// YYYY-MM.
         #[arg(long)]
         period: String,
+        /// A provider's statement: yours, or anyone's for an administrator.
+        #[arg(long)]
+        provider: Option<String>,
     },
+    /// A computer's offer on the market: set, show, withdraw.
+    Offer {
+        #[command(subcommand)]
+        command: market::OfferCmd,
+    },
+    /// Name the user who owns COMPUTER: who sets its offer and is credited
+    /// for its work (administrators). Without USER, forget the owner.
+    Owner { computer: String, user: Option<String> },
     /// Install a software release on a computer (administrators).
     Supply {
         software_release: String,
@@ -221,7 +242,7 @@ impl std::error::Error for Failure {}
 
 /// Calls until an answer or a definite refusal; the request (and so its
 /// request id) is the same on every attempt.
-async fn call<T, F, Fut>(patience: u64, mut f: F) -> Result<T, Failure>
+pub(crate) async fn call<T, F, Fut>(patience: u64, mut f: F) -> Result<T, Failure>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -245,7 +266,7 @@ where
     }
 }
 
-fn request_id() -> Option<pb::RequestId> {
+pub(crate) fn request_id() -> Option<pb::RequestId> {
     let mut id = [0u8; 8];
     rand::Rng::fill(&mut rand::rng(), &mut id[..]);
     Some(pb::RequestId {
@@ -263,6 +284,11 @@ fn instance_json(i: &pb::Instance) -> serde_json::Value {
         "error_log": i.error_log, "placed": i.placed, "computer": i.computer_id,
         "partition": i.partition_id, "host": i.host, "pending_reason": i.pending_reason,
         "connection": i.connection,
+        "agreement": i.agreement.as_ref().map(|a| serde_json::json!({
+            "computer": a.computer_id, "provider": a.provider,
+            "price_per_hour_micros": a.price_per_hour_micros, "currency": a.currency,
+            "resource_price_micros": a.resource_price_micros, "agreed_at": a.agreed_at,
+        })),
     })
 }
 
@@ -277,6 +303,9 @@ fn show(i: &pb::Instance) {
         format!("not placed yet: {}", i.pending_reason)
     };
     println!("  where: {place}");
+    if let Some(a) = &i.agreement {
+        println!("  price: {}", market::agreement_line(a));
+    }
     let reported = if i.reported_state.is_empty() {
         "nothing yet"
     } else {
@@ -299,7 +328,7 @@ fn show(i: &pb::Instance) {
     }
 }
 
-fn money(m: i64) -> String {
+pub(crate) fn money(m: i64) -> String {
     format!(
         "{}{}.{:06}",
         if m < 0 { "-" } else { "" },
@@ -395,8 +424,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("no instances; request one with `slapctl request TITLE SOFTWARE_RELEASE`");
             }
             println!(
-                "{:<24} {:<14} {:<10} {:<10} {:<20} release",
-                "title", "id", "requested", "reported", "where"
+                "{:<24} {:<14} {:<10} {:<10} {:<20} {:<16} release",
+                "title", "id", "requested", "reported", "where", "price/hour"
             );
             for i in &list.instances {
                 let place = if i.computer_id.is_empty() {
@@ -408,8 +437,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     format!("{}/{}", i.computer_id, i.partition_id)
                 };
+                let price = i.agreement.as_ref().map_or("-".to_string(), |a| {
+                    format!("{} {}", money(a.price_per_hour_micros), a.currency)
+                });
                 println!(
-                    "{:<24} {:<14} {:<10} {:<10} {:<20} {}",
+                    "{:<24} {:<14} {:<10} {:<10} {:<20} {:<16} {}",
                     i.title,
                     i.id,
                     i.requested_state,
@@ -419,6 +451,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         &i.reported_state
                     },
                     place,
+                    price,
                     i.software_release
                 );
             }
@@ -448,12 +481,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(e) => return Err(e.into()),
             }
         }
-        Cmd::Usage { period } => {
+        Cmd::Offer { command } => market::offer(&client, p, cli.json, command).await?,
+        Cmd::Owner { computer, user } => market::owner(&client, p, computer, user).await?,
+        Cmd::Usage { period, provider } => {
             let report = call(p, || {
-                let (mut c, period) = (client.clone(), period.clone());
+                let (mut c, period, provider) = (client.clone(), period.clone(), provider.clone());
                 async move {
                     c.get_usage(pb::UsageReportRequest {
                         period,
+                        provider: provider.unwrap_or_default(),
                         ..Default::default()
                     })
                     .await
@@ -469,7 +505,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             "subscription": l.subscription, "resource": l.resource, "release": l.software_release,
                             "quantity": l.quantity, "unit": l.unit, "priced": l.priced,
                             "unit_price_micros": l.unit_price_micros, "currency": l.currency,
-                            "amount_micros": l.amount_micros,
+                            "amount_micros": l.amount_micros, "price_unit": l.price_unit, "agreed": l.agreed,
+                            "computer": l.computer_id, "subscriber": l.subscriber,
                         })
                     })
                     .collect();
@@ -479,7 +516,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            println!("usage in {period}");
+            match &provider {
+                Some(name) => println!("statement of provider {name} in {period}"),
+                None => println!("usage in {period}"),
+            }
             if report.lines.is_empty() {
                 println!("(nothing)");
             }
@@ -489,8 +529,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     "unpriced".into()
                 };
+                let at = if !l.priced {
+                    String::new()
+                } else {
+                    format!(
+                        " at {} {}/{}{}",
+                        money(l.unit_price_micros),
+                        l.currency,
+                        l.price_unit,
+                        if l.agreed { " (agreed)" } else { "" }
+                    )
+                };
+                let whom = if provider.is_some() {
+                    format!("{} for {} ", l.computer_id, l.subscriber)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "  {:<14} {:<10} {:>16.3} {:<7} {:>20}  {}",
+                    "  {whom}{:<14} {:<10} {:>16.3} {:<7} {:>20}{at}  {}",
                     l.subscription, l.resource, l.quantity, l.unit, amount, l.software_release
                 );
             }

@@ -133,6 +133,8 @@ pub fn instance_message(i: &Instance) -> pb::Instance {
         pending_reason: i.pending_reason.clone().unwrap_or_default(),
         timestamp: i.timestamp,
         created_at: i.created_at,
+        // See `instance_with_terms`: the terms are the state's, not the instance's.
+        agreement: None,
     }
 }
 
@@ -209,6 +211,9 @@ pub fn usage_report(r: &crate::state::ledger::Report) -> pb::UsageReport {
                 currency: l.currency.clone().unwrap_or_default(),
                 amount_micros: l.amount,
                 movements: l.movements as u32,
+                computer_id: l.computer.clone(),
+                price_unit: l.price_unit.clone(),
+                agreed: l.agreed,
             })
             .collect(),
         totals_micros: r.totals.clone().into_iter().collect(),
@@ -250,4 +255,89 @@ pub fn cluster_view(replica: &Replica, with_digest: bool) -> pb::ClusterView {
         state_sha256,
         ca_pem: state.trust_pem(),
     }
+}
+
+/// The terms an instance was allocated at, as the API shows them.
+pub fn agreement_message(a: &crate::state::market::Agreement) -> pb::Agreement {
+    pb::Agreement {
+        computer_id: a.computer.clone(),
+        provider: a.provider.clone(),
+        price_per_hour_micros: a.hosting.unit_price,
+        currency: a.hosting.currency.clone(),
+        resource_price_micros: a.resources.clone().into_iter().collect(),
+        agreed_at: a.at_us,
+    }
+}
+
+/// [`instance_message`] with the terms the instance was allocated at.
+pub fn instance_with_terms(state: &Master, i: &Instance) -> pb::Instance {
+    let mut message = instance_message(i);
+    message.agreement = state.ledger.agreements.get(&i.id).map(agreement_message);
+    message
+}
+
+/// An offer as the API shows it.
+pub fn offer_message(v: &crate::state::market::OfferView) -> pb::Offer {
+    use crate::state::ledger::format_money;
+    let o = &v.offer;
+    pb::Offer {
+        computer_id: o.computer.clone(),
+        provider: v.provider.clone(),
+        price_per_hour: format_money(o.hosting.unit_price),
+        currency: o.hosting.currency.clone(),
+        resource_prices: o.resources.iter().map(|(r, p)| (r.clone(), format_money(*p))).collect(),
+        cpu_model: o.specs.cpu_model.clone(),
+        cpu_count: o.specs.cpu_count,
+        memory_bytes: o.specs.memory_bytes,
+        disk_bytes: o.specs.disk_bytes,
+        region: o.specs.region.clone(),
+        network: o.specs.network.clone(),
+        capabilities: o.specs.capabilities.clone(),
+        partitions: o.partitions,
+        partitions_busy: v.busy as u32,
+        partitions_total: v.total as u32,
+    }
+}
+
+/// An offer from the API, checked for what can be told without the state:
+/// amounts, the currency.
+pub fn offer(o: &pb::Offer) -> Result<crate::state::market::Offer, Status> {
+    use crate::state::ledger::{parse_money, Price};
+    use crate::state::market::{check_currency, Offer, Specs, OFFER_RESOURCES};
+    let computer = o.computer_id.trim();
+    if computer.is_empty() {
+        return Err(Status::invalid_argument("an offer names its computer (computer_id)"));
+    }
+    let currency = o.currency.trim();
+    check_currency(currency).map_err(Status::invalid_argument)?;
+    let money = |what: &str, text: &str| {
+        parse_money(text).map_err(|e| Status::invalid_argument(format!("{what}: {e}; prices are not negative")))
+    };
+    let mut resources = std::collections::BTreeMap::new();
+    for (resource, price) in &o.resource_prices {
+        if !OFFER_RESOURCES.iter().any(|(r, _)| r == resource) {
+            return Err(Status::invalid_argument(format!(
+                "an offer prices cpu, memory, disk and network beside hosting; not {resource:?}"
+            )));
+        }
+        resources.insert(resource.clone(), money(&format!("the {resource} price"), price)?);
+    }
+    Ok(Offer {
+        computer: computer.to_string(),
+        hosting: Price {
+            unit_price: money("the price per partition-hour", &o.price_per_hour)?,
+            currency: currency.to_string(),
+        },
+        resources,
+        specs: Specs {
+            cpu_model: o.cpu_model.trim().to_string(),
+            cpu_count: o.cpu_count,
+            memory_bytes: o.memory_bytes,
+            disk_bytes: o.disk_bytes,
+            region: o.region.trim().to_string(),
+            network: o.network.trim().to_string(),
+            capabilities: o.capabilities.iter().map(|c| c.trim().to_string()).collect(),
+        },
+        partitions: o.partitions,
+    })
 }

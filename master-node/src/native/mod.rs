@@ -88,6 +88,30 @@ impl MasterService {
     }
 }
 
+impl MasterService {
+    /// Whether `role` may set or withdraw `computer`'s offer: an
+    /// administrator, the computer itself, or the user who owns it.
+    fn may_sell(&self, role: &Option<Role>, computer: &str) -> Result<(), Status> {
+        let state = self.replica.state.read().unwrap_or_else(|e| e.into_inner());
+        if !state.computers.contains_key(computer) {
+            return Err(Status::not_found(format!("computer {computer} does not exist")));
+        }
+        let owner = state.ledger.owners.get(computer);
+        match role {
+            None | Some(Role::Admin) => Ok(()),
+            Some(Role::Computer(c)) if c == computer => Ok(()),
+            Some(Role::User(u)) if owner == Some(u) => Ok(()),
+            Some(role) => Err(Status::permission_denied(format!(
+                "forbidden: computer {computer} is not yours ({role}); its offer is set by {}, the computer \
+                 itself or an administrator",
+                owner.map_or("its owner (it has none: an administrator names one)".to_string(), |o| {
+                    format!("its owner {o}")
+                })
+            ))),
+        }
+    }
+}
+
 /// A refused write as a gRPC status.
 fn refusal(r: Refusal) -> Status {
     match r {
@@ -423,7 +447,10 @@ impl MasterApi for MasterService {
             // The instance as the write left it (placement included), not
             // as it is by the time the answer is sent: later writes (a
             // node's publication) are not this request's to show.
-            Reply::Instance(inst) => Ok(Response::new(convert::instance_message(&inst))),
+            Reply::Instance(inst) => {
+                let state = self.replica.state.read().unwrap_or_else(|e| e.into_inner());
+                Ok(Response::new(convert::instance_with_terms(&state, &inst)))
+            }
             _ => Err(Status::not_found(
                 "the instance is gone (destroyed before it was placed)",
             )),
@@ -455,7 +482,7 @@ impl MasterApi for MasterService {
             // Not "forbidden": whether another user's instance exists is theirs to know.
             return Err(not_found());
         }
-        Ok(Response::new(convert::instance_message(&inst)))
+        Ok(Response::new(convert::instance_with_terms(&state, &inst)))
     }
 
     async fn list_instances(
@@ -471,8 +498,12 @@ impl MasterApi for MasterService {
         let Answer::Instances(instances) = self.replica.read(&Query::Instances { owner }).await? else {
             return Err(Status::internal("unexpected answer to an instance list"));
         };
+        let state = self.replica.state.read().unwrap_or_else(|e| e.into_inner());
         Ok(Response::new(pb::InstanceList {
-            instances: instances.iter().map(convert::instance_message).collect(),
+            instances: instances
+                .iter()
+                .map(|i| convert::instance_with_terms(&state, i))
+                .collect(),
         }))
     }
 
@@ -482,6 +513,18 @@ impl MasterApi for MasterService {
         let who = if !r.computer_id.is_empty() {
             self.authorize(&req, &Need::Computer(r.computer_id.clone()))?;
             crate::state::ledger::ReportFor::Computer(r.computer_id.clone())
+        } else if !r.provider.is_empty() {
+            match self.authorize(&req, &Need::Anyone)? {
+                None | Some(Role::Admin) => {}
+                Some(Role::User(u)) if u == r.provider => {}
+                Some(role) => {
+                    return Err(Status::permission_denied(format!(
+                        "forbidden: {role} may not read provider {}'s statement (the provider or an administrator)",
+                        r.provider
+                    )))
+                }
+            }
+            crate::state::ledger::ReportFor::Provider(r.provider.clone())
         } else {
             let role = self.authorize(&req, &Need::User)?;
             crate::state::ledger::ReportFor::Subscriber(user_for(&role, &r.subscriber)?)
@@ -512,6 +555,51 @@ impl MasterApi for MasterService {
             resource: r.resource.trim().to_string(),
             release: optional(&r.software_release),
             price,
+        };
+        self.done(r.request_id, command).await
+    }
+
+    async fn set_offer(&self, req: Request<pb::SetOfferRequest>) -> Result<Response<pb::Done>, Status> {
+        let role = self.authorize(&req, &Need::Anyone)?;
+        let r = req.into_inner();
+        let offer = convert::offer(
+            r.offer
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("missing field offer"))?,
+        )?;
+        self.may_sell(&role, &offer.computer)?;
+        self.done(r.request_id, Command::SetOffer(Box::new(offer))).await
+    }
+
+    async fn withdraw_offer(&self, req: Request<pb::WithdrawOfferRequest>) -> Result<Response<pb::Done>, Status> {
+        let role = self.authorize(&req, &Need::Anyone)?;
+        let r = req.into_inner();
+        let computer = required(r.computer_id.trim(), "computer_id")?.to_string();
+        self.may_sell(&role, &computer)?;
+        self.done(r.request_id, Command::WithdrawOffer { computer }).await
+    }
+
+    async fn list_offers(&self, req: Request<pb::ListOffersRequest>) -> Result<Response<pb::OfferList>, Status> {
+        self.authorize(&req, &Need::Anyone)?;
+        let computer = optional(req.get_ref().computer_id.trim());
+        let Answer::Offers(offers) = self.replica.read(&Query::Offers { computer }).await? else {
+            return Err(Status::internal("unexpected answer to an offer list"));
+        };
+        Ok(Response::new(pb::OfferList {
+            offers: offers.iter().map(convert::offer_message).collect(),
+        }))
+    }
+
+    async fn set_computer_owner(
+        &self,
+        req: Request<pb::SetComputerOwnerRequest>,
+    ) -> Result<Response<pb::Done>, Status> {
+        self.authorize(&req, &Need::Admin)?;
+        let r = req.into_inner();
+        let computer = required(r.computer_id.trim(), "computer_id")?.to_string();
+        let command = Command::SetComputerOwner {
+            computer,
+            owner: optional(r.owner.trim()),
         };
         self.done(r.request_id, command).await
     }

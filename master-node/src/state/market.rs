@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::ledger::{format_money, Micros, Price};
-use super::model::{Computer, ComputerId};
+use super::model::{Computer, ComputerId, SlapState};
 
 /// The provider of a computer that has no owner: the cluster's operator.
 pub const OPERATOR: &str = "operator";
@@ -126,32 +126,7 @@ pub fn check_currency(code: &str) -> Result<(), String> {
     }
 }
 
-/// A size: `16GiB`, `512MiB`, `2TiB`, `64G`, or a bare number of GiB.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(digits);
-    let bad = || format!("{text:?} is not a size (e.g. 8GiB, 512MiB, or 8 for 8 GiB)");
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let shift = match unit.trim() {
-        "" | "G" | "GiB" | "GB" => 30,
-        "M" | "MiB" | "MB" => 20,
-        "T" | "TiB" | "TB" => 40,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(1 << shift).ok_or_else(bad)
-}
-
-/// A size for people: `16 GiB`, `512 MiB`.
-pub fn format_size(bytes: u64) -> String {
-    if bytes >= 1 << 40 && bytes.is_multiple_of(1 << 40) {
-        format!("{} TiB", bytes >> 40)
-    } else if bytes >= 1 << 30 {
-        format!("{} GiB", bytes >> 30)
-    } else {
-        format!("{} MiB", bytes >> 20)
-    }
-}
+pub use slap_proto::size::{format_size, parse_size};
 
 /// A price ceiling: `0.05EUR`, `0.05 EUR` or `EUR 0.05`.
 pub fn parse_max_price(text: &str) -> Result<Price, String> {
@@ -348,6 +323,23 @@ pub fn check_offer(offer: &Offer, computer: &Computer) -> Result<(), String> {
     Ok(())
 }
 
+/// An offer as the market shows it: with its provider and how full it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferView {
+    pub offer: Offer,
+    pub provider: String,
+    /// Partitions busy, and in all, on the computer.
+    pub busy: usize,
+    pub total: usize,
+}
+
+impl OfferView {
+    /// How much of what the offer sells is sold, from 0 to 1.
+    pub fn fill_rate(&self) -> f64 {
+        (self.busy.min(self.offer.partitions as usize)) as f64 / f64::from(self.offer.partitions.max(1))
+    }
+}
+
 /// The replicated market: offers by computer.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Market {
@@ -423,6 +415,29 @@ impl Master {
         Reply::Done
     }
 
+    /// The offers (of `computer`, or all), as the market shows them.
+    pub fn offer_views(&self, computer: Option<&str>) -> Vec<OfferView> {
+        self.market
+            .offers
+            .values()
+            .filter(|o| computer.is_none_or(|c| c == o.computer))
+            .map(|o| {
+                let partitions = self.partitions_of(&o.computer);
+                OfferView {
+                    offer: o.clone(),
+                    provider: self.provider_of_computer(&o.computer).to_string(),
+                    busy: partitions.iter().filter(|p| p.state == SlapState::Busy).count(),
+                    total: partitions.len(),
+                }
+            })
+            .collect()
+    }
+
+    /// Who is credited for `computer`'s work: its owner, else the operator.
+    pub fn provider_of_computer(&self, computer: &str) -> &str {
+        self.ledger.owners.get(computer).map_or(OPERATOR, String::as_str)
+    }
+
     /// How `computer` sells, for placement (`None`: at the catalog).
     fn sale_of(&self, computer: &str) -> Option<Sale> {
         match self.market.offers.get(computer) {
@@ -474,12 +489,7 @@ impl Master {
         };
         let agreement = Agreement {
             computer: computer.to_string(),
-            provider: self
-                .ledger
-                .owners
-                .get(computer)
-                .cloned()
-                .unwrap_or_else(|| OPERATOR.to_string()),
+            provider: self.provider_of_computer(computer).to_string(),
             hosting: offer.hosting.clone(),
             resources: offer.resources.clone(),
             at_us: now,
@@ -494,15 +504,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_prices_and_currencies() {
-        assert_eq!(parse_size("8GiB"), Ok(8 << 30));
-        assert_eq!(parse_size("8"), Ok(8 << 30));
-        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
-        assert_eq!(parse_size("2T"), Ok(2 << 40));
-        for bad in ["", "GiB", "-1", "8 parsecs", "99999999999999999999"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-        assert_eq!(format_size(16 << 30), "16 GiB");
+    fn prices_and_currencies() {
         let p = parse_max_price("0.05EUR").unwrap();
         assert_eq!((p.unit_price, p.currency.as_str()), (50_000, "EUR"));
         assert_eq!(parse_max_price("EUR 0.05"), Ok(p.clone()));

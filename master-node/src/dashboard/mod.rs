@@ -2,9 +2,10 @@
 //! any gateway), with no script and nothing fetched from elsewhere.
 //!
 //! Pages: the cluster (members, leader, lag), computers with their
-//! partitions and software, instance trees with their states and connection
-//! parameters, recent errors, usage for a month, and a form to request an
-//! instance. What a page shows depends on who asks (the TLS client
+//! partitions and software, instance trees with their states, connection
+//! parameters and agreed prices, recent errors, usage for a month
+//! (invoices, and providers' statements), the market's offers
+//! ([`market`]), and a form to request an instance. What a page shows depends on who asks (the TLS client
 //! certificate, as for every call): an administrator sees everything, a
 //! user their own trees and usage, a computer its own computer; the form
 //! requests as the calling user. Without TLS (`--insecure-http`) the
@@ -12,6 +13,8 @@
 //!
 //! A handler: must not import `slap`, `native`, `metrics` or the server that
 //! mounts it.
+
+mod market;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -88,7 +91,7 @@ fn page(title: &str, role: &Option<Role>, body: &str) -> Response {
     let html = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t} - SlapOS Master</title><style>{STYLE}</style></head>\
          <body><header><b>SlapOS Master</b> &nbsp; <a href=\"/dashboard\">Cluster</a><a href=\"/dashboard/computers\">Computers</a>\
-         <a href=\"/dashboard/instances\">Instances</a><a href=\"/dashboard/usage\">Usage</a><a href=\"/dashboard/request\">Request</a>\
+         <a href=\"/dashboard/instances\">Instances</a><a href=\"/dashboard/market\">Market</a><a href=\"/dashboard/usage\">Usage</a><a href=\"/dashboard/request\">Request</a>\
          <span class=\"muted\" style=\"float:right\">{w}</span></header><main><h1>{t}</h1>{body}</main></body></html>",
         t = esc(title),
         w = esc(&who),
@@ -234,9 +237,10 @@ fn instance_rows(state: &Master, b: &mut String, i: &Instance, depth: usize) {
         .map(|(k, v)| format!("<b>{}</b>: {}", esc(k), esc(v)))
         .collect::<Vec<_>>()
         .join("<br>");
+    let price = market::agreed_price(state, &i.id);
     let _ = write!(
         b,
-        "<tr class=\"instance\"><td style=\"padding-left:{}em\">{}</td><td><span class=\"muted\">{}</span></td><td>{}</td><td>{}</td><td>{}</td><td>{place}</td><td>{conn}</td></tr>",
+        "<tr class=\"instance\"><td style=\"padding-left:{}em\">{}</td><td><span class=\"muted\">{}</span></td><td>{}</td><td>{}</td><td>{}</td><td>{place}</td><td>{price}</td><td>{conn}</td></tr>",
         0.6 + depth as f64 * 1.5,
         esc(&i.title),
         esc(&i.id),
@@ -258,7 +262,7 @@ async fn instances(State(replica): State<Arc<Replica>>, caller: Option<Extension
     let role = viewer(&caller);
     let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
     let mut b = String::from(
-        "<table id=\"instances\"><tr><th>title</th><th>id</th><th>software release</th><th>requested</th><th>reported</th><th>where</th><th>connection</th></tr>",
+        "<table id=\"instances\"><tr><th>title</th><th>id</th><th>software release</th><th>requested</th><th>reported</th><th>where</th><th>price/hour</th><th>connection</th></tr>",
     );
     let mut shown = 0;
     for root in state
@@ -269,7 +273,7 @@ async fn instances(State(replica): State<Arc<Replica>>, caller: Option<Extension
         if sees_everything(&role) {
             let _ = write!(
                 b,
-                "<tr><th colspan=\"7\">{} — tree of {}</th></tr>",
+                "<tr><th colspan=\"8\">{} — tree of {}</th></tr>",
                 esc(&root.title),
                 esc(&root.owner)
             );
@@ -401,7 +405,17 @@ async fn usage(
         );
         for l in &report.lines {
             let price = match (&l.unit_price, &l.currency) {
-                (Some(p), Some(c)) => format!("{} {}", format_money(*p), esc(c)),
+                (Some(p), Some(c)) => format!(
+                    "{} {}/{}{}",
+                    format_money(*p),
+                    esc(c),
+                    esc(&l.price_unit),
+                    if l.agreed {
+                        " <span class=\"muted\">agreed</span>"
+                    } else {
+                        ""
+                    }
+                ),
                 _ => "<span class=\"muted\">unpriced</span>".into(),
             };
             let amount = l
@@ -424,6 +438,9 @@ async fn usage(
             let _ = write!(b, "<p><b>Total: {} {}</b></p>", format_money(*t), esc(c));
         }
     }
+    let state = replica.state.read().unwrap_or_else(|e| e.into_inner());
+    b.push_str(&market::statements(&state, &role, &period));
+    drop(state);
     page("Usage", &role, &b)
 }
 
@@ -550,6 +567,7 @@ where
         .route("/dashboard/computers/{id}", get(computer))
         .route("/dashboard/instances", get(instances))
         .route("/dashboard/usage", get(usage))
+        .route("/dashboard/market", get(market::market))
         .route("/dashboard/request", get(request_form).post(request_submit))
 }
 
