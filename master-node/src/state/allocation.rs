@@ -51,7 +51,7 @@ pub const PASSTHROUGH_KEYS: &[&str] = &[
 ];
 
 /// An SLA read and checked.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Filter {
     pub computer_guid: Option<String>,
     pub instance_guid: Option<String>,
@@ -228,7 +228,14 @@ impl Master {
                 .get(id)
                 .filter(|room| room.releases.contains(release) && self.placement.sells(id, room))
                 .and_then(|room| fits(&self.placement.slot(id, room, release))),
-            None => self.placement.first_fitting(release, spread_point(seq), beyond, fits),
+            None => {
+                // What this walk learns of the slots that fail is kept for
+                // the next request with the same SLA (see `SkipMemo`),
+                // unless the answer depends on the tree.
+                let memo = (!filter.unique_by_network && *filter != Filter::default()).then_some(filter);
+                self.placement
+                    .first_fitting(release, spread_point(seq), beyond, fits, memo)
+            }
         };
         chosen.ok_or_else(|| {
             if !self.placement.supplied.contains_key(release) {
@@ -324,6 +331,78 @@ pub(crate) struct PlacementIndex {
     terms: BTreeMap<ComputerId, Sale>,
     /// The catalog's hourly hosting prices, by release ("" for every release).
     catalog: BTreeMap<SoftwareUrl, Rank>,
+    /// Where walks for a given SLA may start.
+    skips: SkipMemo,
+}
+
+/// Per release and SLA, a slot before which every candidate is known not
+/// to fit that SLA: a request with conditions (a region, a minimum of CPUs)
+/// that the cheapest computers do not meet would otherwise step over all
+/// of them on every allocation, more of them as the matching ones fill.
+///
+/// A hint, not state: it never changes a choice, only where the walk
+/// starts. It is learnt by walks (every group before the one a walk stops
+/// in failed it whole) and moved back whenever a slot is listed before it
+/// (a computer whose terms or partitions changed, or that freed one, is
+/// unknown again), so what lies before it never fits. A partition taken
+/// only moves a slot later and makes it fit less: it moves nothing back. Every slot's fit depends on its
+/// computer, its terms and its free partitions, each of which relists it
+/// when it changes; SLAs whose fit depends on the tree
+/// (`unique_by_network`) are not kept. Not compared, cloned empty, bounded.
+#[derive(Default)]
+struct SkipMemo(std::sync::Mutex<BTreeMap<(SoftwareUrl, Filter), Slot>>);
+
+/// How many SLAs the memo keeps before it starts afresh.
+const SKIP_MEMO_SIZE: usize = 64;
+
+impl SkipMemo {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(SoftwareUrl, Filter), Slot>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where a walk of `release` for `filter` may start.
+    fn start(&self, release: &str, filter: &Filter) -> Option<Slot> {
+        self.lock().get(&(release.to_string(), filter.clone())).cloned()
+    }
+
+    /// Every candidate of `release` before `slot` fails `filter`.
+    fn learn(&self, release: &str, filter: &Filter, slot: Slot) {
+        let mut memo = self.lock();
+        if memo.len() >= SKIP_MEMO_SIZE {
+            memo.clear();
+        }
+        memo.insert((release.to_string(), filter.clone()), slot);
+    }
+
+    /// `slot` was listed among the candidates of `release`: it is unknown.
+    fn listed(&self, release: &str, slot: &Slot) {
+        let mut memo = self.lock();
+        for ((r, _), start) in memo.iter_mut() {
+            if r == release && slot < start {
+                *start = slot.clone();
+            }
+        }
+    }
+}
+
+impl Clone for SkipMemo {
+    fn clone(&self) -> Self {
+        SkipMemo::default()
+    }
+}
+
+impl PartialEq for SkipMemo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for SkipMemo {}
+
+impl std::fmt::Debug for SkipMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SkipMemo({} SLAs)", self.lock().len())
+    }
 }
 
 /// How a computer that does not sell at the catalog sells.
@@ -336,26 +415,36 @@ pub(crate) enum Sale {
 }
 
 /// An hourly price as placement orders it: by amount, then currency (free
-/// is zero, before any price).
-#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+/// is zero, before any price). Plain bytes, so walking the index copies it
+/// instead of allocating.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Rank {
     pub(crate) micros: i64,
-    /// "" when free.
-    pub(crate) currency: String,
+    /// The ISO 4217 code's three letters; zeros when free.
+    currency: [u8; 3],
 }
 
 impl Rank {
-    /// `price` as a rank.
+    /// After every price.
+    const MAX: Rank = Rank {
+        micros: i64::MAX,
+        currency: [0xff; 3],
+    };
+
+    /// `price` as a rank. An offer's currency is a checked ISO 4217 code;
+    /// a catalog price's code of another length becomes one no `max_price`
+    /// names (it still orders by amount).
     pub(crate) fn of(price: &super::ledger::Price) -> Rank {
+        let currency = <[u8; 3]>::try_from(price.currency.as_bytes()).unwrap_or([0xff; 3]);
         Rank {
             micros: price.unit_price,
-            currency: price.currency.clone(),
+            currency,
         }
     }
 
     /// The price, `None` when free.
     pub(crate) fn price(&self) -> Option<(&i64, &str)> {
-        (!self.currency.is_empty()).then_some((&self.micros, self.currency.as_str()))
+        (self.currency != [0; 3]).then(|| (&self.micros, std::str::from_utf8(&self.currency).unwrap_or("")))
     }
 }
 
@@ -374,7 +463,7 @@ impl Slot {
     /// The first slot of the group (`rank`, `busy`) at `spread`.
     fn at(rank: &Rank, busy: usize, spread: u64) -> Slot {
         Slot {
-            rank: rank.clone(),
+            rank: *rank,
             busy,
             spread,
             computer: String::new(),
@@ -486,13 +575,13 @@ impl PlacementIndex {
         for release in &room.releases {
             *self.supplied.entry(release.clone()).or_default() += 1;
         }
-        self.list(id, &room);
+        self.list(id, &room, true);
         self.rooms.insert(id.to_string(), room);
     }
 
     /// Partition `position` of `computer` (declaring `capabilities`) took an instance.
     pub(crate) fn occupy(&mut self, computer: &str, position: usize, capabilities: &[String]) {
-        self.change(computer, |room| {
+        self.change(computer, false, |room| {
             if let Some(free) = room.free.get_mut(capabilities) {
                 if free.remove(&position) {
                     room.busy += 1;
@@ -506,7 +595,7 @@ impl PlacementIndex {
 
     /// Partition `position` of `computer` (declaring `capabilities`) is free again.
     pub(crate) fn vacate(&mut self, computer: &str, position: usize, capabilities: &[String]) {
-        self.change(computer, |room| {
+        self.change(computer, true, |room| {
             if room.free.entry(capabilities.to_vec()).or_default().insert(position) {
                 room.busy = room.busy.saturating_sub(1);
             }
@@ -527,7 +616,7 @@ impl PlacementIndex {
             Some(s) => self.terms.insert(computer.to_string(), s),
             None => self.terms.remove(computer),
         };
-        self.list(computer, &room);
+        self.list(computer, &room, true);
         self.rooms.insert(computer.to_string(), room);
     }
 
@@ -556,30 +645,33 @@ impl PlacementIndex {
             None => self.catalog.remove(release),
         };
         for (id, room) in rooms {
-            self.list(&id, &room);
+            self.list(&id, &room, true);
             self.rooms.insert(id, room);
         }
     }
 
-    fn change(&mut self, computer: &str, f: impl FnOnce(&mut Room)) {
+    /// Applies `f` to `computer`'s room and lists it again; `unknown`
+    /// unless `f` can only make it fit fewer requests (a partition taken:
+    /// a slot known to fail an SLA still does, only later in the order).
+    fn change(&mut self, computer: &str, unknown: bool, f: impl FnOnce(&mut Room)) {
         let Some(mut room) = self.rooms.remove(computer) else {
             return;
         };
         self.unlist(computer, &room);
         f(&mut room);
-        self.list(computer, &room);
+        self.list(computer, &room, unknown);
         self.rooms.insert(computer.to_string(), room);
     }
 
     /// The hourly price `computer` sells `release` at.
     fn rank(&self, computer: &str, release: &str) -> Rank {
         match self.terms.get(computer) {
-            Some(Sale::Offer { rank, .. }) => rank.clone(),
+            Some(Sale::Offer { rank, .. }) => *rank,
             _ => self
                 .catalog
                 .get(release)
                 .or_else(|| self.catalog.get(""))
-                .cloned()
+                .copied()
                 .unwrap_or_default(),
         }
     }
@@ -603,12 +695,15 @@ impl PlacementIndex {
         }
     }
 
-    fn list(&mut self, computer: &str, room: &Room) {
+    fn list(&mut self, computer: &str, room: &Room, unknown: bool) {
         if !self.sells(computer, room) {
             return;
         }
         for release in &room.releases {
             let slot = self.slot(computer, room, release);
+            if unknown {
+                self.skips.listed(release, &slot);
+            }
             self.candidates.entry(release.clone()).or_default().insert(slot);
         }
     }
@@ -628,20 +723,28 @@ impl PlacementIndex {
     /// The first candidate of `release` that `fits` accepts: cheapest
     /// first, then least loaded; among equally priced and loaded ones,
     /// from `point` on, wrapping around. Stops at the first price that is
-    /// `beyond` what the request pays.
+    /// `beyond` what the request pays. With `memo`, starts where earlier
+    /// walks for that SLA showed nothing before fits, and records where
+    /// this one stopped.
     fn first_fitting<T>(
         &self,
         release: &str,
         point: u64,
         beyond: impl Fn(&Rank) -> bool,
         fits: impl Fn(&Slot) -> Option<T>,
+        memo: Option<&Filter>,
     ) -> Option<T> {
         let set = self.candidates.get(release)?;
-        let first = set.first()?;
-        let (mut rank, mut busy) = (first.rank.clone(), first.busy);
-        loop {
+        let known = memo.and_then(|f| self.skips.start(release, f));
+        let first = match &known {
+            Some(start) => set.range((Bound::Included(start), Bound::Unbounded)).next(),
+            None => set.first(),
+        };
+        let mut group = first.map(|s| (s.rank, s.busy));
+        let found = loop {
+            let Some((rank, busy)) = group else { break None };
             if beyond(&rank) {
-                return None;
+                break None;
             }
             let end = Slot::at(&rank, busy + 1, 0);
             let after_point = set.range((
@@ -653,11 +756,26 @@ impl PlacementIndex {
                 Bound::Excluded(Slot::at(&rank, busy, point)),
             ));
             if let Some(found) = after_point.chain(before_point).find_map(&fits) {
-                return Some(found);
+                break Some(found);
             }
-            let next = set.range((Bound::Included(end), Bound::Unbounded)).next()?;
-            (rank, busy) = (next.rank.clone(), next.busy);
+            group = set
+                .range((Bound::Included(end), Bound::Unbounded))
+                .next()
+                .map(|s| (s.rank, s.busy));
+        };
+        if let Some(filter) = memo {
+            // Every group before this one failed whole; with none left,
+            // or only dearer ones, everything listed now fails.
+            let stop = match group {
+                Some((rank, busy)) if !beyond(&rank) => Slot::at(&rank, busy, 0),
+                Some((rank, _)) => Slot::at(&rank, 0, 0),
+                None => Slot::at(&Rank::MAX, usize::MAX, u64::MAX),
+            };
+            if known.as_ref() != Some(&stop) {
+                self.skips.learn(release, filter, stop);
+            }
         }
+        found
     }
 }
 

@@ -120,7 +120,7 @@ pub struct HostingSpan {
 }
 
 /// A unit price.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Price {
     pub unit_price: Micros,
     pub currency: String,

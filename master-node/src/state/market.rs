@@ -154,7 +154,7 @@ pub fn parse_max_price(text: &str) -> Result<Price, String> {
 }
 
 /// What a request asks of the market (SLA keys); empty: anything.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Conditions {
     /// At most this per partition-hour, in this currency.
     pub max_price: Option<Price>,
