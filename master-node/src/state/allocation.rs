@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
-use super::market::{Conditions, Terms, CONDITION_KEYS};
+use super::market::{Conditions, Terms, CONDITION_KEYS, MARKET_VERSION};
 use super::model::*;
 use super::Master;
 
@@ -69,6 +69,14 @@ impl Filter {
     /// kind of instance) makes placement impossible, as in SlapOS; the error
     /// says which key.
     pub fn parse(sla: &Params, shared: bool) -> Result<Filter, String> {
+        Self::parse_at(sla, shared, super::command::VERSION)
+    }
+
+    /// [`Filter::parse`] as a cluster at command set `version` reads an SLA:
+    /// before the market's version, its keys are unknown, as they were, so
+    /// every replica of a cluster being upgraded places alike.
+    pub fn parse_at(sla: &Params, shared: bool, version: u32) -> Result<Filter, String> {
+        let market = version >= MARKET_VERSION;
         let mut f = Filter::default();
         for (key, value) in sla {
             match key.as_str() {
@@ -88,8 +96,8 @@ impl Filter {
                     ))
                 }
                 "capability" => f.capability = Some(value.clone()),
-                k if CONDITION_KEYS.contains(&k) && !shared => f.conditions.read(k, value)?,
-                k if CONDITION_KEYS.contains(&k) => {
+                k if CONDITION_KEYS.contains(&k) && market && !shared => f.conditions.read(k, value)?,
+                k if CONDITION_KEYS.contains(&k) && market => {
                     return Err(format!(
                         "SLA key {k} is a market condition for a partition; a shared instance has none; \
                          placement is impossible"

@@ -78,7 +78,7 @@ impl Master {
         Ok(())
     }
 
-    pub(super) fn set_cluster_version(&mut self, version: u32) -> Reply {
+    pub(super) fn set_cluster_version(&mut self, seq: u64, now: u64, version: u32) -> Reply {
         let current = self.cluster_version.max(1);
         if version < current {
             return invalid(format!(
@@ -93,6 +93,9 @@ impl Master {
             if current < 4 && version >= 4 {
                 let certified: BTreeSet<ComputerId> = self.partition_certs.keys().map(|(c, _)| c.clone()).collect();
                 self.certs_moved.extend(certified);
+            }
+            if current < super::market::MARKET_VERSION && version >= super::market::MARKET_VERSION {
+                self.open_market(seq, now);
             }
         }
         Reply::Done

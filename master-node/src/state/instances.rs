@@ -21,7 +21,7 @@ impl Master {
         }
         // A market condition that cannot be read is the caller's mistake,
         // told at once, not a request left waiting for ever.
-        if !spec.shared {
+        if !spec.shared && self.effective_version() >= super::market::MARKET_VERSION {
             super::allocation::check_conditions(&spec.sla).map_err(invalid)?;
         }
         let (scope, requester, root_of_requester, owner) = match &spec.requester {
@@ -256,7 +256,7 @@ impl Master {
         if inst.is_placed() || inst.requested_state == RequestedState::Destroyed {
             return;
         }
-        let placement = Filter::parse(&inst.sla, inst.shared).and_then(|f| {
+        let placement = Filter::parse_at(&inst.sla, inst.shared, self.effective_version()).and_then(|f| {
             if inst.shared {
                 self.choose_host(&f, &inst.software_release, &inst.software_type)
                     .map(Place::Host)

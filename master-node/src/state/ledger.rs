@@ -566,7 +566,9 @@ impl Master {
             // Computers without an offer sell at the catalog's hosting
             // price: a request waiting for a cheaper one may fit now.
             self.reprice_catalog(&key.1);
-            self.place_pending(seq, now);
+            if self.effective_version() >= super::market::MARKET_VERSION {
+                self.place_pending(seq, now);
+            }
         }
         self.dirty.insert(Dirty::Price(key.0, key.1));
         Reply::Done

@@ -32,6 +32,12 @@ use serde::{Deserialize, Serialize};
 use super::ledger::{format_money, Micros, Price};
 use super::model::{Computer, ComputerId, SlapState};
 
+/// The command set version that brought the market: its commands, its SLA
+/// keys and catalog prices in placement. A cluster still below it (a
+/// replica of an older release among its voters) places as before, so
+/// every replica makes the same choice.
+pub const MARKET_VERSION: u32 = 5;
+
 /// The provider of a computer that has no owner: the cluster's operator.
 pub const OPERATOR: &str = "operator";
 
@@ -457,14 +463,34 @@ impl Master {
     }
 
     /// Moves the computers on the catalog after its hosting price for
-    /// `release` ("" for every release) changed.
+    /// `release` ("" for every release) changed (from the market's
+    /// version on; before, the catalog played no part in placement).
     pub(super) fn reprice_catalog(&mut self, release: &str) {
+        if self.effective_version() < MARKET_VERSION {
+            return;
+        }
         let rank = self
             .ledger
             .prices
             .get(&(HOSTING.to_string(), release.to_string()))
             .map(Rank::of);
         self.placement.set_catalog(release, rank);
+    }
+
+    /// The cluster reached the market's version: catalog prices take
+    /// their part in placement now.
+    pub(super) fn open_market(&mut self, seq: u64, now: u64) {
+        let releases: Vec<String> = self
+            .ledger
+            .prices
+            .keys()
+            .filter(|(resource, _)| resource == HOSTING)
+            .map(|(_, release)| release.clone())
+            .collect();
+        for release in releases {
+            self.reprice_catalog(&release);
+        }
+        self.place_pending(seq, now);
     }
 
     /// What placement needs of the market, for a rebuild of its index.
@@ -475,6 +501,7 @@ impl Master {
             .ledger
             .prices
             .iter()
+            .filter(|_| self.effective_version() >= MARKET_VERSION)
             .filter(|((resource, _), _)| resource == HOSTING)
             .map(|((_, release), p)| (release.clone(), Rank::of(p)))
             .collect();

@@ -301,7 +301,7 @@ impl Master {
                 lines,
             } => self.book_usage(seq, now, &computer, &journal_sha256, &lines),
             Command::SetLimits(limits) => self.set_limits(limits),
-            Command::SetClusterVersion { version } => self.set_cluster_version(version),
+            Command::SetClusterVersion { version } => self.set_cluster_version(seq, now, version),
             Command::RenewCertificate { serial, certificate } => self.renew_certificate(&serial, &certificate),
             Command::SetPrice {
                 resource,

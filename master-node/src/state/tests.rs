@@ -265,10 +265,13 @@ fn reference_choice(
         if !supplied || !filter.accepts_terms(c, &terms) || used.contains(&allocation::network_of(c)) {
             continue;
         }
+        // Catalog prices place from the market's version on.
+        let on_market = m.effective_version() >= crate::state::market::MARKET_VERSION;
         let (price, sells) = match m.market.offers.get(&c.id) {
             Some(o) => (Some(o.hosting.clone()), o.partitions as usize),
             None if m.ledger.owners.contains_key(&c.id) => continue,
-            None => (catalog(release).or_else(|| catalog("")).cloned(), usize::MAX),
+            None if on_market => (catalog(release).or_else(|| catalog("")).cloned(), usize::MAX),
+            None => (None, usize::MAX),
         };
         let rank = price.map_or((0, String::new()), |p| (p.unit_price, p.currency));
         let within = match &filter.conditions.max_price {

@@ -34,13 +34,20 @@ fn offer(computer: &str, micros: i64, currency: &str, region: &str, cpus: u32, p
     }
 }
 
+/// A world whose cluster speaks the market's commands.
+fn market_world() -> World {
+    let mut w = World::new();
+    assert_eq!(w.run(Command::SetClusterVersion { version: VERSION }), Reply::Done);
+    w
+}
+
 fn placed_on(i: &Instance) -> &str {
     &i.partition.as_ref().expect("placed").0
 }
 
 #[test]
 fn the_cheapest_offer_that_meets_every_condition_wins() {
-    let mut w = World::new();
+    let mut w = market_world();
     for c in ["COMP-A", "COMP-B", "COMP-C", "COMP-D"] {
         w.computer(c, 2, &[]);
     }
@@ -84,7 +91,7 @@ fn the_cheapest_offer_that_meets_every_condition_wins() {
 
 #[test]
 fn an_unsatisfiable_request_waits_with_a_reason_and_takes_the_first_offer_that_suits() {
-    let mut w = World::new();
+    let mut w = market_world();
     w.computer("COMP-A", 2, &[]);
     w.run(Command::SetOffer(Box::new(offer("COMP-A", 90_000, "EUR", "eu", 8, 2))));
     let i = instance(w.request("alice", "a", &[], &[("max_price", "0.05EUR")]));
@@ -102,7 +109,7 @@ fn an_unsatisfiable_request_waits_with_a_reason_and_takes_the_first_offer_that_s
 
 #[test]
 fn an_offer_change_never_reprices_a_running_instance() {
-    let mut w = World::new();
+    let mut w = market_world();
     w.computer("COMP-A", 3, &[]);
     w.run(Command::SetOffer(Box::new(offer("COMP-A", 40_000, "EUR", "", 0, 3))));
     let first = instance(w.request("alice", "a", &[], &[]));
@@ -119,7 +126,7 @@ fn an_offer_change_never_reprices_a_running_instance() {
 
 #[test]
 fn an_offer_sells_only_its_partitions_and_an_owner_withdraws_the_computer() {
-    let mut w = World::new();
+    let mut w = market_world();
     w.computer("COMP-A", 3, &[]);
     w.run(Command::SetComputerOwner {
         computer: "COMP-A".into(),
@@ -153,7 +160,7 @@ fn an_offer_sells_only_its_partitions_and_an_owner_withdraws_the_computer() {
 
 #[test]
 fn bad_offers_are_refused_and_nothing_is_stored() {
-    let mut w = World::new();
+    let mut w = market_world();
     w.computer("COMP-A", 2, &[]);
     let before = w.m.clone();
     let refused = |w: &mut World, o: Offer, says: &str| {
@@ -190,7 +197,7 @@ fn bad_offers_are_refused_and_nothing_is_stored() {
 
 #[test]
 fn invoices_and_statements_bill_the_agreed_price_with_equal_totals() {
-    let mut w = World::new();
+    let mut w = market_world();
     let period = Period::parse("2026-11").unwrap();
     w.time = period.start_us;
     w.computer("COMP-A", 2, &[]);
@@ -266,8 +273,39 @@ fn invoices_and_statements_bill_the_agreed_price_with_equal_totals() {
 }
 
 #[test]
-fn offers_owners_and_agreements_survive_a_restart() {
+fn below_the_market_version_placement_is_as_it_was() {
+    // A cluster with a replica of an older release among its voters.
     let mut w = World::new();
+    w.computer("COMP-A", 2, &[]);
+    w.computer("COMP-B", 2, &[]);
+    let hosting = |micros| Command::SetPrice {
+        resource: ledger::HOSTING.into(),
+        release: None,
+        price: Some(Price {
+            unit_price: micros,
+            currency: "EUR".into(),
+        }),
+    };
+    w.run(hosting(50_000));
+    // Market keys are unknown keys, as they were: nothing refused, the
+    // request waits; the catalog does not rank computers.
+    let i = instance(w.request("alice", "a", &[], &[("max_price", "0.01")]));
+    let why = i.pending_reason.clone().unwrap();
+    assert!(why.contains("\"max_price\" is unknown"), "{why}");
+    let plain = instance(w.request("alice", "b", &[], &[]));
+    assert!(plain.partition.is_some());
+    // The cluster reaches the market's version: the waiting request is
+    // read again, as a market condition (its malformed ceiling now says
+    // why); the placement index, checked after every command, takes the
+    // catalog in.
+    w.run(Command::SetClusterVersion { version: VERSION });
+    let i = w.m.instance(&i.id).unwrap().clone();
+    assert!(i.pending_reason.unwrap().contains("needs a currency"));
+}
+
+#[test]
+fn offers_owners_and_agreements_survive_a_restart() {
+    let mut w = market_world();
     w.computer("COMP-A", 2, &[]);
     w.run(Command::SetComputerOwner {
         computer: "COMP-A".into(),
@@ -473,7 +511,7 @@ proptest! {
 
     #[test]
     fn the_market_against_a_reference_model(ops in prop::collection::vec(market_op(), 1..50)) {
-        let mut w = World::new();
+        let mut w = market_world();
         let period = Period::parse("2026-11").unwrap();
         w.time = period.start_us;
         for i in 0..COMPUTERS {
