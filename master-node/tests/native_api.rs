@@ -81,6 +81,23 @@ fn offer_of(computer: &str, price: &str, currency: &str) -> pb::Offer {
     }
 }
 
+/// Computers X and Y, formatted and with SR supplied, by an administrator.
+async fn two_computers(svc: &MasterService) {
+    for c in ["X", "Y"] {
+        svc.load_computer(as_role(computer(c), &Role::Admin)).await.unwrap();
+        svc.supply(as_role(
+            pb::SupplyRequest {
+                computer_id: c.into(),
+                url: SR.into(),
+                ..Default::default()
+            },
+            &Role::Admin,
+        ))
+        .await
+        .unwrap();
+    }
+}
+
 /// The state without what moves on its own (counters, certificates issued
 /// in the background).
 fn domain(m: &Master) -> Master {
@@ -98,19 +115,7 @@ async fn every_method_is_checked_against_the_callers_role() {
     let (_dir, running, _f) = master().await;
     let svc = MasterService::new(running.replica.clone());
     let admin = Role::Admin;
-    for c in ["X", "Y"] {
-        svc.load_computer(as_role(computer(c), &admin)).await.unwrap();
-        svc.supply(as_role(
-            pb::SupplyRequest {
-                computer_id: c.into(),
-                url: SR.into(),
-                ..Default::default()
-            },
-            &admin,
-        ))
-        .await
-        .unwrap();
-    }
+    two_computers(&svc).await;
     let alice = Role::User("alice".into());
     let bob = Role::User("bob".into());
     let a1 = svc
@@ -819,19 +824,7 @@ async fn offers_are_the_owners_and_bad_ones_store_nothing() {
     let (_dir, running, _f) = master().await;
     let svc = MasterService::new(running.replica.clone());
     let admin = Role::Admin;
-    for c in ["X", "Y"] {
-        svc.load_computer(as_role(computer(c), &admin)).await.unwrap();
-        svc.supply(as_role(
-            pb::SupplyRequest {
-                computer_id: c.into(),
-                url: SR.into(),
-                ..Default::default()
-            },
-            &admin,
-        ))
-        .await
-        .unwrap();
-    }
+    two_computers(&svc).await;
     svc.set_computer_owner(as_role(
         pb::SetComputerOwnerRequest {
             computer_id: "X".into(),

@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::Extension;
 
-use super::{esc, page, viewer};
+use super::{esc, line_amount, line_price, page, viewer};
 use crate::authz::Caller;
 use crate::replica::Replica;
 use crate::state::ledger::{format_money, Period, ReportFor};
@@ -163,15 +163,7 @@ pub fn statements(state: &Master, role: &Option<Role>, period: &Period) -> Strin
             esc(&provider)
         );
         for l in &report.lines {
-            let price = match (&l.unit_price, &l.currency) {
-                (Some(p), Some(c)) => format!("{} {}/{}", format_money(*p), esc(c), esc(&l.price_unit)),
-                _ => "<span class=\"muted\">unpriced</span>".into(),
-            };
-            let amount = l
-                .currency
-                .as_ref()
-                .map(|c| format!("{} {}", format_money(l.amount), esc(c)))
-                .unwrap_or_default();
+            let (price, amount) = (line_price(l), line_amount(l));
             let _ = write!(
                 b,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.3} {}</td><td>{price}</td><td>{amount}</td></tr>",

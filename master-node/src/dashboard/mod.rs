@@ -404,25 +404,7 @@ async fn usage(
             esc(&sub)
         );
         for l in &report.lines {
-            let price = match (&l.unit_price, &l.currency) {
-                (Some(p), Some(c)) => format!(
-                    "{} {}/{}{}",
-                    format_money(*p),
-                    esc(c),
-                    esc(&l.price_unit),
-                    if l.agreed {
-                        " <span class=\"muted\">agreed</span>"
-                    } else {
-                        ""
-                    }
-                ),
-                _ => "<span class=\"muted\">unpriced</span>".into(),
-            };
-            let amount = l
-                .currency
-                .as_ref()
-                .map(|c| format!("{} {}", format_money(l.amount), esc(c)))
-                .unwrap_or_default();
+            let (price, amount) = (line_price(l), line_amount(l));
             let _ = write!(
                 b,
                 "<tr><td>{}</td><td>{}</td><td>{:.3} {}</td><td>{price}</td><td>{amount}</td><td>{}</td></tr>",
@@ -442,6 +424,32 @@ async fn usage(
     b.push_str(&market::statements(&state, &role, &period));
     drop(state);
     page("Usage", &role, &b)
+}
+
+/// A report line's unit price, per its unit, marked when agreed at allocation.
+fn line_price(l: &crate::state::ledger::Line) -> String {
+    match (&l.unit_price, &l.currency) {
+        (Some(p), Some(c)) => format!(
+            "{} {}/{}{}",
+            format_money(*p),
+            esc(c),
+            esc(&l.price_unit),
+            if l.agreed {
+                " <span class=\"muted\">agreed</span>"
+            } else {
+                ""
+            }
+        ),
+        _ => "<span class=\"muted\">unpriced</span>".into(),
+    }
+}
+
+/// A report line's amount, empty when unpriced.
+fn line_amount(l: &crate::state::ledger::Line) -> String {
+    l.currency
+        .as_ref()
+        .map(|c| format!("{} {}", format_money(l.amount), esc(c)))
+        .unwrap_or_default()
 }
 
 async fn request_form(State(replica): State<Arc<Replica>>, caller: Option<Extension<Caller>>) -> Response {

@@ -113,22 +113,17 @@ impl Filter {
 
     /// Whether `computer` satisfies the computer-level keys.
     pub fn accepts_computer(&self, computer: &Computer) -> bool {
-        let cat = |k: &str| computer.categories.get(k);
-        self.computer_guid.as_ref().is_none_or(|g| *g == computer.id)
-            && self
-                .network_guid
-                .as_ref()
-                .is_none_or(|g| cat("network_guid") == Some(g))
-            && self
-                .project_guid
-                .as_ref()
-                .is_none_or(|g| cat("project_guid") == Some(g))
-            && self.categories.iter().all(|(k, v)| cat(k) == Some(v))
+        self.accepts_in_region(computer, computer.categories.get("region").map(String::as_str))
     }
 
     /// [`Filter::accepts_computer`] on the market's terms: the region is
     /// the offer's where it states one; and the conditions hold.
     pub fn accepts_terms(&self, computer: &Computer, terms: &Terms) -> bool {
+        self.accepts_in_region(computer, terms.region) && self.conditions.accepts(terms)
+    }
+
+    /// The computer-level keys, `region` read as `region`.
+    fn accepts_in_region(&self, computer: &Computer, region: Option<&str>) -> bool {
         let cat = |k: &str| computer.categories.get(k);
         self.computer_guid.as_ref().is_none_or(|g| *g == computer.id)
             && self
@@ -140,10 +135,9 @@ impl Filter {
                 .as_ref()
                 .is_none_or(|g| cat("project_guid") == Some(g))
             && self.categories.iter().all(|(k, v)| match k.as_str() {
-                "region" => terms.region == Some(v.as_str()),
+                "region" => region == Some(v.as_str()),
                 _ => cat(k) == Some(v),
             })
-            && self.conditions.accepts(terms)
     }
 
     /// Whether `partition` satisfies the capability rule: a requested
@@ -612,20 +606,18 @@ impl PlacementIndex {
 
     /// Computer `computer` sells on `sale` from now on (`None`: at the catalog).
     pub(crate) fn set_terms(&mut self, computer: &str, sale: Option<Sale>) {
-        let Some(room) = self.rooms.remove(computer) else {
-            match sale {
-                Some(s) => self.terms.insert(computer.to_string(), s),
-                None => self.terms.remove(computer),
-            };
-            return;
-        };
-        self.unlist(computer, &room);
+        let room = self.rooms.remove(computer);
+        if let Some(room) = &room {
+            self.unlist(computer, room);
+        }
         match sale {
             Some(s) => self.terms.insert(computer.to_string(), s),
             None => self.terms.remove(computer),
         };
-        self.list(computer, &room, true);
-        self.rooms.insert(computer.to_string(), room);
+        if let Some(room) = room {
+            self.list(computer, &room, true);
+            self.rooms.insert(computer.to_string(), room);
+        }
     }
 
     /// The catalog's hourly hosting price of `release` ("" for every
